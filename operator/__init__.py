@@ -1,0 +1,1 @@
+"""The kopf operator: cluster-unique adapter IDs, served-name ownership, status aggregation."""

@@ -1,0 +1,1 @@
+"""The worker: watch adapters, resolve, prefetch, validate, serve."""

@@ -1,0 +1,1 @@
+"""The multi-LoRA inference engine (torch)."""
