@@ -1,0 +1,157 @@
+"""Kind-specific behaviour of built-in resources: namespaces, CRD status, Events in two API versions.
+
+Built-ins are stored as sent (no schema), except for the few rules the project or kubectl relies on.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from loraplane.localkube.resources import ResourceType
+from loraplane.localkube.status import ApiError
+
+if TYPE_CHECKING:
+    from loraplane.localkube.cluster import Cluster
+
+Obj = dict[str, Any]
+MICROTIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
+_RENAMES = (  # core/v1 Event field <-> events.k8s.io/v1 field
+    ("involvedObject", "regarding"),
+    ("message", "note"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+    ("reportingComponent", "reportingController"),
+)
+
+
+def _is_new_events(rt: ResourceType) -> bool:
+    return rt.group == "events.k8s.io"
+
+
+def to_storage(rt: ResourceType, obj: Obj) -> Obj:
+    """events.k8s.io/v1 objects are stored as core/v1 Events, so both APIs read the same object."""
+    if not _is_new_events(rt):
+        return obj
+    out = dict(obj)
+    out["apiVersion"], out["kind"] = "v1", "Event"
+    for core, new in _RENAMES:
+        if new in out:
+            out[core] = out.pop(new)
+    out.setdefault("source", {})
+    if "reportingComponent" not in out:
+        out["reportingComponent"] = ""
+    out.setdefault("reportingInstance", "")
+    return out
+
+
+def from_storage(rt: ResourceType, obj: Obj) -> Obj:
+    if not _is_new_events(rt):
+        return obj
+    out = dict(obj)
+    out["apiVersion"], out["kind"] = "events.k8s.io/v1", "Event"
+    for core, new in _RENAMES:
+        if core in out:
+            val = out.pop(core)
+            if val not in (None, "", {}, 0):
+                out[new] = val
+    return out
+
+
+def on_create(cluster: Cluster, rt: ResourceType, obj: Obj) -> Obj:
+    if rt.plural == "namespaces" and not rt.group:
+        obj["spec"] = {"finalizers": ["kubernetes"]}
+        obj["status"] = {"phase": "Active"}
+        labels = dict(obj["metadata"].get("labels") or {})
+        labels["kubernetes.io/metadata.name"] = obj["metadata"].get("name", "")
+        obj["metadata"]["labels"] = labels
+    elif rt.plural == "customresourcedefinitions":
+        obj["status"] = crd_status(obj)
+    elif rt.plural == "events" and not rt.group:
+        obj.setdefault("reportingComponent", "")
+        obj.setdefault("reportingInstance", "")
+    return obj
+
+
+def on_update(cluster: Cluster, rt: ResourceType, new: Obj, current: Obj) -> Obj:
+    if rt.plural == "customresourcedefinitions":
+        new["status"] = crd_status(new)
+    elif rt.plural == "namespaces" and not rt.group:
+        new["spec"] = current.get("spec", {})
+        new["status"] = current.get("status", {})
+    return new
+
+
+def crd_status(crd: Obj) -> Obj:
+    """Names accepted and Established at once: kube-apiserver gets there within milliseconds."""
+    from loraplane.localkube.cluster import now
+
+    names = dict((crd.get("spec") or {}).get("names") or {})
+    names.setdefault("singular", names.get("kind", "").lower())
+    names.setdefault("listKind", names.get("kind", "") + "List")
+    t = now()
+    return {
+        "conditions": [
+            {
+                "type": "NamesAccepted",
+                "status": "True",
+                "lastTransitionTime": t,
+                "reason": "NoConflicts",
+                "message": "no conflicts found",
+            },
+            {
+                "type": "Established",
+                "status": "True",
+                "lastTransitionTime": t,
+                "reason": "InitialNamesAccepted",
+                "message": "the initial names have been accepted",
+            },
+        ],
+        "acceptedNames": names,
+        "storedVersions": [
+            v["name"] for v in (crd.get("spec") or {}).get("versions") or [] if v.get("storage")
+        ],
+    }
+
+
+def _check_microtime(rt: ResourceType, value: Any) -> None:
+    if isinstance(value, str) and not MICROTIME.match(value):
+        raise ApiError(
+            400,
+            f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: parsing time "{value}" as '
+            f'"2006-01-02T15:04:05.000000Z07:00": cannot parse "{value[19:]}" as ".000000"',
+        )
+
+
+def validate(rt: ResourceType, obj: Obj, causes: list[dict[str, str]]) -> None:
+    """The built-in rules the recordings show and the project relies on."""
+    if rt.plural == "events":
+        ns = obj["metadata"].get("namespace", "")
+        _check_microtime(rt, obj.get("eventTime"))
+        ref = obj.get("regarding" if _is_new_events(rt) else "involvedObject") or {}
+        if ref.get("namespace") and ns and ref["namespace"] != ns:
+            field = "regarding.namespace" if _is_new_events(rt) else "involvedObject.namespace"
+            causes.append(
+                {
+                    "reason": "FieldValueInvalid",
+                    "field": field,
+                    "message": f'Invalid value: "{ref["namespace"]}": does not match event.namespace',
+                }
+            )
+        if _is_new_events(rt) and not obj.get("eventTime"):
+            causes.append({"reason": "FieldValueRequired", "message": "Required value", "field": "eventTime"})
+        typ = obj.get("type")
+        if typ and typ not in ("Normal", "Warning"):
+            causes.append(
+                {
+                    "reason": "FieldValueInvalid",
+                    "field": "type",
+                    "message": f'Invalid value: "": has invalid value: {typ}',
+                }
+            )
+    elif rt.plural == "leases":
+        spec = obj.get("spec") or {}
+        for k in ("acquireTime", "renewTime"):
+            _check_microtime(rt, spec.get(k))

@@ -1,0 +1,134 @@
+"""The API server the tests run against: the local server by default, a real cluster with --kubeconfig.
+
+Kept out of conftest.py so fixtures stay short; every test reaches the cluster through `Kube`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+KUBECTL = shutil.which("kubectl")
+
+
+@dataclass
+class Kube:
+    """One API server: `kubeconfig` (path), `url`, `is_local`, `server` (LocalKube or None)."""
+
+    kubeconfig: str
+    url: str
+    is_local: bool
+    server: Any = None
+    _tmp: list[str] = field(default_factory=list)
+
+    def api_client(self) -> Any:
+        """A fresh kubernetes.client.ApiClient configured from the kubeconfig."""
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
+        return client.ApiClient(configuration=cfg)
+
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl with this kubeconfig; skips the test when kubectl is not installed."""
+        if KUBECTL is None:
+            pytest.skip("kubectl is not installed (needed by this test; see README prerequisites)")
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "KUBECACHEDIR": self._cache_dir()}
+        proc = subprocess.run(
+            [KUBECTL, *args], input=input, capture_output=True, text=True, env=env, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
+            )
+        return proc
+
+    def _cache_dir(self) -> str:
+        if not self._tmp:
+            self._tmp.append(tempfile.mkdtemp(prefix="kubecache-"))
+        return self._tmp[0]
+
+    def apply_crds(self, paths: list[Path] | None = None) -> None:
+        """Apply every crds/*.yaml (through the Python client, so kubectl is not needed) and wait for them."""
+        import yaml
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        files = paths if paths is not None else sorted((REPO / "crds").glob("*.yaml"))
+        with self.api_client() as api:
+            ext = client.ApiextensionsV1Api(api)
+            for f in files:
+                for doc in yaml.safe_load_all(Path(f).read_text()):
+                    if not doc or doc.get("kind") != "CustomResourceDefinition":
+                        continue
+                    name = doc["metadata"]["name"]
+                    try:
+                        current = ext.read_custom_resource_definition(name)
+                    except ApiException as e:
+                        if e.status != 404:
+                            raise
+                        ext.create_custom_resource_definition(doc)
+                    else:
+                        doc["metadata"]["resourceVersion"] = current.metadata.resource_version
+                        ext.replace_custom_resource_definition(name, doc)
+                    wait_established(ext, name)
+
+    def create_namespace(self, prefix: str = "t") -> str:
+        from kubernetes import client
+
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        with self.api_client() as api:
+            client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
+        return name
+
+    def delete_namespace(self, name: str) -> None:
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        with self.api_client() as api:
+            try:
+                client.CoreV1Api(api).delete_namespace(name)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+
+
+def wait_established(ext: Any, name: str, timeout: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        crd = ext.read_custom_resource_definition(name)
+        conds = (crd.status.conditions if crd.status else None) or []
+        if any(c.type == "Established" and c.status == "True" for c in conds):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"CRD {name} not Established within {timeout}s")
+
+
+def local_kube(tmpdir: Path) -> Kube:
+    from loraplane.localkube import LocalKube, write_kubeconfig
+
+    server = LocalKube()
+    url = server.start()
+    path = write_kubeconfig(url, tmpdir / "localkube.kubeconfig")
+    return Kube(kubeconfig=str(path), url=url, is_local=True, server=server)
+
+
+def real_kube(kubeconfig: str) -> Kube:
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    return Kube(kubeconfig=kubeconfig, url=cfg.host, is_local=False)
