@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
-from loraplane.localkube import discovery, reads, status, tables
+from loraplane.localkube import discovery, proto, reads, status, tables
 from loraplane.localkube.cluster import Cluster
 from loraplane.localkube.resources import ResourceType
 from loraplane.localkube.status import ApiError
@@ -267,6 +267,11 @@ class Api:
         if len(raw) > MAX_BODY:
             raise ApiError(413, f"Request entity too large: limit is {MAX_BODY}", "RequestEntityTooLarge")
         ctype = (request.headers.get("Content-Type") or "application/json").split(";")[0].strip()
+        if ctype == "application/vnd.kubernetes.protobuf" and not rt.custom:
+            try:
+                return proto.decode(raw), [], ctype
+            except proto.ProtoError:
+                raise ApiError(415, BODY_415, "UnsupportedMediaType") from None
         if request.method != "PATCH" and ctype not in ("application/json", "application/yaml", "*/*"):
             raise ApiError(415, BODY_415, "UnsupportedMediaType")
         value, dups = decode(raw, ctype, rt.kind, rt.version)

@@ -27,8 +27,12 @@ def api(kube: Any, widgets: None) -> Any:
 
 
 def widget(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Widget", "metadata": {"name": name},
-            "spec": {"base": "models/a", **spec}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Widget",
+        "metadata": {"name": name},
+        "spec": {"base": "models/a", **spec},
+    }
 
 
 def test_create_get_replace_conflict(api: Any, namespace: str) -> None:
@@ -68,8 +72,15 @@ def test_watch_sees_changes_in_order(api: Any, namespace: str) -> None:
 
     def run() -> None:
         w = watch.Watch()
-        for ev in w.stream(api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                           resource_version=rv, timeout_seconds=5):
+        for ev in w.stream(
+            api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            resource_version=rv,
+            timeout_seconds=5,
+        ):
             seen.append((ev["type"], ev["object"]["metadata"]["name"]))
             if ev["type"] == "DELETED":
                 w.stop()
@@ -87,7 +98,14 @@ def test_watch_sees_changes_in_order(api: Any, namespace: str) -> None:
 def test_watch_from_too_old_rv_raises_410(api: Any, namespace: str) -> None:
     w = watch.Watch()
     with pytest.raises(ApiException) as e:
-        for _ in w.stream(api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                          resource_version="1", timeout_seconds=2):
+        for _ in w.stream(
+            api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            resource_version="1",
+            timeout_seconds=2,
+        ):
             pass
     assert e.value.status == 410
