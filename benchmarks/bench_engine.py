@@ -1,0 +1,263 @@
+"""Multi-LoRA engine benchmark: LoRA step time against the base model's, measured side by side.
+
+Shape (issue 6): Llama-shaped, hidden 1024, intermediate 2816, 4 layers, 16 heads, vocab 32000,
+rank 16 on all seven projections, fp32 on CPU (bf16 with --device cuda). Random weights.
+
+Printed (medians over interleaved rounds, every configuration once per round, so that load from
+other processes hits all of them alike):
+  decode B=32 with 1 / 8 / 32 distinct adapters: ours / base step time (targets 1.15 / 1.35 / 1.45),
+      the forced segmented and gathered paths, ours / PEFT mixed batch (adapter_names), and
+      ours / serving the same requests one adapter at a time;
+  prefill B=8 x 128 tokens, all distinct: ours / base (target 1.15), ours / PEFT;
+  device bytes per slot, peak RSS.
+No assertions: the figures are for the report.
+
+    python benchmarks/bench_engine.py [--rounds 15] [--threads 2] [--no-peft] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from loraplane.worker.engine.model import PROJECTIONS, CausalLM, ModelConfig
+from loraplane.worker.engine.runner import AdapterWeights, ModelRunner, SeqStep
+
+SHAPE = dict(
+    model_type="llama",
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
+RANK, B, PROMPT, PREFILL_B, PREFILL_LEN, MAX_LORAS = 16, 32, 32, 8, 128, 32
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def random_adapter(config: ModelConfig, adapter_id: int, gen: torch.Generator) -> AdapterWeights:
+    weights = {}
+    for layer in range(config.num_layers):
+        for proj in PROJECTIONS:
+            fan_in, fan_out = config.proj_shape(proj)
+            a = torch.randn(RANK, fan_in, generator=gen) * 0.02
+            b = torch.randn(fan_out, RANK, generator=gen) * 0.02
+            weights[(layer, proj)] = (a, b)
+    nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values())
+    return AdapterWeights(adapter_id=adapter_id, rank=RANK, scaling=2.0, weights=weights, nbytes=nbytes)
+
+
+def build(
+    device: torch.device, dtype: torch.dtype, max_len: int
+) -> tuple[Any, ModelRunner, list[AdapterWeights]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = {k: v for k, v in SHAPE.items() if k != "model_type"}
+    hf = LlamaForCausalLM(LlamaConfig(**hf_cfg, tie_word_embeddings=False)).to(dtype=dtype).eval()
+    tensors = {k: v.detach().to(device) for k, v in hf.state_dict().items()}
+    config = ModelConfig.from_dict(SHAPE)
+    model = CausalLM(config, tensors, device)
+    runner = ModelRunner.from_model(
+        model,
+        max_loras=MAX_LORAS,
+        max_lora_rank=RANK,
+        max_seqs=4 * B + 2 * B + PREFILL_B,
+        max_model_len=max_len,
+    )
+    gen = torch.Generator().manual_seed(1)
+    adapters = [random_adapter(config, i + 1, gen) for i in range(MAX_LORAS)]
+    for slot, w in enumerate(adapters):
+        runner.set_slot(slot, w)
+    return hf, runner, adapters
+
+
+def make_peft(hf: Any, adapters: list[AdapterWeights]) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=RANK, lora_alpha=2.0 * RANK, target_modules=list(PROJECTIONS), lora_dropout=0.0)
+    model = get_peft_model(hf, cfg, adapter_name="a0")
+    for i in range(1, len(adapters)):
+        model.add_adapter(f"a{i}", cfg)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not hasattr(module, "lora_A") or not isinstance(module.lora_A, torch.nn.ModuleDict):
+                continue
+            parts = name.split(".")
+            layer, proj = int(parts[parts.index("layers") + 1]), parts[-1]
+            for i, w in enumerate(adapters):
+                a, b = w.weights[(layer, proj)]
+                module.lora_A[f"a{i}"].weight.copy_(a)
+                module.lora_B[f"a{i}"].weight.copy_(b)
+    return model.eval()
+
+
+def slots_for(distinct: int, rows: int) -> list[int]:
+    return [i % distinct for i in range(rows)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--prefill-rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-peft", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    hf, runner, adapters = build(device, dtype, max(PREFILL_LEN, PROMPT + 3 * args.rounds) + 8)
+    peft = None if args.no_peft else make_peft(hf, adapters).to(device)
+    gen = torch.Generator().manual_seed(2)
+    next_seq = iter(range(10**9))
+
+    # --- decode: one set of 32 sequences per configuration, all prefilled once ---------------------
+    configs: dict[str, tuple[list[int], str]] = {"base": ([-1] * B, "auto")}
+    for d in (1, 8, 32):
+        for mode in ("auto", "segmented", "gathered"):
+            configs[f"d{d}-{mode}"] = (slots_for(d, B), mode)
+    seqs: dict[str, list[int]] = {}  # the three modes of one adapter mix share their sequences
+    with torch.inference_mode():
+        for name, (slots, _) in configs.items():
+            key = name.split("-")[0]
+            if key in seqs:
+                continue
+            ids = [next(next_seq) for _ in range(B)]
+            for sid in ids:
+                runner.allocate(sid)
+            prompts = torch.randint(3, 32000, (B, PROMPT), generator=gen).tolist()
+            runner.step([SeqStep(sid, p, s) for sid, p, s in zip(ids, prompts, slots, strict=True)])
+            seqs[key] = ids
+        # one-adapter-at-a-time service of the d8 / d32 batches: its own sequences
+        single: dict[int, list[list[tuple[int, int]]]] = {}
+        for d in (8, 32):
+            groups = []
+            for g in range(d):
+                members = []
+                for _ in range(B // d):
+                    sid = next(next_seq)
+                    runner.allocate(sid)
+                    members.append((sid, g))
+                runner.lora_mode = "auto"
+                runner.step([SeqStep(sid, [5] * PROMPT, g) for sid, g in members])
+                groups.append(members)
+            single[d] = groups
+        peft_caches: dict[str, Any] = {}
+        if peft is not None:
+            for name in ("base", "d1-auto", "d8-auto", "d32-auto"):
+                names = ["__base__" if s < 0 else f"a{s}" for s in configs[name][0]]
+                ids = torch.randint(3, 32000, (B, PROMPT), generator=gen, device=device)
+                out = peft(input_ids=ids, use_cache=True, adapter_names=names)
+                peft_caches[name] = (out.past_key_values, names)
+
+    times: dict[str, list[float]] = {}
+
+    def record(key: str, seconds: float) -> None:
+        times.setdefault(key, []).append(seconds)
+
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for name, (slots, mode) in configs.items():
+                runner.lora_mode = mode
+                batch = [SeqStep(sid, [7], s) for sid, s in zip(seqs[name.split("-")[0]], slots, strict=True)]
+                record(name, timed(lambda b=batch: runner.step(b), device))
+            runner.lora_mode = "auto"
+            for d, groups in single.items():
+
+                def serve(groups: list[list[tuple[int, int]]] = groups) -> None:
+                    for members in groups:
+                        runner.step([SeqStep(sid, [7], g) for sid, g in members])
+
+                record(f"d{d}-one-at-a-time", timed(serve, device))
+            for name, (cache, names) in peft_caches.items():
+                x = torch.full((B, 1), 7, device=device)
+                record(
+                    f"peft-{name}",
+                    timed(
+                        lambda c=cache, n=names, x=x: peft(
+                            input_ids=x, past_key_values=c, use_cache=True, adapter_names=n
+                        ),
+                        device,
+                    ),
+                )
+
+        # --- prefill: B=8 x 128 tokens, fresh sequences each time ----------------------------------
+        prompts = torch.randint(3, 32000, (PREFILL_B, PREFILL_LEN), generator=gen)
+        for _ in range(args.prefill_rounds):
+            for name, slots in (("prefill-base", [-1] * PREFILL_B), ("prefill-d8", list(range(PREFILL_B)))):
+                ids = [next(next_seq) for _ in range(PREFILL_B)]
+                for sid in ids:
+                    runner.allocate(sid)
+                batch = [
+                    SeqStep(sid, prompts[i].tolist(), s)
+                    for i, (sid, s) in enumerate(zip(ids, slots, strict=True))
+                ]
+                record(name, timed(lambda b=batch: runner.step(b), device))
+                for sid in ids:
+                    runner.free(sid)
+            if peft is not None:
+                names = [f"a{i}" for i in range(PREFILL_B)]
+                x = prompts.to(device)
+                record(
+                    "peft-prefill-d8",
+                    timed(lambda x=x, n=names: peft(input_ids=x, use_cache=False, adapter_names=n), device),
+                )
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    dev_name = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"machine: {dev_name}, torch threads {args.threads}, dtype {dtype}, rounds {args.rounds}")
+    print(
+        f"shape: hidden 1024, intermediate 2816, 4 layers, vocab 32000, rank {RANK} x 7 projections, B={B} decode"
+    )
+    print(f"base decode step: {med['base'] * 1e3:.1f} ms")
+    targets = {1: 1.15, 8: 1.35, 32: 1.45}
+    for d in (1, 8, 32):
+        auto, seg, gat = med[f"d{d}-auto"], med[f"d{d}-segmented"], med[f"d{d}-gathered"]
+        line = (
+            f"decode {d:>2} distinct: ours/base {auto / med['base']:.3f} (target <= {targets[d]}) "
+            f"[segmented {seg / med['base']:.3f}, gathered {gat / med['base']:.3f}]"
+        )
+        if f"peft-d{d}-auto" in med:
+            line += f"  ours/PEFT {auto / med[f'peft-d{d}-auto']:.3f} (PEFT/base-PEFT {med[f'peft-d{d}-auto'] / med['peft-base']:.2f})"
+        if f"d{d}-one-at-a-time" in med:
+            line += f"  ours/one-adapter-at-a-time {auto / med[f'd{d}-one-at-a-time']:.3f}"
+        print(line)
+    line = f"prefill {PREFILL_B}x{PREFILL_LEN} all distinct: ours/base {med['prefill-d8'] / med['prefill-base']:.3f} (target <= 1.15)"
+    if "peft-prefill-d8" in med:
+        line += f"  ours/PEFT {med['prefill-d8'] / med['peft-prefill-d8']:.3f}"
+    print(line + f"  base prefill {med['prefill-base'] * 1e3:.0f} ms")
+    print(f"device bytes per slot: {runner.bytes_per_slot} ({runner.bytes_per_slot / 2**20:.2f} MiB)")
+    print(
+        f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (includes the PEFT reference model)"
+    )
+    spread = {k: (min(v) / med[k], max(v) / med[k]) for k, v in times.items()}
+    worst = max(spread.items(), key=lambda kv: kv[1][1])
+    print(
+        f"noise: widest max/median {worst[1][1]:.2f} ({worst[0]}); shared 2-core machine, medians of interleaved rounds"
+    )
+
+
+if __name__ == "__main__":
+    main()

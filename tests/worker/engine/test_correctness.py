@@ -1,0 +1,121 @@
+"""The engine against its references: transformers for the base forward, PEFT for every adapter.
+
+Tolerance: fp32 on CPU, logits compared with atol 1e-4 (rtol 1e-4); the tiny model's logits are O(1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from loraplane.worker.engine.runner import ModelRunner, SeqStep, load_adapter_weights
+
+ATOL = 1e-4
+PROMPTS = [
+    [1, 5, 9, 33, 47, 101],
+    [1, 200, 12],
+    [1, 7, 7, 7, 64, 65, 66, 67, 68, 150, 151],
+    [1, 42],
+    [1, 250, 251, 252, 3, 4, 5, 6, 8],
+    [1, 99, 98, 97, 96],
+    [1, 11, 22, 33, 44, 55, 66],
+    [1, 123],
+]
+#: 8 requests over 5 adapters and the base model (None); a1 and a2 appear twice.
+ROW_ADAPTERS = ["a0", "a1", None, "a2", "a1", "a3", None, "a4"]
+
+
+def reference_logits(peft_model: Any, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """PEFT's logits at every position for one adapter (None = the base model)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        if adapter is None:
+            with peft_model.disable_adapter():
+                return peft_model(input_ids=x).logits[0].float()
+        peft_model.set_adapter(adapter)
+        return peft_model(input_ids=x).logits[0].float()
+
+
+def make_runner(tiny_llama: Path, adapters: dict[str, Path], **kw: Any) -> tuple[ModelRunner, dict[str, int]]:
+    runner = ModelRunner(tiny_llama, max_loras=8, max_lora_rank=16, max_seqs=16, max_model_len=128, **kw)
+    slots = {}
+    for i, (name, path) in enumerate(adapters.items()):
+        runner.set_slot(i, load_adapter_weights(path, runner.config, adapter_id=100 + i))
+        slots[name] = i
+    return runner, slots
+
+
+def test_base_forward_matches_transformers(tiny_llama: Path, peft_model: Any) -> None:
+    runner = ModelRunner(tiny_llama, max_seqs=8, max_model_len=64)
+    for i in range(3):
+        runner.allocate(i)
+    got = runner.step([SeqStep(i, PROMPTS[i], -1) for i in range(3)])
+    for i in range(3):
+        want = reference_logits(peft_model, None, PROMPTS[i])[-1]
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=ATOL)
+    # two decode steps, all rows together
+    seqs = [list(PROMPTS[i]) for i in range(3)]
+    for t in (17, 18):
+        got = runner.step([SeqStep(i, [t + i], -1) for i in range(3)])
+        for i in range(3):
+            seqs[i].append(t + i)
+            torch.testing.assert_close(
+                got[i], reference_logits(peft_model, None, seqs[i])[-1], atol=ATOL, rtol=ATOL
+            )
+
+
+@pytest.mark.parametrize("mode", ["auto", "segmented", "gathered"])
+def test_heterogeneous_batch_matches_peft_row_by_row(
+    tiny_llama: Path,
+    adapters: dict[str, Path],
+    peft_model: Any,
+    mode: str,
+) -> None:
+    runner, slots = make_runner(tiny_llama, adapters)
+    runner.lora_mode = mode
+    batch = [SeqStep(i, PROMPTS[i], -1 if a is None else slots[a]) for i, a in enumerate(ROW_ADAPTERS)]
+    for s in batch:
+        runner.allocate(s.seq_id)
+    got = runner.step(batch)
+    seqs = [list(p) for p in PROMPTS]
+    for i, a in enumerate(ROW_ADAPTERS):
+        want = reference_logits(peft_model, a, seqs[i])[-1]
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=ATOL, msg=f"row {i} adapter {a} ({mode})")
+        if a is not None:  # the adapter changes the output visibly
+            assert (want - reference_logits(peft_model, None, seqs[i])[-1]).abs().max() > 0.05
+    for t in (20, 21):  # decodes of the same rows
+        got = runner.step([SeqStep(s.seq_id, [t], s.slot) for s in batch])
+        for i, a in enumerate(ROW_ADAPTERS):
+            seqs[i].append(t)
+            want = reference_logits(peft_model, a, seqs[i])[-1]
+            torch.testing.assert_close(got[i], want, atol=ATOL, rtol=ATOL, msg=f"decode row {i} adapter {a}")
+
+
+def test_segmented_and_gathered_agree(tiny_llama: Path, adapters: dict[str, Path]) -> None:
+    results = {}
+    for mode in ("segmented", "gathered"):
+        runner, slots = make_runner(tiny_llama, adapters)
+        runner.lora_mode = mode
+        batch = [SeqStep(i, PROMPTS[i], -1 if a is None else slots[a]) for i, a in enumerate(ROW_ADAPTERS)]
+        for s in batch:
+            runner.allocate(s.seq_id)
+        out = [runner.step(batch)]
+        out.append(runner.step([SeqStep(s.seq_id, [30], s.slot) for s in batch]))
+        assert runner.last_lora_mode == mode
+        results[mode] = torch.cat(out)
+    torch.testing.assert_close(results["segmented"], results["gathered"], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_mode_picks_by_distinct_slots(tiny_llama: Path, adapters: dict[str, Path]) -> None:
+    runner, slots = make_runner(tiny_llama, adapters)
+    for i in range(8):
+        runner.allocate(i)
+    runner.step([SeqStep(i, PROMPTS[i], slots["a0"]) for i in range(8)])
+    assert runner.last_lora_mode == "segmented"  # one adapter for every row
+    names = list(adapters)
+    runner.step([SeqStep(i, [5], slots[names[i]]) for i in range(5)])
+    assert runner.last_lora_mode == "gathered"  # every decode row has its own adapter
+    runner.step([SeqStep(i, [5], -1) for i in range(5)])
+    assert runner.last_lora_mode == ""

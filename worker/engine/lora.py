@@ -1,0 +1,261 @@
+"""Stacked LoRA slot buffers and the batched delta for a batch that mixes adapters.
+
+Every target projection has, for all layers, an A buffer [layers, max_loras, max_rank, in] and a
+B buffer stored transposed, [layers, max_loras, max_rank, out], so that the active rank r of a
+batch is the leading [:r] rows of both (contiguous reads; an adapter of rank < max_rank is
+zero-padded). The B layout is the transpose of PEFT's [out, r] for that reason.
+
+A step's batch gives one slot per row (-1 = base model). ``LoraSlots.plan`` turns that into a
+``LoraBatch`` once per step; the forward calls ``LoraBatch.add_delta`` inside each target linear:
+
+* SEGMENTED (the SGMV idea): tokens are grouped by slot into a padded [groups, longest, in]
+  tensor and each group multiplies its own adapter in one bmm; when the slots in the batch form
+  a (nearly) contiguous range the weights are a view of the buffer, never copied.
+* GATHERED (the BGMV idea): one row per token with that token's adapter; used when nearly every
+  token has its own adapter (decode with all-distinct adapters), where grouping buys nothing.
+
+Both use only the batch's active rank, and neither loops over adapters in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from loraplane.crds.errors import PermanentError
+
+from .model import PROJECTIONS, ModelConfig
+
+#: a segmented span may include up to this fraction of slots that no row uses (read but idle).
+SPAN_SLACK = 0.25
+#: choose GATHERED when distinct slots >= this fraction of adapted tokens.
+GATHER_THRESHOLD = 0.9
+
+
+class LoraSlots:
+    """The device-resident slots; set_slot / clear_slot copy weights in and out."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        max_loras: int,
+        max_rank: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config, self.max_loras, self.max_rank = config, max_loras, max_rank
+        self.device, self.dtype = device, dtype
+        layers = config.num_layers
+        self.a: dict[str, torch.Tensor] = {}
+        self.bt: dict[str, torch.Tensor] = {}
+        for proj in PROJECTIONS:
+            fan_in, fan_out = config.proj_shape(proj)
+            self.a[proj] = torch.zeros(layers, max_loras, max_rank, fan_in, dtype=dtype, device=device)
+            self.bt[proj] = torch.zeros(layers, max_loras, max_rank, fan_out, dtype=dtype, device=device)
+        self.scaling = torch.zeros(max_loras, dtype=dtype, device=device)
+        self.ranks = [0] * max_loras
+        self.targets: list[frozenset[str]] = [frozenset()] * max_loras
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return sum(
+            (t.numel() // self.max_loras) * t.element_size() for t in (*self.a.values(), *self.bt.values())
+        )
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_loras:
+            raise PermanentError(
+                "SlotOutOfRange", f"slot {slot} is outside 0..{self.max_loras - 1} (max_loras)"
+            )
+
+    def set_slot(
+        self,
+        slot: int,
+        *,
+        rank: int,
+        scaling: float,
+        weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Copy one adapter's (A [r, in], B [out, r]) per (layer, proj) into ``slot``; zero the rest."""
+        self._check_slot(slot)
+        if not 0 < rank <= self.max_rank:
+            raise PermanentError(
+                "RankTooLarge",
+                f"adapter rank {rank} exceeds max_lora_rank {self.max_rank}; raise maxLoraRank",
+            )
+        problems = []
+        for (layer, proj), (a, b) in weights.items():
+            if proj not in self.a or not 0 <= layer < self.config.num_layers:
+                problems.append(f"({layer}, {proj}) is not a target linear of this model")
+                continue
+            fan_in, fan_out = self.config.proj_shape(proj)
+            r = a.shape[0]
+            if a.shape != (r, fan_in) or b.shape != (fan_out, r) or r > self.max_rank:
+                problems.append(
+                    f"layer {layer} {proj}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                    f"[r<= {self.max_rank}, {fan_in}] / [{fan_out}, r]"
+                )
+        if problems:
+            raise PermanentError("AdapterShapeMismatch", "; ".join(problems))
+        self.clear_slot(slot)
+        for (layer, proj), (a, b) in weights.items():
+            r = a.shape[0]
+            self.a[proj][layer, slot, :r].copy_(a)
+            self.bt[proj][layer, slot, :r].copy_(b.t())
+        self.scaling[slot] = scaling
+        self.ranks[slot] = rank
+        self.targets[slot] = frozenset(proj for _, proj in weights)
+
+    def clear_slot(self, slot: int) -> None:
+        self._check_slot(slot)
+        for proj in PROJECTIONS:
+            self.a[proj][:, slot].zero_()
+            self.bt[proj][:, slot].zero_()
+        self.scaling[slot] = 0.0
+        self.ranks[slot] = 0
+        self.targets[slot] = frozenset()
+
+    def plan(self, row_slots: list[int], row_counts: list[int], *, mode: str = "auto") -> LoraBatch | None:
+        """How to apply LoRA for a step: row i has row_counts[i] consecutive tokens on slot row_slots[i].
+
+        mode: "auto" (choose per batch), "segmented" or "gathered" (forced, for tests and benchmarks).
+        Returns None when no row uses an adapter.
+        """
+        for s in row_slots:
+            if s != -1:
+                self._check_slot(s)
+        adapted = [i for i, s in enumerate(row_slots) if s >= 0 and self.ranks[s] > 0]
+        if not adapted:
+            return None
+        distinct = sorted({row_slots[i] for i in adapted})
+        rank = max(self.ranks[s] for s in distinct)
+        projs = frozenset().union(*(self.targets[s] for s in distinct))
+        starts = [0]
+        for n in row_counts:
+            starts.append(starts[-1] + n)
+        total = starts[-1]
+        n_adapted = sum(row_counts[i] for i in adapted)
+        if mode == "auto":
+            mode = "gathered" if len(distinct) >= GATHER_THRESHOLD * n_adapted else "segmented"
+        batch = LoraBatch(self, rank=rank, projs=projs, total_tokens=total)
+        if mode == "gathered":
+            batch.plan_gathered(adapted, row_slots, row_counts, starts)
+        elif mode == "segmented":
+            batch.plan_segmented(adapted, distinct, row_slots, row_counts, starts)
+        else:
+            raise ValueError(f"unknown LoRA mode {mode!r}")
+        return batch
+
+
+@dataclass
+class LoraBatch:
+    """One step's LoRA plan; ``add_delta`` is the hot path, called per (layer, projection)."""
+
+    slots: LoraSlots
+    rank: int
+    projs: frozenset[str]
+    total_tokens: int
+    mode: str = ""
+    groups: int = 0
+    longest: int = 0
+    span: tuple[int, int] | None = None  # slot range [lo, hi) whose weights are a view
+    slot_index: torch.Tensor | None = None  # slots to gather when not a span
+    src: torch.Tensor | None = None  # flat token index of each adapted token
+    dest: torch.Tensor | None = None  # its place in the padded [groups * longest]
+    identity: bool = False  # padded layout == flat token order: no gather, no scatter
+    scale: torch.Tensor | None = None  # [groups, 1, 1]
+    _pad: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def _weights(self, buf: torch.Tensor) -> torch.Tensor:
+        """[groups, r, dim] for one layer's buffer [max_loras, max_rank, dim]."""
+        if self.span is not None:
+            return buf[self.span[0] : self.span[1], : self.rank]
+        return buf[:, : self.rank].index_select(0, self.slot_index)  # type: ignore[arg-type]
+
+    def _set_slots(self, slot_list: list[int]) -> None:
+        dev = self.slots.device
+        lo = slot_list[0]
+        if slot_list == list(range(lo, lo + len(slot_list))):
+            self.span = (lo, lo + len(slot_list))
+        else:
+            self.slot_index = torch.tensor(slot_list, device=dev)
+        self.scale = self.slots.scaling[torch.tensor(slot_list, device=dev)].view(-1, 1, 1)
+
+    def plan_gathered(
+        self, adapted: list[int], row_slots: list[int], row_counts: list[int], starts: list[int]
+    ) -> None:
+        self.mode = "gathered"
+        tok_slots: list[int] = []
+        src: list[int] = []
+        for i in adapted:
+            tok_slots.extend([row_slots[i]] * row_counts[i])
+            src.extend(range(starts[i], starts[i + 1]))
+        self.groups, self.longest = len(src), 1
+        self._set_slots(tok_slots)
+        self.identity = len(src) == self.total_tokens  # adapted tokens are all tokens, in order
+        self.src = torch.tensor(src, device=self.slots.device)
+
+    def plan_segmented(
+        self,
+        adapted: list[int],
+        distinct: list[int],
+        row_slots: list[int],
+        row_counts: list[int],
+        starts: list[int],
+    ) -> None:
+        self.mode = "segmented"
+        lo, hi = distinct[0], distinct[-1] + 1
+        # A nearly contiguous slot range is read as a view; idle slots in it are zero-row groups.
+        group_slots = (
+            list(range(lo, hi)) if (hi - lo) - len(distinct) <= SPAN_SLACK * len(distinct) else distinct
+        )
+        group_of = {s: g for g, s in enumerate(group_slots)}
+        fill = [0] * len(group_slots)
+        src: list[int] = []
+        dest_group: list[tuple[int, int]] = []
+        for i in sorted(adapted, key=lambda i: group_of[row_slots[i]]):
+            g = group_of[row_slots[i]]
+            for t in range(starts[i], starts[i + 1]):
+                src.append(t)
+                dest_group.append((g, fill[g]))
+                fill[g] += 1
+        self.groups, self.longest = len(group_slots), max(fill)
+        dest = [g * self.longest + off for g, off in dest_group]
+        self._set_slots(group_slots)
+        n = self.total_tokens
+        self.identity = src == list(range(n)) and dest == list(range(n)) and self.groups * self.longest == n
+        dev = self.slots.device
+        self.src = torch.tensor(src, device=dev)
+        self.dest = torch.tensor(dest, device=dev)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x [tokens, in] -> [groups, longest, in] (zero rows where a group is shorter)."""
+        if self.identity:
+            return x.view(self.groups, self.longest, x.shape[1])
+        if self.mode == "gathered":
+            return x.index_select(0, self.src).unsqueeze(1)  # type: ignore[arg-type]
+        buf = self._pad.get(x.shape[1])
+        if buf is None:
+            buf = x.new_zeros(self.groups * self.longest, x.shape[1])
+            self._pad[x.shape[1]] = buf
+        buf.index_copy_(0, self.dest, x.index_select(0, self.src))  # type: ignore[arg-type]
+        return buf.view(self.groups, self.longest, x.shape[1])
+
+    def add_delta(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y[tokens, out] += scaling * (x @ A^T) @ B^T for each token's slot."""
+        if proj not in self.projs:
+            return
+        a = self._weights(self.slots.a[proj][layer])
+        bt = self._weights(self.slots.bt[proj][layer])
+        h = torch.bmm(self._padded(x), a.transpose(1, 2))
+        h.mul_(self.scale)
+        out = torch.bmm(h, bt)  # [groups, longest, out]
+        flat = out.view(-1, out.shape[-1])
+        if self.identity:
+            y.add_(flat)
+        elif self.mode == "gathered":
+            y.index_add_(0, self.src, flat)  # type: ignore[arg-type]
+        else:
+            y.index_add_(0, self.src, flat.index_select(0, self.dest))  # type: ignore[arg-type]

@@ -1,0 +1,343 @@
+"""A Llama-family causal LM forward written from the checkpoint's config.json and safetensors weights.
+
+Serving engines own their forward pass: the batch is ragged (a flat [tokens, hidden] tensor, no
+padding), the KV layout is ours (kvcache.py) and the LoRA delta is added inside every target
+linear (lora.py). transformers' modules stand in the way of all three, so this module implements
+Llama, Mistral and Qwen2 directly (RMSNorm, RoPE with linear / dynamic / llama3 scaling, GQA,
+SwiGLU, Qwen2's qkv bias, tied embeddings) and keeps transformers only as the test reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from loraplane.crds.errors import PermanentError
+from safetensors import safe_open
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+MAX_CONFIG_BYTES = 1 << 20
+#: the seven LoRA target projections, in layer order.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parts of a Hugging Face config.json the forward needs."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise PermanentError(
+                "ModelConfigMissing", f"{path} does not exist; point at a checkpoint directory"
+            )
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise PermanentError("ModelConfigTooLarge", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise PermanentError(
+                "UnsupportedModelType",
+                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            )
+        heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        # transformers < 5 writes rope_scaling + rope_theta; 5.x writes rope_parameters holding both.
+        params = raw.get("rope_parameters") or {}
+        scaling = raw.get("rope_scaling") or (
+            params if params.get("rope_type", "default") != "default" else None
+        )
+        if scaling is not None:
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise PermanentError(
+                    "UnsupportedRopeScaling",
+                    f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}",
+                )
+            scaling = {**scaling, "rope_type": rope_type}
+        window = raw.get("sliding_window")
+        if model_type == "qwen2" and not raw.get("use_sliding_window", False):
+            window = None
+        eos = raw.get("eos_token_id")
+        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        theta = raw.get("rope_theta") or params.get("rope_theta") or 10000.0
+        return cls(
+            model_type=model_type,
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            vocab_size=int(raw["vocab_size"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+            o_bias=model_type == "llama" and bool(raw.get("attention_bias", False)),
+            mlp_bias=model_type == "llama" and bool(raw.get("mlp_bias", False)),
+            rope_scaling=scaling,
+            sliding_window=int(window) if window else None,
+            eos_token_id=eos_ids,
+            bos_token_id=raw.get("bos_token_id"),
+        )
+
+    def proj_shape(self, proj: str) -> tuple[int, int]:
+        """(in_features, out_features) of one target projection."""
+        h, q, kv, i = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        )
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[proj]
+
+
+class Rope:
+    """Rotary embedding tables; cos/sin per token from per-token positions (ragged batches)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+        self.dim = config.head_dim
+        self.base = config.rope_theta
+        self.scaling = config.rope_scaling or {"rope_type": "default"}
+        self.kind = self.scaling["rope_type"]
+        self.max_pos = config.max_position_embeddings
+        inv = 1.0 / (
+            self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
+        )
+        if self.kind == "linear":
+            inv = inv / float(self.scaling["factor"])
+        elif self.kind == "llama3":
+            inv = _llama3_inv_freq(inv, self.scaling)
+        self.inv_freq = inv.float()
+
+    def cos_sin(
+        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [tokens, head_dim]; ``seq_lens`` (per token) drives dynamic NTK scaling."""
+        inv = self.inv_freq
+        if self.kind == "dynamic" and seq_lens is not None:
+            factor = float(self.scaling["factor"])
+            orig = int(self.scaling.get("original_max_position_embeddings") or self.max_pos)
+            lens = torch.clamp(seq_lens.to(torch.float64), min=orig)
+            base = self.base * ((factor * lens / orig) - (factor - 1)) ** (self.dim / (self.dim - 2))
+            expo = torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim
+            inv_t = (1.0 / (base[:, None] ** expo[None, :])).float()
+            freqs = positions.float()[:, None] * inv_t
+        else:
+            freqs = positions.float()[:, None] * inv[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def _llama3_inv_freq(inv: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(var + eps)).to(x.dtype)
+
+
+class LoraHook(Protocol):
+    """What the forward calls inside every target linear: y += the LoRA delta for x."""
+
+    def add_delta(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+
+class AttentionHook(Protocol):
+    """What the forward calls for attention: store k/v for the batch's tokens, return attention output."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: torch.Tensor  # [q+k+v out, hidden]: one matmul for the three projections
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+class CausalLM:
+    """Weights plus the forward over a flat batch of tokens; no state between calls (that is the KV cache)."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.config = config
+        self.device = device
+
+        def get(name: str) -> torch.Tensor:
+            if name not in tensors:
+                raise PermanentError("ModelWeightMissing", f"checkpoint has no tensor {name!r}")
+            return tensors[name]
+
+        def opt(name: str) -> torch.Tensor | None:
+            return tensors.get(name)
+
+        def cat(names: list[str]) -> torch.Tensor | None:
+            parts = [opt(n) for n in names]
+            if all(p is None for p in parts):
+                return None
+            if any(p is None for p in parts):
+                raise PermanentError("ModelWeightMissing", f"checkpoint has only some of {names}")
+            return torch.cat(parts, dim=0)  # type: ignore[arg-type]
+
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = get("model.norm.weight")
+        head = opt("lm_head.weight")
+        self.lm_head = self.embed if (config.tie_word_embeddings or head is None) else head
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            self.layers.append(
+                LayerWeights(
+                    input_norm=get(p + "input_layernorm.weight"),
+                    post_norm=get(p + "post_attention_layernorm.weight"),
+                    qkv=cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]),  # type: ignore[arg-type]
+                    qkv_bias=cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]),
+                    o=get(a + "o_proj.weight"),
+                    o_bias=opt(a + "o_proj.bias"),
+                    gate_up=cat([m + "gate_proj.weight", m + "up_proj.weight"]),  # type: ignore[arg-type]
+                    gate_up_bias=cat([m + "gate_proj.bias", m + "up_proj.bias"]),
+                    down=get(m + "down_proj.weight"),
+                    down_bias=opt(m + "down_proj.bias"),
+                )
+            )
+        self.rope = Rope(config, device)
+        self.dtype = self.embed.dtype
+
+    @classmethod
+    def load(cls, model_dir: Path, *, device: torch.device, dtype: torch.dtype) -> CausalLM:
+        config = ModelConfig.from_dir(model_dir)
+        return cls(config, load_safetensors(Path(model_dir), device=device, dtype=dtype), device)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        last_index: torch.Tensor,
+        lora: LoraHook | None,
+        attention: AttentionHook,
+    ) -> torch.Tensor:
+        """Logits [len(last_index), vocab] (float32) at ``last_index`` of the flat token batch.
+
+        token_ids, positions, seq_lens: [tokens]; seq_lens is each token's sequence length after
+        this step (for dynamic RoPE).
+        """
+        c = self.config
+        nq, nkv, hd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.head_dim
+        inter = c.intermediate_size
+        x = F.embedding(token_ids, self.embed)
+        cos, sin = self.rope.cos_sin(positions, seq_lens)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        n = x.shape[0]
+        for i, w in enumerate(self.layers):
+            h = rms_norm(x, w.input_norm, c.rms_norm_eps)
+            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            if lora is not None:
+                lora.add_delta(i, "q_proj", h, qkv[:, :nq])
+                lora.add_delta(i, "k_proj", h, qkv[:, nq : nq + nkv])
+                lora.add_delta(i, "v_proj", h, qkv[:, nq + nkv :])
+            q = apply_rope(qkv[:, :nq].view(n, c.num_heads, hd), cos, sin)
+            k = apply_rope(qkv[:, nq : nq + nkv].view(n, c.num_kv_heads, hd), cos, sin)
+            v = qkv[:, nq + nkv :].view(n, c.num_kv_heads, hd)
+            att = attention.attend(i, q, k, v).reshape(n, nq)
+            o = F.linear(att, w.o, w.o_bias)
+            if lora is not None:
+                lora.add_delta(i, "o_proj", att, o)
+            x = x + o
+            h = rms_norm(x, w.post_norm, c.rms_norm_eps)
+            gu = F.linear(h, w.gate_up, w.gate_up_bias)
+            if lora is not None:
+                lora.add_delta(i, "gate_proj", h, gu[:, :inter])
+                lora.add_delta(i, "up_proj", h, gu[:, inter:])
+            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            d = F.linear(act, w.down, w.down_bias)
+            if lora is not None:
+                lora.add_delta(i, "down_proj", act, d)
+            x = x + d
+        last = x.index_select(0, last_index)
+        return F.linear(rms_norm(last, self.norm, c.rms_norm_eps), self.lm_head).float()
+
+
+def load_safetensors(model_dir: Path, *, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint; never unpickles anything."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise PermanentError(
+            "ModelWeightsMissing",
+            f"{model_dir} has no model.safetensors or model.safetensors.index.json; "
+            "convert the checkpoint to safetensors (pickled .bin weights are refused)",
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    return out

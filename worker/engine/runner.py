@@ -1,0 +1,252 @@
+"""The interface the scheduler drives: load the base model, fill LoRA slots, run one ragged step.
+
+``ModelRunner.step`` takes a list of ``SeqStep`` (prefills and decodes mixed, each on its own
+adapter slot or the base model) and returns the logits of each sequence's last position. The
+scheduler owns everything above: which requests run, which adapter sits in which slot, sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from loraplane.crds.errors import PermanentError
+from safetensors import safe_open
+
+from .kvcache import KVCache
+from .lora import LoraBatch, LoraSlots
+from .model import PROJECTIONS, CausalLM, ModelConfig
+
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+DEFAULT_MAX_MODEL_LEN = 4096
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>\w+))"
+    r"\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$"
+)
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter on CPU, validated already; ``scaling`` is per slot (per-module ratios are folded into B)."""
+
+    adapter_id: int
+    rank: int
+    scaling: float
+    weights: dict[
+        tuple[int, str], tuple[torch.Tensor, torch.Tensor]
+    ]  # (layer, proj) -> (A [r,in], B [out,r])
+    nbytes: int
+
+
+@dataclass
+class SeqStep:
+    seq_id: int
+    token_ids: list[int]  # prompt tokens on the first step (prefill), else the one new token
+    slot: int  # device slot of its adapter, -1 for the base model
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches the module name or a dotted suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_adapter_weights(adapter_dir: Path, config: ModelConfig, *, adapter_id: int) -> AdapterWeights:
+    """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into CPU tensors."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path, w_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_path.is_file():
+        raise PermanentError("AdapterConfigMissing", f"{cfg_path} does not exist")
+    if cfg_path.stat().st_size > MAX_ADAPTER_CONFIG_BYTES:
+        raise PermanentError("AdapterConfigTooLarge", f"{cfg_path} is above {MAX_ADAPTER_CONFIG_BYTES} bytes")
+    if not w_path.is_file():
+        raise PermanentError(
+            "AdapterWeightsMissing",
+            f"{w_path} does not exist; save the adapter with safe_serialization=True (pickled .bin is refused)",
+        )
+    raw = json.loads(cfg_path.read_text())
+    r = int(raw.get("r", 8))
+    alpha = float(raw.get("lora_alpha", r))
+    rslora = bool(raw.get("use_rslora", False))
+    rank_pattern: dict[str, int] = raw.get("rank_pattern") or {}
+    alpha_pattern: dict[str, float] = raw.get("alpha_pattern") or {}
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+
+    def scale(rank: int, a: float) -> float:
+        return a / rank**0.5 if rslora else a / rank
+
+    slot_scaling = scale(r, alpha)
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    modules: dict[tuple[int, str], str] = {}
+    with safe_open(str(w_path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            m = _LORA_KEY.match(key)
+            if m is None or m["proj"] not in PROJECTIONS:
+                raise PermanentError(
+                    "UnsupportedAdapterTensor",
+                    f"tensor {key!r} is not a LoRA A/B weight of {', '.join(PROJECTIONS)}",
+                )
+            layer = int(m["layer"])
+            if layers is not None and layer not in layers:
+                continue
+            parts.setdefault((layer, m["proj"]), {})[m["ab"]] = f.get_tensor(key).float()
+            modules[(layer, m["proj"])] = m["module"]
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    nbytes, max_rank = 0, 0
+    for key, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise PermanentError(
+                "AdapterTensorMissing", f"layer {key[0]} {key[1]} has only lora_{''.join(ab)}"
+            )
+        a, b = ab["A"], ab["B"]
+        rank = int(_pattern_value(rank_pattern, modules[key], r))
+        if a.shape[0] != rank:
+            rank = a.shape[
+                0
+            ]  # the tensor is the truth; a pattern PEFT resolved differently must not scale wrong
+        module_scaling = scale(rank, float(_pattern_value(alpha_pattern, modules[key], alpha)))
+        if module_scaling != slot_scaling:
+            b = b * (module_scaling / slot_scaling)
+        weights[key] = (a.contiguous(), b.contiguous())
+        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+        max_rank = max(max_rank, rank)
+    if not weights:
+        raise PermanentError("AdapterEmpty", f"{w_path} holds no LoRA weights for this model's layers")
+    return AdapterWeights(
+        adapter_id=adapter_id, rank=max_rank, scaling=slot_scaling, weights=weights, nbytes=nbytes
+    )
+
+
+class ModelRunner:
+    """Base model + LoRA slots + KV cache; ``step`` runs one continuous-batching iteration."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_loras: int = 8,
+        max_lora_rank: int = 16,
+        max_seqs: int = 64,
+        max_model_len: int | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer  # heavy import, only where a runner is built
+
+        dev = torch.device(device)
+        dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+        model = CausalLM.load(Path(model_dir), device=dev, dtype=dtype)
+        self._build(model, max_loras, max_lora_rank, max_seqs, max_model_len)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+
+    @classmethod
+    def from_model(
+        cls,
+        model: CausalLM,
+        *,
+        tokenizer: Any = None,
+        max_loras: int = 8,
+        max_lora_rank: int = 16,
+        max_seqs: int = 64,
+        max_model_len: int | None = None,
+    ) -> ModelRunner:
+        """A runner around weights already in memory (benchmarks with random weights)."""
+        runner = cls.__new__(cls)
+        runner._build(model, max_loras, max_lora_rank, max_seqs, max_model_len)
+        runner.tokenizer = tokenizer
+        return runner
+
+    def _build(
+        self, model: CausalLM, max_loras: int, max_lora_rank: int, max_seqs: int, max_model_len: int | None
+    ) -> None:
+        self.model = model
+        self.device, self.dtype = model.device, model.dtype
+        dtype = model.dtype
+        self.config: ModelConfig = model.config
+        self.max_model_len = max_model_len or min(self.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        self.kv = KVCache(
+            num_layers=self.config.num_layers,
+            max_seqs=max_seqs,
+            max_len=self.max_model_len,
+            num_kv_heads=self.config.num_kv_heads,
+            head_dim=self.config.head_dim,
+            dtype=dtype,
+            device=self.device,
+            sliding_window=self.config.sliding_window,
+        )
+        self.lora = LoraSlots(
+            self.config, max_loras=max_loras, max_rank=max_lora_rank, device=self.device, dtype=dtype
+        )
+        self.slot_adapter: list[int | None] = [None] * max_loras
+        #: "auto", "segmented" or "gathered"; tests and benchmarks force one path.
+        self.lora_mode = "auto"
+        #: the path the last step used ("" when no row had an adapter).
+        self.last_lora_mode = ""
+
+    @property
+    def max_loras(self) -> int:
+        return self.lora.max_loras
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.lora.bytes_per_slot
+
+    def set_slot(self, slot: int, weights: AdapterWeights) -> None:
+        self.lora.set_slot(slot, rank=weights.rank, scaling=weights.scaling, weights=weights.weights)
+        self.slot_adapter[slot] = weights.adapter_id
+
+    def clear_slot(self, slot: int) -> None:
+        self.lora.clear_slot(slot)
+        self.slot_adapter[slot] = None
+
+    def allocate(self, seq_id: int) -> None:
+        self.kv.allocate(seq_id)
+
+    def free(self, seq_id: int) -> None:
+        self.kv.free(seq_id)
+
+    def seq_len(self, seq_id: int) -> int:
+        """Tokens already in the KV cache for this sequence."""
+        return self.kv.length[seq_id]
+
+    def step(self, batch: list[SeqStep]) -> torch.Tensor:
+        """Logits [len(batch), vocab] (float32) at each sequence's last new token, in batch order."""
+        if not batch:
+            return torch.empty(0, self.config.vocab_size)
+        if len({s.seq_id for s in batch}) != len(batch):
+            raise PermanentError("DuplicateSequence", "a step lists the same seq_id twice")
+        for s in batch:
+            if s.slot != -1 and (not 0 <= s.slot < self.max_loras or self.slot_adapter[s.slot] is None):
+                raise PermanentError(
+                    "SlotEmpty", f"sequence {s.seq_id} uses slot {s.slot}, which holds no adapter"
+                )
+            bad = [t for t in s.token_ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise PermanentError(
+                    "TokenOutOfRange", f"sequence {s.seq_id} has token ids {bad[:5]} outside the vocab"
+                )
+        # Rows sharing an adapter sit next to each other, so segments are contiguous (often no gather at all).
+        order = sorted(range(len(batch)), key=lambda i: batch[i].slot)
+        rows = [batch[i] for i in order]
+        counts = [len(s.token_ids) for s in rows]
+        positions = self.kv.begin_step([s.seq_id for s in rows], counts)
+        lens = [self.kv.length[s.seq_id] for s in rows]
+        dev = self.device
+        tokens = torch.tensor([t for s in rows for t in s.token_ids], device=dev)
+        seq_lens = torch.repeat_interleave(torch.tensor(lens), torch.tensor(counts)).to(dev)
+        ends = torch.cumsum(torch.tensor(counts), 0) - 1
+        plan: LoraBatch | None = self.lora.plan([s.slot for s in rows], counts, mode=self.lora_mode)
+        self.last_lora_mode = plan.mode if plan is not None else ""
+        with torch.inference_mode():
+            logits = self.model.forward(tokens, positions.to(dev), seq_lens, ends.to(dev), plan, self.kv)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return logits.index_select(0, inverse.to(dev))
