@@ -6,6 +6,7 @@ Built-ins are stored as sent (no schema), except for the few rules the project o
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from loraplane.localkube.resources import ResourceType
@@ -27,6 +28,21 @@ _RENAMES = (  # core/v1 Event field <-> events.k8s.io/v1 field
 )
 
 
+_CORE_DEFAULTS = (
+    ("source", {}),
+    ("firstTimestamp", None),
+    ("lastTimestamp", None),
+    ("eventTime", None),
+    ("reportingComponent", ""),
+    ("reportingInstance", ""),
+)
+_NEW_DEFAULTS = (
+    ("deprecatedSource", {}),
+    ("deprecatedFirstTimestamp", None),
+    ("deprecatedLastTimestamp", None),
+)
+
+
 def _is_new_events(rt: ResourceType) -> bool:
     return rt.group == "events.k8s.io"
 
@@ -40,10 +56,8 @@ def to_storage(rt: ResourceType, obj: Obj) -> Obj:
     for core, new in _RENAMES:
         if new in out:
             out[core] = out.pop(new)
-    out.setdefault("source", {})
-    if "reportingComponent" not in out:
-        out["reportingComponent"] = ""
-    out.setdefault("reportingInstance", "")
+    for k, v in _CORE_DEFAULTS:
+        out.setdefault(k, v)
     return out
 
 
@@ -54,10 +68,64 @@ def from_storage(rt: ResourceType, obj: Obj) -> Obj:
     out["apiVersion"], out["kind"] = "events.k8s.io/v1", "Event"
     for core, new in _RENAMES:
         if core in out:
-            val = out.pop(core)
-            if val not in (None, "", {}, 0):
-                out[new] = val
+            out[new] = out.pop(core)
+    if not out.get("deprecatedCount"):
+        out.pop("deprecatedCount", None)
+    for k, v in _NEW_DEFAULTS:
+        out.setdefault(k, v)
     return out
+
+
+def field_alias(rt: ResourceType) -> dict[str, str] | None:
+    """events.k8s.io field labels in terms of the stored core/v1 Event."""
+    if not _is_new_events(rt):
+        return None
+    return {new: core for core, new in _RENAMES}
+
+
+def _microtime(value: Any) -> Any:
+    """MicroTime as kube-apiserver writes it back: UTC, six digits, Z."""
+    if not isinstance(value, str):
+        return value
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _time(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def normalize(rt: ResourceType, obj: Obj) -> Obj:
+    """Defaults and time formats of typed built-ins (Events, Leases), applied on every write."""
+    if rt.plural == "events":
+        for k, v in _NEW_DEFAULTS if _is_new_events(rt) else _CORE_DEFAULTS:
+            obj.setdefault(k, v)
+        for k in ("firstTimestamp", "lastTimestamp", "deprecatedFirstTimestamp", "deprecatedLastTimestamp"):
+            if obj.get(k):
+                obj[k] = _time(obj[k])
+        if obj.get("eventTime"):
+            obj["eventTime"] = _microtime(obj["eventTime"])
+        if isinstance(obj.get("series"), dict) and obj["series"].get("lastObservedTime"):
+            obj["series"] = {
+                **obj["series"],
+                "lastObservedTime": _microtime(obj["series"]["lastObservedTime"]),
+            }
+    elif rt.plural == "leases" and isinstance(obj.get("spec"), dict):
+        spec = dict(obj["spec"])
+        for k in ("acquireTime", "renewTime"):
+            if spec.get(k):
+                spec[k] = _microtime(spec[k])
+        obj["spec"] = spec
+    return obj
 
 
 def on_create(cluster: Cluster, rt: ResourceType, obj: Obj) -> Obj:
@@ -68,16 +136,25 @@ def on_create(cluster: Cluster, rt: ResourceType, obj: Obj) -> Obj:
         labels["kubernetes.io/metadata.name"] = obj["metadata"].get("name", "")
         obj["metadata"]["labels"] = labels
     elif rt.plural == "customresourcedefinitions":
-        obj["status"] = crd_status(obj)
-    elif rt.plural == "events" and not rt.group:
-        obj.setdefault("reportingComponent", "")
-        obj.setdefault("reportingInstance", "")
+        spec = obj.setdefault("spec", {})
+        names = spec.setdefault("names", {})
+        names.setdefault("singular", str(names.get("kind", "")).lower())
+        names.setdefault("listKind", str(names.get("kind", "")) + "List")
+        spec.setdefault("conversion", {"strategy": "None"})
+        # What the create answer shows; the CRD controller establishes it right after (establish()).
+        obj["status"] = {
+            "conditions": None,
+            "acceptedNames": {"plural": "", "kind": ""},
+            "storedVersions": [v["name"] for v in spec.get("versions") or [] if v.get("storage")],
+        }
     return obj
 
 
 def on_update(cluster: Cluster, rt: ResourceType, new: Obj, current: Obj) -> Obj:
     if rt.plural == "customresourcedefinitions":
-        new["status"] = crd_status(new)
+        new["status"] = current.get("status", {})
+        if (current.get("status") or {}).get("conditions"):
+            new["status"] = {**new["status"], "acceptedNames": crd_status(new)["acceptedNames"]}
     elif rt.plural == "namespaces" and not rt.group:
         new["spec"] = current.get("spec", {})
         new["status"] = current.get("status", {})

@@ -6,10 +6,13 @@ optimistic concurrency, finalizers and deletionTimestamp, no-op writes that keep
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 import re
 import string
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,6 +66,7 @@ class Cluster:
         for rt in builtin_types():
             self.types[(rt.group, rt.version, rt.plural)] = rt
         self.generation = 0  # bumped whenever the set of types changes (discovery ETags)
+        self.types_changed_at = datetime.now(UTC)
         self.gc = GarbageCollector(self)
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self.create(self.type("", "v1", "namespaces"), "", {"metadata": {"name": ns}})
@@ -87,6 +91,7 @@ class Cluster:
         for rt in crd_types(crd):
             self.types[(rt.group, rt.version, rt.plural)] = rt
         self.generation += 1
+        self.types_changed_at = datetime.now(UTC)
 
     def unregister_crd(self, crd: Obj) -> None:
         spec = crd.get("spec") or {}
@@ -96,6 +101,7 @@ class Cluster:
             for obj in list(self.store.items(rt.storage)):
                 self.store.delete(rt.storage, obj)
         self.generation += 1
+        self.types_changed_at = datetime.now(UTC)
 
     # -- helpers -------------------------------------------------------------------------------------
     def get(self, rt: ResourceType, ns: str, name: str) -> Obj:
@@ -125,10 +131,15 @@ class Cluster:
     def _check_type_meta(self, rt: ResourceType, body: Obj, name: str) -> None:
         av, kind = body.get("apiVersion"), body.get("kind")
         if av and av != rt.api_version:
-            raise ApiError(
+            err = ApiError(
                 400,
                 f"the API version in the data ({av}) does not match the expected API version ({rt.api_version})",
             )
+            # Decoded against a version without a schema, every field but the type meta is unknown.
+            err.warnings = [
+                f'unknown field "{k}"' for k in body if k not in ("apiVersion", "kind", "metadata")
+            ]
+            raise err
         if kind and kind != rt.kind:
             cause = {
                 "reason": "FieldValueInvalid",
@@ -182,14 +193,13 @@ class Cluster:
             ]
             if added:
                 quoted = ", ".join(f'"{f}"' for f in added)
-                causes.append(
-                    {
-                        "reason": "FieldValueForbidden",
-                        "field": "metadata.finalizers",
-                        "message": "Forbidden: no new finalizers can be added if the object is being "
-                        f"deleted, found new finalizers []string{{{quoted}}}",
-                    }
-                )
+                cause = {
+                    "reason": "FieldValueForbidden",
+                    "field": "metadata.finalizers",
+                    "message": "Forbidden: no new finalizers can be added if the object is being "
+                    f"deleted, found new finalizers []string{{{quoted}}}",
+                }
+                causes.extend([cause, dict(cause)])  # kube-apiserver reports it twice (two validators)
         warnings: list[str] = []
         if rt.custom and rt.schema is not None:
             obj, warnings, scauses, sfatal = schema.admit(rt, obj, old, validation)
@@ -197,6 +207,7 @@ class Cluster:
             fatal = fatal or sfatal
         elif not rt.custom:
             builtins.validate(rt, obj, causes)
+            obj = builtins.normalize(rt, obj)
         if causes:
             if fatal and rt.custom and rt.schema is not None and schema.has_rules(rt.schema):
                 causes.append(dict(NOT_CHECKED))
@@ -250,12 +261,30 @@ class Cluster:
         obj["metadata"] = {k: meta[k] for k in _meta_order(meta)}
         if dry_run:
             return obj, warnings
+        _check_storage_size(obj)
         obj["metadata"]["resourceVersion"] = str(self.store.next_rv())
         stored = builtins.to_storage(rt, obj)
         self.store.write(rt.storage, stored, None)
         if rt.plural == "customresourcedefinitions":
             self.register_crd(stored)
+            self._later(lambda: self._establish(rt, stored["metadata"]["name"]))
         return obj, warnings
+
+    def _later(self, fn: Callable[[], None]) -> None:
+        """Run fn after the current request, as a controller would; at once outside the loop."""
+        try:
+            asyncio.get_running_loop().call_soon(fn)
+        except RuntimeError:
+            fn()
+
+    def _establish(self, rt: ResourceType, name: str) -> None:
+        """The CRD controller's part: names accepted and Established (kube-apiserver takes milliseconds)."""
+        current = self.store.get(rt.storage, "", name)
+        if current is None or (current.get("status") or {}).get("conditions"):
+            return
+        new = {**current, "status": builtins.crd_status(current)}
+        new["metadata"] = {**current["metadata"], "resourceVersion": str(self.store.next_rv())}
+        self.store.write(rt.storage, new, current)
 
     def update(
         self,
@@ -323,22 +352,23 @@ class Cluster:
         new, warnings = self._admit(rt, new, current, validation)
         if new == current:
             return current, warnings
-        if _has_generation(rt) and _without(new, "metadata", "status") != _without(
-            current, "metadata", "status"
-        ):
+        # Without a status subresource, status is ordinary content and bumps generation too.
+        content = ("metadata", "status") if rt.status_subresource else ("metadata",)
+        if _has_generation(rt) and _without(new, *content) != _without(current, *content):
             new["metadata"]["generation"] = cmeta.get("generation", 0) + 1
         if dry_run:
+            return new, warnings
+        _check_storage_size(new)
+        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            # The last finalizer went: the object is deleted by this write (one DELETED event, no MODIFIED);
+            # the answer is its final state with the RV it had.
+            self._remove(rt, builtins.to_storage(rt, new))
             return new, warnings
         new["metadata"]["resourceVersion"] = str(self.store.next_rv())
         stored = builtins.to_storage(rt, new)
         self.store.write(rt.storage, stored, builtins.to_storage(rt, current))
         if rt.plural == "customresourcedefinitions":
             self.register_crd(stored)
-        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
-            self._remove(rt, stored)
-            gone = self.store.get(rt.storage, ns if rt.namespaced else "", name) is None
-            if gone:
-                return new, warnings
         return new, warnings
 
     def patch(
@@ -449,6 +479,14 @@ class Cluster:
         if rt.plural == "customresourcedefinitions":
             self.unregister_crd(stored)
         return gone
+
+
+ETCD_LIMIT = 1572864  # etcd's default request limit (1.5 MiB): larger objects fail in storage
+
+
+def _check_storage_size(obj: Obj) -> None:
+    if len(json.dumps(obj, separators=(",", ":"))) > ETCD_LIMIT:
+        raise ApiError(500, "etcdserver: request is too large", None)
 
 
 _META_ORDER = (

@@ -80,8 +80,14 @@ def resource_list(cluster: Cluster, group: str, version: str) -> Obj | None:
                     "verbs": ["get", "patch", "update"],
                 }
             )
-    gv = f"{group}/{version}" if group else version
-    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+    if not group:  # the core list has no apiVersion, as kube-apiserver sends it
+        return {"kind": "APIResourceList", "groupVersion": version, "resources": resources}
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": f"{group}/{version}",
+        "resources": resources,
+    }
 
 
 def _preferred(versions: list[str]) -> str:

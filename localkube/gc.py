@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 Obj = dict[str, Any]
 Ref = tuple[str, str, str]  # storage, namespace, name
+GC_DELAY = 0.02  # seconds between a triggering write and the collector's pass
 
 
 class GarbageCollector:
@@ -66,7 +67,8 @@ class GarbageCollector:
         except RuntimeError:
             return
         self.scheduled = True
-        loop.call_soon(self.sweep)
+        # Like kube-controller-manager, act shortly after the triggering write (real: ms to 100s of ms).
+        loop.call_later(GC_DELAY, self.sweep)
 
     def _type(self, storage: str) -> ResourceType | None:
         for rt in self.cluster.types.values():

@@ -72,6 +72,8 @@ def _error(e: ApiError) -> web.Response:
     resp = _json(e.body(), e.code)
     for k, v in e.headers.items():
         resp.headers[k] = v
+    for w in e.warnings:
+        resp.headers.add("Warning", '299 - "' + w.replace('"', '\\"') + '"')
     return resp
 
 
@@ -250,9 +252,15 @@ class Api:
         if parts == ["openapi", "v2"]:
             return _etagged(request, discovery.openapi_v2(self.cluster), "application/json")
         if parts == ["openapi", "v3"]:
-            resp = _etagged(request, discovery.openapi_v3_index(self.cluster), "text/plain")
-            if resp.status == 200:
-                resp.headers["Content-Type"] = "text/plain; charset=utf-8"
+            # Served like Go's http.ServeContent: Last-Modified / If-Modified-Since, sniffed as text/plain.
+            changed = self.cluster.types_changed_at.replace(microsecond=0)
+            since = request.if_modified_since
+            if since is not None and changed <= since:
+                return web.Response(status=304)
+            body = json.dumps(discovery.openapi_v3_index(self.cluster), separators=(",", ":")).encode()
+            resp = web.Response(status=200, body=body)
+            resp.headers["Content-Type"] = "text/plain; charset=utf-8"
+            resp.last_modified = changed
             return resp
         if len(parts) == 4 and parts[2] == "api":
             doc = discovery.openapi_v3_gv(self.cluster, "", parts[3])
@@ -445,7 +453,7 @@ class Api:
                 "apiVersion": rt.api_version,
                 "items": deleted,
                 "kind": rt.list_kind,
-                "metadata": {"resourceVersion": str(c.store.rv)},
+                "metadata": {"resourceVersion": str(c.store.rv), **({"continue": ""} if rt.custom else {})},
             },
         )
 
@@ -455,7 +463,7 @@ class Api:
         accept = request.headers.get("Accept", "")
         if accept.startswith("application/yaml"):
             resp = web.Response(
-                status=code, text=yaml.safe_dump(body, sort_keys=False), content_type="application/yaml"
+                status=code, text=yaml.safe_dump(body, sort_keys=True), content_type="application/yaml"
             )
         else:
             resp = _json(body, code)

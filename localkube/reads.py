@@ -42,7 +42,7 @@ def parse_rv(text: str | None) -> int | None:
 def predicate(rt: ResourceType, ns: str | None, q: Any) -> Any:
     try:
         by_label = parse_labels(q.get("labelSelector", ""))
-        by_field = parse_fields(q.get("fieldSelector", ""), rt.field_labels)
+        by_field = parse_fields(q.get("fieldSelector", ""), rt.field_labels, builtins.field_alias(rt))
     except SelectorError as e:
         raise ApiError(400, str(e)) from None
     if ns is None or not rt.namespaced:
@@ -78,41 +78,35 @@ def _sort_key(obj: Obj) -> str:
 async def list_objects(cluster: Cluster, rt: ResourceType, ns: str | None, q: Any) -> tuple[list[Obj], Obj]:
     """Return (items, list metadata) honouring RV, RV match, selectors, limit and continue."""
     store = cluster.store
-    if q.get("sendInitialEvents"):
-        raise status.options_invalid(
-            "ListOptions",
-            [
-                {
-                    "reason": "FieldValueForbidden",
-                    "field": "sendInitialEvents",
-                    "message": "Forbidden: sendInitialEvents is forbidden for list",
-                }
-            ],
-        )
     rv = parse_rv(q.get("resourceVersion"))
     match = q.get("resourceVersionMatch", "")
+    causes = []
     if match and rv is None:
-        raise status.options_invalid(
-            "ListOptions",
-            [
-                {
-                    "reason": "FieldValueForbidden",
-                    "field": "resourceVersionMatch",
-                    "message": "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided",
-                }
-            ],
+        causes.append(
+            {
+                "reason": "FieldValueForbidden",
+                "field": "resourceVersionMatch",
+                "message": "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided",
+            }
         )
     if match and match not in ("Exact", "NotOlderThan"):
-        raise status.options_invalid(
-            "ListOptions",
-            [
-                {
-                    "reason": "FieldValueNotSupported",
-                    "field": "resourceVersionMatch",
-                    "message": f'Unsupported value: "{match}": supported values: "Exact", "NotOlderThan"',
-                }
-            ],
+        causes.append(
+            {
+                "reason": "FieldValueNotSupported",
+                "field": "resourceVersionMatch",
+                "message": f'Unsupported value: "{match}": supported values: "Exact", "NotOlderThan"',
+            }
         )
+    if q.get("sendInitialEvents"):
+        causes.append(
+            {
+                "reason": "FieldValueForbidden",
+                "field": "sendInitialEvents",
+                "message": "Forbidden: sendInitialEvents is forbidden for list",
+            }
+        )
+    if causes:
+        raise status.options_invalid("ListOptions", causes)
     if rv is not None and rv > store.rv:
         deadline = time.monotonic() + 3.0
         while store.rv < rv and time.monotonic() < deadline:
@@ -163,8 +157,8 @@ async def list_objects(cluster: Cluster, rt: ResourceType, ns: str | None, q: An
         last = items[-1]["metadata"]
         meta["continue"] = _encode_continue(at, (last.get("namespace", ""), last["name"]))
         meta["remainingItemCount"] = rest
-    else:
-        meta["continue"] = ""
+    elif rt.custom:
+        meta["continue"] = ""  # unstructured lists carry an empty continue; typed lists omit it
     return [builtins.from_storage(rt, o) for o in items], meta
 
 

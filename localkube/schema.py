@@ -167,6 +167,13 @@ class _Validator:
                     path,
                     f'Invalid value: "{actual}": {self._name(path)} in body must be of type {t}: "{actual}"',
                 )
+                if t == "integer" and actual == "number":
+                    msg = f"integer (default format) in {self._name(path)}"
+                    self.add(
+                        "FieldValueInvalid",
+                        "<nil>",
+                        f'Invalid value: "": Checked value must be of type {msg}',
+                    )
                 return
         elif s.get("x-kubernetes-int-or-string") and actual not in ("integer", "string"):
             self.add(
@@ -208,7 +215,7 @@ class _Validator:
         fmt = s.get("format")
         if fmt == "date-time" and not _is_datetime(v):
             self.add(
-                "FieldValueInvalid",
+                "FieldValueTypeInvalid",
                 path,
                 f"Invalid value: {_go(v)}: {n} in body must be of type date-time: {_go(v)}",
             )

@@ -102,7 +102,7 @@ def _field_value(obj: Obj, path: str) -> str:
     return cur if isinstance(cur, str) else str(cur)
 
 
-def parse_fields(text: str, supported: tuple[str, ...]) -> Pred:
+def parse_fields(text: str, supported: tuple[str, ...], alias: dict[str, str] | None = None) -> Pred:
     """Parse `metadata.name=x,involvedObject.kind!=y`; labels outside `supported` are a 400."""
     reqs: list[Pred] = []
     allowed = {"metadata.name", "metadata.namespace", *supported}
@@ -116,6 +116,9 @@ def parse_fields(text: str, supported: tuple[str, ...]) -> Pred:
         key, op, val = m.group(1), m.group(2), m.group(3)
         if key not in allowed:
             raise SelectorError(f"field label not supported: {key}")
+        if alias:  # a label of another API version of the same stored object (events.k8s.io -> core)
+            head, _, tail = key.partition(".")
+            key = alias.get(key) or (alias[head] + "." + tail if head in alias and tail else key)
         if op == "!=":
             reqs.append(lambda o, k=key, v=val: _field_value(o, k) != v)
         else:

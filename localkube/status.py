@@ -39,6 +39,7 @@ class ApiError(Exception):
         self.reason = REASONS.get(code) if reason == "" else reason
         self.details = details
         self.headers = headers or {}
+        self.warnings: list[str] = []
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure"}
@@ -79,7 +80,10 @@ def conflict(rt: ResourceType, name: str) -> ApiError:
 
 def precondition_failed(rt: ResourceType, name: str, what: str, want: str, have: str) -> ApiError:
     if what == "UID":
-        tail = f"the UID in the precondition ({want}) does not match the UID in record ({have}). The object might have been modified"
+        tail = (
+            f"the UID in the precondition ({want}) does not match the UID in record ({have}). "
+            "The object might have been deleted and then recreated"
+        )
     else:
         tail = (
             f"the ResourceVersion in the precondition ({want}) does not match the ResourceVersion in "
@@ -94,8 +98,12 @@ def invalid(rt: ResourceType, name: str, causes: list[dict[str, str]], kind: str
     parts = [f"{c.get('field', '<nil>')}: {c['message']}" for c in causes]
     joined = parts[0] if len(parts) == 1 else "[" + ", ".join(parts) + "]"
     k = kind or rt.kind
-    prefix = f"{k}.{rt.group}" if rt.group else k
+    # events.k8s.io Events are validated as core Events: no group in the message or details.
+    group = "" if rt.group == "events.k8s.io" else rt.group
+    prefix = f"{k}.{group}" if group else k
     details = _details(rt, name, k)
+    if not group:
+        details.pop("group", None)
     details["causes"] = causes
     return ApiError(422, f'{prefix} "{name}" is invalid: {joined}', "Invalid", details)
 
