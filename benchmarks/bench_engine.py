@@ -170,7 +170,7 @@ def main() -> None:
                 names = ["__base__" if s < 0 else f"a{s}" for s in configs[name][0]]
                 ids = torch.randint(3, 32000, (B, PROMPT), generator=gen, device=device)
                 out = peft(input_ids=ids, use_cache=True, adapter_names=names)
-                peft_caches[name] = (out.past_key_values, names)
+                peft_caches[name] = (out.cache, names)
 
     times: dict[str, list[float]] = {}
 
@@ -197,7 +197,7 @@ def main() -> None:
                     f"peft-{name}",
                     timed(
                         lambda c=cache, n=names, x=x: peft(
-                            input_ids=x, past_key_values=c, use_cache=True, adapter_names=n
+                            input_ids=x, cache=c, use_cache=True, adapter_names=n
                         ),
                         device,
                     ),
@@ -231,7 +231,10 @@ def main() -> None:
     print(
         f"shape: hidden 1024, intermediate 2816, 4 layers, vocab 32000, rank {RANK} x 7 projections, B={B} decode"
     )
-    print(f"base decode step: {med['base'] * 1e3:.1f} ms")
+    line = f"base decode step: {med['base'] * 1e3:.1f} ms"
+    if "peft-base" in med:
+        line += f" (transformers+PEFT, no adapter rows: {med['peft-base'] * 1e3:.1f} ms)"
+    print(line)
     targets = {1: 1.15, 8: 1.35, 32: 1.45}
     for d in (1, 8, 32):
         auto, seg, gat = med[f"d{d}-auto"], med[f"d{d}-segmented"], med[f"d{d}-gathered"]

@@ -118,6 +118,16 @@ class LocalKube:
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
 
+    def add_token(self, token: str, user: str) -> None:
+        """Accept `Authorization: Bearer <token>` as `user` (recorded in audit_log; RBAC is not enforced).
+
+        Requests without credentials stay allowed as "admin"; an unknown token gets 401 once any is added.
+        """
+        assert self.state is not None, "start() the server first"
+        if self.state.tokens is None:
+            self.state.tokens = {}
+        self.state.tokens[token] = user
+
     def set_history_window(self, n: int) -> None:
         """Keep only the last n events: older watch/list RVs get 410 Gone."""
         self.call(lambda: self.cluster.store.set_history_limit(n))

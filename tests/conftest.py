@@ -12,6 +12,10 @@ Fixtures:
                         .api_client() a fresh kubernetes.client.ApiClient
                         .kubectl(*args, check=True, input=None) -> CompletedProcess (skips without kubectl)
                         .apply_crds(paths=None) applies every crds/*.yaml and waits for Established
+                        .kubeconfig_for_user(user) a kubeconfig with a token the local server maps to
+                                      `user`; every request lands in kube.server.audit_log as an
+                                      AuditEntry(user, verb, api_group, resource, subresource, namespace,
+                                      name, code). RBAC is recorded, not enforced.
   namespace           a fresh namespace per test (deleted afterwards); its name.
   local_only          skips the test on a real cluster (for local-server internals such as audit_log).
 

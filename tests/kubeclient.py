@@ -84,6 +84,17 @@ class Kube:
                         ext.replace_custom_resource_definition(name, doc)
                     wait_established(ext, name)
 
+    def kubeconfig_for_user(self, user: str) -> str:
+        """A kubeconfig whose requests the local server records as `user` (see server.audit_log)."""
+        from loraplane.localkube import write_kubeconfig
+
+        if self.server is None:
+            pytest.skip("per-user tokens need the local server (a real cluster needs real service accounts)")
+        token = uuid.uuid4().hex
+        self.server.add_token(token, user)
+        path = Path(self._cache_dir()) / f"kubeconfig-{token[:8]}"
+        return str(write_kubeconfig(self.url, path, token=token))
+
     def create_namespace(self, prefix: str = "t") -> str:
         from kubernetes import client
 
