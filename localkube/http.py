@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+
 from loraplane.localkube import discovery, proto, reads, status, tables
 from loraplane.localkube.cluster import Cluster
 from loraplane.localkube.resources import ResourceType

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import jsonpatch
+
 from loraplane.localkube.status import ApiError
 
 

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
 from loraplane.localkube import builtins, status, tables
 from loraplane.localkube.selectors import SelectorError, parse_fields, parse_labels
 from loraplane.localkube.status import ApiError
@@ -296,7 +297,8 @@ class WatchStream:
                     if now >= pre_deadline:
                         final_bookmark_sent = True
                     next_bookmark = now + BOOKMARK_INTERVAL
-                    if self.cluster.store.rv > last_rv:
+                    # Like the watch cache: a bookmark once the resource's RV moved past the watch's start.
+                    if self.cluster.store.rv > start_rv:
                         last_rv = self.cluster.store.rv
                         await resp.write(self._bookmark(last_rv))
                 continue

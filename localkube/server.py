@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 from aiohttp import web
+
 from loraplane.localkube.cluster import Cluster
 from loraplane.localkube.http import ApiState, AuditEntry, make_app
 
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     server = LocalKube(port=args.port)
     url = server.start()
     path = write_kubeconfig(url, args.kubeconfig)
-    print(f"localkube serving on {url}; kubeconfig written to {path}")
-    print(f"  export KUBECONFIG={path.resolve()}")
+    print(f"localkube serving on {url}; kubeconfig written to {path}", flush=True)
+    print(f"  export KUBECONFIG={path.resolve()}", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

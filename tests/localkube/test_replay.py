@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from loraplane.localkube import LocalKube
 
 from .replay import RECORDINGS, Replayer, Run
