@@ -55,10 +55,10 @@ def _prune(schema: Obj, value: Any, path: str, unknown: list[str]) -> Any:
             return {k: _prune(addl, v, f"{path}[{k}]" if path else k, unknown) for k, v in value.items()}
         out = {}
         for k, v in value.items():
-            if props is not None and k in props:
+            if not path and k in TOP_KNOWN:
+                out[k] = v  # type meta and metadata are never pruned by the CRD's schema
+            elif props is not None and k in props:
                 out[k] = _prune(props[k], v, _child(path, k), unknown)
-            elif not path and k in TOP_KNOWN:
-                out[k] = v
             elif preserve or addl is True:
                 out[k] = v
             else:
