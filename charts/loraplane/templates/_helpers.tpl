@@ -89,7 +89,8 @@ loraplane.io/pool: {{ . }}
 {{/* Checks the schema cannot express; each message names the key and the fix. */}}
 {{- define "loraplane.validate" -}}
 {{- $seen := dict -}}
-{{- range $i, $pool := .Values.workerPools -}}
+{{- range $i, $p := .Values.workerPools -}}
+{{- $pool := include "loraplane.pool" (dict "ctx" $ "pool" $p) | fromJson -}}
 {{- if hasKey $seen $pool.name -}}
 {{- fail (printf "workerPools[%d].name %q is used twice: every pool needs its own name" $i $pool.name) -}}
 {{- end -}}
@@ -101,4 +102,21 @@ loraplane.io/pool: {{ . }}
 {{- if and .Values.watch.clusterWide .Values.watch.namespaces -}}
 {{- fail "watch.namespaces is set but watch.clusterWide is true: set watch.clusterWide=false to watch only those namespaces, or empty watch.namespaces" -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+One pool merged over workerPoolDefaults, as JSON (callers: fromJson, then `int` on numbers).
+resources, nodeSelector, tolerations and affinity are taken whole from the pool when it sets them:
+a CPU pool must not inherit a GPU request by a deep merge.
+*/}}
+{{- define "loraplane.pool" -}}
+{{- $defaults := deepCopy .ctx.Values.workerPoolDefaults -}}
+{{- range $key := list "resources" "nodeSelector" "tolerations" "affinity" -}}
+{{- if hasKey $.pool $key -}}
+{{- $_ := unset $defaults $key -}}
+{{- end -}}
+{{- end -}}
+{{- $pool := merge (deepCopy .pool) $defaults -}}
+{{- $_ := set $pool "image" (merge (deepCopy ($pool.image | default dict)) .ctx.Values.worker.image) -}}
+{{- toJson $pool -}}
 {{- end -}}
