@@ -1,0 +1,624 @@
+"""Check a PEFT LoRA adapter against the base model before it goes anywhere near a device.
+
+Reads ``adapter_config.json`` (size-capped) and only the *header* of ``adapter_model.safetensors``
+(size-capped, parsed with json + struct: no torch, never a pickle), compares every lora_A / lora_B
+shape with the base layer it patches, and collects every problem before raising one
+``ValidationFailed`` (the vLLM ``peft_helper.validate_legal`` habit). The base model is described
+by ``BaseModelInfo``, built from config.json alone (cross-checked against the checkpoint's
+safetensors headers when present), so the operator image and the CLI stay light.
+
+The same checks are a CLI: ``loraplane validate ADAPTER --base-model MODEL_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter
+
+from loraplane.crds.errors import PermanentError, ValidationFailed
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20  # a LoRA header lists a few hundred tensors: ~100 KiB; 16 MiB is generous
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
+
+# --- reasons -------------------------------------------------------------------------------------
+FILE_MISSING = "FileMissing"
+PICKLE_REFUSED = "PickleRefused"
+TOO_LARGE = "TooLarge"
+MALFORMED_CONFIG = "MalformedConfig"
+MALFORMED_WEIGHTS = "MalformedWeights"
+TRUNCATED_WEIGHTS = "TruncatedWeights"
+HEADER_TOO_LARGE = "HeaderTooLarge"
+UNSUPPORTED_ADAPTER_TYPE = "UnsupportedAdapterType"
+RANK_TOO_LARGE = "RankTooLarge"
+UNKNOWN_TARGET_MODULE = "UnknownTargetModule"
+SHAPE_MISMATCH = "ShapeMismatch"
+LAYER_OUT_OF_RANGE = "LayerOutOfRange"
+DORA_NOT_SUPPORTED = "DoRANotSupported"
+BIAS_NOT_SUPPORTED = "BiasNotSupported"
+MODULES_TO_SAVE_NOT_SUPPORTED = "ModulesToSaveNotSupported"
+EMBEDDING_CHANGE_NOT_SUPPORTED = "EmbeddingChangeNotSupported"
+CONTEXT_TOO_LONG = "ContextTooLong"
+NO_LORA_WEIGHTS = "NoLoraWeights"
+UNSUPPORTED_BASE_MODEL = "UnsupportedBaseModel"
+BASE_MODEL_INCONSISTENT = "BaseModelInconsistent"
+
+VALIDATION_FAILURES = Counter(
+    "loraplane_worker_validation_failures", "Adapters refused by validation, by first reason", ["reason"]
+)
+
+
+# --- the base model ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What validation needs to know about the served base model, from its config.json."""
+
+    name: str
+    model_type: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    max_position_embeddings: int
+    max_length: int
+    """Longest context the base reaches: max_position_embeddings under its RoPE scaling."""
+    linear_shapes: dict[str, tuple[int, int]]
+    """Per-layer linear module name -> (in_features, out_features)."""
+    rope_scaling: dict[str, Any] | None = None
+
+    @classmethod
+    def from_pretrained_dir(cls, model_dir: Path, *, served_name: str | None = None) -> BaseModelInfo:
+        model_dir = Path(model_dir)
+        cfg = _read_json(model_dir / "config.json", MAX_CONFIG_BYTES, "ModelConfigInvalid")
+        model_type = str(cfg.get("model_type", ""))
+        if model_type not in LLAMA_FAMILY:
+            raise PermanentError(
+                UNSUPPORTED_BASE_MODEL,
+                f"{model_dir}/config.json: model_type {model_type!r} is not supported; use one of {LLAMA_FAMILY}",
+            )
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            kv_heads = int(cfg.get("num_key_value_heads") or heads)
+            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            inter = int(cfg["intermediate_size"])
+            layers = int(cfg["num_hidden_layers"])
+            vocab = int(cfg["vocab_size"])
+            max_pos = int(cfg.get("max_position_embeddings", 2048))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PermanentError("ModelConfigInvalid", f"{model_dir}/config.json lacks a valid {e}") from e
+        shapes = {
+            "q_proj": (hidden, heads * head_dim),
+            "k_proj": (hidden, kv_heads * head_dim),
+            "v_proj": (hidden, kv_heads * head_dim),
+            "o_proj": (heads * head_dim, hidden),
+            "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        }
+        rope = cfg.get("rope_scaling") if isinstance(cfg.get("rope_scaling"), dict) else None
+        info = cls(
+            name=served_name or str(cfg.get("_name_or_path") or model_dir.name),
+            model_type=model_type,
+            architecture=str((cfg.get("architectures") or [""])[0]),
+            hidden_size=hidden,
+            num_layers=layers,
+            vocab_size=vocab,
+            max_position_embeddings=max_pos,
+            max_length=effective_max_length(max_pos, rope),
+            linear_shapes=shapes,
+            rope_scaling=rope,
+        )
+        info._cross_check(model_dir)
+        return info
+
+    def _cross_check(self, model_dir: Path) -> None:
+        """Compare the shapes derived from config.json with the checkpoint's own headers, if it has one."""
+        files = sorted(model_dir.glob("model*.safetensors"))
+        if not files:
+            return
+        header = read_safetensors_header(files[0])
+        for name, (fan_in, fan_out) in self.linear_shapes.items():
+            for key, meta in header.items():
+                if key.startswith("model.layers.0.") and key.endswith(f".{name}.weight"):
+                    if list(meta.get("shape", [])) != [fan_out, fan_in]:
+                        raise PermanentError(
+                            BASE_MODEL_INCONSISTENT,
+                            f"{files[0]}: {key} is {meta.get('shape')} but config.json implies "
+                            f"[{fan_out}, {fan_in}]; the checkpoint and its config disagree",
+                        )
+
+
+def effective_max_length(max_position_embeddings: int, rope_scaling: dict[str, Any] | None) -> int:
+    """The context the base reaches under its RoPE scaling (as vLLM derives max_model_len)."""
+    if not rope_scaling:
+        return max_position_embeddings
+    kind = str(rope_scaling.get("rope_type") or rope_scaling.get("type") or "default")
+    factor = float(rope_scaling.get("factor") or 1.0)
+    if kind in (
+        "default",
+        "llama3",
+        "longrope",
+        "su",
+    ):  # max_position_embeddings already is the extended length
+        return max_position_embeddings
+    if kind == "yarn":
+        original = int(rope_scaling.get("original_max_position_embeddings") or max_position_embeddings)
+        return int(original * factor)
+    return int(max_position_embeddings * factor)  # linear, dynamic
+
+
+# --- files ---------------------------------------------------------------------------------------
+def _read_json(path: Path, cap: int, reason: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise PermanentError(FILE_MISSING, f"{path} does not exist")
+    size = path.stat().st_size
+    if size > cap:
+        raise PermanentError(
+            TOO_LARGE, f"{path} is {size} bytes, above the {cap}-byte limit for config files"
+        )
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PermanentError(reason, f"{path.name} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise PermanentError(reason, f"{path.name} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def read_safetensors_header(path: Path, *, cap: int = MAX_HEADER_BYTES) -> dict[str, dict[str, Any]]:
+    """The tensor table of a safetensors file (name -> dtype, shape, data_offsets), checked against its size.
+
+    Raises PermanentError TruncatedWeights / HeaderTooLarge / MalformedWeights naming the file.
+    """
+    name = path.name
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise PermanentError(TRUNCATED_WEIGHTS, f"{name} is {size} bytes: too short to be safetensors")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > cap:
+            raise PermanentError(
+                HEADER_TOO_LARGE,
+                f"{name} declares a {n}-byte header, above the {cap}-byte limit; refusing to read it",
+            )
+        if 8 + n > size:
+            raise PermanentError(
+                TRUNCATED_WEIGHTS,
+                f"{name} declares a {n}-byte header but the file is {size} bytes: it is truncated",
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PermanentError(MALFORMED_WEIGHTS, f"{name} has an unreadable safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise PermanentError(MALFORMED_WEIGHTS, f"{name}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, meta in header.items():
+        try:
+            begin, end = (int(x) for x in meta["data_offsets"])
+            shape = [int(d) for d in meta["shape"]]
+            width = _DTYPE_BYTES[meta["dtype"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise PermanentError(
+                MALFORMED_WEIGHTS, f"{name}: tensor {key!r} has a malformed entry ({e})"
+            ) from e
+        if end > data_size:
+            raise PermanentError(
+                TRUNCATED_WEIGHTS,
+                f"{name}: tensor {key!r} ends at byte {end} but only {data_size} data bytes exist: truncated",
+            )
+        if end - begin != math.prod(shape) * width or begin < 0:
+            raise PermanentError(
+                MALFORMED_WEIGHTS, f"{name}: tensor {key!r} has offsets that do not match its shape {shape}"
+            )
+    return header
+
+
+# --- the adapter ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What an adapter is, once it passed validation (goes into status.adapter)."""
+
+    rank: int
+    alpha: float
+    scaling: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    sha256: str
+    warnings: tuple[str, ...] = ()
+    base_model_name_or_path: str | None = None
+    num_tensors: int = 0
+    layers: tuple[int, ...] = field(default=())
+
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?\.(?P<kind>weight|bias)$")  # fmt: skip
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class _Problems:
+    """Collects (reason, message), at most a few messages per reason so a bad adapter stays readable."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+        self.extra: dict[str, int] = {}
+
+    def add(self, reason: str, message: str) -> None:
+        if sum(1 for r, _ in self.items if r == reason) >= 3:
+            self.extra[reason] = self.extra.get(reason, 0) + 1
+        elif (reason, message) not in self.items:
+            self.items.append((reason, message))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        out = list(self.items)
+        for reason, n in self.extra.items():
+            out.append((reason, f"and {n} more {reason} problems"))
+        VALIDATION_FAILURES.labels(out[0][0]).inc()
+        raise ValidationFailed(out)
+
+
+def _module_rank(module: str, r: int, rank_pattern: dict[str, Any]) -> int:
+    """PEFT's rule: a rank_pattern key matches a module path ending in it (regex)."""
+    for pattern, rank in rank_pattern.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return int(rank)
+    return r
+
+
+def validate_adapter(
+    adapter_dir: Path,
+    base: BaseModelInfo,
+    *,
+    max_lora_rank: int,
+    extra_vocab: int = 0,
+    max_length: int | None = None,
+    served_base_name: str | None = None,
+    sha256: str | None = None,
+) -> AdapterSummary:
+    """Check an adapter directory against the base model; every problem is reported at once.
+
+    ``sha256`` may pass the weights digest the cache already computed (else the file is hashed).
+
+    Raises:
+        ValidationFailed: problems = [(reason, message), ...].
+        PermanentError: PickleRefused, FileMissing when there is nothing to validate.
+    """
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        if (adapter_dir / PICKLE_FILE).exists():
+            _count(PICKLE_REFUSED)
+            raise PermanentError(
+                PICKLE_REFUSED,
+                f"{adapter_dir} has {PICKLE_FILE} (pickled weights, never unpickled) but no {WEIGHTS_FILE}; "
+                "re-save with save_pretrained(safe_serialization=True)",
+            )
+        _count(FILE_MISSING)
+        raise PermanentError(FILE_MISSING, f"{adapter_dir} has no {WEIGHTS_FILE}")
+    p = _Problems()
+    warnings: list[str] = []
+    cfg: dict[str, Any] = {}
+    try:
+        cfg = _read_json(adapter_dir / CONFIG_FILE, MAX_CONFIG_BYTES, MALFORMED_CONFIG)
+    except PermanentError as e:
+        p.add(e.reason, e.message)
+    header: dict[str, dict[str, Any]] = {}
+    try:
+        header = read_safetensors_header(weights)
+    except PermanentError as e:
+        p.add(e.reason, e.message)
+    if not cfg or not header:
+        p.raise_if_any()
+
+    # The config, as in vLLM's peft_helper: every unsupported feature is its own reason.
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        p.add(
+            UNSUPPORTED_ADAPTER_TYPE,
+            f"peft_type {peft_type!r} is not supported; only LoRA adapters are served",
+        )
+    r = cfg.get("r", 8)
+    alpha = cfg.get("lora_alpha", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        p.add(MALFORMED_CONFIG, f"{CONFIG_FILE}: r must be a positive integer, got {r!r}")
+        r = 1
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        p.add(MALFORMED_CONFIG, f"{CONFIG_FILE}: lora_alpha must be a number, got {alpha!r}")
+        alpha = float(r)
+    rank_pattern = cfg.get("rank_pattern") or {}
+    if not isinstance(rank_pattern, dict):
+        p.add(MALFORMED_CONFIG, f"{CONFIG_FILE}: rank_pattern must be an object")
+        rank_pattern = {}
+    use_rslora = bool(cfg.get("use_rslora", False))
+    if cfg.get("use_dora"):
+        p.add(DORA_NOT_SUPPORTED, "use_dora is true: DoRA adapters are not supported; train a plain LoRA")
+    bias = cfg.get("bias", "none")
+    if bias not in (None, "none") or cfg.get("lora_bias"):
+        p.add(
+            BIAS_NOT_SUPPORTED,
+            f"bias={bias!r} / lora_bias: adapters that train biases are not supported; use bias='none'",
+        )
+    modules_to_save = cfg.get("modules_to_save") or []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    for m in modules_to_save:
+        if str(m).split(".")[-1] in EMBEDDING_MODULES:
+            if extra_vocab <= 0:
+                p.add(EMBEDDING_CHANGE_NOT_SUPPORTED,
+                      f"modules_to_save replaces {m}: changing the embeddings or lm_head is not supported by this worker "
+                      "(extra vocabulary 0); drop it from modules_to_save")  # fmt: skip
+        else:
+            p.add(MODULES_TO_SAVE_NOT_SUPPORTED,
+                  f"modules_to_save includes {m!r}: full-module replacements are not supported; train LoRA only")  # fmt: skip
+
+    known = set(base.linear_shapes)
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        for t in targets:
+            name = str(t).split(".")[-1]
+            if name in EMBEDDING_MODULES:
+                if extra_vocab <= 0:
+                    p.add(EMBEDDING_CHANGE_NOT_SUPPORTED,
+                          f"target_modules includes {name}: LoRA on embeddings or lm_head is not supported by this worker")  # fmt: skip
+            elif name not in known:
+                p.add(UNKNOWN_TARGET_MODULE,
+                      f"target module {t!r} does not exist in {base.model_type} {base.name!r} "
+                      f"(its LoRA-able modules: {', '.join(sorted(known))})")  # fmt: skip
+    layers_cfg = cfg.get("layers_to_transform")
+    allowed_layers: set[int] | None = None
+    if layers_cfg is not None:
+        allowed_layers = {int(layers_cfg)} if isinstance(layers_cfg, int) else {int(x) for x in layers_cfg}
+        for layer in sorted(allowed_layers):
+            if not 0 <= layer < base.num_layers:
+                p.add(LAYER_OUT_OF_RANGE,
+                      f"layers_to_transform names layer {layer} but {base.name!r} has layers 0..{base.num_layers - 1}")  # fmt: skip
+
+    # The tensors: every shape against the base layer it patches.
+    ranks: dict[str, int] = {}
+    modules: set[str] = set()
+    layers_seen: set[int] = set()
+    n_lora = 0
+    for key, meta in header.items():
+        if "lora_magnitude_vector" in key:
+            p.add(
+                DORA_NOT_SUPPORTED,
+                f"tensor {key} is a DoRA magnitude vector: DoRA adapters are not supported",
+            )
+            continue
+        m = _LORA_KEY.match(key)
+        if m is None:
+            short = key.split(".")[-2] if key.count(".") else key
+            if short in EMBEDDING_MODULES or key.split(".")[-2:-1] == ["embed_tokens"]:
+                p.add(
+                    EMBEDDING_CHANGE_NOT_SUPPORTED,
+                    f"tensor {key} replaces the embeddings or lm_head: not supported",
+                )
+            else:
+                p.add(
+                    MODULES_TO_SAVE_NOT_SUPPORTED,
+                    f"tensor {key} is not a LoRA weight (a saved module?): not supported",
+                )
+            continue
+        module, part, kind = m["module"], m["part"], m["kind"]
+        if kind == "bias":
+            p.add(
+                BIAS_NOT_SUPPORTED,
+                f"tensor {key} is a LoRA bias: adapters that train biases are not supported",
+            )
+            continue
+        n_lora += 1
+        name = module.split(".")[-1]
+        shape = list(meta["shape"])
+        if name in EMBEDDING_MODULES or part.startswith("lora_embedding"):
+            _check_embedding(p, key, name, shape, base, extra_vocab)
+            continue
+        if name not in known:
+            p.add(
+                UNKNOWN_TARGET_MODULE,
+                f"tensor {key} patches {name!r}, which {base.model_type} {base.name!r} does not have",
+            )
+            continue
+        lm = _LAYER.search(module)
+        if lm:
+            layer = int(lm.group(1))
+            layers_seen.add(layer)
+            if layer >= base.num_layers:
+                p.add(
+                    LAYER_OUT_OF_RANGE,
+                    f"tensor {key} is for layer {layer} but {base.name!r} has {base.num_layers} layers",
+                )
+            elif allowed_layers is not None and layer not in allowed_layers:
+                p.add(
+                    LAYER_OUT_OF_RANGE,
+                    f"tensor {key} is for layer {layer}, outside layers_to_transform {sorted(allowed_layers)}",
+                )
+        modules.add(name)
+        fan_in, fan_out = base.linear_shapes[name]
+        if len(shape) != 2:
+            p.add(SHAPE_MISMATCH, f"tensor {key} has shape {shape}; LoRA weights are 2-D")
+            continue
+        rank = shape[0] if part == "lora_A" else shape[1]
+        expected_rank = _module_rank(module, r, rank_pattern)
+        want = [rank, fan_in] if part == "lora_A" else [fan_out, rank]
+        if shape != want:
+            side = f"takes {fan_in} inputs" if part == "lora_A" else f"gives {fan_out} outputs"
+            p.add(SHAPE_MISMATCH,
+                  f"tensor {key} has shape {shape} but {base.name!r} {name} {side} "
+                  f"(hidden_size {base.hidden_size}): the adapter was trained for another base model")  # fmt: skip
+        if rank != expected_rank:
+            p.add(
+                SHAPE_MISMATCH,
+                f"tensor {key} has rank {rank} but adapter_config.json gives {name} rank {expected_rank}",
+            )
+        if ranks.setdefault(module, rank) != rank:
+            p.add(
+                SHAPE_MISMATCH,
+                f"{module}: lora_A and lora_B disagree on the rank ({ranks[module]} vs {rank})",
+            )
+
+    max_rank = max([r, *[int(v) for v in rank_pattern.values() if isinstance(v, int)], *ranks.values()])
+    if max_rank > max_lora_rank:
+        where = " (rank_pattern)" if max_rank != r else ""
+        p.add(RANK_TOO_LARGE, f"rank {max_rank}{where} is above this worker's maxLoraRank {max_lora_rank}; "
+                              "retrain with a smaller r or raise maxLoraRank")  # fmt: skip
+    if n_lora == 0 and not p.items:
+        p.add(NO_LORA_WEIGHTS, f"{WEIGHTS_FILE} holds no lora_A / lora_B tensors")
+    if max_length is not None and max_length > base.max_length:
+        p.add(CONTEXT_TOO_LONG,
+              f"longContext.maxLength {max_length} is beyond the {base.max_length} tokens {base.name!r} reaches "
+              f"(max_position_embeddings {base.max_position_embeddings}"
+              f"{', rope_scaling ' + json.dumps(base.rope_scaling) if base.rope_scaling else ''})")  # fmt: skip
+    p.raise_if_any()
+
+    base_name = cfg.get("base_model_name_or_path")
+    expected_name = served_base_name or base.name
+    if base_name and expected_name and not _same_model(str(base_name), expected_name):
+        warnings.append(
+            f"adapter_config.json names base model {base_name!r} but this worker serves {expected_name!r}; "
+            "the shapes match, so it is served"
+        )
+    if (adapter_dir / PICKLE_FILE).exists():
+        warnings.append(f"{PICKLE_FILE} is ignored (never unpickled); {WEIGHTS_FILE} is used")
+    scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+    return AdapterSummary(
+        rank=max_rank,
+        alpha=float(alpha),
+        scaling=float(scaling),
+        use_rslora=use_rslora,
+        target_modules=tuple(sorted(modules)),
+        size_bytes=weights.stat().st_size + (adapter_dir / CONFIG_FILE).stat().st_size,
+        sha256=sha256 or _sha256(weights),
+        warnings=tuple(warnings),
+        base_model_name_or_path=str(base_name) if base_name else None,
+        num_tensors=n_lora,
+        layers=tuple(sorted(layers_seen)),
+    )
+
+
+def _check_embedding(
+    p: _Problems, key: str, name: str, shape: list[int], base: BaseModelInfo, extra_vocab: int
+) -> None:
+    if extra_vocab <= 0:
+        p.add(EMBEDDING_CHANGE_NOT_SUPPORTED,
+              f"tensor {key} changes {name}: LoRA on embeddings or lm_head is not supported by this worker "
+              "(extra vocabulary 0)")  # fmt: skip
+        return
+    vocab = max(shape) if shape else 0
+    if vocab > base.vocab_size + extra_vocab:
+        p.add(EMBEDDING_CHANGE_NOT_SUPPORTED,
+              f"tensor {key} covers {vocab} tokens, beyond the base vocabulary {base.vocab_size} + extra {extra_vocab}")  # fmt: skip
+
+
+def _same_model(a: str, b: str) -> bool:
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.split("/")[-1] == b.split("/")[-1]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _count(reason: str) -> None:
+    VALIDATION_FAILURES.labels(reason).inc()
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """`loraplane validate ADAPTER --base-model MODEL_DIR`: 0 valid, 1 refused, 2 cannot check."""
+    ap = argparse.ArgumentParser(
+        prog="loraplane validate",
+        description="Check a PEFT LoRA adapter against a base model, as a worker would.",
+    )
+    ap.add_argument(
+        "adapter", help="adapter directory, or a path as in spec.path (org/name, hf://, s3://, file://)"
+    )
+    ap.add_argument("--base-model", required=True, help="the base model's checkpoint directory (config.json)")
+    ap.add_argument("--max-lora-rank", type=int, default=64, help="the worker's maxLoraRank (default 64)")
+    ap.add_argument("--max-length", type=int, default=None, help="spec.longContext.maxLength to check")
+    ap.add_argument(
+        "--extra-vocab", type=int, default=0, help="extra vocabulary the worker allows (default 0)"
+    )
+    ap.add_argument("--served-base-name", default=None, help="the base-model name the worker serves")
+    ap.add_argument("--revision", default=None, help="Hub revision when ADAPTER is a Hub repo")
+    ap.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint when ADAPTER is s3://")
+    args = ap.parse_args(argv)
+    try:
+        base = BaseModelInfo.from_pretrained_dir(Path(args.base_model), served_name=args.served_base_name)
+        adapter_dir = _fetch_for_cli(args)
+    except PermanentError as e:
+        print(f"cannot check: {e.reason}: {e.message}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a source failure: name it, do not trace
+        print(
+            f"cannot check: {getattr(e, 'reason', type(e).__name__)}: {getattr(e, 'message', e)}",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"base model {base.name} ({base.model_type}): hidden_size {base.hidden_size}, {base.num_layers} layers, "
+          f"vocab {base.vocab_size}, max length {base.max_length}")  # fmt: skip
+    print(f"checking {adapter_dir}: config, safetensors header, rank <= {args.max_lora_rank}, target modules, "
+          "tensor shapes, layers, DoRA / bias / modules_to_save / embeddings"
+          + (f", max length {args.max_length}" if args.max_length else ""))  # fmt: skip
+    try:
+        s = validate_adapter(adapter_dir, base, max_lora_rank=args.max_lora_rank, extra_vocab=args.extra_vocab,
+                             max_length=args.max_length, served_base_name=args.served_base_name)  # fmt: skip
+    except ValidationFailed as e:
+        print(f"REFUSED: {len(e.problems)} problem(s)", file=sys.stderr)
+        for reason, message in e.problems:
+            print(f"  {reason}: {message}", file=sys.stderr)
+        return 1
+    except PermanentError as e:
+        print(f"REFUSED: {e.reason}: {e.message}", file=sys.stderr)
+        return 1
+    print(f"OK: rank {s.rank}, alpha {s.alpha:g}, scaling {s.scaling:g}{' (rsLoRA)' if s.use_rslora else ''}, "
+          f"targets {', '.join(s.target_modules)}, {s.num_tensors} tensors, {s.size_bytes} bytes, sha256 {s.sha256}")  # fmt: skip
+    for w in s.warnings:
+        print(f"WARNING: {w}")
+    return 0
+
+
+def _fetch_for_cli(args: argparse.Namespace) -> Path:
+    """A local directory as is; any other spec.path resolved and downloaded into a temporary cache."""
+    local = Path(args.adapter[7:] if args.adapter.startswith("file://") else args.adapter)
+    if local.is_dir():
+        return local
+    import tempfile
+
+    from loraplane.worker import cache, sources
+
+    settings = sources.SourceSettings(s3_endpoint_url=args.s3_endpoint_url)
+    resolved = sources.resolve(args.adapter, args.revision, settings)
+    tmp = Path(tempfile.mkdtemp(prefix="loraplane-validate-"))
+    entry = cache.AdapterCache(tmp, 1 << 40, sources_settings=settings, retries=1).prefetch(resolved)
+    print(f"fetched {resolved.uri} at {resolved.resolved_revision} into {entry.path}")
+    return entry.path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
