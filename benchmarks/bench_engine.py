@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from loraplane.worker.engine.model import PROJECTIONS, CausalLM, ModelConfig
 from loraplane.worker.engine.runner import AdapterWeights, ModelRunner, SeqStep
 

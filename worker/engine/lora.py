@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+
 from loraplane.crds.errors import PermanentError
 
 from .model import PROJECTIONS, ModelConfig
@@ -164,7 +165,9 @@ class LoraBatch:
     slot_index: torch.Tensor | None = None  # slots to gather when not a span
     src: torch.Tensor | None = None  # flat token index of each adapted token
     dest: torch.Tensor | None = None  # its place in the padded [groups * longest]
-    identity: bool = False  # padded layout == flat token order: no gather, no scatter
+    # when the padded layout is the flat tokens [offset, offset + n) in order (rows sorted by slot,
+    # equal segments, base rows first): no gather, no scatter, just views
+    offset: int | None = None
     scale: torch.Tensor | None = None  # [groups, 1, 1]
     _pad: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -194,7 +197,7 @@ class LoraBatch:
             src.extend(range(starts[i], starts[i + 1]))
         self.groups, self.longest = len(src), 1
         self._set_slots(tok_slots)
-        self.identity = len(src) == self.total_tokens  # adapted tokens are all tokens, in order
+        self.offset = src[0] if src == list(range(src[0], src[0] + len(src))) else None
         self.src = torch.tensor(src, device=self.slots.device)
 
     def plan_segmented(
@@ -224,16 +227,19 @@ class LoraBatch:
         self.groups, self.longest = len(group_slots), max(fill)
         dest = [g * self.longest + off for g, off in dest_group]
         self._set_slots(group_slots)
-        n = self.total_tokens
-        self.identity = src == list(range(n)) and dest == list(range(n)) and self.groups * self.longest == n
+        n = len(src)
+        contiguous = src == list(range(src[0], src[0] + n)) and dest == list(range(n))
+        self.offset = src[0] if contiguous and self.groups * self.longest == n else None
         dev = self.slots.device
         self.src = torch.tensor(src, device=dev)
         self.dest = torch.tensor(dest, device=dev)
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [tokens, in] -> [groups, longest, in] (zero rows where a group is shorter)."""
-        if self.identity:
-            return x.view(self.groups, self.longest, x.shape[1])
+        if self.offset is not None:
+            return x[self.offset : self.offset + self.groups * self.longest].view(
+                self.groups, self.longest, -1
+            )
         if self.mode == "gathered":
             return x.index_select(0, self.src).unsqueeze(1)  # type: ignore[arg-type]
         buf = self._pad.get(x.shape[1])
@@ -253,8 +259,8 @@ class LoraBatch:
         h.mul_(self.scale)
         out = torch.bmm(h, bt)  # [groups, longest, out]
         flat = out.view(-1, out.shape[-1])
-        if self.identity:
-            y.add_(flat)
+        if self.offset is not None:
+            y[self.offset : self.offset + flat.shape[0]].add_(flat)
         elif self.mode == "gathered":
             y.index_add_(0, self.src, flat)  # type: ignore[arg-type]
         else:

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from loraplane.crds.errors import PermanentError
 from safetensors import safe_open
+
+from loraplane.crds.errors import PermanentError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")

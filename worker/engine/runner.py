@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from loraplane.crds.errors import PermanentError
 from safetensors import safe_open
+
+from loraplane.crds.errors import PermanentError
 
 from .kvcache import KVCache
 from .lora import LoraBatch, LoraSlots
@@ -71,6 +72,21 @@ def load_adapter_weights(adapter_dir: Path, config: ModelConfig, *, adapter_id: 
             f"{w_path} does not exist; save the adapter with safe_serialization=True (pickled .bin is refused)",
         )
     raw = json.loads(cfg_path.read_text())
+    unsupported = [
+        (raw.get("peft_type", "LORA") != "LORA", f"peft_type {raw.get('peft_type')!r} is not LORA"),
+        (bool(raw.get("use_dora")), "DoRA (use_dora) is not supported"),
+        (
+            raw.get("bias", "none") != "none",
+            f"bias={raw.get('bias')!r} is not supported; train with bias='none'",
+        ),
+        (
+            bool(raw.get("modules_to_save")),
+            "modules_to_save is not supported; the base model's modules are shared",
+        ),
+    ]
+    problems = [msg for bad, msg in unsupported if bad]
+    if problems:
+        raise PermanentError("UnsupportedAdapterFeature", f"{adapter_dir}: " + "; ".join(problems))
     r = int(raw.get("r", 8))
     alpha = float(raw.get("lora_alpha", r))
     rslora = bool(raw.get("use_rslora", False))

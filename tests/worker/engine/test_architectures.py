@@ -13,6 +13,7 @@ from typing import Any
 import models  # registered by conftest.py (tests/ is not a package)
 import pytest
 import torch
+
 from loraplane.crds.errors import PermanentError
 from loraplane.worker.engine.model import ModelConfig
 from loraplane.worker.engine.runner import ModelRunner, SeqStep

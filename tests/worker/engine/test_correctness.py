@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from loraplane.worker.engine.runner import ModelRunner, SeqStep, load_adapter_weights
 
 ATOL = 1e-4
@@ -119,3 +120,34 @@ def test_auto_mode_picks_by_distinct_slots(tiny_llama: Path, adapters: dict[str,
     assert runner.last_lora_mode == "gathered"  # every decode row has its own adapter
     runner.step([SeqStep(i, [5], -1) for i in range(5)])
     assert runner.last_lora_mode == ""
+
+
+@pytest.mark.parametrize(
+    ("row_adapters", "mode"),
+    [
+        (["a0", "a0", "a0"], "segmented"),  # one adapter: one plain matmul over all tokens
+        ([None, None, "a0", "a0", "a1", "a1"], "segmented"),  # base rows first, equal segments: views
+        ([None, "a0", "a1", "a2", "a4"], "gathered"),  # all distinct after base rows: views
+        (["a3", None, "a3", "a1", "a3"], "segmented"),  # unequal segments: padded gather/scatter
+        (["a3", "a1", "a0", "a4"], "gathered"),  # slots not a range: gathered copies
+    ],
+)
+def test_decode_layouts_match_peft(
+    tiny_llama: Path,
+    adapters: dict[str, Path],
+    peft_model: Any,
+    row_adapters: list[str | None],
+    mode: str,
+) -> None:
+    runner, slots = make_runner(tiny_llama, adapters)
+    seqs = [list(PROMPTS[i]) for i in range(len(row_adapters))]
+    batch = [SeqStep(i, seqs[i], -1 if a is None else slots[a]) for i, a in enumerate(row_adapters)]
+    for s in batch:
+        runner.allocate(s.seq_id)
+    runner.step(batch)
+    got = runner.step([SeqStep(s.seq_id, [40 + s.seq_id], s.slot) for s in batch])  # decode: 1 token per row
+    assert runner.last_lora_mode == mode
+    for i, a in enumerate(row_adapters):
+        seqs[i].append(40 + i)
+        want = reference_logits(peft_model, a, seqs[i])[-1]
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=ATOL, msg=f"row {i} adapter {a}")

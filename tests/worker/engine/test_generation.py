@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from loraplane.worker.engine.runner import ModelRunner, SeqStep, load_adapter_weights
 
 
