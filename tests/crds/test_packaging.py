@@ -1,0 +1,77 @@
+"""The distribution imports cleanly from a built wheel, and the folder operator/ never shadows the stdlib."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = [
+    "loraplane",
+    "loraplane.crds.models",
+    "loraplane.localkube",
+    "loraplane.operator",
+    "loraplane.worker",
+]
+
+
+def test_stdlib_operator_is_not_shadowed_from_the_repo_root() -> None:
+    code = "import operator, loraplane.operator as o; print(operator.__file__); print(o.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "site-packages" not in out[0] and out[0].endswith("operator.py"), out
+    assert out[1].endswith(os.path.join("operator", "__init__.py")), out
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_imports(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("loraplane-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    # The wheel goes in with --no-deps; its dependencies come from the test environment's site-packages,
+    # added as a plain path (so that environment's editable install of loraplane is not active).
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    code = "; ".join(f"import {p}" for p in PACKAGES) + "; import loraplane, importlib.resources as r; "
+    code += "print(loraplane.__file__); print(sorted(p.name for p in r.files('loraplane.crds').iterdir() if p.name.endswith('.yaml')))"
+    out = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    first, crds = out.stdout.splitlines()
+    assert str(env_dir) in first, f"imported from {first}, not from the wheel"
+    assert "loraplane.io_loraadapters.yaml" in crds
