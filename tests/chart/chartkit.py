@@ -57,7 +57,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "two-pools": {
         "worker": {
             "hfToken": {"secretName": "hf-token"},
-            "s3": {"secretName": "s3-creds", "endpointUrl": "http://minio.storage:9000", "region": "us-east-1"},
+            "s3": {
+                "secretName": "s3-creds",
+                "endpointUrl": "http://minio.storage:9000",
+                "region": "us-east-1",
+            },
         },
         "workerPools": [
             {
@@ -79,7 +83,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "cache": {
                     "type": "pvc",
                     "budgetBytes": 90_000_000_000,
-                    "pvc": {"size": "200Gi", "storageClassName": "fast-ssd", "accessModes": ["ReadWriteOnce"]},
+                    "pvc": {
+                        "size": "200Gi",
+                        "storageClassName": "fast-ssd",
+                        "accessModes": ["ReadWriteOnce"],
+                    },
                 },
             }
         ]
@@ -92,7 +100,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "networkPolicy": {
             "enabled": True,
-            "apiClients": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}],
+            "apiClients": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+            ],
             "metricsScrapers": [
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
             ],
@@ -138,4 +148,6 @@ def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def chart_crds() -> list[dict[str, Any]]:
-    return [d for f in sorted((CHART / "crds").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    return [
+        d for f in sorted((CHART / "crds").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d
+    ]

@@ -25,12 +25,22 @@ SERVICEMONITOR_CRD: dict[str, Any] = {
     "spec": {
         "group": "monitoring.coreos.com",
         "scope": "Namespaced",
-        "names": {"kind": "ServiceMonitor", "listKind": "ServiceMonitorList", "plural": "servicemonitors",
-                  "singular": "servicemonitor"},
-        "versions": [{
-            "name": "v1", "served": True, "storage": True,
-            "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-        }],
+        "names": {
+            "kind": "ServiceMonitor",
+            "listKind": "ServiceMonitorList",
+            "plural": "servicemonitors",
+            "singular": "servicemonitor",
+        },
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                },
+            }
+        ],
     },
 }
 
@@ -64,7 +74,9 @@ def test_helm_install_and_uninstall(kube: Any, namespace: str, name: str) -> Non
 
     values = chartkit.VALUE_SETS[name]
     release = f"lp-{name}"[:53]
-    kube.apply_crds([chartkit.CHART / "crds" / p.name for p in sorted((chartkit.CHART / "crds").glob("*.yaml"))])
+    kube.apply_crds(
+        [chartkit.CHART / "crds" / p.name for p in sorted((chartkit.CHART / "crds").glob("*.yaml"))]
+    )
     crd_file = Path(kube._cache_dir()) / "servicemonitor-crd.yaml"
     crd_file.write_text(yaml.safe_dump(SERVICEMONITOR_CRD))
     kube.apply_crds([crd_file])
@@ -73,14 +85,18 @@ def test_helm_install_and_uninstall(kube: Any, namespace: str, name: str) -> Non
     with helm_python.Chart.load(chartkit.CHART) as chart:
         expected = [
             doc
-            for path, text in sorted(chart.render(values, name=release, namespace=namespace, is_install=True).items())
+            for path, text in sorted(
+                chart.render(values, name=release, namespace=namespace, is_install=True).items()
+            )
             if not path.endswith("NOTES.txt")
             for doc in yaml.safe_load_all(text)
             if doc
         ]
     # Release records live in memory: this test is about the chart's objects, not Helm's storage (and the local
     # server cannot yet decode the protobuf DeleteOptions Helm sends when it purges a Secret-stored release).
-    with helm_python.Config(kubeconfig_path=kube.kubeconfig, namespace=namespace, storage_driver="memory") as cfg:
+    with helm_python.Config(
+        kubeconfig_path=kube.kubeconfig, namespace=namespace, storage_driver="memory"
+    ) as cfg:
         result = cfg.install(chartkit.CHART, release, values, namespace=namespace, timeout=60)
         assert result["status"] == "deployed", result
         try:

@@ -27,7 +27,9 @@ def test_lint_strict(name: str) -> None:
     report = helm_python.lint(
         chartkit.CHART, VALUE_SETS[name], strict=True, namespace=chartkit.NAMESPACE, kube_version="v1.30.0"
     )
-    problems = [m for m in report["messages"] if m["severity"] >= 2 and "icon is recommended" not in m["error"]]
+    problems = [
+        m for m in report["messages"] if m["severity"] >= 2 and "icon is recommended" not in m["error"]
+    ]
     assert not problems and not report["errors"], report
 
 
@@ -45,7 +47,9 @@ def test_manifests_validate_against_kubernetes_schemas(name: str, k8s: str) -> N
         try:
             kubernetes_validate.validate(obj, k8s, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} ({name}, k8s {k8s}): {e.message} at {list(e.path)}")
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata']['name']} ({name}, k8s {k8s}): {e.message} at {list(e.path)}"
+            )
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -57,8 +61,14 @@ def test_names_labels_and_namespaces(name: str) -> None:
         meta = o["metadata"]
         assert len(meta["name"]) <= 63, meta["name"]
         labels = meta["labels"]
-        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
-                    "app.kubernetes.io/managed-by", "app.kubernetes.io/version", "helm.sh/chart"):
+        for key in (
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/component",
+            "app.kubernetes.io/managed-by",
+            "app.kubernetes.io/version",
+            "helm.sh/chart",
+        ):
             assert key in labels, (o["kind"], meta["name"], key)
         for label, value in VALUE_SETS[name].get("commonLabels", {}).items():
             assert labels[label] == value
@@ -103,14 +113,27 @@ def test_worker_pools_wiring() -> None:
     assert gc["image"] == "ghcr.io/loraplane/loraplane-worker-cuda:0.1.0"
     assert cc["image"] == "ghcr.io/loraplane/loraplane-worker-cpu:0.1.0-rc1"
     assert "--served-model-name=llama-2-7b" in gc["args"] and "--device=cuda" in gc["args"]
-    for flag in ("--device=cpu", "--max-loras=4", "--max-lora-rank=16", "--max-cpu-loras=8",
-                 "--local-root=/models/adapters", "--base-model=/models/tiny-llama", "--port=8000"):
+    for flag in (
+        "--device=cpu",
+        "--max-loras=4",
+        "--max-lora-rank=16",
+        "--max-cpu-loras=8",
+        "--local-root=/models/adapters",
+        "--base-model=/models/tiny-llama",
+        "--port=8000",
+    ):
         assert flag in cc["args"], flag
-    assert not any(a.startswith("--namespace") for a in cc["args"]), "cluster-wide workers watch every namespace"
+    assert not any(a.startswith("--namespace") for a in cc["args"]), (
+        "cluster-wide workers watch every namespace"
+    )
     env = {e["name"]: e for e in cc["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN", "optional": True}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "hf-token",
+        "key": "HF_TOKEN",
+        "optional": True,
+    }
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.storage:9000"
     assert cpu["template"]["spec"]["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
@@ -124,8 +147,12 @@ def test_worker_pools_wiring() -> None:
 
 def test_default_values_carry_no_secrets() -> None:
     objs = chartkit.manifests({})
-    env = {e["name"] for d in _workloads(objs) for c in d["spec"]["template"]["spec"]["containers"]
-           for e in c.get("env", [])}
+    env = {
+        e["name"]
+        for d in _workloads(objs)
+        for c in d["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+    }
     assert not env & {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
@@ -139,7 +166,9 @@ def test_pvc_cache_makes_a_statefulset() -> None:
     assert claim["spec"]["storageClassName"] == "fast-ssd"
     assert "cache" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert "--cache-bytes=90000000000" in sts["spec"]["template"]["spec"]["containers"][0]["args"]
-    headless = {s["metadata"]["name"]: s for s in chartkit.by_kind(objs, "Service")}[sts["spec"]["serviceName"]]
+    headless = {s["metadata"]["name"]: s for s in chartkit.by_kind(objs, "Service")}[
+        sts["spec"]["serviceName"]
+    ]
     assert headless["spec"]["clusterIP"] == "None"
 
 
@@ -164,8 +193,12 @@ def test_extras_servicemonitor_pdb_networkpolicy() -> None:
     assert len(monitors) == 3 and all(m["metadata"]["labels"]["release"] == "prometheus" for m in monitors)
     services = chartkit.by_kind(objs, "Service")
     for m in monitors:  # each ServiceMonitor selects a Service that has the port it scrapes
-        (svc,) = [s for s in services if m["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
-                  and s["spec"].get("clusterIP") != "None"]
+        (svc,) = [
+            s
+            for s in services
+            if m["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+            and s["spec"].get("clusterIP") != "None"
+        ]
         assert m["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
     pdbs = {p["metadata"]["name"]: p["spec"] for p in chartkit.by_kind(objs, "PodDisruptionBudget")}
     assert pdbs["lp-loraplane-worker-default"]["minAvailable"] == "50%"
@@ -180,8 +213,12 @@ def test_extras_servicemonitor_pdb_networkpolicy() -> None:
 
 def test_notes_tell_what_to_do_next() -> None:
     notes = chartkit.render({})["loraplane/templates/NOTES.txt"]
-    for needle in ("kubectl get lora -A", "kubectl apply -f", "port-forward svc/lp-loraplane-worker-default",
-                   "curl -s localhost:8000/v1/models"):
+    for needle in (
+        "kubectl get lora -A",
+        "kubectl apply -f",
+        "port-forward svc/lp-loraplane-worker-default",
+        "curl -s localhost:8000/v1/models",
+    ):
         assert needle in notes, needle
     namespaced = chartkit.render(VALUE_SETS["namespaced"])["loraplane/templates/NOTES.txt"]
     assert "watched in: team-a, team-b" in namespaced

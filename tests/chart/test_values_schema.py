@@ -27,51 +27,112 @@ def _pool(**overrides: Any) -> dict[str, Any]:
 # (case, values, fragments the error must contain)
 BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown top-level key", {"replicaCount": 2}, ["additional properties 'replicaCount' not allowed"]),
-    ("typo in a pool key", _pool(replica=2), ["/workerPools/0", "additional properties 'replica' not allowed"]),
-    ("pool without baseModel", {"workerPools": [{"name": "p"}]}, ["/workerPools/0", "missing property 'baseModel'"]),
+    (
+        "typo in a pool key",
+        _pool(replica=2),
+        ["/workerPools/0", "additional properties 'replica' not allowed"],
+    ),
+    (
+        "pool without baseModel",
+        {"workerPools": [{"name": "p"}]},
+        ["/workerPools/0", "missing property 'baseModel'"],
+    ),
     ("pool name not a DNS label", _pool(name="GPU_pool"), ["/workerPools/0/name", "does not match pattern"]),
     ("pool name too long", _pool(name="p" * 31), ["/workerPools/0/name", "maxLength"]),
     ("negative replicas", _pool(replicas=-1), ["/workerPools/0/replicas", "minimum: got -1, want 0"]),
     ("replicas as a string", _pool(replicas="2"), ["/workerPools/0/replicas", "got string, want integer"]),
     ("unknown device", _pool(device="tpu"), ["/workerPools/0/device", "'cuda'", "'cpu'", "'auto'"]),
     ("zero device slots", _pool(maxLoras=0), ["/workerPools/0/maxLoras", "minimum: got 0, want 1"]),
-    ("rank above limit", _pool(maxLoraRank=4096), ["/workerPools/0/maxLoraRank", "maximum: got 4,096, want 1,024"]),
-    ("relative local root", _pool(localRoots=["models"]), ["/workerPools/0/localRoots/0", "does not match pattern"]),
-    ("unknown cache type", _pool(cache={"type": "hostPath"}), ["/workerPools/0/cache/type", "'emptyDir'", "'pvc'"]),
+    (
+        "rank above limit",
+        _pool(maxLoraRank=4096),
+        ["/workerPools/0/maxLoraRank", "maximum: got 4,096, want 1,024"],
+    ),
+    (
+        "relative local root",
+        _pool(localRoots=["models"]),
+        ["/workerPools/0/localRoots/0", "does not match pattern"],
+    ),
+    (
+        "unknown cache type",
+        _pool(cache={"type": "hostPath"}),
+        ["/workerPools/0/cache/type", "'emptyDir'", "'pvc'"],
+    ),
     ("bad cache size", _pool(cache={"sizeLimit": "50 gigs"}), ["/workerPools/0/cache/sizeLimit"]),
     ("tiny byte budget", _pool(cache={"budgetBytes": 10}), ["/workerPools/0/cache/budgetBytes", "minimum"]),
-    ("bad PVC access mode", _pool(cache={"pvc": {"accessModes": ["RWO"]}}),
-     ["/workerPools/0/cache/pvc/accessModes/0", "'ReadWriteOnce'"]),
-    ("bad GPU quantity", _pool(resources={"limits": {"nvidia.com/gpu": "one"}}),
-     ["/workerPools/0/resources/limits/nvidia.com~1gpu"]),
+    (
+        "bad PVC access mode",
+        _pool(cache={"pvc": {"accessModes": ["RWO"]}}),
+        ["/workerPools/0/cache/pvc/accessModes/0", "'ReadWriteOnce'"],
+    ),
+    (
+        "bad GPU quantity",
+        _pool(resources={"limits": {"nvidia.com/gpu": "one"}}),
+        ["/workerPools/0/resources/limits/nvidia.com~1gpu"],
+    ),
     ("resources typo", _pool(resources={"limit": {"cpu": 1}}), ["additional properties 'limit' not allowed"]),
-    ("bad PDB percentage", _pool(podDisruptionBudget={"enabled": True, "maxUnavailable": "half"}),
-     ["/workerPools/0/podDisruptionBudget/maxUnavailable"]),
-    ("image tag with a space", {"operator": {"image": {"tag": "v1 beta"}}},
-     ["/operator/image/tag", "does not match pattern"]),
-    ("image digest not sha256", {"worker": {"image": {"digest": "md5:abc"}}},
-     ["/worker/image/digest", "does not match pattern"]),
-    ("unknown pull policy", {"operator": {"image": {"pullPolicy": "Sometimes"}}},
-     ["/operator/image/pullPolicy", "'IfNotPresent'"]),
+    (
+        "bad PDB percentage",
+        _pool(podDisruptionBudget={"enabled": True, "maxUnavailable": "half"}),
+        ["/workerPools/0/podDisruptionBudget/maxUnavailable"],
+    ),
+    (
+        "image tag with a space",
+        {"operator": {"image": {"tag": "v1 beta"}}},
+        ["/operator/image/tag", "does not match pattern"],
+    ),
+    (
+        "image digest not sha256",
+        {"worker": {"image": {"digest": "md5:abc"}}},
+        ["/worker/image/digest", "does not match pattern"],
+    ),
+    (
+        "unknown pull policy",
+        {"operator": {"image": {"pullPolicy": "Sometimes"}}},
+        ["/operator/image/pullPolicy", "'IfNotPresent'"],
+    ),
     ("port out of range", {"operator": {"metricsPort": 70000}}, ["/operator/metricsPort", "maximum"]),
     ("unknown log level", {"operator": {"logLevel": "verbose"}}, ["/operator/logLevel", "'debug'"]),
-    ("watch namespace not a DNS label", {"watch": {"clusterWide": False, "namespaces": ["Team_A"]}},
-     ["/watch/namespaces/0", "does not match pattern"]),
-    ("clusterWide as a string", {"watch": {"clusterWide": "yes"}}, ["/watch/clusterWide", "got string, want boolean"]),
-    ("hf endpoint not a URL", {"worker": {"hfEndpoint": "hub.local"}}, ["/worker/hfEndpoint", "does not match"]),
-    ("scrape interval without unit", {"metrics": {"serviceMonitor": {"interval": "30"}}},
-     ["/metrics/serviceMonitor/interval", "does not match pattern"]),
+    (
+        "watch namespace not a DNS label",
+        {"watch": {"clusterWide": False, "namespaces": ["Team_A"]}},
+        ["/watch/namespaces/0", "does not match pattern"],
+    ),
+    (
+        "clusterWide as a string",
+        {"watch": {"clusterWide": "yes"}},
+        ["/watch/clusterWide", "got string, want boolean"],
+    ),
+    (
+        "hf endpoint not a URL",
+        {"worker": {"hfEndpoint": "hub.local"}},
+        ["/worker/hfEndpoint", "does not match"],
+    ),
+    (
+        "scrape interval without unit",
+        {"metrics": {"serviceMonitor": {"interval": "30"}}},
+        ["/metrics/serviceMonitor/interval", "does not match pattern"],
+    ),
 ]
 
 # Checks the schema cannot express; the chart's templates `fail` with these messages.
 BAD_COMBINATIONS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("duplicate pool names", {"workerPools": [POOL, POOL]}, ['workerPools[1].name "p" is used twice']),
-    ("maxCpuLoras below maxLoras", _pool(maxLoras=8, maxCpuLoras=4),
-     ["workerPools[0] (p): maxCpuLoras (4) must be >= maxLoras (8)"]),
-    ("namespaces while cluster-wide", {"watch": {"clusterWide": True, "namespaces": ["a"]}},
-     ["watch.namespaces is set but watch.clusterWide is true"]),
-    ("existing service account without a name", {"operator": {"serviceAccount": {"create": False}}},
-     ["operator.serviceAccount.name is required"]),
+    (
+        "maxCpuLoras below maxLoras",
+        _pool(maxLoras=8, maxCpuLoras=4),
+        ["workerPools[0] (p): maxCpuLoras (4) must be >= maxLoras (8)"],
+    ),
+    (
+        "namespaces while cluster-wide",
+        {"watch": {"clusterWide": True, "namespaces": ["a"]}},
+        ["watch.namespaces is set but watch.clusterWide is true"],
+    ),
+    (
+        "existing service account without a name",
+        {"operator": {"serviceAccount": {"create": False}}},
+        ["operator.serviceAccount.name is required"],
+    ),
 ]
 
 
@@ -81,7 +142,9 @@ def _install_error(values: dict[str, Any]) -> str:
 
     with helm_python.Config(namespace=chartkit.NAMESPACE, storage_driver="memory") as cfg:
         try:
-            cfg.install(chartkit.CHART, chartkit.RELEASE, values, dry_run="client", namespace=chartkit.NAMESPACE)
+            cfg.install(
+                chartkit.CHART, chartkit.RELEASE, values, dry_run="client", namespace=chartkit.NAMESPACE
+            )
         except helm_python.HelmError as e:
             return str(e)
     pytest.fail(f"helm install accepted bad values: {values}")
@@ -95,7 +158,9 @@ def test_schema_refuses_bad_values(case: str, values: dict[str, Any], fragments:
         assert fragment in message, f"{case}: {fragment!r} not in:\n{message}"
 
 
-@pytest.mark.parametrize(("case", "values", "fragments"), BAD_COMBINATIONS, ids=[c[0] for c in BAD_COMBINATIONS])
+@pytest.mark.parametrize(
+    ("case", "values", "fragments"), BAD_COMBINATIONS, ids=[c[0] for c in BAD_COMBINATIONS]
+)
 def test_templates_refuse_bad_combinations(case: str, values: dict[str, Any], fragments: list[str]) -> None:
     message = _install_error(values)
     for fragment in fragments:
@@ -126,7 +191,10 @@ def test_value_sets_install_dry_run(name: str) -> None:
 
     with helm_python.Config(namespace=chartkit.NAMESPACE, storage_driver="memory") as cfg:
         release = cfg.install(
-            chartkit.CHART, chartkit.RELEASE, chartkit.VALUE_SETS[name], dry_run="client",
+            chartkit.CHART,
+            chartkit.RELEASE,
+            chartkit.VALUE_SETS[name],
+            dry_run="client",
             namespace=chartkit.NAMESPACE,
         )
     assert "kind: CustomResourceDefinition" not in release["manifest"]  # CRDs come from crds/, not templates
