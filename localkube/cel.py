@@ -1,14 +1,18 @@
-"""x-kubernetes-validations: CEL rules with `self` and `oldSelf`, evaluated with cel-python.
+"""x-kubernetes-validations: CEL rules with `self` and `oldSelf`.
 
-Rules are compiled once per rule text. A rule that mentions oldSelf is a transition rule and runs only
-on updates where the old object has a value at the same place, as upstream does.
+Rules are compiled once per rule text with common-expression-language (a compiled engine, ~10 us per
+evaluation); rules it cannot compile fall back to cel-python. A rule that mentions oldSelf is a
+transition rule and runs only on updates where the old object has a value at the same place. As with
+kube-apiserver's validation ratcheting, rules are not re-evaluated on a value the update left unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+import cel as rust_cel
 import celpy
 from celpy import celtypes
 
@@ -16,14 +20,27 @@ Obj = dict[str, Any]
 Cause = dict[str, str]
 
 
+Program = Callable[[dict[str, Any]], Any]
+
+
 @lru_cache(maxsize=1024)
-def _program(rule: str) -> Any:
+def _program(rule: str) -> Program:
+    """A callable taking the activation (plain JSON values); raises ValueError if nothing compiles it."""
+    try:
+        compiled = rust_cel.compile(rule)
+        return compiled.execute
+    except Exception:
+        pass
     env = celpy.Environment()
-    return env.program(env.compile(rule))
+    prog = env.program(env.compile(rule))
 
+    def run(act: dict[str, Any]) -> Any:
+        out = prog.evaluate({k: celpy.json_to_cel(v) for k, v in act.items()})
+        if isinstance(out, Exception):
+            raise out
+        return bool(out) if isinstance(out, celtypes.BoolType) else out
 
-def _to_cel(v: Any) -> Any:
-    return celpy.json_to_cel(v)
+    return run
 
 
 def compiles(rule: str) -> bool:
@@ -35,17 +52,15 @@ def compiles(rule: str) -> bool:
 
 
 def _evaluate(rule: str, value: Any, old: Any, has_old: bool) -> tuple[bool | None, str]:
+    act: dict[str, Any] = {"self": value}
+    if has_old:
+        act["oldSelf"] = old
     try:
-        act: dict[str, Any] = {"self": _to_cel(value)}
-        if has_old:
-            act["oldSelf"] = _to_cel(old)
-        result = _program(rule).evaluate(act)
+        result = _program(rule)(act)
+    except KeyError as e:
+        return None, f"no such key: {e.args[0] if e.args else ''}"
     except Exception as e:
         return None, str(e)
-    if isinstance(result, celtypes.BoolType):
-        return bool(result), ""
-    if isinstance(result, Exception):
-        return None, str(result)
     return bool(result), ""
 
 
@@ -53,7 +68,7 @@ def _message(rule: Obj, value: Any) -> str:
     expr = rule.get("messageExpression")
     if expr:
         try:
-            out = _program(expr).evaluate({"self": _to_cel(value)})
+            out = _program(expr)({"self": value})
             if isinstance(out, str):
                 return str(out)
         except Exception:
@@ -69,6 +84,8 @@ def check(schema: Obj, value: Any, old: Any, path: str, has_old: bool = True) ->
     if value is None:
         return causes
     has_old = has_old and old is not None
+    if has_old and value == old:
+        return causes  # ratcheting: an unchanged value is not re-validated
     for rule in schema.get("x-kubernetes-validations") or []:
         text = rule.get("rule", "")
         transition = "oldSelf" in text

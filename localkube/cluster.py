@@ -169,11 +169,16 @@ class Cluster:
                 if rt.plural == "namespaces"
                 else (DNS1123_SUBDOMAIN, SUBDOMAIN_MSG)
             )
-            if len(name) > (63 if rt.plural == "namespaces" else 253) or not rx.match(name):
+            # Like apimachinery's IsDNS1123Subdomain/Label: the length and the pattern are separate errors.
+            limit = 63 if rt.plural == "namespaces" else 253
+            problems = [f"must be no more than {limit} characters"] if len(name) > limit else []
+            if not rx.match(name):
+                problems.append(msg)
+            if problems:
                 causes.append(
                     {
                         "reason": "FieldValueInvalid",
-                        "message": f'Invalid value: "{name}": {msg}',
+                        "message": f'Invalid value: "{name}": {", ".join(problems)}',
                         "field": "metadata.name",
                     }
                 )

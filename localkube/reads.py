@@ -210,6 +210,14 @@ class WatchStream:
             obj = t
         return json.dumps({"type": typ, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
+    def _event_line(self, ev: Any) -> bytes:
+        if self.as_table:
+            return self._line(ev.type, builtins.from_storage(self.rt, ev.obj))
+        line = ev.lines.get(self.rt.api_version)
+        if line is None:
+            line = ev.lines[self.rt.api_version] = self._line(ev.type, builtins.from_storage(self.rt, ev.obj))
+        return line
+
     def _bookmark(self, rv: int, initial_end: bool = False) -> bytes:
         meta: Obj = {"resourceVersion": str(rv)}
         if initial_end:
@@ -305,6 +313,6 @@ class WatchStream:
             batch = [ev]
             while not watcher.queue.empty() and len(batch) < 256:
                 batch.append(watcher.queue.get_nowait())
-            data = b"".join(self._line(e.type, builtins.from_storage(self.rt, e.obj)) for e in batch)
+            data = b"".join(self._event_line(e) for e in batch)
             last_rv = batch[-1].rv
             await resp.write(data)

@@ -29,6 +29,8 @@ class Event:
     type: str
     obj: Obj
     old: Obj | None
+    # Serialized watch lines per API version, shared by all watchers of the event.
+    lines: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
