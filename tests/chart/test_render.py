@@ -118,7 +118,7 @@ def test_worker_pools_wiring() -> None:
         "--max-loras=4",
         "--max-lora-rank=16",
         "--max-cpu-loras=8",
-        "--local-root=/models/adapters",
+        "--local-roots=/models/adapters",
         "--base-model=/models/tiny-llama",
         "--port=8000",
     ):
@@ -135,7 +135,9 @@ def test_worker_pools_wiring() -> None:
         "optional": True,
     }
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
-    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.storage:9000"
+    assert "--s3-endpoint=http://minio.storage:9000" in cc["args"] and "--s3-region=us-east-1" in cc["args"]
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert f"--endpoint=http://$(POD_IP):{8000}" in cc["args"]
     assert cpu["template"]["spec"]["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
     assert "podAntiAffinity" in cpu["template"]["spec"]["affinity"]
     assert gpu["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -185,6 +187,8 @@ def test_namespaced_mode_grants_nothing_cluster_wide_on_adapters() -> None:
     assert "--all-namespaces" not in container["args"]
     assert container["image"] == "ghcr.io/loraplane/loraplane-operator@sha256:" + "ab" * 32
     assert op["spec"]["replicas"] == 2
+    (worker,) = [d for d in chartkit.by_kind(objs, "Deployment") if "-worker-" in d["metadata"]["name"]]
+    assert "--namespaces=team-a,team-b" in worker["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_extras_servicemonitor_pdb_networkpolicy() -> None:
