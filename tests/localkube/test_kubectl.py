@@ -151,3 +151,28 @@ def test_create_namespace_and_configmap(kube: Any) -> None:
         assert data["data"] == {"a": "b"}
     finally:
         kube.kubectl("delete", "namespace", "kubectl-created-ns", "--wait=false")
+
+
+def test_wait_for_a_status_condition(kube: Any, crd: None, namespace: str) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("w-ready", namespace, "  base: b\n"))
+    cond = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "Done",
+        "message": "ok",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    kube.kubectl(
+        "patch",
+        "wd",
+        "w-ready",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type",
+        "merge",
+        "-p",
+        json.dumps({"status": {"conditions": [cond]}}),
+    )
+    out = kube.kubectl("wait", "--for=condition=Ready", "wd/w-ready", "-n", namespace, "--timeout=10s").stdout
+    assert "condition met" in out

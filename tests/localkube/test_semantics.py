@@ -416,3 +416,31 @@ def test_audit_log_records_users_and_verbs(kube: Any, namespace: str, local_only
     ]
     bad = requests.get(kube.url + "/api/v1/namespaces", headers={"Authorization": "Bearer nope"})
     assert bad.status_code == 401
+
+
+def test_closed_watches_release_their_watchers(
+    kube: Any, http: requests.Session, namespace: str, local_only: None
+) -> None:
+    base = url(http, W.format(ns=namespace))
+    store = kube.server.cluster.store
+    before = kube.server.call(lambda: sum(len(ws) for ws in store.watchers.values()))
+    for _ in range(10):
+        with http.get(base, params={"watch": "true"}, stream=True) as r:
+            assert r.status_code == 200
+    http.post(base, json=widget("poke"))  # a write reaches any watcher whose client went away
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now = kube.server.call(lambda: sum(len(ws) for ws in store.watchers.values()))
+        if now <= before:
+            break
+        time.sleep(0.05)
+    assert now <= before
+
+
+def test_project_crds_apply_and_list(kube: Any) -> None:
+    kube.apply_crds()
+    with kube.api_client() as c:
+        names = [
+            crd.metadata.name for crd in client.ApiextensionsV1Api(c).list_custom_resource_definition().items
+        ]
+    assert "loraadapters.loraplane.io" in names
