@@ -1,0 +1,101 @@
+"""``loraplane-operator``: parse flags into OperatorSettings and run kopf with the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from loraplane.operator.settings import LEDGER_NAME, OperatorSettings
+
+
+def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
+    d = OperatorSettings()
+    p = argparse.ArgumentParser(
+        prog="loraplane-operator",
+        description="Assigns cluster-unique IDs to LoRAAdapters, owns served names, aggregates worker reports.",
+    )
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)"
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: $KUBECONFIG or in-cluster)")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port; 0 disables")
+    p.add_argument("--metrics-address", default=d.metrics_address, help="address /metrics binds to")
+    peer = p.add_mutually_exclusive_group()
+    peer.add_argument("--standalone", action="store_true", help="no kopf peering (default; IDs stay unique)")
+    peer.add_argument("--peering", action="store_true", help="kopf peering (needs the KopfPeering CRDs)")
+    p.add_argument(
+        "--recover-ledger",
+        action="store_true",
+        help="recreate a missing/corrupted ID ledger above every visible ID plus --safety-gap",
+    )
+    p.add_argument(
+        "--ledger-namespace",
+        default=os.environ.get("POD_NAMESPACE", d.ledger_namespace),
+        help="namespace of the ID ledger (default: $POD_NAMESPACE or loraplane-system)",
+    )
+    p.add_argument("--ledger-name", default=LEDGER_NAME, help="name of the ID ledger ConfigMap")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="IDs reserved per ledger write")
+    p.add_argument("--safety-gap", type=int, default=d.safety_gap, help="IDs skipped on ledger recovery")
+    p.add_argument(
+        "--heartbeat-window",
+        type=float,
+        default=d.heartbeat_window,
+        help="seconds a worker's heartbeat stays valid",
+    )
+    p.add_argument(
+        "--liveness-interval",
+        type=float,
+        default=d.liveness_interval,
+        help="seconds between periodic checks (worker liveness, adapters waiting for an ID)",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logs")
+    a = p.parse_args(argv)
+    if a.block_size < 1 or a.safety_gap < 0 or a.heartbeat_window <= 0 or a.liveness_interval <= 0:
+        p.error(
+            "--block-size must be >= 1, --safety-gap >= 0, --heartbeat-window and --liveness-interval > 0"
+        )
+    return OperatorSettings(
+        namespaces=list(a.namespace),
+        kubeconfig=a.kubeconfig,
+        ledger_namespace=a.ledger_namespace,
+        ledger_name=a.ledger_name,
+        block_size=a.block_size,
+        recover_ledger=a.recover_ledger,
+        safety_gap=a.safety_gap,
+        heartbeat_window=a.heartbeat_window,
+        liveness_interval=a.liveness_interval,
+        metrics_port=a.metrics_port,
+        metrics_address=a.metrics_address,
+        peering=a.peering,
+    ), a.verbose
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, verbose = parse_args(argv)
+    if settings.kubeconfig:
+        os.environ["KUBECONFIG"] = settings.kubeconfig  # Read by the kubernetes client when imported.
+    # kopf and the handlers are imported only now, so --help stays fast and needs no cluster.
+    import kopf
+    from prometheus_client import start_http_server
+
+    from loraplane.operator import handlers
+
+    kopf.configure(debug=verbose, verbose=verbose)
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    handlers.SETTINGS = settings
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_address)
+    kopf.run(
+        standalone=not settings.peering,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""One adapter's desired status, computed from the caches, and the resourceVersion-checked write of it.
+
+The operator keeps every adapter and LoRAWorker it watches in memory (fed by kopf's watch events, primed
+by a LIST at startup), so name ownership and worker aggregation are computed without extra reads. Every
+status write is a PUT to /status carrying the resourceVersion the status was computed from: a 409 means
+the view was stale (another replica, a spec change), so it re-reads and recomputes. The ID, its version
+digest, servedName, conditions and phase travel in that one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import time
+from typing import Any
+
+from loraplane.crds import conditions as cond
+from loraplane.crds.errors import LoraplaneError, PermanentError
+from loraplane.crds.models import (
+    ADAPTER_KIND,
+    ADAPTER_PLURAL,
+    API_VERSION,
+    INVALID_SPEC,
+    WORKER_PLURAL,
+    parse_adapter,
+)
+from loraplane.operator import aggregate as agg_mod
+from loraplane.operator import allocation, metrics
+from loraplane.operator.kubeapi import ApiError, KubeApi, adapter_path
+from loraplane.operator.names import Claim, Key, NameIndex
+from loraplane.operator.settings import OperatorSettings
+
+log = logging.getLogger("loraplane.operator")
+
+NAME_TAKEN = "NameTaken"
+NAME_CLAIMED = "NameClaimed"
+ASSIGNED = "Assigned"
+
+
+def ref_of(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def uid_of(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("uid")
+
+
+def ids_in(obj: dict[str, Any]) -> list[int]:
+    status = obj.get("status") or {}
+    found = [status.get("id"), status.get("previousId")]
+    for report in status.get("adapters") or []:
+        if isinstance(report, dict):
+            found.append(report.get("id"))
+    return [i for i in found if isinstance(i, int)]
+
+
+def _name_key(obj: dict[str, Any]) -> Key | None:
+    spec = obj.get("spec") or {}
+    base, served = spec.get("baseModel"), spec.get("name") or (obj.get("metadata") or {}).get("name")
+    if not isinstance(base, str) or not isinstance(served, str):
+        return None
+    return (base, served)
+
+
+class Reconciler:
+    """The operator's state and the one path that writes adapter status."""
+
+    def __init__(self, settings: OperatorSettings, api: KubeApi) -> None:
+        self.settings = settings
+        self.api = api
+        self.adapters: dict[str, dict[str, Any]] = {}
+        self.workers: dict[str, agg_mod.WorkerView] = {}
+        self.names = NameIndex()
+        self._holders: dict[Key, str | None] = {}
+        self._seen_max = 0  # Highest ID seen anywhere since start, deleted objects included.
+        self.allocator = allocation.Allocator(api, settings, lambda: self._seen_max)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._worker_sig: dict[str, tuple[Any, ...]] = {}
+        self.instance = os.environ.get("HOSTNAME") or f"pid-{os.getpid()}"
+
+    # ---- caches ----------------------------------------------------------------------------------
+
+    def _observe(self, obj: dict[str, Any]) -> None:
+        for i in ids_in(obj):
+            self._seen_max = max(self._seen_max, i)
+
+    def _scope_paths(self, plural: str) -> list[str]:
+        from loraplane.crds.models import GROUP, VERSION
+
+        if not self.settings.namespaces:
+            return [f"/apis/{GROUP}/{VERSION}/{plural}"]
+        return [f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{plural}" for ns in self.settings.namespaces]
+
+    async def prime(self) -> None:
+        """LIST adapters and workers before the watch starts, so the first decisions see everything."""
+        for path in self._scope_paths(ADAPTER_PLURAL):
+            for obj in (await self.api.request("GET", path)).get("items") or []:
+                self._remember_adapter(obj)
+        for path in self._scope_paths(WORKER_PLURAL):
+            try:
+                items = (await self.api.request("GET", path)).get("items") or []
+            except ApiError as exc:
+                if exc.status != 404:  # The LoRAWorker CRD may not be installed.
+                    raise
+                items = []
+            for obj in items:
+                self._observe(obj)
+                view = agg_mod.worker_view(obj)
+                if view is not None:
+                    self.workers[view.ref] = view
+        for key in list(self.names._claims):
+            holder = self.names.holder(key)
+            self._holders[key] = holder.ref if holder else None
+        log.info(
+            "primed: %d adapters, %d workers, highest visible ID %d",
+            len(self.adapters),
+            len(self.workers),
+            self._seen_max,
+        )
+
+    def _remember_adapter(self, obj: dict[str, Any]) -> set[Key]:
+        ref = ref_of(obj)
+        self._observe(obj)
+        self.adapters[ref] = obj
+        key = _name_key(obj)
+        if key is None:
+            return self.names.release(ref)
+        meta = obj["metadata"]
+        return self.names.claim(
+            key, Claim(meta.get("creationTimestamp", ""), meta["namespace"], meta["name"])
+        )
+
+    # ---- events ----------------------------------------------------------------------------------
+
+    async def on_adapter(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        ref = ref_of(obj)
+        if event_type == "DELETED":
+            self._observe(obj)
+            current = self.adapters.get(ref)
+            if current is not None and uid_of(current) != uid_of(obj):
+                return  # Already recreated under the same name.
+            self.adapters.pop(ref, None)
+            self._locks.pop(ref, None)
+            touched = self.names.release(ref)
+            await self._handover(touched, deleted=ref)
+            return
+        current = self.adapters.get(ref)
+        if current is not None and uid_of(current) == uid_of(obj) and _newer(current, obj):
+            obj = current  # Our own write's answer is newer than this event.
+        touched = self._remember_adapter(obj)
+        await self.reconcile(ref)
+        await self._handover(touched, deleted=None, skip=ref)
+
+    async def _handover(self, keys: set[Key], deleted: str | None, skip: str | None = None) -> None:
+        """Re-reconcile the claimants of every name whose holder changed."""
+        jobs = []
+        for key in keys:
+            holder = self.names.holder(key)
+            new = holder.ref if holder else None
+            if self._holders.get(key) == new:
+                continue
+            old = self._holders.get(key)
+            self._holders[key] = new
+            if new is None:
+                self._holders.pop(key, None)
+            if deleted and old == deleted and new:
+                log.info(
+                    "served name %r of %s handed over from %s (deleted) to %s", key[1], key[0], deleted, new
+                )
+            jobs += [self.reconcile(c.ref) for c in self.names.claimants(key) if c.ref != skip]
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    async def on_worker(self, event_type: str | None, obj: dict[str, Any]) -> None:
+        ref = ref_of(obj)
+        self._observe(obj)
+        old = self.workers.get(ref)
+        if event_type == "DELETED":
+            self.workers.pop(ref, None)
+            view = None
+        else:
+            view = agg_mod.worker_view(obj)
+            if view is not None:
+                if old is not None and old.pod_name == view.pod_name:
+                    view.pod_alive = old.pod_alive
+                elif view.pod_name:
+                    view.pod_alive = await self._pod_exists(view.namespace, view.pod_name)
+                self.workers[ref] = view
+            else:
+                self.workers.pop(ref, None)
+        await self._worker_changed(ref, old, view)
+
+    async def _worker_changed(
+        self, ref: str, old: agg_mod.WorkerView | None, new: agg_mod.WorkerView | None
+    ) -> None:
+        now, window = time.time(), self.settings.heartbeat_window
+        sig = (new.base_model, new.live(now, window), repr(sorted(new.reports.items()))) if new else None
+        if self._worker_sig.get(ref) == sig:
+            return
+        self._worker_sig[ref] = sig  # type: ignore[assignment]
+        models = {w.base_model for w in (old, new) if w is not None}
+        await self.reconcile_where(lambda o: (o.get("spec") or {}).get("baseModel") in models)
+
+    async def _pod_exists(self, namespace: str, pod: str) -> bool:
+        try:
+            await self.api.request("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        except LoraplaneError:
+            return True  # Unknown: keep counting rather than flap on a network blip.
+        return True
+
+    async def reconcile_where(self, pred: Any) -> None:
+        refs = [r for r, o in self.adapters.items() if pred(o)]
+        if refs:
+            await asyncio.gather(*(self.reconcile(r) for r in refs))
+
+    async def tick(self) -> None:
+        """Periodic: pods and heartbeats of workers, adapters waiting for an ID, the phase gauge."""
+        for ref, view in list(self.workers.items()):
+            old = copy.copy(view)
+            if view.pod_name:
+                view.pod_alive = await self._pod_exists(view.namespace, view.pod_name)
+            await self._worker_changed(ref, old, view)
+        await self.reconcile_where(_needs_id)
+        counts: dict[str, int] = {}
+        for obj in self.adapters.values():
+            phase = (obj.get("status") or {}).get("phase") or "Pending"
+            counts[phase] = counts.get(phase, 0) + 1
+        metrics.set_phase_counts(counts)
+
+    # ---- the write -------------------------------------------------------------------------------
+
+    async def reconcile(self, ref: str) -> None:
+        lock = self._locks.setdefault(ref, asyncio.Lock())
+        async with lock:
+            for _ in range(self.settings.write_retries):
+                obj = self.adapters.get(ref)
+                if obj is None:
+                    return
+                old = obj.get("status") or {}
+                new, taken = await self.desired(obj)
+                if new == old:
+                    return
+                ns, name = ref.split("/", 1)
+                body = {**obj, "status": new}  # metadata carries the resourceVersion: a checked write.
+                try:
+                    result = await self.api.request("PUT", adapter_path(ns, name, "status"), body)
+                except ApiError as exc:
+                    if taken is not None and exc.status == 409:
+                        self.allocator.give_back(taken)  # A 409 proves it was never written.
+                    if exc.status == 409:
+                        metrics.ALLOCATION_CONFLICTS.inc()
+                        if not await self._reread(ref, obj):
+                            return
+                        continue
+                    if exc.status == 404:
+                        return
+                    log.error("adapter %s: status write rejected: %s", ref, exc)
+                    return
+                except LoraplaneError as exc:
+                    log.warning("adapter %s: status write failed, will retry on the next event: %s", ref, exc)
+                    return
+                current = self.adapters.get(ref)
+                if current is None or uid_of(current) == uid_of(result):
+                    self.adapters[ref] = result
+                self._observe(result)
+                if taken is not None:
+                    metrics.IDS_ASSIGNED.inc()
+                self._announce(result, old, new)
+                return
+            log.warning("adapter %s: status kept changing under this operator; will retry", ref)
+
+    async def _reread(self, ref: str, stale: dict[str, Any]) -> bool:
+        ns, name = ref.split("/", 1)
+        try:
+            fresh = await self.api.request("GET", adapter_path(ns, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        self._remember_adapter(fresh)  # Same object newer, or recreated under the same name.
+        self._observe(fresh)
+        return True
+
+    async def desired(self, obj: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        """The status this adapter should have, and the fresh ID taken for it (None if none was taken)."""
+        status = copy.deepcopy(obj.get("status") or {})
+        conds: list[dict[str, Any]] = status.get("conditions") or []
+        gen = (obj.get("metadata") or {}).get("generation")
+        ref = ref_of(obj)
+        status["observedGeneration"] = gen
+        status["conditions"] = conds
+        try:
+            adapter = parse_adapter(obj)
+        except PermanentError as exc:
+            message = f"invalid spec: {exc.message}"
+            cond.set_condition(conds, cond.VALIDATED, "False", INVALID_SPEC, message, generation=gen)
+            cond.set_condition(conds, cond.READY, "False", INVALID_SPEC, message, generation=gen)
+            if not status.get("id"):
+                cond.set_condition(conds, cond.ID_ASSIGNED, "False", INVALID_SPEC, message, generation=gen)
+            status.update(phase="Failed", message=cond.truncate(message, 4096))
+            return status, None
+        spec = adapter.spec
+        version = allocation.version_of(spec.path, spec.revision)
+        decision = allocation.decide(status, version)
+        taken: int | None = None
+        waiting: LoraplaneError | None = None
+        if not decision.keep:
+            try:
+                taken = await self.allocator.take()
+            except allocation.LedgerError as exc:
+                waiting = exc
+            else:
+                status["id"], status["version"] = taken, version
+                if decision.previous_id is not None:
+                    status["previousId"] = decision.previous_id
+        if waiting is not None:
+            message = f"waiting for an ID: {waiting.message}"
+            cond.set_condition(conds, cond.ID_ASSIGNED, "False", waiting.reason, message, generation=gen)
+        else:
+            cond.set_condition(
+                conds,
+                cond.ID_ASSIGNED,
+                "True",
+                ASSIGNED,
+                f"ID {status['id']} for version {version}",
+                generation=gen,
+            )
+        served = adapter.served_name
+        status["servedName"] = served
+        holder = self.names.holder((spec.baseModel, served))
+        name_message = None
+        if holder is None or holder.ref == ref:
+            cond.set_condition(
+                conds,
+                cond.NAME_AVAILABLE,
+                "True",
+                NAME_CLAIMED,
+                f"served name {served!r} for base model {spec.baseModel} belongs to this adapter",
+                generation=gen,
+            )
+        else:
+            name_message = (
+                f"served name {served!r} for base model {spec.baseModel} is held by {holder.ref} (the oldest "
+                f"claimant); set spec.name to another name, or delete {holder.ref}"
+            )
+            cond.set_condition(conds, cond.NAME_AVAILABLE, "False", NAME_TAKEN, name_message, generation=gen)
+        if waiting is None:
+            agg = agg_mod.aggregate(
+                status["id"],
+                status.get("previousId"),
+                spec.baseModel,
+                list(self.workers.values()),
+                time.time(),
+                self.settings.heartbeat_window,
+            )
+        else:
+            agg = agg_mod.Aggregate()
+        status["workers"] = agg.counts
+        if agg.info:
+            status["adapter"] = agg.info
+        if status.get("previousId") is not None and agg.all_switched:
+            status.pop("previousId")
+        phase, message = agg_mod.phase_of(agg)
+        if agg.ready:
+            cond.set_condition(
+                conds,
+                cond.VALIDATED,
+                "True",
+                "WorkerValidated",
+                f"validated by {agg.ready} of {agg.total} workers",
+                generation=gen,
+            )
+        elif agg.failed:
+            cond.set_condition(
+                conds,
+                cond.VALIDATED,
+                "False",
+                agg.failure_reason or "WorkerFailed",
+                agg.failure or "",
+                generation=gen,
+            )
+        else:
+            cond.set_condition(
+                conds,
+                cond.VALIDATED,
+                "Unknown",
+                "NotYetValidated",
+                "no worker has validated the weights yet",
+                generation=gen,
+            )
+        if waiting is not None:
+            phase, message = "Pending", f"waiting for an ID: {waiting.message}"
+        elif name_message is not None:
+            phase, message = "Pending", name_message
+        if phase == "Ready":
+            cond.set_condition(
+                conds,
+                cond.READY,
+                "True",
+                "Ready",
+                f"ready on {agg.ready} of {agg.total} workers",
+                generation=gen,
+            )
+        else:
+            reason = (
+                NAME_TAKEN if name_message and waiting is None else (waiting.reason if waiting else phase)
+            )
+            cond.set_condition(conds, cond.READY, "False", reason, message or phase, generation=gen)
+        status["phase"] = phase
+        if message:
+            status["message"] = cond.truncate(message, 4096)
+        else:
+            status.pop("message", None)
+        return status, taken
+
+    # ---- events and logs -------------------------------------------------------------------------
+
+    def _announce(self, obj: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        ref = ref_of(obj)
+        notes: list[tuple[str, str]] = []
+        if new.get("id") != old.get("id") and new.get("id"):
+            extra = (
+                f", replacing ID {new['previousId']}"
+                if new.get("previousId") and new.get("previousId") == old.get("id")
+                else ""
+            )
+            notes.append(("IDAssigned", f"assigned ID {new['id']} to version {new.get('version')}{extra}"))
+        old_name = cond.get_condition(old.get("conditions"), cond.NAME_AVAILABLE)
+        new_name = cond.get_condition(new.get("conditions"), cond.NAME_AVAILABLE)
+        if new_name and (old_name or {}).get("status") != new_name.get("status"):
+            notes.append((new_name["reason"], new_name["message"]))
+        if old.get("phase") != new.get("phase"):
+            why = f": {new['message']}" if new.get("message") else ""
+            notes.append(
+                (
+                    "PhaseChanged",
+                    (
+                        f"phase {old['phase']} -> {new.get('phase')}{why}"
+                        if old.get("phase")
+                        else f"phase {new.get('phase')}{why}"
+                    ),
+                )
+            )
+        if not notes:
+            return
+        warn = new.get("phase") in ("Failed", "Degraded") or (new_name or {}).get("status") == "False"
+        reason, message = notes[0][0], "; ".join(m for _, m in notes)
+        log.info("adapter %s: %s (%s)", ref, message, reason)
+        task = asyncio.get_running_loop().create_task(self._post_event(obj, reason, message, warn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post_event(self, obj: dict[str, Any], reason: str, message: str, warn: bool) -> None:
+        meta = obj["metadata"]
+        now = cond.now()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": ADAPTER_KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": reason,
+            "message": cond.truncate(message),
+            "type": "Warning" if warn else "Normal",
+            "source": {"component": "loraplane-operator"},
+            "reportingComponent": "loraplane-operator",
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.api.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
+        except (ApiError, LoraplaneError) as exc:
+            log.debug("event for %s not posted: %s", ref_of(obj), exc)
+
+
+def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True when ``a`` has a higher resourceVersion than ``b`` (numeric on every server we know)."""
+    ra, rb = (
+        (a.get("metadata") or {}).get("resourceVersion"),
+        (b.get("metadata") or {}).get("resourceVersion"),
+    )
+    try:
+        return int(ra) > int(rb)
+    except (TypeError, ValueError):
+        return False
+
+
+def _needs_id(obj: dict[str, Any]) -> bool:
+    status = obj.get("status") or {}
+    return not cond.is_true(status.get("conditions"), cond.ID_ASSIGNED) and status.get("phase") != "Failed"

@@ -1,0 +1,51 @@
+"""The operator's settings: one dataclass, filled from the command line (``loraplane-operator --help``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LEDGER_NAME = "loraplane-id-ledger"
+RECOVER_ANNOTATION = "loraplane.io/recover-ledger"
+
+
+@dataclass
+class OperatorSettings:
+    namespaces: list[str] = field(default_factory=list)
+    """Namespaces to watch; empty means cluster-wide (every namespace)."""
+
+    kubeconfig: str | None = None
+    """Path to a kubeconfig; None uses $KUBECONFIG, ~/.kube/config or the in-cluster service account."""
+
+    ledger_namespace: str = "loraplane-system"
+    """Namespace of the ID ledger ConfigMap (normally the operator's own namespace)."""
+
+    ledger_name: str = LEDGER_NAME
+    """Name of the ID ledger ConfigMap; its data.next is the next ID never handed out."""
+
+    block_size: int = 64
+    """IDs reserved per ledger write (count). Larger blocks mean fewer writes and bigger gaps after a crash."""
+
+    recover_ledger: bool = False
+    """Recreate a missing or corrupted ledger at max(visible IDs) + safety_gap instead of stopping."""
+
+    safety_gap: int = 10000
+    """IDs skipped above the highest visible ID on recovery (count). Must exceed the IDs other replicas may
+    still hold in reserved blocks (block_size x replicas) and any ID cached by a worker but no longer visible."""
+
+    heartbeat_window: float = 60.0
+    """Seconds since a LoRAWorker's status.heartbeatTime after which its reports stop counting."""
+
+    liveness_interval: float = 5.0
+    """Seconds between re-checks of worker heartbeats and pods, and retries of adapters waiting for an ID."""
+
+    metrics_port: int = 8080
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+
+    metrics_address: str = "0.0.0.0"
+    """Address the /metrics endpoint binds to."""
+
+    peering: bool = False
+    """Use kopf peering (needs the KopfPeering CRDs). Only reduces double work; IDs are unique without it."""
+
+    write_retries: int = 8
+    """Attempts at a resourceVersion-checked write before giving up until the next event (count)."""
