@@ -1,0 +1,200 @@
+"""What an OpenAI request means to the engine: resolve ``model`` once, submit, and relay outputs.
+
+The ``model`` name resolves here, once, to the base model or to one adapter *version*; the request
+keeps that version's ID until it ends, so a new version swapping in never changes it. Every failure
+becomes an ``ApiError`` carrying the HTTP status and the loraplane reason code as the OpenAI
+``type``; routes only turn it into JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from loraplane.crds.errors import LoraplaneError, TemporaryError
+
+from ..engine.scheduler import Output
+from ..engine.service import Engine
+from ..registry import AdapterVersion, Registry
+from .protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse, new_id
+
+# reason -> (HTTP status, OpenAI-style code)
+_STATUS: dict[str, tuple[int, str]] = {
+    "QueueFull": (429, "rate_limit_exceeded"),
+    "PromptTooLong": (400, "context_length_exceeded"),
+    "ShuttingDown": (503, "unavailable"),
+    "EngineLoading": (503, "unavailable"),
+    "EngineError": (500, "internal_error"),
+}
+
+
+class ApiError(Exception):
+    """An error response: status, reason code (the ``type``), message, and optional param/code/headers."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorInfo(message=self.message, type=self.reason, param=self.param, code=self.code)
+        )
+
+    @classmethod
+    def of(cls, exc: LoraplaneError, *, param: str | None = None) -> ApiError:
+        status, code = _STATUS.get(exc.reason, (503 if exc.retry else 400, "invalid_value"))
+        headers = {}
+        if isinstance(exc, TemporaryError):
+            headers["Retry-After"] = str(max(1, round(exc.delay)))
+        return cls(status, exc.reason, exc.message, param=param, code=code, headers=headers)
+
+
+class Generation:
+    """One submitted request seen from the event loop: outputs arrive through an asyncio queue."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, request_id: str) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.request_id = request_id
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.finished = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def on_output(self, out: Output) -> None:
+        """Engine thread: hand the output to the event loop."""
+        with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+    async def outputs(self) -> AsyncIterator[Output]:
+        """Outputs until the last one; raises ApiError if the engine failed the request."""
+        while not self.finished:
+            out = await self.queue.get()
+            self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+            if out.finish_reason is not None:
+                self.finished = True
+                if out.error is not None:
+                    raise ApiError.of(out.error)
+            yield out
+
+    def cancel(self) -> None:
+        """The client left before the end: free the engine's resources for it."""
+        if not self.finished:
+            self.finished = True
+            self.engine.cancel(self.request_id)
+
+
+class Serving:
+    """Resolves names, checks requests and submits them; shared by the completion and chat routes."""
+
+    def __init__(self, registry: Registry, *, retry_after_s: int) -> None:
+        self.registry = registry
+        self.engine: Engine | None = None
+        self.retry_after_s = retry_after_s
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise ApiError(
+                503,
+                "EngineLoading",
+                "the base model is still loading; retry shortly",
+                code="unavailable",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        return self.engine
+
+    def resolve(self, name: str) -> AdapterVersion | None:
+        """The adapter version ``name`` means now (None: the base model), or an ApiError saying why not."""
+        engine = self.require_engine()
+        if name == engine.model_name:
+            return None
+        version = self.registry.lookup(name)
+        if version is None:
+            raise ApiError(
+                404,
+                "ModelNotFound",
+                f"the model {name!r} does not exist on this worker; GET /v1/models lists the base model "
+                "and the Ready adapters",
+                param="model",
+                code="model_not_found",
+            )
+        if version.state == "Failed":
+            raise ApiError(
+                400,
+                version.reason or "AdapterFailed",
+                f"adapter {name!r} (ID {version.id}) failed: {version.message or version.reason}",
+                param="model",
+                code="adapter_failed",
+            )
+        if version.state != "Ready":
+            raise ApiError(
+                503,
+                "AdapterNotReady",
+                f"adapter {name!r} (ID {version.id}) is {version.state}; retry after it is Ready",
+                param="model",
+                code="model_not_ready",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        return version
+
+    def submit(self, request: CompletionRequest | ChatCompletionRequest) -> tuple[Generation, str]:
+        """Check, tokenize and queue a request; returns its Generation and the response id."""
+        engine = self.require_engine()
+        for param, message in request.unsupported():
+            raise ApiError(400, "UnsupportedParameter", message, param=param, code="unsupported")
+        version = self.resolve(request.model)
+        param = "prompt" if isinstance(request, CompletionRequest) else "messages"
+        try:
+            params = request.to_sampling_params()
+            prompt_ids = request.prompt_ids(engine.tokenizer)
+        except LoraplaneError as exc:
+            raise ApiError.of(exc) from exc
+        vocab = engine.runner.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ApiError(
+                400,
+                "TokenOutOfRange",
+                f"prompt token IDs must be in [0, {vocab})",
+                param=param,
+                code="invalid_value",
+            )
+        request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
+        generation = Generation(engine, asyncio.get_running_loop(), request_id)
+        try:
+            engine.submit(
+                request_id=request_id,
+                model=request.model,
+                version=version,
+                prompt_ids=prompt_ids,
+                params=params,
+                on_output=generation.on_output,
+            )
+        except LoraplaneError as exc:
+            raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
+        return generation, request_id
+
+    def count(self, model: str, status: int | str) -> None:
+        if self.engine is not None:
+            self.engine.metrics.requests.labels(model=model, status=str(status)).inc()
+
+
+def model_label(serving: Serving, name: Any) -> str:
+    """The metrics label for a request's model: unknown names collapse, so labels stay bounded."""
+    engine = serving.engine
+    if isinstance(name, str) and (
+        (engine is not None and name == engine.model_name) or serving.registry.lookup(name) is not None
+    ):
+        return name
+    return "unknown"

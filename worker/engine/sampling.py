@@ -1,0 +1,149 @@
+"""Turning one step's logits into tokens, and deciding when a request is done.
+
+``sample`` runs once per engine step over the whole batch: greedy rows take an argmax, sampled rows
+get temperature, top-k and top-p applied as batched tensor ops; only the final draw is per row,
+because each seeded request owns its own ``torch.Generator`` (the same seed gives the same text
+whatever else shares the batch). ``TextTail`` detokenises incrementally and finds stop strings in
+the text, holding back the few characters that could still become a stop string while streaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loraplane.crds.errors import PermanentError
+
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops (the OpenAI request fields, checked)."""
+
+    max_tokens: int | None = 16  # None: up to the model's (or adapter's) length limit
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: no top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        problems = [
+            (self.max_tokens is not None and self.max_tokens < 1, "max_tokens must be at least 1"),
+            (not 0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
+            (not 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k < -1, "top_k must be -1 (off) or a positive number"),
+            (len(self.stop) > MAX_STOP_SEQUENCES, f"at most {MAX_STOP_SEQUENCES} stop sequences"),
+            (any(not s for s in self.stop), "stop sequences must not be empty"),
+            (
+                any(len(s) > MAX_STOP_CHARS for s in self.stop),
+                f"stop sequences are at most {MAX_STOP_CHARS} characters",
+            ),
+        ]
+        bad = [msg for wrong, msg in problems if wrong]
+        if bad:
+            raise PermanentError("InvalidSamplingParams", "; ".join(bad))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A per-request generator when seeded, so its draws do not depend on the batch it sits in."""
+        if self.seed is None or self.greedy:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """One token per row of ``logits`` [n, vocab] (float32)."""
+    n = logits.shape[0]
+    out = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return out.tolist()
+    idx = torch.tensor(sampled, device=logits.device)
+    rows = logits.index_select(0, idx).float()
+    temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
+    rows = rows / temps.unsqueeze(1)
+    top_k = [params[i].top_k for i in sampled]
+    top_p = [params[i].top_p for i in sampled]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, sorted_idx = rows.sort(dim=-1, descending=True)
+        vocab = rows.shape[1]
+        ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=rows.device)
+        ranks = torch.arange(vocab, device=rows.device).unsqueeze(0)
+        drop = ranks >= ks.unsqueeze(1)
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        before = probs.cumsum(dim=-1) - probs
+        drop |= before >= torch.tensor(top_p, device=rows.device).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        rows = torch.full_like(rows, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+    probs = rows.softmax(dim=-1)
+    unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
+    if unseeded:
+        draws = torch.multinomial(probs[unseeded], 1).squeeze(1)
+        for j, token in zip(unseeded, draws.tolist(), strict=True):
+            out[sampled[j]] = token
+    for j, i in enumerate(sampled):
+        gen = generators[i]
+        if gen is not None:
+            out[i] = int(torch.multinomial(probs[j], 1, generator=gen))
+    assert out.shape[0] == n
+    return out.tolist()
+
+
+@dataclass
+class TextTail:
+    """Incremental detokenisation plus stop-string search for one request.
+
+    ``push(token)`` returns the newly *safe* text: text that can no longer be cut by a stop string.
+    Multi-byte characters split across tokens are held until complete (the decoder yields U+FFFD).
+    """
+
+    tokenizer: Any
+    stop: tuple[str, ...] = ()
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of ``text`` handed out already
+    stopped: bool = False
+    _prefix: int = 0
+    _read: int = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        prefix_text = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        new_text = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if new_text.endswith("\ufffd") or len(new_text) <= len(prefix_text):
+            return ""  # an incomplete character or a token with no text yet
+        start = len(self.text)
+        self.text += new_text[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        if self.stop:
+            longest = max(len(s) for s in self.stop)
+            window = max(0, start - longest + 1)
+            hits = [p for p in (self.text.find(s, window) for s in self.stop) if p >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return self.flush()
+            safe = max(self.emitted, len(self.text) - longest + 1)
+            out, self.emitted = self.text[self.emitted : safe], safe
+            return out
+        return self.flush()
+
+    def flush(self) -> str:
+        """Everything not handed out yet (the request is finishing)."""
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out

@@ -1,0 +1,168 @@
+"""The engine as one object the worker process starts: runner + adapter tiers + the scheduler thread.
+
+``Engine.start(model_dir, settings, registry)`` loads the base model, subscribes to the registry
+(a removed ID's CPU and device copies are dropped once no admitted request uses it) and starts the
+engine thread. The HTTP side calls ``submit`` from its event loop; ``limit_for`` gives the length
+bound a request is checked against: the adapter's longContext.maxLength, else the base model's
+max_position_embeddings, never above the KV cache's max_model_len.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplane.crds.errors import PermanentError
+
+from ..registry import AdapterVersion, Registry
+from .metrics import Metrics
+from .runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Output, Request, Scheduler, SchedulerSettings
+from .tiers import AdapterTiers
+
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineSettings:
+    """How the engine is sized. Build from the worker's settings with ``from_worker``."""
+
+    device: str = "cpu"
+    """Torch device: cpu, cuda, cuda:N, or auto (cuda when available)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."""
+    max_loras: int = 8
+    """Device slots for adapters (count)."""
+    max_lora_rank: int = 64
+    """Largest LoRA rank a slot holds (rank)."""
+    max_cpu_loras: int = 64
+    """Adapters kept in CPU memory (count), LRU."""
+    max_model_len: int | None = None
+    """Tokens per sequence in the KV cache (prompt + output); default min(max_position_embeddings, 4096)."""
+    served_model_name: str = ""
+    """The base model's name in the OpenAI ``model`` field; default the checkpoint directory's name."""
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    """Batch and queue bounds."""
+
+    @classmethod
+    def from_worker(cls, worker: Any, **overrides: Any) -> EngineSettings:
+        """From ``loraplane.worker.settings.WorkerSettings`` (fields of the same name are copied)."""
+        names = ("device", "max_loras", "max_lora_rank", "max_cpu_loras", "served_model_name")
+        values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
+        values.update(overrides)
+        return cls(**values)
+
+
+class Engine:
+    """Owns the model runner, the adapter tiers and the engine thread."""
+
+    def __init__(
+        self, runner: ModelRunner, settings: EngineSettings, registry: Registry, *, model_name: str
+    ) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.registry = registry
+        self.model_name = model_name
+        self.metrics = Metrics()
+        self.tiers = AdapterTiers(runner, max_cpu_loras=settings.max_cpu_loras, metrics=self.metrics)
+        self.scheduler = Scheduler(runner, self.tiers, self.metrics, settings.scheduler)
+        self._thread = threading.Thread(target=self.scheduler.run, name="loraplane-engine", daemon=True)
+        registry.subscribe(self._on_registry_change)
+
+    @classmethod
+    def start(cls, model_dir: Path, settings: EngineSettings, registry: Registry) -> Engine:
+        device = settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if settings.dtype not in _DTYPES:
+            raise PermanentError(
+                "InvalidSettings", f"dtype {settings.dtype!r} is not one of {', '.join(_DTYPES)}"
+            )
+        runner = ModelRunner(
+            Path(model_dir),
+            device=device,
+            dtype=_DTYPES[settings.dtype],
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_seqs=settings.scheduler.max_num_seqs,
+            max_model_len=settings.max_model_len,
+        )
+        engine = cls(
+            runner, settings, registry, model_name=settings.served_model_name or Path(model_dir).name
+        )
+        engine._thread.start()
+        return engine
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.scheduler.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.tiers.close()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.runner.tokenizer
+
+    def limit_for(self, version: AdapterVersion | None) -> tuple[int, str]:
+        """(max prompt + output tokens, what sets it) for the base model (None) or an adapter version."""
+        kv = self.runner.max_model_len
+        if version is not None and version.max_length:
+            if version.max_length <= kv:
+                return version.max_length, f"adapter {version.served_name!r} longContext.maxLength"
+            return kv, "the worker's max_model_len (below the adapter's longContext.maxLength)"
+        base = self.runner.config.max_position_embeddings
+        if base <= kv:
+            return base, "the base model's max_position_embeddings"
+        return kv, "the worker's max_model_len"
+
+    def submit(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        version: AdapterVersion | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_output: Callable[[Output], None],
+    ) -> Request:
+        """Queue a request for the base model (version None) or an adapter version (kept by its ID).
+
+        Raises PermanentError PromptTooLong (the limit named), TemporaryError QueueFull.
+        """
+        limit, source = self.limit_for(version)
+        if not prompt_ids:
+            raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
+        wanted = len(prompt_ids) + (params.max_tokens or 1)
+        if wanted > limit:
+            raise PermanentError(
+                "PromptTooLong",
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) is "
+                f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
+                "lower max_tokens",
+            )
+        request = Request(
+            request_id=request_id,
+            model=model,
+            adapter_id=None if version is None else version.id,
+            local_dir=None if version is None else version.local_dir,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            max_len=limit,
+            on_output=on_output,
+        )
+        self.scheduler.submit(request)
+        return request
+
+    def cancel(self, request_id: str) -> None:
+        self.scheduler.cancel(request_id)
+
+    def _on_registry_change(self, old: AdapterVersion | None, new: AdapterVersion | None) -> None:
+        # A version that is gone or failed will get no new requests; free its copies after the last one.
+        if old is not None and (new is None or new.state == "Failed"):
+            self.scheduler.drop_adapter(old.id)
