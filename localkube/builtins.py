@@ -135,6 +135,8 @@ def on_create(cluster: Cluster, rt: ResourceType, obj: Obj) -> Obj:
         labels = dict(obj["metadata"].get("labels") or {})
         labels["kubernetes.io/metadata.name"] = obj["metadata"].get("name", "")
         obj["metadata"]["labels"] = labels
+    elif rt.plural == "pods" and not rt.group:
+        obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}  # never scheduled: no nodes here
     elif rt.plural == "customresourcedefinitions":
         spec = obj.setdefault("spec", {})
         names = spec.setdefault("names", {})

@@ -251,8 +251,8 @@ class Cluster:
             "metadata": meta,
             **_without(body, "apiVersion", "kind", "metadata"),
         }
-        if rt.status_subresource and rt.custom:
-            obj.pop("status", None)
+        if rt.status_subresource and rt.plural != "namespaces":
+            obj.pop("status", None)  # main-resource writes never set status, on create either
         obj = builtins.on_create(self, rt, obj)
         obj, warnings = self._admit(rt, obj, None, validation)
         self._check_namespace(rt, ns, name)

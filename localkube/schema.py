@@ -148,7 +148,9 @@ class _Validator:
             {"reason": reason, "message": message, "field": field}
         )
 
-    def check(self, s: Obj, v: Any, path: str) -> None:
+    def check(self, s: Obj, v: Any, path: str, old: Any = None, has_old: bool = False) -> None:
+        if has_old and v == old:
+            return  # ratcheting (CRDValidationRatcheting): an unchanged value is not re-validated
         if v is None:
             if not s.get("nullable"):
                 self.add(
@@ -194,7 +196,7 @@ class _Validator:
         elif isinstance(v, list):
             self._array(s, v, path)
         elif isinstance(v, dict):
-            self._object(s, v, path)
+            self._object(s, v, path, old if has_old and isinstance(old, dict) else None)
 
     def _string(self, s: Obj, v: str, path: str) -> None:
         n = self._name(path)
@@ -281,13 +283,15 @@ class _Validator:
                     self.add("FieldValueDuplicate", f"{path}[{i}]", f"Duplicate value: {text}")
                 seen.add(text)
 
-    def _object(self, s: Obj, v: Obj, path: str) -> None:
+    def _object(self, s: Obj, v: Obj, path: str, old: Obj | None = None) -> None:
         props = s.get("properties") or {}
         for k, item in v.items():
             if not path and k in TOP_KNOWN:
                 continue
             if k in props:
-                self.check(props[k], item, _child(path, k))
+                self.check(
+                    props[k], item, _child(path, k), old.get(k) if old else None, bool(old) and k in old
+                )
             elif isinstance(s.get("additionalProperties"), dict):
                 self.check(s["additionalProperties"], item, f"{path}[{k}]" if path else k)
         for r in s.get("required") or []:
@@ -333,7 +337,7 @@ def admit(
         warnings = [f'unknown field "{u}"' for u in unknown]
     pruned = _defaults(schema, pruned)
     v = _Validator(status_rel=rt.status_subresource)
-    v.check(schema, pruned, "")
+    v.check(schema, pruned, "", old, old is not None)
     causes = v.causes + v.required
     fatal = any(c["reason"] in FATAL for c in causes)
     if not fatal:

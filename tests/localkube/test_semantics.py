@@ -444,3 +444,44 @@ def test_project_crds_apply_and_list(kube: Any) -> None:
             crd.metadata.name for crd in client.ApiextensionsV1Api(c).list_custom_resource_definition().items
         ]
     assert "loraadapters.loraplane.io" in names
+
+
+def test_validation_ratcheting_keeps_unchanged_invalid_fields(
+    kube: Any, http: requests.Session, namespace: str
+) -> None:
+    crd = yaml.safe_load((HERE / "recordings" / "crd.yaml").read_text())
+    crd["metadata"]["name"] = "gadgets.ratchet.example.com"
+    crd["spec"]["group"] = "ratchet.example.com"
+    crd["spec"]["names"] = {
+        "kind": "Gadget",
+        "plural": "gadgets",
+        "singular": "gadget",
+        "listKind": "GadgetList",
+    }
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    props["base"].pop("maxLength", None)
+    crds = url(http, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+    assert http.post(crds, json=crd).status_code == 201
+    base = url(http, f"/apis/ratchet.example.com/v1alpha1/namespaces/{namespace}/gadgets")
+    gadget = {
+        "apiVersion": "ratchet.example.com/v1alpha1",
+        "kind": "Gadget",
+        "metadata": {"name": "g"},
+        "spec": {"base": "much-too-long"},
+    }
+    deadline = time.monotonic() + 5
+    while http.post(base, json=gadget).status_code == 404 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    current = http.get(crds + "/gadgets.ratchet.example.com").json()
+    current["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["base"][
+        "maxLength"
+    ] = 4
+    assert http.put(crds + "/gadgets.ratchet.example.com", json=current).status_code == 200
+    ok = http.patch(base + "/g", data=json.dumps({"spec": {"size": 3}}), headers=MERGE)
+    assert ok.status_code == 200  # base is still too long, but unchanged
+    bad = http.patch(base + "/g", data=json.dumps({"spec": {"base": "still-too-long"}}), headers=MERGE)
+    assert (
+        bad.status_code == 422
+        and "spec.base: Too long: may not be more than 4 bytes" in bad.json()["message"]
+    )
+    http.delete(crds + "/gadgets.ratchet.example.com")
