@@ -92,7 +92,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["/operator/image/pullPolicy", "'IfNotPresent'"],
     ),
     ("port out of range", {"operator": {"metricsPort": 70000}}, ["/operator/metricsPort", "maximum"]),
-    ("unknown log level", {"operator": {"logLevel": "verbose"}}, ["/operator/logLevel", "'debug'"]),
+    ("unknown log level", {"worker": {"logLevel": "verbose"}}, ["/worker/logLevel", "'debug'"]),
     (
         "watch namespace not a DNS label",
         {"watch": {"clusterWide": False, "namespaces": ["Team_A"]}},
