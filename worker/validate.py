@@ -58,6 +58,18 @@ CONTEXT_TOO_LONG = "ContextTooLong"
 NO_LORA_WEIGHTS = "NoLoraWeights"
 UNSUPPORTED_BASE_MODEL = "UnsupportedBaseModel"
 BASE_MODEL_INCONSISTENT = "BaseModelInconsistent"
+UNSUPPORTED_FEATURE = "UnsupportedFeature"
+
+#: adapter_config.json fields whose truthy value the engine cannot serve: (field, reason, message).
+UNSUPPORTED_FEATURES: tuple[tuple[str, str, str], ...] = (
+    ("use_dora", DORA_NOT_SUPPORTED, "DoRA adapters are not supported; train a plain LoRA"),
+    ("trainable_token_indices", EMBEDDING_CHANGE_NOT_SUPPORTED, "trained token embeddings are not supported"),
+    ("target_parameters", UNSUPPORTED_FEATURE, "LoRA on raw parameters (MoE experts) is not supported"),
+    ("layer_replication", UNSUPPORTED_FEATURE, "layer replication changes the model's depth; not supported"),
+    ("alora_invocation_tokens", UNSUPPORTED_FEATURE, "activated LoRA (aLoRA) is not supported"),
+    ("use_qalora", UNSUPPORTED_FEATURE, "QA-LoRA is not supported"),
+    ("alpha_pattern", UNSUPPORTED_FEATURE, "per-module alpha is not supported; use one lora_alpha"),
+)
 
 VALIDATION_FAILURES = Counter(
     "loraplane_worker_validation_failures", "Adapters refused by validation, by first reason", ["reason"]
@@ -252,7 +264,23 @@ class AdapterSummary:
     layers: tuple[int, ...] = field(default=())
 
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?\.(?P<kind>weight|bias)$")  # fmt: skip
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def _split_lora_key(key: str) -> tuple[str, str, str] | None:
+    """(module path, lora part, "weight" | "bias") for a PEFT LoRA tensor name, else None.
+
+    PEFT names: <module>.lora_A.weight, <module>.lora_B.bias, <module>.lora_embedding_A (a parameter),
+    sometimes with the adapter name after the part (<module>.lora_A.default.weight)."""
+    parts = key.split(".")
+    idx = next((i for i, p in enumerate(parts) if p in _LORA_PARTS), None)
+    if idx is None or idx == 0 or len(parts) - idx > 3:
+        return None
+    rest = parts[idx + 1 :]
+    kind = rest[-1] if rest and rest[-1] in ("weight", "bias") else "weight"
+    return ".".join(parts[:idx]), parts[idx], kind
+
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -352,8 +380,9 @@ def validate_adapter(
         p.add(MALFORMED_CONFIG, f"{CONFIG_FILE}: rank_pattern must be an object")
         rank_pattern = {}
     use_rslora = bool(cfg.get("use_rslora", False))
-    if cfg.get("use_dora"):
-        p.add(DORA_NOT_SUPPORTED, "use_dora is true: DoRA adapters are not supported; train a plain LoRA")
+    for key, reason, message in UNSUPPORTED_FEATURES:
+        if cfg.get(key):
+            p.add(reason, f"{key} is set ({cfg[key]!r}): {message}")
     bias = cfg.get("bias", "none")
     if bias not in (None, "none") or cfg.get("lora_bias"):
         p.add(
@@ -407,7 +436,7 @@ def validate_adapter(
                 f"tensor {key} is a DoRA magnitude vector: DoRA adapters are not supported",
             )
             continue
-        m = _LORA_KEY.match(key)
+        m = _split_lora_key(key)
         if m is None:
             short = key.split(".")[-2] if key.count(".") else key
             if short in EMBEDDING_MODULES or key.split(".")[-2:-1] == ["embed_tokens"]:
@@ -421,7 +450,7 @@ def validate_adapter(
                     f"tensor {key} is not a LoRA weight (a saved module?): not supported",
                 )
             continue
-        module, part, kind = m["module"], m["part"], m["kind"]
+        module, part, kind = m
         if kind == "bias":
             p.add(
                 BIAS_NOT_SUPPORTED,

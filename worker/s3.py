@@ -1,0 +1,143 @@
+"""S3 sources (AWS or any S3-compatible store): a prefix resolved to its objects' ETags, objects streamed.
+
+boto3 with ``SourceSettings.s3_endpoint_url`` and credentials from the standard chain (env,
+profile, IRSA, instance role). A download asks for the exact ETag it resolved (If-Match), so an
+object replaced in between is noticed, never mixed with the old version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from loraplane.crds.errors import LoraplaneError
+from loraplane.worker.sources import (
+    ADAPTER_FILES,
+    CHUNK,
+    FILE_MISSING,
+    SOURCE_CHANGED,
+    SOURCE_FORBIDDEN,
+    SOURCE_NOT_FOUND,
+    SOURCE_UNREACHABLE,
+    RemoteFile,
+    ResolvedSource,
+    SourceSettings,
+    check_listing,
+    make_resolved,
+    permanent,
+    short,
+    temporary,
+)
+
+# --- S3 ------------------------------------------------------------------------------------------
+_S3_LOCK = threading.Lock()
+_S3_CLIENTS: dict[tuple[str | None, str | None, float], Any] = {}
+
+
+def _s3_client(settings: SourceSettings) -> Any:
+    """One client per endpoint: boto3 clients are thread-safe, sessions are not, so build under a lock."""
+    key = (settings.s3_endpoint_url, settings.s3_region, settings.timeout_s)
+    with _S3_LOCK:
+        client = _S3_CLIENTS.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            cfg = Config(
+                connect_timeout=settings.timeout_s,
+                read_timeout=settings.timeout_s,
+                retries={"max_attempts": 2, "mode": "standard"},  # the cache retries with its own backoff
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=cfg
+            )
+            _S3_CLIENTS[key] = client
+        return client
+
+
+class _s3_errors:
+    """Map botocore failures to named source errors."""
+
+    def __init__(self, where: str, endpoint: str | None) -> None:
+        self.where, self.endpoint = where, endpoint or "AWS S3"
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> bool:
+        if e is None or isinstance(e, LoraplaneError):
+            return False
+        from botocore import exceptions as bce
+
+        w = self.where
+        if isinstance(e, bce.NoCredentialsError):
+            raise permanent(
+                SOURCE_FORBIDDEN, f"{w}: no S3 credentials found; mount them as AWS_* env or a profile"
+            ) from e
+        if isinstance(e, bce.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
+                raise permanent(SOURCE_NOT_FOUND, f"{w}: not found ({code})") from e
+            if code in ("PreconditionFailed", "412"):
+                raise temporary(SOURCE_CHANGED, f"{w} changed since it was resolved; resolving again") from e
+            if (
+                code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+                or status == 403
+            ):
+                raise permanent(
+                    SOURCE_FORBIDDEN, f"{w}: S3 refused access ({code}); check the credentials"
+                ) from e
+            raise temporary(SOURCE_UNREACHABLE, f"{w}: S3 answered {code or status}") from e
+        if isinstance(e, (bce.EndpointConnectionError, bce.ConnectionError, bce.HTTPClientError, OSError)):
+            raise temporary(SOURCE_UNREACHABLE, f"{w}: cannot reach {self.endpoint}: {short(e)}") from e
+        return False
+
+
+def resolve(location: str, settings: SourceSettings) -> ResolvedSource:
+    bucket, _, prefix = location.partition("/")
+    uri = f"s3://{location}"
+    client = _s3_client(settings)
+    listing_prefix = f"{prefix}/" if prefix else ""
+    present: dict[str, RemoteFile] = {}
+    names: set[str] = set()
+    with _s3_errors(uri, settings.s3_endpoint_url):
+        resp = client.list_objects_v2(Bucket=bucket, Prefix=listing_prefix, Delimiter="/", MaxKeys=1000)
+    for obj in resp.get("Contents", []):
+        name = obj["Key"][len(listing_prefix) :]
+        names.add(name)
+        if name in ADAPTER_FILES:
+            present[name] = RemoteFile(name, int(obj["Size"]), str(obj["ETag"]).strip('"'))
+    if not names:
+        raise permanent(SOURCE_NOT_FOUND, f"{uri}: no objects under this prefix")
+    files = check_listing(uri, present, names, settings)
+    digest = hashlib.sha256("".join(f"{f.name}\0{f.size}\0{f.etag}\n" for f in files).encode()).hexdigest()[
+        :40
+    ]
+    return make_resolved("s3", uri, digest, files, None)
+
+
+def chunks(resolved: ResolvedSource, rf: RemoteFile, settings: SourceSettings) -> Iterator[bytes]:
+    location = resolved.uri[5:]
+    bucket, _, prefix = location.partition("/")
+    key = f"{prefix}/{rf.name}" if prefix else rf.name
+    where = f"{resolved.uri}/{rf.name}"
+    client = _s3_client(settings)
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if rf.etag:
+        kwargs["IfMatch"] = f'"{rf.etag}"'
+    with _s3_errors(where, settings.s3_endpoint_url):
+        try:
+            body = client.get_object(**kwargs)["Body"]
+        except Exception as e:
+            code = getattr(e, "response", {}).get("Error", {}).get("Code") if hasattr(e, "response") else None
+            if code in ("NoSuchKey", "NoSuchBucket"):
+                raise permanent(FILE_MISSING, f"{where} disappeared after it was resolved ({code})") from e
+            raise
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
