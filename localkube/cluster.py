@@ -18,7 +18,7 @@ from typing import Any
 
 from loraplane.localkube import builtins, schema, status
 from loraplane.localkube.gc import GarbageCollector
-from loraplane.localkube.patches import json_patch, merge_patch
+from loraplane.localkube.patches import json_patch, merge_patch, strategic_merge_patch
 from loraplane.localkube.resources import ResourceType, builtin_types, crd_types
 from loraplane.localkube.status import ApiError
 from loraplane.localkube.store import Obj, Store
@@ -398,7 +398,10 @@ class Cluster:
                     f"error decoding patch: json: cannot unmarshal {kind} into Go value of type "
                     "map[string]interface {}",
                 )
-            new = merge_patch(current, patch)
+            if ctype == "application/strategic-merge-patch+json":
+                new = strategic_merge_patch(current, patch)
+            else:
+                new = merge_patch(current, patch)
         rv = (new.get("metadata") or {}).get("resourceVersion")
         if rv not in (None, "") and str(rv) != current["metadata"]["resourceVersion"]:
             raise status.conflict(rt, name)

@@ -46,3 +46,77 @@ def json_patch(target: dict[str, Any], ops: Any) -> dict[str, Any]:
         raise ApiError(
             422, "the server rejected our request due to an error in our request", details={}
         ) from None
+
+
+# patchMergeKey of the built-in list fields kubectl's strategic merge patches touch (k8s.io/api tags).
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "volumes": "name",
+    "env": "name",
+    "imagePullSecrets": "name",
+    "volumeMounts": "mountPath",
+    "volumeDevices": "devicePath",
+    "hostAliases": "ip",
+    "conditions": "type",
+    "ownerReferences": "uid",
+    "topologySpreadConstraints": "topologyKey",
+    "resourceClaims": "name",
+    "subsets": None,
+}
+PRIMITIVE_MERGE = {"finalizers"}  # lists of strings merged as sets
+
+
+def _port_key(items: list[Any]) -> str | None:
+    sample = next((i for i in items if isinstance(i, dict)), {})
+    if "containerPort" in sample:
+        return "containerPort"
+    if "port" in sample:
+        return "port"
+    return None
+
+
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """Strategic merge patch for built-ins: merge-key lists, $patch, $setElementOrder, $deleteFromPrimitiveList."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if k.startswith("$setElementOrder/") or k == "$retainKeys" or k == "$patch":
+            continue
+        if k.startswith("$deleteFromPrimitiveList/"):
+            field = k.split("/", 1)[1]
+            out[field] = [x for x in out.get(field) or [] if x not in v]
+            continue
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict):
+            out[k] = strategic_merge_patch(out.get(k), v)
+        elif isinstance(v, list):
+            out[k] = _merge_list(k, out.get(k), v, patch.get(f"$setElementOrder/{k}"))
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _merge_list(field: str, current: Any, items: list[Any], order: Any) -> list[Any]:
+    current = current if isinstance(current, list) else []
+    if field in PRIMITIVE_MERGE:
+        return current + [x for x in items if x not in current]
+    key = MERGE_KEYS.get(field) if field != "ports" else _port_key(items + current)
+    if not key or not all(isinstance(i, dict) and key in i for i in items):
+        return [x for x in copy.deepcopy(items) if not (isinstance(x, dict) and x.get("$patch") == "delete")]
+    merged = {i.get(key): i for i in current if isinstance(i, dict)}
+    for item in items:
+        if item.get("$patch") == "delete":
+            merged.pop(item.get(key), None)
+        else:
+            merged[item[key]] = strategic_merge_patch(merged.get(item[key]), item)
+    if isinstance(order, list):
+        ranked = [o.get(key) if isinstance(o, dict) else o for o in order]
+        rank = {k: i for i, k in enumerate(ranked)}
+        return sorted(merged.values(), key=lambda i: rank.get(i.get(key), len(rank)))
+    return list(merged.values())

@@ -176,3 +176,35 @@ def test_wait_for_a_status_condition(kube: Any, crd: None, namespace: str) -> No
     )
     out = kube.kubectl("wait", "--for=condition=Ready", "wd/w-ready", "-n", namespace, "--timeout=10s").stdout
     assert "condition met" in out
+
+
+def test_reapplying_a_deployment_merges_containers_by_name(kube: Any, namespace: str) -> None:
+    deployment = f"""apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: op, namespace: {namespace}}}
+spec:
+  selector: {{matchLabels: {{app: op}}}}
+  template:
+    metadata: {{labels: {{app: op}}}}
+    spec:
+      containers:
+      - name: op
+        image: "img:1"
+        ports: [{{containerPort: 8080, name: metrics}}]
+        env: [{{name: A, value: "1"}}, {{name: B, value: "2"}}]
+      - name: sidecar
+        image: "side:1"
+"""
+    kube.kubectl("apply", "-f", "-", input=deployment)
+    changed = deployment.replace("img:1", "img:2").replace('{name: B, value: "2"}', '{name: B, value: "3"}')
+    kube.kubectl("apply", "-f", "-", input=changed)
+    obj = json.loads(kube.kubectl("get", "deploy", "op", "-n", namespace, "-o", "json").stdout)
+    containers = obj["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["op", "sidecar"]
+    assert containers[0]["image"] == "img:2"
+    assert containers[0]["ports"] == [{"containerPort": 8080, "name": "metrics"}]
+    assert containers[0]["env"] == [{"name": "A", "value": "1"}, {"name": "B", "value": "3"}]
+    assert not any(k.startswith("$") for k in obj["spec"]["template"]["spec"])
+    kube.kubectl("apply", "-f", "-", input=changed.split("      - name: sidecar")[0])
+    obj = json.loads(kube.kubectl("get", "deploy", "op", "-n", namespace, "-o", "json").stdout)
+    assert [c["name"] for c in obj["spec"]["template"]["spec"]["containers"]] == ["op"]
