@@ -50,7 +50,14 @@ def now() -> str:
 
 
 def _has_generation(rt: ResourceType) -> bool:
-    return rt.custom or rt.group in ("apps", "apiextensions.k8s.io", "policy", "networking.k8s.io")
+    return rt.custom or rt.group in (
+        "apps",
+        "batch",
+        "autoscaling",
+        "apiextensions.k8s.io",
+        "policy",
+        "networking.k8s.io",
+    )
 
 
 def _without(obj: Obj, *keys: str) -> Obj:

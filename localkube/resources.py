@@ -146,6 +146,7 @@ def builtin_types() -> list[ResourceType]:
             categories=["all"],
             status_subresource=True,
         ),
+        *_more_builtins(),
         _r(
             "events.k8s.io",
             "v1",
@@ -193,6 +194,41 @@ def builtin_types() -> list[ResourceType]:
             status_subresource=True,
         ),
         _r("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short_names=["netpol"]),
+    ]
+
+
+def _more_builtins() -> list[ResourceType]:
+    """Further kinds a rendered chart or a test may apply: stored only."""
+    apps = dict(categories=["all"], status_subresource=True)
+    return [
+        _r("apps", "v1", "daemonsets", "DaemonSet", short_names=["ds"], **apps),
+        _r("apps", "v1", "replicasets", "ReplicaSet", short_names=["rs"], **apps),
+        _r("batch", "v1", "jobs", "Job", **apps),
+        _r("batch", "v1", "cronjobs", "CronJob", short_names=["cj"], **apps),
+        _r(
+            "autoscaling",
+            "v2",
+            "horizontalpodautoscalers",
+            "HorizontalPodAutoscaler",
+            short_names=["hpa"],
+            **apps,
+        ),
+        _r("networking.k8s.io", "v1", "ingresses", "Ingress", short_names=["ing"], status_subresource=True),
+        _r("", "v1", "endpoints", "Endpoints", short_names=["ep"]),
+        _r("", "v1", "limitranges", "LimitRange", short_names=["limits"]),
+        _r("", "v1", "resourcequotas", "ResourceQuota", short_names=["quota"], status_subresource=True),
+        _r("", "v1", "nodes", "Node", False, short_names=["no"], status_subresource=True),
+        _r(
+            "",
+            "v1",
+            "persistentvolumes",
+            "PersistentVolume",
+            False,
+            short_names=["pv"],
+            status_subresource=True,
+        ),
+        _r("scheduling.k8s.io", "v1", "priorityclasses", "PriorityClass", False, short_names=["pc"]),
+        _r("storage.k8s.io", "v1", "storageclasses", "StorageClass", False, short_names=["sc"]),
     ]
 
 
