@@ -1,0 +1,151 @@
+"""The worker process end to end on its control path: watch -> prefetch -> validate -> Ready, reported
+in its own LoRAWorker; bad configuration stops it at start; SIGTERM stops it cleanly.
+
+Workers run as real subprocesses against the API server fixture. IDs are written by the test in
+the operator's place (status.id + NameAvailable), so these tests do not depend on the operator.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, _HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+fleet = _load("fleet")
+adapters_mod = _load("adapters")
+
+
+@pytest.fixture
+def setup(kube, namespace, tmp_path):
+    kube.apply_crds()
+    base = adapters_mod.write_base_config(tmp_path / "base")
+    root = tmp_path / "adapters"
+    root.mkdir()
+    ads = fleet.Adapters(kube, namespace)
+    yield base, root, ads
+    ads.close()
+
+
+def _worker(kube, tmp_path, namespace, base, root, name="w1", **kw):
+    return fleet.WorkerProc(
+        kube.kubeconfig, tmp_path, name=name, namespace=namespace, base_dir=base, local_root=root, **kw
+    )
+
+
+def test_adapters_become_ready_failed_or_ignored_and_are_reported(kube, namespace, tmp_path, setup):
+    base, root, ads = setup
+    good = adapters_mod.write_adapter(root / "good", r=8)
+    small = adapters_mod.write_adapter(
+        root / "small", r=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    big = adapters_mod.write_adapter(root / "big", r=128)
+    other = adapters_mod.write_adapter(root / "other")
+    with _worker(kube, tmp_path, namespace, base, root, extra=["--max-lora-rank", "64"]) as w:
+        ads.create(fleet.adapter_obj("good", str(good)))
+        ads.create(fleet.adapter_obj("small", f"file://{small}", served_name="small-one"))
+        ads.create(fleet.adapter_obj("big", str(big)))
+        ads.create(fleet.adapter_obj("other-base", str(other), base_model="another-model"))
+        ads.create(fleet.adapter_obj("no-id", str(other)))
+        ads.create(fleet.adapter_obj("taken", str(other), served_name="good"))
+        ads.assign("good", 11)
+        ads.assign("small", 12)
+        ads.assign("big", 13)
+        ads.assign("other-base", 14)
+        ads.assign("taken", 15, name_available=False)
+        want = {11: "Ready", 12: "Ready", 13: "Failed"}
+        fleet.wait_for(
+            lambda: fleet.states(ads, "w1", namespace) == want,
+            30,
+            lambda: f"states {want}\n{w.log()[-3000:]}",
+        )
+        rep = fleet.report(ads, "w1", namespace)
+        assert rep[13]["reason"] == "RankTooLarge"
+        assert "128" in rep[13]["message"] and "64" in rep[13]["message"]
+        assert rep[11]["adapter"] == f"{namespace}/good"
+        info = rep[12]["info"]
+        assert info["rank"] == 4 and info["alpha"] == 16
+        assert sorted(info["targetModules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert len(info["sha256"]) == 64 and info["sizeBytes"] > 0 and info["resolvedRevision"]
+        obj = next(o for o in ads.workers() if o["metadata"]["name"] == "w1")
+        assert obj["spec"]["baseModel"] == fleet.BASE_MODEL
+        assert obj["spec"]["capacity"]["maxLoraRank"] == 64
+        assert obj["status"]["ready"] == 2 and obj["status"]["failed"] == 1
+        assert obj["status"]["heartbeatTime"]
+        assert w.metric('loraplane_worker_adapters{state="Ready"}') == 2
+        assert w.metric('loraplane_worker_adapters{state="Failed"}') == 1
+
+        # Delete and name loss drop the adapter; the others stay.
+        ads.delete("good")
+        ads.assign("small", 12, name_available=False)
+        fleet.wait_for(lambda: fleet.states(ads, "w1", namespace) == {13: "Failed"}, 20, "drops")
+        assert w.stop() == 0
+    # A clean stop removes the worker's report so the operator stops counting it at once.
+    assert all(o["metadata"]["name"] != "w1" for o in ads.workers())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-lora-rank", "-1"], "--max-lora-rank must be a positive integer, got -1"),
+        (["--max-loras", "x"], "--max-loras must be an integer, got 'x'"),
+        (["--base-model", "/nonexistent/dir"], "--base-model /nonexistent/dir: no such directory"),
+        (["--base-model", "{tmp}"], "no config.json in that directory"),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (
+            ["--max-cpu-loras", "2", "--max-loras", "4"],
+            "--max-cpu-loras (2) must be at least --max-loras (4)",
+        ),
+        (["--local-roots", "relative/dir"], "--local-roots 'relative/dir' must be an absolute directory"),
+        (["--namespaces", "Bad_NS"], "--namespaces 'Bad_NS' is not a valid namespace name"),
+        (["--s3-endpoint", "localhost:9000"], "--s3-endpoint must be an http:// or https:// URL"),
+        (["--heartbeat-seconds", "0"], "--heartbeat-seconds must be a positive number of seconds"),
+    ],
+)
+def test_bad_configuration_stops_at_start_naming_the_flag(tmp_path, args, message):
+    base = adapters_mod.write_base_config(tmp_path / "base")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--base-model", str(base), *[a.replace("{tmp}", str(empty)) for a in args]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraplane.worker.main", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+def test_settings_precedence_flags_over_env_over_file(tmp_path):
+    from loraplane.worker import settings
+
+    base = adapters_mod.write_base_config(tmp_path / "base")
+    cfg = tmp_path / "worker.yaml"
+    cfg.write_text(
+        f"baseModel: {base}\nmaxLoraRank: 16\nmax-loras: 3\ncache_bytes: 1Gi\nnamespaces: [a, b]\n"
+    )
+    env = {
+        "LORAPLANE_MAX_LORA_RANK": "32",
+        "LORAPLANE_MAX_LORAS": "5",
+        "POD_NAME": "w-0",
+        "POD_NAMESPACE": "ns",
+    }
+    s = settings.load(["--config", str(cfg), "--max-loras", "7"], env)
+    assert (s.max_loras, s.max_lora_rank, s.cache_bytes) == (7, 32, 1 << 30)
+    assert s.namespaces == ("a", "b")
+    assert (s.object_name, s.object_namespace) == ("w-0", "ns")
+    assert s.served_model_name == "base"  # the directory's name by default
+    cfg.write_text("maxLoraRnak: 3\n")
+    with pytest.raises(settings.ConfigError, match="unknown setting 'maxLoraRnak'"):
+        settings.load(["--config", str(cfg), "--base-model", str(base)], {})

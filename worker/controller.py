@@ -1,0 +1,283 @@
+"""Reconciles the adapters this worker should serve (from the watch) with what it has (the registry).
+
+Each adapter version (ID) gets its own task: resolve -> prefetch -> validate -> Ready, or Failed with
+a reason. Tasks run under a bound on concurrency, so one slow or bad adapter never blocks the others.
+Retryable failures (network, a full cache) are retried with capped exponential backoff while the
+adapter stays in its stage with the reason in its report; permanent ones are reported once.
+
+Versions: when an adapter's ID changes (a new path or revision), the old version keeps serving until
+the new one is Ready, then it is dropped. If the new version fails, the old one keeps serving and the
+new one is reported Failed: a bad push never takes a working adapter away. A deleted adapter, or one
+that lost its served name, is dropped at once. Served entries are pinned in the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Gauge
+
+from loraplane.crds.errors import LoraplaneError
+from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
+from loraplane.worker import sources, validate
+from loraplane.worker.cache import AdapterCache, CachedAdapter
+from loraplane.worker.registry import AdapterVersion, Registry, State
+from loraplane.worker.watch import AdapterWatch, DesiredAdapter
+
+log = logging.getLogger(__name__)
+
+ADAPTERS = Gauge("loraplane_worker_adapters", "Adapter versions known to this worker, by state", ["state"])
+STATES: tuple[State, ...] = ("Pending", "Prefetching", "Validating", "Ready", "Failed")
+INTERNAL_ERROR = "InternalError"
+RETRY_START = 1.0  # seconds before the first retry of a retryable failure
+RETRY_MAX = 60.0  # seconds: the cap between retries
+
+
+@dataclass
+class _Known:
+    """One adapter version this worker is working on or serving."""
+
+    desired: DesiredAdapter
+    state: State = "Pending"
+    reason: str | None = None
+    message: str | None = None
+    info: AdapterInfo | None = None
+    cache_key: str | None = None  # pinned while known
+    task: asyncio.Task[None] | None = None
+
+
+class Controller:
+    """Drives every desired adapter version to Ready (or Failed) and keeps ``registry`` current.
+
+    ``on_change`` is called after any state change (the reporter batches the writes).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        cache: AdapterCache,
+        base: validate.BaseModelInfo,
+        source_settings: sources.SourceSettings,
+        *,
+        base_model: str,
+        max_lora_rank: int,
+        max_concurrent: int = 16,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.base = base
+        self.source_settings = source_settings
+        self.base_model = base_model
+        self.max_lora_rank = max_lora_rank
+        self.on_change = on_change
+        self._limit = asyncio.Semaphore(max_concurrent)
+        self._known: dict[int, _Known] = {}
+        self._desired: dict[int, DesiredAdapter] = {}
+        self.synced = asyncio.Event()  # set once the first desired state has been applied
+
+    # --- the loop --------------------------------------------------------------------------------
+    async def run(self, watch: AdapterWatch) -> None:
+        """Apply the watch's desired state whenever it changes, until cancelled."""
+        try:
+            while True:
+                await watch.changed.wait()
+                watch.changed.clear()
+                self.reconcile(watch.desired)
+                self.synced.set()
+        finally:
+            for known in self._known.values():
+                if known.task is not None:
+                    known.task.cancel()
+
+    def reconcile(self, desired: dict[int, DesiredAdapter]) -> None:
+        """Start work for new IDs and drop versions that are no longer wanted. Never blocks."""
+        self._desired = dict(desired)
+        for adapter_id, want in desired.items():
+            known = self._known.get(adapter_id)
+            if known is None:
+                self._start(want)
+            elif known.desired != want:
+                # Same version, other metadata (served name, long-context length): prepare it again
+                # (a cache hit), and stop serving it under the old name at once.
+                log.info(
+                    "adapter %s (id %d) changed: %s -> %s", want.adapter, adapter_id, known.desired, want
+                )
+                self._drop(adapter_id)
+                self._start(want)
+        wanted_keys = {d.adapter: d.id for d in desired.values()}
+        for adapter_id in list(self._known):
+            if adapter_id in desired:
+                continue
+            known = self._known[adapter_id]
+            newer = wanted_keys.get(known.desired.adapter)
+            if newer is not None and known.state == "Ready" and self._known[newer].state != "Ready":
+                continue  # keep serving the old version until the new one is Ready
+            self._drop(adapter_id)
+        self._changed()
+
+    def _start(self, want: DesiredAdapter) -> None:
+        known = _Known(want)
+        self._known[want.id] = known
+        self.registry.upsert(self._version(known))
+        known.task = asyncio.create_task(self._prepare(known), name=f"adapter {want.adapter} id {want.id}")
+
+    def _drop(self, adapter_id: int) -> None:
+        known = self._known.pop(adapter_id, None)
+        if known is None:
+            return
+        if known.task is not None and not known.task.done():
+            known.task.cancel()
+        if known.cache_key is not None:
+            self.cache.unpin(known.cache_key)
+        self.registry.remove(adapter_id)
+        log.info("dropped adapter %s id %d (%s)", known.desired.adapter, adapter_id, known.state)
+
+    # --- one adapter version ---------------------------------------------------------------------
+    async def _prepare(self, known: _Known) -> None:
+        want = known.desired
+        delay = RETRY_START
+        while True:
+            try:
+                async with self._limit:
+                    await self._pipeline(known)
+                return
+            except LoraplaneError as e:
+                if not e.retry:
+                    self._set(known, "Failed", e.reason, e.message)
+                    log.warning("adapter %s id %d failed: %s", want.adapter, want.id, e)
+                    self._release(known)
+                    return
+                message = f"{e.message} (retrying in {delay:.0f}s)"
+                self._set(known, known.state, e.reason, message)
+                log.warning("adapter %s id %d: %s; retrying in %.1fs", want.adapter, want.id, e, delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug must not take the worker down; report it on this adapter
+                log.exception("adapter %s id %d: unexpected error", want.adapter, want.id)
+                self._set(known, "Failed", INTERNAL_ERROR, f"unexpected {type(e).__name__}: {e}")
+                self._release(known)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _pipeline(self, known: _Known) -> None:
+        want = known.desired
+        self._set(known, "Prefetching")
+        resolved = await asyncio.to_thread(sources.resolve, want.path, want.revision, self.source_settings)
+        cached: CachedAdapter = await asyncio.to_thread(self.cache.prefetch, resolved)
+        if known.cache_key != cached.cache_key:
+            self._release(known)
+            self.cache.pin(cached.cache_key)
+            known.cache_key = cached.cache_key
+        self._set(known, "Validating")
+        summary = await asyncio.to_thread(
+            validate.validate_adapter,
+            cached.path,
+            self.base,
+            max_lora_rank=self.max_lora_rank,
+            max_length=want.max_length,
+            served_base_name=self.base_model,
+            sha256=cached.sha256(),
+        )
+        known.info = AdapterInfo(
+            rank=summary.rank,
+            alpha=summary.alpha,
+            useRslora=summary.use_rslora,
+            targetModules=list(summary.target_modules)[:64],
+            sizeBytes=summary.size_bytes,
+            sha256=summary.sha256,
+            resolvedRevision=resolved.resolved_revision,
+        )
+        for warning in summary.warnings:
+            log.warning("adapter %s id %d: %s", want.adapter, want.id, warning)
+        message = "; ".join(summary.warnings) or None
+        self._set(
+            known,
+            "Ready",
+            None,
+            message,
+            local_dir=cached.path,
+            rank=summary.rank,
+            scaling=summary.scaling,
+            warnings=tuple(summary.warnings),
+        )
+        log.info("adapter %s id %d Ready (rank %d, %s)", want.adapter, want.id, summary.rank, resolved.uri)
+        self._retire_older(known)
+
+    def _release(self, known: _Known) -> None:
+        if known.cache_key is not None:
+            self.cache.unpin(known.cache_key)
+            known.cache_key = None
+
+    def _retire_older(self, ready: _Known) -> None:
+        """The new version is Ready: drop the older versions of the same adapter that are no longer desired."""
+        for adapter_id, known in list(self._known.items()):
+            if known.desired.adapter == ready.desired.adapter and adapter_id not in self._desired:
+                self._drop(adapter_id)
+        self._changed()
+
+    # --- state -----------------------------------------------------------------------------------
+    def _set(
+        self,
+        known: _Known,
+        state: State,
+        reason: str | None = None,
+        message: str | None = None,
+        **version: object,
+    ) -> None:
+        if self._known.get(known.desired.id) is not known:
+            return  # dropped meanwhile
+        known.state, known.reason, known.message = state, reason, message
+        self.registry.upsert(self._version(known, **version))
+        self._changed()
+
+    def _version(self, known: _Known, **changes: object) -> AdapterVersion:
+        d = known.desired
+        current = self.registry.by_id(d.id)
+        base = AdapterVersion(
+            id=d.id,
+            served_name=d.served_name,
+            adapter=d.adapter,
+            base_model=self.base_model,
+            max_length=d.max_length,
+        )
+        if current is not None and current.served_name == d.served_name:
+            base = current
+        return base.with_state(known.state, reason=known.reason, message=known.message, **changes)  # type: ignore[arg-type]
+
+    def _changed(self) -> None:
+        counts = dict.fromkeys(STATES, 0)
+        for known in self._known.values():
+            counts[known.state] += 1
+        for state, n in counts.items():
+            ADAPTERS.labels(state).set(n)
+        self.on_change()
+
+    def reports(self) -> list[WorkerAdapterReport]:
+        """What this worker reports per adapter ID (for its LoRAWorker status)."""
+        out = []
+        for adapter_id in sorted(self._known):
+            known = self._known[adapter_id]
+            out.append(
+                WorkerAdapterReport(
+                    id=adapter_id,
+                    adapter=known.desired.adapter,
+                    state=known.state,
+                    reason=known.reason,
+                    message=(known.message or "")[:2048] or None,
+                    info=known.info,
+                )
+            )
+        return out
+
+    def states(self) -> dict[int, State]:
+        return {i: k.state for i, k in self._known.items()}
+
+    def local_dir(self, adapter_id: int) -> Path | None:
+        version = self.registry.by_id(adapter_id)
+        return version.local_dir if version else None

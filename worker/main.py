@@ -1,0 +1,285 @@
+"""``loraplane-worker``: the worker process that ties watch, controller, report and the HTTP server together.
+
+``WorkerApp`` holds the pieces (settings, base model info, registry, cache, watch, controller, report)
+and runs them on one event loop. The HTTP side is a hook: ``app.serve`` (a coroutine function taking
+the app) is started with the rest, so the OpenAI API server can run inside this process and read the
+same registry; without one, a small server answers /metrics, /healthz and /readyz. SIGTERM and
+SIGINT stop it cleanly: tasks are cancelled, the LoRAWorker object is deleted, the exit code is 0.
+
+Nothing heavy is imported at module level, so ``loraplane-worker --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loraplane.worker import settings as settings_mod
+from loraplane.worker.settings import ConfigError, WorkerSettings
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from loraplane.worker.apiclient import ApiClient
+    from loraplane.worker.cache import AdapterCache
+    from loraplane.worker.controller import Controller
+    from loraplane.worker.registry import Registry
+    from loraplane.worker.report import WorkerReport
+    from loraplane.worker.sources import SourceSettings
+    from loraplane.worker.validate import BaseModelInfo
+    from loraplane.worker.watch import AdapterWatch
+
+log = logging.getLogger("loraplane.worker")
+
+ServeHook = Callable[["WorkerApp"], Awaitable[None]]
+
+
+class WorkerApp:
+    """One worker process's parts. Build with ``WorkerApp(settings)``; ``await app.run(stop)``.
+
+    Attributes others use: ``settings``, ``registry`` (what is servable, by served name and ID),
+    ``base`` (BaseModelInfo), ``model_dir`` (the checkpoint directory), ``cache``, ``controller``,
+    ``report`` (set ``report.on_device`` to the engine's slot query), ``serve`` (the HTTP hook),
+    ``ready`` (set when the base model is loaded and the first adapter list applied).
+    """
+
+    def __init__(self, settings: WorkerSettings, *, serve: ServeHook | None = None) -> None:
+        from loraplane.worker.registry import Registry
+
+        self.settings = settings
+        self.serve = serve
+        self.registry: Registry = Registry()
+        self.model_dir: Path | None = None
+        self.base: BaseModelInfo | None = None
+        self.cache: AdapterCache | None = None
+        self.api: ApiClient | None = None
+        self.watch: AdapterWatch | None = None
+        self.controller: Controller | None = None
+        self.report: WorkerReport | None = None
+        self.port: int | None = None  # the HTTP port actually bound (settings.port may be 0)
+        self.ready = asyncio.Event()
+
+    # --- start-up --------------------------------------------------------------------------------
+    def source_settings(self) -> SourceSettings:
+        from loraplane.worker.sources import SourceSettings
+
+        s = self.settings
+        return SourceSettings(
+            local_roots=tuple(Path(r) for r in s.local_roots),
+            hf_endpoint=s.hf_endpoint or None,
+            s3_endpoint_url=s.s3_endpoint or None,
+            s3_region=s.s3_region or None,
+            state_dir=Path(s.cache_dir) / "state",
+        )
+
+    def load_base_model(self) -> None:
+        """Find the checkpoint (a directory, or the Hub's config and weights) and read its config."""
+        from loraplane.worker.validate import BaseModelInfo
+
+        s = self.settings
+        model_dir = Path(s.base_model).expanduser()
+        if not model_dir.is_dir():
+            from huggingface_hub import snapshot_download
+
+            log.info("downloading %s from the Hub (config, tokenizer, safetensors weights)", s.base_model)
+            model_dir = Path(
+                snapshot_download(
+                    s.base_model,
+                    allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+                    endpoint=s.hf_endpoint or None,
+                )
+            )
+        self.model_dir = model_dir
+        self.base = BaseModelInfo.from_pretrained_dir(model_dir, served_name=s.served_model_name)
+        log.info(
+            "base model %s (%s, hidden %d, %d layers, context %d) served as %r",
+            model_dir,
+            self.base.model_type,
+            self.base.hidden_size,
+            self.base.num_layers,
+            self.base.max_length,
+            s.served_model_name,
+        )
+
+    def build(self) -> None:
+        """Create the parts (after load_base_model, inside the running loop)."""
+        from loraplane.crds.models import LoRAWorkerSpec, WorkerCapacity
+        from loraplane.worker.apiclient import ApiClient
+        from loraplane.worker.cache import AdapterCache
+        from loraplane.worker.controller import Controller
+        from loraplane.worker.report import WorkerReport
+        from loraplane.worker.watch import AdapterWatch
+
+        s = self.settings
+        assert self.base is not None, "load_base_model() first"
+        self.cache = AdapterCache(
+            Path(s.cache_dir),
+            max(s.cache_bytes, 1),
+            s.max_concurrent_downloads,
+            sources_settings=self.source_settings(),
+        )
+        self.api = ApiClient.from_kubeconfig(s.kubeconfig)
+        self.watch = AdapterWatch(self.api, s.served_model_name, s.namespaces)
+        spec = LoRAWorkerSpec(
+            baseModel=s.served_model_name,
+            podName=s.pod_name or None,
+            nodeName=s.node_name or None,
+            endpoint=s.endpoint or None,
+            capacity=WorkerCapacity(
+                maxLoras=s.max_loras,
+                maxLoraRank=s.max_lora_rank,
+                maxCpuLoras=s.max_cpu_loras,
+                cacheBytes=s.cache_bytes,
+            ),
+        )
+        cache = self.cache
+        self.report = WorkerReport(
+            self.api,
+            name=s.object_name,
+            namespace=s.object_namespace,
+            spec=spec,
+            adapters=lambda: self.controller.reports() if self.controller else [],
+            cache_bytes_used=lambda: cache.used_bytes,
+            pod_name=s.pod_name,
+            batch_seconds=s.report_batch_seconds,
+            heartbeat_seconds=s.heartbeat_seconds,
+        )
+        self.controller = Controller(
+            self.registry,
+            self.cache,
+            self.base,
+            self.source_settings(),
+            base_model=s.served_model_name,
+            max_lora_rank=s.max_lora_rank,
+            max_concurrent=s.max_concurrent_prepares,
+            on_change=self.report.mark_dirty,
+        )
+
+    # --- running ---------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set (or a part fails); then shut down cleanly."""
+        if self.base is None:
+            await asyncio.to_thread(self.load_base_model)
+        self.build()
+        assert self.watch and self.controller and self.report and self.api
+        tasks = [
+            asyncio.create_task(self.watch.run(), name="watch"),
+            asyncio.create_task(self.controller.run(self.watch), name="controller"),
+            asyncio.create_task(self.report.run(), name="report"),
+            asyncio.create_task(self._http(), name="http"),
+        ]
+        helpers = [asyncio.create_task(self._mark_ready(), name="ready")]
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper:
+                    # These loops run until cancelled: ending at all is a bug; say which and why.
+                    error = task.exception()
+                    log.error("%s ended unexpectedly", task.get_name(), exc_info=error)
+                    raise error or RuntimeError(f"{task.get_name()} ended unexpectedly")
+        finally:
+            for task in [stopper, *tasks, *helpers]:
+                task.cancel()
+            await asyncio.gather(stopper, *tasks, *helpers, return_exceptions=True)
+            await self.report.delete()
+            await self.api.close()
+            log.info("worker stopped")
+
+    async def _mark_ready(self) -> None:
+        assert self.controller is not None
+        await self.controller.synced.wait()
+        self.ready.set()
+        log.info("first adapter list applied; worker ready")
+
+    async def _http(self) -> None:
+        if self.serve is not None:
+            await self.serve(self)
+            return
+        from aiohttp import web
+
+        runner = web.AppRunner(self.http_app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.host, self.settings.port, shutdown_timeout=0.5)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+        log.info("serving /metrics, /healthz, /readyz on %s:%d", self.settings.host, self.port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    def http_app(self) -> web.Application:
+        """The control-path endpoints (/metrics, /healthz, /readyz, /adapters); an API server may mount them."""
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            ready = self.ready.is_set()
+            return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+        async def adapters(_: web.Request) -> web.Response:
+            reports = self.controller.reports() if self.controller else []
+            return web.json_response([r.model_dump(exclude_none=True) for r in reports])
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/adapters", adapters)
+        return app
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _main_async(app: WorkerApp) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.run(stop)
+
+
+def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> int:
+    """Entry point of ``loraplane-worker``; returns the exit code (2 for bad configuration)."""
+    try:
+        settings = settings_mod.load(argv)
+    except ConfigError as e:
+        print(f"loraplane-worker: {e}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    app = WorkerApp(settings, serve=serve)
+    try:
+        app.load_base_model()
+    except Exception as e:  # a LoraplaneError names the problem; anything else too, without a trace
+        print(f"loraplane-worker: --base-model {settings.base_model}: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_main_async(app))
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The worker's own LoRAWorker object: its capacity in spec, its adapters' states in status.
+
+Created at start (ownerReference to the worker's Pod when the Pod exists, so it is garbage-collected
+with it). Adapter state changes are coalesced over a short interval into one status write, so API
+writes grow with workers, not with workers x adapters; a heartbeat rewrites the status periodically
+so the operator can tell a live worker from a dead one. Writes only this one object, never
+LoRAAdapter objects. If the object disappears (deleted by hand, its Pod recreated), it is recreated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import Counter
+
+from loraplane.crds.models import (
+    API_VERSION,
+    WORKER_KIND,
+    WORKER_PLURAL,
+    LoRAWorkerSpec,
+    LoRAWorkerStatus,
+    WorkerAdapterReport,
+)
+from loraplane.worker.apiclient import ApiClient, ApiError
+
+log = logging.getLogger(__name__)
+
+STATUS_WRITES = Counter("loraplane_worker_report_writes", "LoRAWorker status writes (batches and heartbeats)")
+RETRY_MAX = 10.0  # seconds between attempts while the API server is away
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class WorkerReport:
+    """Owns one LoRAWorker object. ``mark_dirty()`` after changes; ``run()`` writes in batches.
+
+    ``adapters`` returns the per-adapter reports; ``on_device`` (optional, from the engine) returns the
+    IDs in device slots now; ``cache_bytes_used`` the cache's bytes in use.
+    """
+
+    def __init__(
+        self,
+        api: ApiClient,
+        *,
+        name: str,
+        namespace: str,
+        spec: LoRAWorkerSpec,
+        adapters: Callable[[], list[WorkerAdapterReport]],
+        cache_bytes_used: Callable[[], int] = lambda: 0,
+        on_device: Callable[[], set[int]] | None = None,
+        pod_name: str = "",
+        batch_seconds: float = 0.2,
+        heartbeat_seconds: float = 10.0,
+    ) -> None:
+        self.api = api
+        self.name, self.namespace = name, namespace
+        self.spec = spec
+        self.adapters = adapters
+        self.cache_bytes_used = cache_bytes_used
+        self.on_device = on_device
+        self.pod_name = pod_name
+        self.batch_seconds = batch_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.writes = 0  # status writes done (tests check batching with it)
+        self._dirty = asyncio.Event()
+        self._created = False
+
+    @property
+    def path(self) -> str:
+        return f"/apis/{API_VERSION}/namespaces/{self.namespace}/{WORKER_PLURAL}/{self.name}"
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    # --- the object ------------------------------------------------------------------------------
+    async def _owner_references(self) -> list[dict[str, Any]] | None:
+        if not self.pod_name:
+            return None
+        try:
+            pod = await self.api.request("GET", f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}")
+        except ApiError as e:
+            if e.status in (403, 404):
+                # No Pod (a local run) or no permission to read it: the heartbeat window covers it.
+                log.info(
+                    "pod %s/%s not readable (%s); LoRAWorker has no owner", self.namespace, self.pod_name, e
+                )
+                return None
+            raise
+        meta = pod.get("metadata") or {}
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta.get("name", self.pod_name),
+                "uid": meta.get("uid", ""),
+                "blockOwnerDeletion": False,
+                "controller": False,
+            }
+        ]
+
+    async def ensure_object(self) -> None:
+        """Create this worker's LoRAWorker, or update the spec and owner of the one already there."""
+        owners = await self._owner_references()
+        body: dict[str, Any] = {
+            "apiVersion": API_VERSION,
+            "kind": WORKER_KIND,
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {"loraplane.io/base-model": _label(self.spec.baseModel)},
+            },
+            "spec": self.spec.model_dump(exclude_none=True),
+        }
+        if owners:
+            body["metadata"]["ownerReferences"] = owners
+        base = f"/apis/{API_VERSION}/namespaces/{self.namespace}/{WORKER_PLURAL}"
+        try:
+            await self.api.request("POST", base, body=body)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            patch = {
+                "metadata": {"labels": body["metadata"]["labels"], "ownerReferences": owners},
+                "spec": body["spec"],
+            }
+            await self.api.request(
+                "PATCH", self.path, body=patch, content_type="application/merge-patch+json"
+            )
+        self._created = True
+        log.info("LoRAWorker %s/%s ready to report", self.namespace, self.name)
+
+    def status(self) -> LoRAWorkerStatus:
+        reports = self.adapters()
+        device = self.on_device() if self.on_device is not None else set()
+        if device:
+            reports = [r.model_copy(update={"onDevice": r.id in device}) for r in reports]
+        return LoRAWorkerStatus(
+            heartbeatTime=now(),
+            ready=sum(r.state == "Ready" for r in reports),
+            failed=sum(r.state == "Failed" for r in reports),
+            onDevice=sum(r.onDevice for r in reports),
+            cacheBytesUsed=self.cache_bytes_used(),
+            adapters=reports,
+        )
+
+    async def write_status(self) -> None:
+        """One status write of the whole current state (a merge patch replaces the adapters list)."""
+        body = {"status": self.status().model_dump(exclude_none=True)}
+        try:
+            await self.api.request(
+                "PATCH", self.path + "/status", body=body, content_type="application/merge-patch+json"
+            )
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            log.warning("LoRAWorker %s/%s is gone; recreating it", self.namespace, self.name)
+            await self.ensure_object()
+            await self.api.request(
+                "PATCH", self.path + "/status", body=body, content_type="application/merge-patch+json"
+            )
+        self.writes += 1
+        STATUS_WRITES.inc()
+
+    async def delete(self) -> None:
+        """Remove the object on a clean shutdown, so the operator stops counting this worker at once."""
+        try:
+            await self.api.request("DELETE", self.path, timeout=5)
+        except ApiError as e:
+            if e.status != 404:
+                log.warning("could not delete LoRAWorker %s/%s: %s", self.namespace, self.name, e)
+
+    # --- the loop --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Create the object, then write status on changes (batched) and on every heartbeat."""
+        delay = 0.2
+        while True:
+            try:
+                if not self._created:
+                    await self.ensure_object()
+                self._dirty.clear()
+                await self.write_status()
+                delay = 0.2
+            except ApiError as e:
+                log.warning(
+                    "LoRAWorker %s/%s write failed (%s); retrying in %.1fs",
+                    self.namespace,
+                    self.name,
+                    e,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=self.heartbeat_seconds)
+            except TimeoutError:
+                continue  # heartbeat
+            await asyncio.sleep(self.batch_seconds)  # coalesce the burst that follows the first change
+
+
+def _label(value: str) -> str:
+    """A label-safe form of a base model name (labels allow [A-Za-z0-9._-], at most 63 characters)."""
+    out = "".join(c if c.isalnum() or c in "._-" else "_" for c in value)[-63:].strip("._-")
+    return out or "unknown"

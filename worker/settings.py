@@ -1,0 +1,322 @@
+"""The worker's configuration: one dataclass, built from flags, LORAPLANE_* environment and a YAML file.
+
+Precedence is flags > environment > config file > defaults, so a chart can ship a config file and an
+operator can still override one value with an env var or a flag. Every value is checked at start:
+bad configuration stops the process with a message that names the flag and the fix, instead of a
+worker that runs and silently serves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraplane.crds.models import BASE_MODEL_PATTERN, K8S_NAME_PATTERN
+
+ENV_PREFIX = "LORAPLANE_"
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message names the flag (or env var / config key) and what is accepted."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything the worker process is configured with. Units are in each field's docstring."""
+
+    base_model: str = ""
+    """The base model: a local checkpoint directory (config.json + *.safetensors) or a Hub repo id."""
+    served_model_name: str = ""
+    """The base-model name this worker serves, matched against LoRAAdapter spec.baseModel. Default: the
+    Hub repo id given as --base-model, or the checkpoint directory's name."""
+    device: str = "auto"
+    """Torch device for the engine: auto (cuda when available), cpu, cuda or cuda:N."""
+    max_loras: int = 8
+    """Device slots for adapters (count): adapters in one forward pass at once."""
+    max_lora_rank: int = 64
+    """Largest LoRA rank a slot holds (rank); adapters above it fail with RankTooLarge."""
+    max_cpu_loras: int = 64
+    """Adapters kept loaded in CPU memory (count), including those on the device."""
+    cache_dir: str = "/var/cache/loraplane"
+    """Directory of the adapter disk cache (a volume kept across restarts avoids re-downloading)."""
+    cache_bytes: int = 20 << 30
+    """Disk cache budget in bytes (default 20 GiB); least recently used adapters not served are evicted."""
+    max_concurrent_downloads: int = 4
+    """Downloads running at once (count)."""
+    max_concurrent_prepares: int = 16
+    """Adapters being resolved, prefetched or validated at once (count); the rest wait their turn."""
+    local_roots: tuple[str, ...] = ()
+    """Directories under which local (absolute or file://) adapter paths are allowed. Empty: none."""
+    namespaces: tuple[str, ...] = ()
+    """Namespaces whose LoRAAdapter objects this worker watches. Empty: all namespaces."""
+    pod_name: str = ""
+    """This worker's Pod name (downward API env POD_NAME); its LoRAWorker is owned by that Pod."""
+    pod_namespace: str = ""
+    """This worker's Pod namespace (downward API env POD_NAMESPACE), where its LoRAWorker lives."""
+    node_name: str = ""
+    """The node the Pod runs on (downward API env NODE_NAME); reported in the LoRAWorker spec."""
+    worker_name: str = ""
+    """Name of this worker's LoRAWorker object. Default: the pod name, else the host name."""
+    kubeconfig: str = ""
+    """Path of a kubeconfig. Empty: the in-cluster service account, else KUBECONFIG / ~/.kube/config."""
+    heartbeat_seconds: float = 10.0
+    """Seconds between heartbeats written to the LoRAWorker status."""
+    report_batch_seconds: float = 0.2
+    """Seconds over which adapter state changes are coalesced into one LoRAWorker status write."""
+    host: str = "0.0.0.0"
+    """Address the HTTP server (OpenAI API, /metrics, health) listens on."""
+    port: int = 8000
+    """TCP port of the HTTP server; 0 picks a free port."""
+    endpoint: str = ""
+    """URL of this worker's OpenAI API reported in the LoRAWorker spec. Default: none reported."""
+    s3_endpoint: str = ""
+    """S3-compatible endpoint URL (MinIO, Ceph). Empty: AWS S3. Credentials: boto3's standard chain."""
+    s3_region: str = ""
+    """S3 region. Empty: boto3's standard chain (AWS_REGION, config file)."""
+    hf_endpoint: str = ""
+    """Hugging Face Hub URL or mirror. Empty: huggingface_hub's default (HF_ENDPOINT). Token: HF_TOKEN."""
+    log_level: str = "INFO"
+    """Logging level: DEBUG, INFO, WARNING or ERROR."""
+
+    @property
+    def object_name(self) -> str:
+        """The LoRAWorker object name."""
+        return self.worker_name or self.pod_name or _host_name()
+
+    @property
+    def object_namespace(self) -> str:
+        return self.pod_namespace or "default"
+
+
+# Flags whose meaning is a list; environment and flags take comma-separated values.
+_LISTS = {"local_roots", "namespaces"}
+_ENV_ALIASES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "node_name": "NODE_NAME"}
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+
+
+def _host_name() -> str:
+    name = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.")
+    return name or "loraplane-worker"
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _field_docs() -> dict[str, str]:
+    """Field docstrings, read from the source so --help and docs/worker.md say the same thing."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(WorkerSettings))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraplane-worker",
+        description="Serve LoRA adapters of one base model: watch LoRAAdapter objects, prefetch, validate, "
+        "serve, and report in this worker's LoRAWorker object. Every flag can also be set as "
+        f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_LORA_RANK) or in the --config YAML file.",
+    )
+    parser.add_argument("--config", default=None, help="YAML file of settings (keys: flag names, - or _)")
+    docs = _field_docs()
+    for f in fields(WorkerSettings):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        help_text = f"{docs.get(f.name, '')} (env {env_name(f.name)}; default: {shown!r})"
+        parser.add_argument(flag(f.name), dest=f.name, default=None, help=help_text.replace("%", "%%"))
+    return parser
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerSettings:
+    """Settings from flags, environment and config file; raises ConfigError naming the bad flag."""
+    env = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config") or env.get(ENV_PREFIX + "CONFIG")
+    raw: dict[str, tuple[str, Any]] = {}  # field -> (where it came from, raw value)
+    if config_path:
+        for key, value in _read_config(config_path).items():
+            raw[key] = (f"{key} in {config_path}", value)
+    names = {f.name for f in fields(WorkerSettings)}
+    for name in names:
+        for var in (env_name(name), _ENV_ALIASES.get(name)):
+            if var and env.get(var, "") != "":
+                raw[name] = (f"{flag(name)} (env {var})", env[var])
+                break
+    for name, value in args.items():
+        if value is not None:
+            raw[name] = (flag(name), value)
+    values: dict[str, Any] = {}
+    for f in fields(WorkerSettings):
+        if f.name in raw:
+            where, value = raw[f.name]
+            values[f.name] = _convert(f, where, value)
+    settings = WorkerSettings(**values)
+    return check(settings)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of setting: value, got {type(data).__name__}")
+    names = {f.name for f in fields(WorkerSettings)}
+    out = {}
+    for key, value in data.items():
+        name = _snake(str(key))
+        if name not in names:
+            raise ConfigError(f"--config {path}: unknown setting {key!r}; run loraplane-worker --help")
+        out[name] = value
+    return out
+
+
+def _snake(key: str) -> str:
+    key = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).replace("-", "_")
+    return key.lower()
+
+
+def _convert(f: dataclasses.Field[Any], where: str, value: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if f.name in _LISTS:
+        items = value if isinstance(value, list) else str(value).split(",")
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    if kind == "int":
+        try:
+            return _parse_int(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+    if kind == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number of seconds, got {value!r}") from None
+    return str(value).strip()
+
+
+_SIZE_SUFFIX = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
+
+
+def _parse_int(value: Any) -> int:
+    """An integer, or a byte size with a Kubernetes-style suffix (20Gi, 500M)."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(-?\d+)\s*([KMGT]i?)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError(value)
+    return int(m.group(1)) * _SIZE_SUFFIX[(m.group(2) or "").upper()]
+
+
+def check(s: WorkerSettings) -> WorkerSettings:
+    """Check every value; fill derived defaults (served name). Raises ConfigError naming the flag."""
+    if not s.base_model:
+        raise ConfigError(
+            "--base-model is required: a checkpoint directory (config.json + *.safetensors) or a Hub repo id"
+        )
+    looks_local = s.base_model.startswith(("/", ".", "~")) or os.path.isdir(s.base_model)
+    if looks_local:
+        d = Path(s.base_model).expanduser()
+        if not d.is_dir():
+            raise ConfigError(f"--base-model {s.base_model}: no such directory")
+        if not (d / "config.json").is_file():
+            raise ConfigError(f"--base-model {s.base_model}: no config.json in that directory")
+    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", s.base_model):
+        raise ConfigError(
+            f"--base-model {s.base_model!r} is neither a directory nor a Hub repo id (org/name)"
+        )
+    served = s.served_model_name or (
+        Path(s.base_model).expanduser().resolve().name if looks_local else s.base_model
+    )
+    if not re.fullmatch(BASE_MODEL_PATTERN, served):
+        raise ConfigError(
+            f"--served-model-name {served!r} must match {BASE_MODEL_PATTERN} (as spec.baseModel does)"
+        )
+    for name in (
+        "max_loras",
+        "max_lora_rank",
+        "max_cpu_loras",
+        "max_concurrent_downloads",
+        "max_concurrent_prepares",
+    ):
+        value = getattr(s, name)
+        if value < 1:
+            raise ConfigError(f"{flag(name)} must be a positive integer, got {value}")
+    if s.max_cpu_loras < s.max_loras:
+        raise ConfigError(
+            f"--max-cpu-loras ({s.max_cpu_loras}) must be at least --max-loras ({s.max_loras}): "
+            "adapters on the device are also kept in CPU memory"
+        )
+    if s.cache_bytes < 0:
+        raise ConfigError(
+            f"--cache-bytes must be zero or a positive byte count (e.g. 20Gi), got {s.cache_bytes}"
+        )
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {s.port}")
+    for name in ("heartbeat_seconds", "report_batch_seconds"):
+        if not getattr(s, name) > 0:
+            raise ConfigError(f"{flag(name)} must be a positive number of seconds, got {getattr(s, name)}")
+    if not _DEVICE_RE.match(s.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {s.device!r}")
+    if s.log_level.upper() not in _LEVELS:
+        raise ConfigError(f"--log-level must be one of {sorted(_LEVELS)}, got {s.log_level!r}")
+    for root in s.local_roots:
+        if not os.path.isabs(root):
+            raise ConfigError(f"--local-roots {root!r} must be an absolute directory")
+    if not s.cache_dir:
+        raise ConfigError("--cache-dir must name a writable directory")
+    for name, value in (
+        ("pod_name", s.pod_name),
+        ("worker_name", s.worker_name),
+        ("pod_namespace", s.pod_namespace),
+    ):
+        if value and (len(value) > 253 or not re.fullmatch(K8S_NAME_PATTERN, value)):
+            raise ConfigError(f"{flag(name)} {value!r} is not a valid Kubernetes object name")
+    for ns in s.namespaces:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", ns):
+            raise ConfigError(f"--namespaces {ns!r} is not a valid namespace name")
+    for name in ("s3_endpoint", "hf_endpoint", "endpoint"):
+        value = getattr(s, name)
+        if value and not re.match(r"^https?://", value):
+            raise ConfigError(f"{flag(name)} must be an http:// or https:// URL, got {value!r}")
+    return dataclasses.replace(s, served_model_name=served, log_level=s.log_level.upper())
+
+
+__all__ = ["ConfigError", "WorkerSettings", "build_parser", "check", "env_name", "flag", "load"]

@@ -1,0 +1,177 @@
+"""The worker's view of which adapters it should serve: list, then watch, LoRAAdapter objects.
+
+One loop per watched scope (all namespaces, or each configured namespace) keeps the objects it has
+seen and turns them into the desired state, ``{id: DesiredAdapter}``, for this worker's base model.
+It lists, watches from the list's resourceVersion, resumes from the last event's resourceVersion
+when a watch ends, relists on 410 Gone (the HTTP status or the in-stream ERROR event), and reconnects
+with capped exponential backoff when the API server goes away. The desired state is published only
+once every scope has listed, so a worker never drops an adapter because it has not looked yet.
+
+Adapters without ``status.id`` (not registered yet) or with ``NameAvailable=False`` are not desired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from loraplane.crds import conditions
+from loraplane.crds.errors import LoraplaneError
+from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, parse_adapter
+from loraplane.worker.apiclient import ApiClient, ApiError
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START = 0.2  # seconds before the first reconnect
+BACKOFF_MAX = 10.0  # seconds: the cap, so a returning API server is noticed within this
+
+
+@dataclass(frozen=True)
+class DesiredAdapter:
+    """One adapter version this worker should serve, from a LoRAAdapter object."""
+
+    id: int
+    adapter: str  # namespace/name of the LoRAAdapter
+    served_name: str
+    path: str
+    revision: str | None
+    max_length: int | None  # spec.longContext.maxLength
+    uid: str = ""
+
+
+def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | None:
+    """The desired version for one LoRAAdapter object, or None when this worker should not serve it."""
+    spec = obj.get("spec") or {}
+    if spec.get("baseModel") != served_model:
+        return None
+    meta = obj.get("metadata") or {}
+    key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+    if meta.get("deletionTimestamp"):
+        return None
+    try:
+        adapter = parse_adapter(obj)
+    except LoraplaneError as e:  # the operator reports it on the object; nothing to serve
+        log.debug("not serving %s: %s", key, e)
+        return None
+    status = adapter.status
+    if status is None or status.id is None:
+        return None
+    for cond in status.conditions or []:
+        if cond.type == conditions.NAME_AVAILABLE and cond.status == "False":
+            return None
+    return DesiredAdapter(
+        id=status.id,
+        adapter=key,
+        served_name=adapter.served_name,
+        path=adapter.spec.path,
+        revision=adapter.spec.revision,
+        max_length=adapter.spec.longContext.maxLength if adapter.spec.longContext else None,
+        uid=str(meta.get("uid", "")),
+    )
+
+
+class _Gone(Exception):
+    """The resourceVersion is too old: relist."""
+
+
+class AdapterWatch:
+    """Desired adapters for ``served_model`` in ``namespaces`` (empty: all), kept current by list+watch.
+
+    ``desired`` is the latest state; ``changed`` is set whenever it changes (the consumer clears it).
+    ``synced`` is set once every scope has listed at least once.
+    """
+
+    def __init__(self, api: ApiClient, served_model: str, namespaces: tuple[str, ...] = ()) -> None:
+        self.api = api
+        self.served_model = served_model
+        self.scopes: tuple[str, ...] = namespaces or ("",)
+        self.desired: dict[int, DesiredAdapter] = {}
+        self.changed = asyncio.Event()
+        self.synced = asyncio.Event()
+        self._objects: dict[str, dict[str, dict[str, Any]]] = {scope: {} for scope in self.scopes}
+        self._listed: set[str] = set()
+        self.relists = 0  # how many lists ran (the first included): for tests and metrics
+        self.reconnects = 0
+
+    def _path(self, scope: str) -> str:
+        base = f"/apis/{API_VERSION}"
+        return f"{base}/namespaces/{scope}/{ADAPTER_PLURAL}" if scope else f"{base}/{ADAPTER_PLURAL}"
+
+    async def run(self) -> None:
+        """Run every scope's loop until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for scope in self.scopes:
+                tg.create_task(self._scope_loop(scope), name=f"watch {scope or 'all namespaces'}")
+
+    async def _scope_loop(self, scope: str) -> None:
+        delay = BACKOFF_START
+        rv: str | None = None
+        where = scope or "all namespaces"
+        while True:
+            try:
+                if rv is None:
+                    rv = await self._list(scope)
+                    delay = BACKOFF_START
+                rv = await self._watch(scope, rv)
+                delay = BACKOFF_START  # a watch that ended normally (timeout): resume at once
+            except _Gone:
+                log.info("watch of LoRAAdapters in %s: resourceVersion %s expired; relisting", where, rv)
+                rv = None
+            except ApiError as e:
+                self.reconnects += 1
+                wait = delay * (
+                    0.5 + random.random()
+                )  # jitter: a fleet of workers must not reconnect in step
+                log.warning("LoRAAdapter list/watch in %s failed (%s); retrying in %.1fs", where, e, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _list(self, scope: str) -> str:
+        body = await self.api.request("GET", self._path(scope))
+        self.relists += 1
+        items = {}
+        for obj in body.get("items") or []:
+            meta = obj.get("metadata") or {}
+            items[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = obj
+        self._objects[scope] = items  # replaces: objects deleted while we were away disappear
+        self._listed.add(scope)
+        self._publish()
+        return str((body.get("metadata") or {}).get("resourceVersion", "0"))
+
+    async def _watch(self, scope: str, rv: str) -> str:
+        async for event in self.api.watch(self._path(scope), resource_version=rv):
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                if obj.get("code") == 410:
+                    raise _Gone()
+                raise ApiError(
+                    int(obj.get("code") or 0), str(obj.get("reason", "")), str(obj.get("message", ""))
+                )
+            meta = obj.get("metadata") or {}
+            rv = str(meta.get("resourceVersion", rv))
+            if kind == "BOOKMARK":
+                continue
+            key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+            if kind == "DELETED":
+                self._objects[scope].pop(key, None)
+            elif kind in ("ADDED", "MODIFIED"):
+                self._objects[scope][key] = obj
+            self._publish()
+        return rv
+
+    def _publish(self) -> None:
+        if len(self._listed) < len(self.scopes):
+            return
+        desired: dict[int, DesiredAdapter] = {}
+        for objects in self._objects.values():
+            for obj in objects.values():
+                d = desired_from(obj, self.served_model)
+                if d is not None:
+                    desired[d.id] = d
+        if desired != self.desired or not self.synced.is_set():
+            self.desired = desired
+            self.synced.set()
+            self.changed.set()
