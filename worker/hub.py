@@ -22,7 +22,6 @@ from pathlib import Path
 from loraplane.crds.errors import LoraplaneError
 from loraplane.worker.sources import (
     ADAPTER_FILES,
-    CHUNK,
     FILE_MISSING,
     OFFLINE_NOT_CACHED,
     PICKLE_FILE,
@@ -223,4 +222,4 @@ def chunks(resolved: ResolvedSource, rf: RemoteFile, settings: SourceSettings) -
             if resp.status_code >= 400:
                 resp.read()  # the error mapping reads the body; a streamed response must be read first
             hf_raise_for_status(resp)
-            yield from resp.iter_bytes(CHUNK)
+            yield from resp.iter_bytes()  # as bytes arrive: progress and kill-safety tests see them

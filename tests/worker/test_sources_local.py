@@ -86,7 +86,9 @@ PATH_CASES: list[tuple[str, Any, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("make", "reason", "fragment"), [c[1:] for c in PATH_CASES], ids=[c[0] for c in PATH_CASES])
+@pytest.mark.parametrize(
+    ("make", "reason", "fragment"), [c[1:] for c in PATH_CASES], ids=[c[0] for c in PATH_CASES]
+)
 def test_refused_paths(root: Path, settings: s.SourceSettings, make, reason, fragment) -> None:
     with pytest.raises(s.SourceError) as e:
         s.resolve(make(root), None, settings)
@@ -100,7 +102,9 @@ def test_no_roots_means_no_local_paths(root: Path) -> None:
     assert e.value.reason == s.PATH_NOT_ALLOWED and "configure a local root" in e.value.message
 
 
-def test_symlinked_directory_escaping_the_root(tmp_path: Path, root: Path, settings: s.SourceSettings) -> None:
+def test_symlinked_directory_escaping_the_root(
+    tmp_path: Path, root: Path, settings: s.SourceSettings
+) -> None:
     outside = adapters.write_adapter(tmp_path / "elsewhere")
     (root / "link").symlink_to(outside, target_is_directory=True)
     with pytest.raises(s.SourceError) as e:
@@ -138,7 +142,9 @@ def test_a_symlinked_root_itself_is_allowed(tmp_path: Path) -> None:
     ("adapter_model.safetensors", False, s.FILE_MISSING, "adapter_model.safetensors"),
     ("adapter_config.json", False, s.FILE_MISSING, "adapter_config.json"),
 ], ids=["bin-only", "no-weights", "no-config"])  # fmt: skip
-def test_missing_and_pickled_files(root: Path, settings: s.SourceSettings, remove, add_bin, reason, fragment) -> None:
+def test_missing_and_pickled_files(
+    root: Path, settings: s.SourceSettings, remove, add_bin, reason, fragment
+) -> None:
     d = adapters.write_adapter(root / "a")
     (d / remove).unlink()
     if add_bin:

@@ -1,0 +1,322 @@
+"""The adapter cache: atomic entries, byte budget with LRU of unpinned entries, retries, crash safety."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from loraplane.crds.errors import LoraplaneError
+from loraplane.worker import cache as c
+from loraplane.worker import sources as s
+
+
+def _load(name: str) -> Any:
+    key = f"worker_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return sys.modules[key]
+
+
+adapters = _load("adapters")
+servers = _load("servers")
+hf_hub = servers.hf_hub
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "adapters"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def settings(root: Path) -> s.SourceSettings:
+    return s.SourceSettings(local_roots=(root,))
+
+
+def _local(root: Path, name: str, settings: s.SourceSettings, **kw: Any) -> s.ResolvedSource:
+    return s.resolve(str(adapters.write_adapter(root / name, **kw)), None, settings)
+
+
+def _pad(n_floats: int) -> dict[str, tuple[int, ...]]:
+    return {"pad.lora_A.weight": (n_floats,)}  # bulk, so sizes are predictable in budget tests
+
+
+# --- entries ---------------------------------------------------------------------------------------
+def test_prefetch_then_hit(tmp_path: Path, root: Path, settings: s.SourceSettings) -> None:
+    r = _local(root, "a", settings)
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    hits, misses = (
+        _metric("loraplane_worker_cache_hits_total"),
+        _metric("loraplane_worker_cache_misses_total"),
+    )
+    loaded = _metric("loraplane_worker_prefetch_bytes_total", kind="local")
+    entry = cache.prefetch(r)
+    assert entry.path == tmp_path / "cache" / "entries" / r.cache_key and entry.size_bytes == r.size_bytes
+    assert json.loads((entry.path / c.MANIFEST).read_text())["resolved_revision"] == r.resolved_revision
+    assert cache.prefetch(r) == entry
+    assert _metric("loraplane_worker_cache_misses_total") == misses + 1
+    assert _metric("loraplane_worker_cache_hits_total") == hits + 1
+    assert _metric("loraplane_worker_prefetch_bytes_total", kind="local") == loaded + r.size_bytes
+    assert _metric("loraplane_worker_cache_bytes") == cache.used_bytes == r.size_bytes
+
+
+def test_restart_with_the_volume_kept_downloads_nothing(
+    tmp_path: Path, root: Path, settings: s.SourceSettings
+) -> None:
+    r = _local(root, "a", settings)
+    c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
+    for p in (root / "a").iterdir():  # the source is gone: any read of it would fail
+        p.unlink()
+    restarted = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    assert restarted.lookup(r.cache_key) is not None
+    assert restarted.prefetch(r).cache_key == r.cache_key
+
+
+def test_start_removes_debris_and_incomplete_entries(
+    tmp_path: Path, root: Path, settings: s.SourceSettings
+) -> None:
+    cache_root = tmp_path / "cache"
+    good = c.AdapterCache(cache_root, 1 << 30, sources_settings=settings).prefetch(
+        _local(root, "a", settings)
+    )
+    (cache_root / "tmp" / "x.1234").mkdir(parents=True)
+    (cache_root / "tmp" / "x.1234" / "adapter_model.safetensors").write_bytes(b"half")
+    no_manifest = cache_root / "entries" / "local-no-manifest"
+    no_manifest.mkdir()
+    (no_manifest / "adapter_config.json").write_text("{}")
+    wrong_size = cache_root / "entries" / "local-wrong-size"
+    wrong_size.mkdir()
+    (wrong_size / c.MANIFEST).write_text(json.dumps({
+        "cache_key": "local-wrong-size", "uri": "file:///x", "resolved_revision": "r",
+        "files": [{"name": "adapter_model.safetensors", "size": 100, "sha256": "0" * 64}],
+    }))  # fmt: skip
+    (wrong_size / "adapter_model.safetensors").write_bytes(b"short")
+    cache = c.AdapterCache(cache_root, 1 << 30, sources_settings=settings)
+    assert [e.cache_key for e in cache.entries()] == [good.cache_key]
+    assert list((cache_root / "tmp").iterdir()) == []
+    assert sorted(p.name for p in (cache_root / "entries").iterdir()) == [good.cache_key]
+
+
+# --- budget ----------------------------------------------------------------------------------------
+def test_lru_eviction_of_unpinned_entries(tmp_path: Path, root: Path, settings: s.SourceSettings) -> None:
+    a, b, x = (_local(root, n, settings, extra_tensors=_pad(25_000)) for n in ("a", "b", "x"))
+    cache = c.AdapterCache(tmp_path / "cache", a.size_bytes * 2 + 1000, sources_settings=settings)
+    evicted = _metric("loraplane_worker_cache_evictions_total")
+    cache.prefetch(a)
+    cache.prefetch(b)
+    cache.lookup(a.cache_key)  # a is now the most recently used
+    cache.prefetch(x)
+    assert [e.cache_key for e in cache.entries()] == [a.cache_key, x.cache_key]
+    assert not (tmp_path / "cache" / "entries" / b.cache_key).exists()
+    assert _metric("loraplane_worker_cache_evictions_total") == evicted + 1
+    assert cache.used_bytes <= cache.budget_bytes
+
+
+def test_served_adapters_are_never_evicted(tmp_path: Path, root: Path, settings: s.SourceSettings) -> None:
+    a, b, x = (_local(root, n, settings, extra_tensors=_pad(25_000)) for n in ("a", "b", "x"))
+    cache = c.AdapterCache(tmp_path / "cache", a.size_bytes * 2 + 1000, sources_settings=settings)
+    for r in (a, b):
+        cache.prefetch(r)
+        cache.pin(r.cache_key)
+    with pytest.raises(LoraplaneError) as e:
+        cache.prefetch(x)
+    assert e.value.reason == c.CACHE_FULL and e.value.retry and "being served" in e.value.message
+    assert {en.cache_key for en in cache.entries()} == {a.cache_key, b.cache_key}
+    cache.unpin(b.cache_key)
+    cache.prefetch(x)
+    assert {en.cache_key for en in cache.entries()} == {a.cache_key, x.cache_key}
+
+
+def test_too_large_for_the_budget_or_the_file_limit(
+    tmp_path: Path, root: Path, settings: s.SourceSettings
+) -> None:
+    r = _local(root, "a", settings, extra_tensors=_pad(25_000))
+    with pytest.raises(LoraplaneError) as e:
+        c.AdapterCache(tmp_path / "c1", r.size_bytes - 1, sources_settings=settings).prefetch(r)
+    assert e.value.reason == s.TOO_LARGE and "cache budget" in e.value.message and not e.value.retry
+    with pytest.raises(LoraplaneError) as e:
+        c.AdapterCache(tmp_path / "c2", 1 << 30, max_file_bytes=50_000, sources_settings=settings).prefetch(r)
+    assert e.value.reason == s.TOO_LARGE and "adapter_model.safetensors" in e.value.message
+
+
+# --- downloads -------------------------------------------------------------------------------------
+def _hub_repo(hub: Any, tmp_path: Path, name: str, **kw: Any) -> str:
+    repo = f"team/{name}"
+    hub.add_commit(repo, adapters.write_adapter(tmp_path / "src" / name, **kw))
+    return repo
+
+
+def _hub_settings(hub: Any) -> s.SourceSettings:
+    return s.SourceSettings(hf_endpoint=hub.url, timeout_s=10)
+
+
+def test_one_download_per_key_under_concurrency(tmp_path: Path, hf_hub: Any) -> None:
+    settings = _hub_settings(hf_hub)
+    r = s.resolve(_hub_repo(hf_hub, tmp_path, "a", extra_tensors=_pad(100_000)), None, settings)
+    hf_hub.chunk_delay_s = 0.01
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    results: list[c.CachedAdapter] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.prefetch(r))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 4 and len({e.path for e in results}) == 1
+    assert len(hf_hub.file_gets()) == 2
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_concurrent_downloads_are_limited(tmp_path: Path, hf_hub: Any, limit: int) -> None:
+    settings = _hub_settings(hf_hub)
+    rs = [
+        s.resolve(_hub_repo(hf_hub, tmp_path, f"a{i}", extra_tensors=_pad(50_000)), None, settings)
+        for i in range(4)
+    ]
+    hf_hub.chunk_delay_s = 0.01
+    cache = c.AdapterCache(
+        tmp_path / "cache", 1 << 30, max_concurrent_downloads=limit, sources_settings=settings
+    )
+    threads = [threading.Thread(target=cache.prefetch, args=(r,)) for r in rs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(cache.entries()) == 4 and hf_hub.max_active == limit
+
+
+def test_retries_with_backoff_then_success(tmp_path: Path, hf_hub: Any) -> None:
+    settings = _hub_settings(hf_hub)
+    r = s.resolve(_hub_repo(hf_hub, tmp_path, "a"), None, settings)
+    hf_hub.fail_next = 2
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, retries=3, backoff_s=0.01, sources_settings=settings)
+    assert cache.prefetch(r).cache_key == r.cache_key
+    assert len(hf_hub.file_gets()) == 2 + 2
+
+
+def test_final_error_names_the_source_and_the_attempts(tmp_path: Path, hf_hub: Any) -> None:
+    settings = _hub_settings(hf_hub)
+    r = s.resolve(_hub_repo(hf_hub, tmp_path, "a"), None, settings)
+    hf_hub.fail_next = 1000
+    failures = _metric("loraplane_worker_prefetch_failures_total", reason=s.SOURCE_UNREACHABLE)
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, retries=2, backoff_s=0.01, sources_settings=settings)
+    with pytest.raises(LoraplaneError) as e:
+        cache.prefetch(r)
+    assert e.value.reason == s.SOURCE_UNREACHABLE and e.value.retry
+    assert "hf://team/a: gave up after 3 attempts" in e.value.message and "503" in e.value.message
+    assert _metric("loraplane_worker_prefetch_failures_total", reason=s.SOURCE_UNREACHABLE) == failures + 1
+    assert cache.entries() == [] and list((tmp_path / "cache" / "tmp").iterdir()) == []
+
+
+def test_corrupted_bytes_fail_the_checksum(tmp_path: Path, hf_hub: Any) -> None:
+    settings = _hub_settings(hf_hub)
+    r = s.resolve(_hub_repo(hf_hub, tmp_path, "a"), None, settings)
+    stored = hf_hub.commits["team/a"][r.resolved_revision]["adapter_model.safetensors"].path
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF  # same size, one flipped byte
+    stored.write_bytes(bytes(data))
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, retries=1, backoff_s=0.01, sources_settings=settings)
+    with pytest.raises(LoraplaneError) as e:
+        cache.prefetch(r)
+    assert e.value.reason == s.CHECKSUM_MISMATCH and "gave up after 2 attempts" in e.value.message
+    assert cache.entries() == []
+
+
+def test_unreachable_s3_gives_up_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    settings = s.SourceSettings(s3_endpoint_url=servers.closed_url(), timeout_s=1)
+    r = s.ResolvedSource("s3", "s3://bucket/a", "r1", (s.RemoteFile("adapter_config.json", 10, "e"),),
+                         s.cache_key_for("s3", "s3://bucket/a", "r1"))  # fmt: skip
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, retries=1, backoff_s=0.01, sources_settings=settings)
+    with pytest.raises(LoraplaneError) as e:
+        cache.prefetch(r)
+    assert (
+        e.value.reason == s.SOURCE_UNREACHABLE
+        and "s3://bucket/a: gave up after 2 attempts" in e.value.message
+    )
+
+
+def test_progress_is_logged_for_large_downloads(
+    tmp_path: Path, hf_hub: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _hub_settings(hf_hub)
+    r = s.resolve(_hub_repo(hf_hub, tmp_path, "a", extra_tensors=_pad(100_000)), None, settings)
+    hf_hub.chunk_delay_s = 0.01
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, progress_log_bytes=100_000,
+                           progress_interval_s=0.0)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="loraplane.worker.cache"):
+        cache.prefetch(r)
+    lines = [m for m in caplog.messages if "adapter_model.safetensors" in m]
+    assert any("%" in m and "MB/s" in m for m in lines) and any(" in " in m for m in lines)
+    assert not any("adapter_config.json" in m for m in caplog.messages)  # small files stay quiet
+
+
+# --- a worker killed mid-download ------------------------------------------------------------------
+_KILLED_PREFETCH = """
+import sys
+from pathlib import Path
+from loraplane.worker import cache, sources
+settings = sources.SourceSettings(hf_endpoint=sys.argv[1], timeout_s=30)
+r = sources.resolve("team/big", None, settings)
+cache.AdapterCache(Path(sys.argv[2]), 1 << 30, sources_settings=settings).prefetch(r)
+print("finished")
+"""
+
+
+def test_sigkill_mid_download_leaves_no_complete_entry(tmp_path: Path, hf_hub: Any) -> None:
+    _hub_repo(hf_hub, tmp_path, "big", extra_tensors=_pad(500_000))  # ~2 MB, served slowly
+    hf_hub.chunk_bytes, hf_hub.chunk_delay_s = 16 << 10, 0.05
+    cache_root = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PREFETCH, hf_hub.url, str(cache_root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        staged = cache_root / "tmp"
+        while time.monotonic() < deadline:  # wait until the weights are half-written
+            parts = list(staged.glob("*/adapter_model.safetensors")) if staged.exists() else []
+            if parts and parts[0].stat().st_size > 200_000:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        else:
+            pytest.fail("the download never started")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cache_root / "entries").exists() or list((cache_root / "entries").iterdir()) == []
+
+    hf_hub.chunk_delay_s = 0.0
+    settings = _hub_settings(hf_hub)
+    r = s.resolve("team/big", None, settings)
+    cache = c.AdapterCache(cache_root, 1 << 30, sources_settings=settings)
+    assert cache.entries() == [] and cache.lookup(r.cache_key) is None
+    assert list((cache_root / "tmp").iterdir()) == []  # the half-written file is gone
+    entry = cache.prefetch(r)
+    expected = (tmp_path / "src" / "big" / "adapter_model.safetensors").read_bytes()
+    assert (entry.path / "adapter_model.safetensors").read_bytes() == expected

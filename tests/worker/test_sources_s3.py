@@ -1,0 +1,119 @@
+"""S3 sources with the real boto3 client against moto's standalone server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loraplane.worker import cache as c
+from loraplane.worker import sources as s
+
+
+def _load(name: str) -> Any:
+    key = f"worker_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return sys.modules[key]
+
+
+adapters = _load("adapters")
+servers = _load("servers")
+moto_s3 = servers.moto_s3
+
+
+@pytest.fixture
+def uploaded(tmp_path: Path, moto_s3: Any) -> tuple[str, Path, s.SourceSettings]:
+    d = adapters.write_adapter(tmp_path / "a")
+    bucket = moto_s3.bucket()
+    moto_s3.put_dir(bucket, "team-a/sql", d)
+    moto_s3.client.put_object(Bucket=bucket, Key="team-a/sql/README.md", Body=b"not fetched")
+    return f"s3://{bucket}/team-a/sql", d, s.SourceSettings(s3_endpoint_url=moto_s3.endpoint_url, timeout_s=5)
+
+
+def test_resolve_pins_the_etags(uploaded: tuple[str, Path, s.SourceSettings], moto_s3: Any) -> None:
+    uri, d, settings = uploaded
+    r = s.resolve(uri + "/", None, settings)
+    assert r.kind == "s3" and r.uri == uri
+    weights = r.file("adapter_model.safetensors")
+    data = (d / "adapter_model.safetensors").read_bytes()
+    assert weights.size == len(data) and weights.etag == hashlib.md5(data).hexdigest()
+    assert [f.name for f in r.files] == list(s.ADAPTER_FILES)
+    assert s.resolve(uri, None, settings) == r  # stable
+    bucket = uri[5:].split("/")[0]
+    moto_s3.client.put_object(Bucket=bucket, Key="team-a/sql/adapter_model.safetensors", Body=data + b"\0")
+    assert s.resolve(uri, None, settings).resolved_revision != r.resolved_revision
+
+
+def test_prefetch_from_s3(tmp_path: Path, uploaded: tuple[str, Path, s.SourceSettings]) -> None:
+    uri, d, settings = uploaded
+    r = s.resolve(uri, None, settings)
+    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
+    for name in s.ADAPTER_FILES:
+        assert (entry.path / name).read_bytes() == (d / name).read_bytes()
+    assert entry.sha256() == hashlib.sha256((d / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert sorted(p.name for p in entry.path.iterdir()) == sorted([*s.ADAPTER_FILES, c.MANIFEST])
+
+
+def test_missing_bucket_and_prefix(moto_s3: Any) -> None:
+    settings = s.SourceSettings(s3_endpoint_url=moto_s3.endpoint_url, timeout_s=5)
+    with pytest.raises(s.SourceError) as e:
+        s.resolve("s3://no-such-bucket-here/x", None, settings)
+    assert e.value.reason == s.SOURCE_NOT_FOUND and "NoSuchBucket" in e.value.message
+    bucket = moto_s3.bucket()
+    with pytest.raises(s.SourceError) as e:
+        s.resolve(f"s3://{bucket}/nothing", None, settings)
+    assert e.value.reason == s.SOURCE_NOT_FOUND and "no objects" in e.value.message
+
+
+def test_pickle_only_prefix_is_refused(tmp_path: Path, moto_s3: Any) -> None:
+    bucket = moto_s3.bucket()
+    moto_s3.client.put_object(Bucket=bucket, Key="a/adapter_config.json", Body=b"{}")
+    moto_s3.client.put_object(Bucket=bucket, Key="a/adapter_model.bin", Body=b"\x80\x04K\x01.")
+    settings = s.SourceSettings(s3_endpoint_url=moto_s3.endpoint_url, timeout_s=5)
+    with pytest.raises(s.SourceError) as e:
+        s.resolve(f"s3://{bucket}/a", None, settings)
+    assert e.value.reason == s.PICKLE_REFUSED and "adapter_model.bin" in e.value.message
+
+
+def test_unreachable_endpoint_is_retryable() -> None:
+    settings = s.SourceSettings(s3_endpoint_url=servers.closed_url(), timeout_s=2)
+    with pytest.raises(s.SourceError) as e:
+        s.resolve("s3://bucket/a", None, settings)
+    assert e.value.reason == s.SOURCE_UNREACHABLE and e.value.retry and "127.0.0.1" in e.value.message
+
+
+def test_object_deleted_after_resolving(
+    tmp_path: Path, uploaded: tuple[str, Path, s.SourceSettings], moto_s3: Any
+) -> None:
+    uri, _, settings = uploaded
+    r = s.resolve(uri, None, settings)
+    bucket = uri[5:].split("/")[0]
+    moto_s3.client.delete_object(Bucket=bucket, Key="team-a/sql/adapter_model.safetensors")
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, retries=0)
+    with pytest.raises(s.LoraplaneError) as e:
+        cache.prefetch(r)
+    assert e.value.reason == s.FILE_MISSING and "disappeared" in e.value.message
+    assert cache.entries() == []
+
+
+def test_object_replaced_after_resolving(
+    tmp_path: Path, uploaded: tuple[str, Path, s.SourceSettings], moto_s3: Any
+) -> None:
+    """The download asks for the resolved ETag: a replaced object is never mixed into the old version."""
+    uri, d, settings = uploaded
+    r = s.resolve(uri, None, settings)
+    bucket = uri[5:].split("/")[0]
+    data = (d / "adapter_model.safetensors").read_bytes()
+    moto_s3.client.put_object(Bucket=bucket, Key="team-a/sql/adapter_model.safetensors", Body=data[::-1])
+    with pytest.raises(s.SourceError) as e:
+        s.fetch_file(r, "adapter_model.safetensors", io.BytesIO(), settings)
+    assert e.value.reason in (s.SOURCE_CHANGED, s.CHECKSUM_MISMATCH) and e.value.retry
