@@ -452,7 +452,10 @@ class Reconciler:
         if not notes:
             return
         warn = new.get("phase") in ("Failed", "Degraded") or (new_name or {}).get("status") == "False"
-        reason, message = notes[0][0], "; ".join(m for _, m in notes)
+        # One Event per write (Events are API writes too); its reason is the most telling transition.
+        rank = {NAME_TAKEN: 0, "PhaseChanged": 1 if warn else 4, "IDAssigned": 2, NAME_CLAIMED: 3}
+        reason = min(notes, key=lambda n: rank.get(n[0], 5))[0]
+        message = "; ".join(m for _, m in notes)
         log.info("adapter %s: %s (%s)", ref, message, reason)
         task = asyncio.get_running_loop().create_task(self._post_event(obj, reason, message, warn))
         self._tasks.add(task)
