@@ -8,6 +8,7 @@ counts each /v1 generation request by model and final status (499: the client we
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -43,6 +44,8 @@ API_KEY = web.AppKey("api_key", str)
 MAX_BODY = web.AppKey("max_body_bytes", int)
 _M = TypeVar("_M", bound=BaseModel)
 _GENERATION_PATHS = {"/v1/completions", "/v1/chat/completions"}
+# Per request (the middleware and its handler share one task): the model label and final status.
+_STATE: contextvars.ContextVar[dict[str, int | str]] = contextvars.ContextVar("loraplane_request")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -64,6 +67,8 @@ def _error_response(err: ApiError) -> web.Response:
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     status: int | str = 500
+    state: dict[str, int | str] = {"model": "unknown"}
+    _STATE.set(state)
     try:
         key = request.app[API_KEY]
         if key and request.path.startswith("/v1/"):
@@ -76,7 +81,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
                     code="invalid_api_key",
                 )
         response = await handler(request)
-        status = request.get("outcome", response.status)
+        status = state.get("outcome", response.status)
         return response
     except ApiError as err:
         status = err.status
@@ -95,7 +100,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return _error_response(ApiError(500, "InternalError", "internal error; see the worker's log"))
     finally:
         if request.path in _GENERATION_PATHS and request.method == "POST":
-            request.app[SERVING].count(request.get("model_label", "unknown"), status)
+            request.app[SERVING].count(str(state["model"]), status)
 
 
 async def _parse(request: web.Request, model: type[_M]) -> _M:
@@ -113,7 +118,7 @@ async def _parse(request: web.Request, model: type[_M]) -> _M:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "InvalidJson", f"the body is not valid JSON: {exc}", code="invalid_json") from exc
     if isinstance(data, dict):
-        request["model_label"] = model_label(request.app[SERVING], data.get("model"))
+        _STATE.get()["model"] = model_label(request.app[SERVING], data.get("model"))
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -141,7 +146,7 @@ async def _stream(
                 if chunk is not None:
                     await response.write(_sse(chunk))
         except ApiError as err:
-            request["outcome"] = err.status
+            _STATE.get()["outcome"] = err.status
             await response.write(_sse(err.body()))
         usage = chunks("", "__usage__")
         if usage is not None:
@@ -149,10 +154,10 @@ async def _stream(
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except asyncio.CancelledError:
-        request["outcome"] = 499
+        _STATE.get()["outcome"] = 499
         raise
     except ConnectionResetError:  # the client went away mid-stream
-        request["outcome"] = 499
+        _STATE.get()["outcome"] = 499
     finally:
         generation.cancel()
     return response

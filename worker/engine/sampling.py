@@ -137,13 +137,20 @@ class TextTail:
             if hits:
                 self.text = self.text[: min(hits)]
                 self.stopped = True
-                return self.flush()
+                out, self.emitted = self.text[self.emitted :], len(self.text)
+                return out
             safe = max(self.emitted, len(self.text) - longest + 1)
             out, self.emitted = self.text[self.emitted : safe], safe
             return out
-        return self.flush()
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
 
     def flush(self) -> str:
-        """Everything not handed out yet (the request is finishing)."""
+        """Everything not handed out yet, incomplete characters included (the request is finishing)."""
+        if not self.stopped and self._read < len(self.ids):
+            prefix_text = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+            new_text = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+            self.text += new_text[len(prefix_text) :]
+            self._prefix = self._read = len(self.ids)
         out, self.emitted = self.text[self.emitted :], len(self.text)
         return out

@@ -151,10 +151,14 @@ class Scheduler:
                 log.exception("engine step failed; failing the running requests")
                 for req in list(self.running):
                     self._finish(req, "error", PermanentError("EngineError", "the engine step failed"))
+        with self._cond:
+            inbox, self._inbox = list(self._inbox), collections.deque()
+        self._take_inbox(inbox)
         for req in self.running + self.waiting:
             self._finish(req, "error", TemporaryError("ShuttingDown", "the worker is shutting down"))
 
-    def iteration(self, inbox: list[Request | int], cancelled: set[str]) -> None:
+    def _take_inbox(self, inbox: list[Request | int]) -> None:
+        """Take new requests into the waiting list and apply adapter removals, in arrival order."""
         for item in inbox:
             if isinstance(item, int):
                 self.tiers.remove(item)
@@ -162,6 +166,9 @@ class Scheduler:
                 if item.adapter_id is not None:
                     self.tiers.admit(item.adapter_id)
                 self.waiting.append(item)
+
+    def iteration(self, inbox: list[Request | int], cancelled: set[str]) -> None:
+        self._take_inbox(inbox)
         if cancelled:
             for req in [r for r in self.waiting + self.running if r.request_id in cancelled]:
                 self._finish(req, "cancelled", None)
@@ -170,7 +177,7 @@ class Scheduler:
         if not batch:
             return
         steps = [SeqStep(r.seq_id, r.prompt_ids if not r.out_ids else r.out_ids[-1:], r.slot) for r in batch]
-        self.running = batch
+        self.running = list(batch)  # _advance removes finished ones from it while we walk batch
         logits = self.runner.step(steps)
         tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
         self.steps += 1

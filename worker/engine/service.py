@@ -76,7 +76,8 @@ class Engine:
         registry.subscribe(self._on_registry_change)
 
     @classmethod
-    def start(cls, model_dir: Path, settings: EngineSettings, registry: Registry) -> Engine:
+    def load(cls, model_dir: Path, settings: EngineSettings, registry: Registry) -> Engine:
+        """Load the base model; the engine thread is not started yet (see ``run``)."""
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,13 +97,26 @@ class Engine:
         engine = cls(
             runner, settings, registry, model_name=settings.served_model_name or Path(model_dir).name
         )
-        engine._thread.start()
         return engine
 
+    @classmethod
+    def start(cls, model_dir: Path, settings: EngineSettings, registry: Registry) -> Engine:
+        """Load the base model and start the engine thread."""
+        engine = cls.load(model_dir, settings, registry)
+        engine.run()
+        return engine
+
+    def run(self) -> None:
+        """Start the engine thread (``load`` leaves it stopped: tests fill the queue first)."""
+        self._thread.start()
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; requests still queued or running end with ShuttingDown."""
         self.scheduler.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        elif self._thread.ident is None:
+            self.scheduler.run()  # never started: only fails what is queued, then returns
         self.tiers.close()
 
     @property
