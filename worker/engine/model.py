@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from loraplane.crds.errors import PermanentError
 
@@ -227,13 +227,15 @@ class CausalLM:
         self.config = config
         self.device = device
 
+        # pop, so that each separate q/k/v (gate/up) tensor is freed once fused: peak memory stays
+        # near the weights' size instead of twice it.
         def get(name: str) -> torch.Tensor:
             if name not in tensors:
                 raise PermanentError("ModelWeightMissing", f"checkpoint has no tensor {name!r}")
-            return tensors[name]
+            return tensors.pop(name)
 
         def opt(name: str) -> torch.Tensor | None:
-            return tensors.get(name)
+            return tensors.pop(name, None)
 
         def cat(names: list[str]) -> torch.Tensor | None:
             parts = [opt(n) for n in names]
@@ -267,6 +269,13 @@ class CausalLM:
             )
         self.rope = Rope(config, device)
         self.dtype = self.embed.dtype
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor once (the tied head is the embedding)."""
+        out = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for w in self.layers:
+            out.extend(t for t in vars(w).values() if t is not None)
+        return out
 
     @classmethod
     def load(cls, model_dir: Path, *, device: torch.device, dtype: torch.dtype) -> CausalLM:
@@ -338,7 +347,61 @@ def load_safetensors(model_dir: Path, *, device: torch.device, dtype: torch.dtyp
         )
     out: dict[str, torch.Tensor] = {}
     for name in files:
-        with safe_open(str(model_dir / name), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        if Path(name).name != name:
+            raise PermanentError(
+                "ModelWeightsInvalid", f"shard name {name!r} in the index is not a plain file name"
+            )
+        for key, tensor in read_safetensors(model_dir / name):
+            out[key] = tensor.to(device=device, dtype=dtype)
     return out
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 << 20
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from one safetensors file, read with plain file reads into fresh tensors.
+
+    Not mmap: the mapped file's pages would count in RSS beside the copies (twice the weights at the
+    peak); reading tensor by tensor keeps the peak near the weights' own size.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+            raise PermanentError(
+                "ModelWeightsInvalid", f"{path} is not a safetensors file (bad header length)"
+            )
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for key, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _DTYPES.get(meta["dtype"])
+            start, end = meta["data_offsets"]
+            shape = [int(d) for d in meta["shape"]]
+            if dtype is None:
+                raise PermanentError(
+                    "ModelWeightsInvalid", f"{path}: tensor {key} has unsupported dtype {meta['dtype']}"
+                )
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if end - start != nbytes or base + end > size or start < 0:
+                raise PermanentError("ModelWeightsInvalid", f"{path}: tensor {key} has inconsistent offsets")
+            raw = bytearray(nbytes)
+            f.seek(base + start)
+            if f.readinto(raw) != nbytes:
+                raise PermanentError("ModelWeightsInvalid", f"{path}: tensor {key} is truncated")
+            buf = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+            yield key, buf.view(dtype).reshape(shape)

@@ -21,6 +21,7 @@ from loraplane.worker.engine.runner import ModelRunner, SeqStep
 ATOL = 1e-4
 VARIANTS: dict[str, dict[str, Any]] = {
     "mistral": dict(arch="mistral"),
+    "mistral-sliding-window": dict(arch="mistral", sliding_window=8),
     "qwen2": dict(arch="qwen2"),
     "llama-bias-tied-mha": dict(
         attention_bias=True, mlp_bias=True, tie_word_embeddings=True, num_key_value_heads=4
