@@ -99,6 +99,8 @@ class Controller:
         self._desired = dict(desired)
         for adapter_id, want in desired.items():
             known = self._known.get(adapter_id)
+            if want.stale:
+                continue  # its ID names the previous version; the new one gets an ID soon
             if known is None:
                 self._start(want)
             elif known.desired != want:

@@ -70,6 +70,8 @@ class WorkerReport:
         self.writes = 0  # status writes done (tests check batching with it)
         self._dirty = asyncio.Event()
         self._created = False
+        self._owned = False  # the object had an ownerReference to our Pod
+        self.pod_gone = False  # the Pod was deleted: this worker is going away; stop reporting
 
     @property
     def path(self) -> str:
@@ -119,6 +121,7 @@ class WorkerReport:
         }
         if owners:
             body["metadata"]["ownerReferences"] = owners
+        self._owned = bool(owners)
         base = f"/apis/{API_VERSION}/namespaces/{self.namespace}/{WORKER_PLURAL}"
         try:
             await self.api.request("POST", base, body=body)
@@ -159,6 +162,12 @@ class WorkerReport:
         except ApiError as e:
             if e.status != 404:
                 raise
+            if self._owned and await self._owner_references() is None:
+                # Our Pod is gone and the garbage collector took our report with it: recreating it
+                # would only leave an orphan behind; the Pod's deletion will stop this process.
+                log.warning("pod %s/%s is gone; no longer reporting", self.namespace, self.pod_name)
+                self.pod_gone = True
+                return
             log.warning("LoRAWorker %s/%s is gone; recreating it", self.namespace, self.name)
             await self.ensure_object()
             await self.api.request(
@@ -169,6 +178,8 @@ class WorkerReport:
 
     async def delete(self) -> None:
         """Remove the object on a clean shutdown, so the operator stops counting this worker at once."""
+        if self.pod_gone:
+            return
         try:
             await self.api.request("DELETE", self.path, timeout=5)
         except ApiError as e:
@@ -179,7 +190,7 @@ class WorkerReport:
     async def run(self) -> None:
         """Create the object, then write status on changes (batched) and on every heartbeat."""
         delay = 0.2
-        while True:
+        while not self.pod_gone:
             try:
                 if not self._created:
                     await self.ensure_object()
@@ -202,6 +213,7 @@ class WorkerReport:
             except TimeoutError:
                 continue  # heartbeat
             await asyncio.sleep(self.batch_seconds)  # coalesce the burst that follows the first change
+        await asyncio.Event().wait()  # nothing more to report; wait to be stopped
 
 
 def _label(value: str) -> str:

@@ -13,10 +13,13 @@ Adapters without ``status.id`` (not registered yet) or with ``NameAvailable=Fals
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client import Counter
 
 from loraplane.crds import conditions
 from loraplane.crds.errors import LoraplaneError
@@ -24,6 +27,13 @@ from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, parse_adapter
 from loraplane.worker.apiclient import ApiClient, ApiError
 
 log = logging.getLogger(__name__)
+
+LISTS = Counter(
+    "loraplane_worker_adapter_lists", "Full lists of LoRAAdapter objects (the first and every relist)"
+)
+RECONNECTS = Counter(
+    "loraplane_worker_watch_reconnects", "LoRAAdapter list/watch attempts that failed and backed off"
+)
 
 BACKOFF_START = 0.2  # seconds before the first reconnect
 BACKOFF_MAX = 10.0  # seconds: the cap, so a returning API server is noticed within this
@@ -40,6 +50,18 @@ class DesiredAdapter:
     revision: str | None
     max_length: int | None  # spec.longContext.maxLength
     uid: str = ""
+    stale: bool = False
+    """The spec moved to a new version (path/revision) that has no ID yet: status.id still names the
+    previous version, whose path this object no longer says. Keep serving what we have; start nothing."""
+
+
+def version_of(path: str, revision: str | None) -> str:
+    """The digest the operator records in status.version for the (path, revision) an ID is bound to.
+
+    The same rule as loraplane.operator.allocation.version_of (a test keeps them equal): the worker
+    never imports the operator.
+    """
+    return hashlib.sha256(f"{path}\n{revision or ''}".encode()).hexdigest()[:16]
 
 
 def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | None:
@@ -70,6 +92,8 @@ def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | Non
         revision=adapter.spec.revision,
         max_length=adapter.spec.longContext.maxLength if adapter.spec.longContext else None,
         uid=str(meta.get("uid", "")),
+        stale=status.version is not None
+        and status.version != version_of(adapter.spec.path, adapter.spec.revision),
     )
 
 
@@ -121,7 +145,12 @@ class AdapterWatch:
                 log.info("watch of LoRAAdapters in %s: resourceVersion %s expired; relisting", where, rv)
                 rv = None
             except ApiError as e:
+                if e.status == 410:  # the HTTP form of Gone (the in-stream ERROR event is handled in _watch)
+                    log.info("LoRAAdapter list/watch in %s: HTTP 410 Gone; relisting", where)
+                    rv = None
+                    continue
                 self.reconnects += 1
+                RECONNECTS.inc()
                 wait = delay * (
                     0.5 + random.random()
                 )  # jitter: a fleet of workers must not reconnect in step
@@ -132,6 +161,7 @@ class AdapterWatch:
     async def _list(self, scope: str) -> str:
         body = await self.api.request("GET", self._path(scope))
         self.relists += 1
+        LISTS.inc()
         items = {}
         for obj in body.get("items") or []:
             meta = obj.get("metadata") or {}

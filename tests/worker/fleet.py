@@ -113,7 +113,11 @@ class Adapters:
             "message": "",
             "lastTransitionTime": "2026-01-01T00:00:00Z",
         }
-        return self.set_status(name, {"id": adapter_id, "conditions": [cond]})
+        from loraplane.worker.watch import version_of
+
+        spec = self.get(name)["spec"]
+        version = version_of(spec["path"], spec.get("revision"))
+        return self.set_status(name, {"id": adapter_id, "version": version, "conditions": [cond]})
 
     def workers(self, namespace: str | None = None) -> list[dict[str, Any]]:
         body = self.api.list_namespaced_custom_object(

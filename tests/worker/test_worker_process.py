@@ -149,3 +149,31 @@ def test_settings_precedence_flags_over_env_over_file(tmp_path):
     cfg.write_text("maxLoraRnak: 3\n")
     with pytest.raises(settings.ConfigError, match="unknown setting 'maxLoraRnak'"):
         settings.load(["--config", str(cfg), "--base-model", str(base)], {})
+
+
+def test_new_version_keeps_the_old_one_until_ready(kube, namespace, tmp_path, setup):
+    base, root, ads = setup
+    v1 = adapters_mod.write_adapter(root / "v1", seed=1)
+    bad = adapters_mod.write_adapter(root / "bad", target_modules=("q_proj", "nonexistent_proj"))
+    v3 = adapters_mod.write_adapter(root / "v3", seed=3)
+    with _worker(kube, tmp_path, namespace, base, root) as w:
+        ads.create(fleet.adapter_obj("sql", str(v1)))
+        ads.assign("sql", 2)
+        fleet.wait_for(
+            lambda: fleet.states(ads, "w1", namespace) == {2: "Ready"}, 30, lambda: w.log()[-3000:]
+        )
+        # A bad new version fails and the old one keeps serving.
+        ads.patch_spec("sql", {"path": str(bad)})
+        ads.assign("sql", 22)
+        want = {2: "Ready", 22: "Failed"}
+        fleet.wait_for(lambda: fleet.states(ads, "w1", namespace) == want, 30, lambda: w.log()[-3000:])
+        assert fleet.report(ads, "w1", namespace)[22]["reason"] == "UnknownTargetModule"
+        # A good one replaces it; the old version is dropped only once the new one is Ready.
+        ads.patch_spec("sql", {"path": str(v3)})
+        ads.assign("sql", 23)
+        fleet.wait_for(
+            lambda: fleet.states(ads, "w1", namespace) == {23: "Ready"}, 30, lambda: w.log()[-3000:]
+        )
+        log = w.log()
+        assert log.index("id 23 Ready") < log.index("dropped adapter " + f"{namespace}/sql id 2 ")
+        assert w.stop() == 0
