@@ -9,38 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
-import string
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from loraplane.localkube import builtins, schema, status
+from loraplane.localkube import admission, builtins, schema, status
 from loraplane.localkube.gc import GarbageCollector
 from loraplane.localkube.patches import json_patch, merge_patch, strategic_merge_patch
 from loraplane.localkube.resources import ResourceType, builtin_types, crd_types
 from loraplane.localkube.status import ApiError
 from loraplane.localkube.store import Obj, Store
 
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-SUBDOMAIN_MSG = (
-    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and "
-    "must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is "
-    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
-)
-LABEL_MSG = (
-    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start "
-    "and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is "
-    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
-)
-NOT_CHECKED = {
-    "reason": "FieldValueInvalid",
-    "message": "Invalid value: null: some validation rules were not checked because the object was invalid; "
-    "correct the existing errors to complete validation",
-    "field": "<nil>",
-}
 SYSTEM_META = ("uid", "creationTimestamp", "generation", "deletionTimestamp", "deletionGracePeriodSeconds")
 _SUFFIX = "bcdfghjklmnpqrstvwxz2456789"
 
@@ -135,97 +115,6 @@ class Cluster:
             ]
             raise ApiError(403, f'{rt.qualified} "{name}" is forbidden: {msg}', "Forbidden", details)
 
-    def _check_type_meta(self, rt: ResourceType, body: Obj, name: str) -> None:
-        av, kind = body.get("apiVersion"), body.get("kind")
-        if av and av != rt.api_version:
-            err = ApiError(
-                400,
-                f"the API version in the data ({av}) does not match the expected API version ({rt.api_version})",
-            )
-            # Decoded against a version without a schema, every field but the type meta is unknown.
-            err.warnings = [
-                f'unknown field "{k}"' for k in body if k not in ("apiVersion", "kind", "metadata")
-            ]
-            raise err
-        if kind and kind != rt.kind:
-            cause = {
-                "reason": "FieldValueInvalid",
-                "message": f'Invalid value: "{kind}": must be {rt.kind}',
-                "field": "kind",
-            }
-            raise status.invalid(rt, name, [cause], kind=kind)
-
-    def _admit(self, rt: ResourceType, obj: Obj, old: Obj | None, validation: str) -> tuple[Obj, list[str]]:
-        """Metadata checks, schema defaults/pruning/validation and kind-specific rules."""
-        meta = obj.get("metadata") or {}
-        name = meta.get("name", "")
-        causes: list[dict[str, str]] = []
-        fatal = False
-        if not name:
-            causes.append(
-                {
-                    "reason": "FieldValueRequired",
-                    "message": "Required value: name or generateName is required",
-                    "field": "metadata.name",
-                }
-            )
-            fatal = True
-        else:
-            rx, msg = (
-                (DNS1123_LABEL, LABEL_MSG)
-                if rt.plural == "namespaces"
-                else (DNS1123_SUBDOMAIN, SUBDOMAIN_MSG)
-            )
-            # Like apimachinery's IsDNS1123Subdomain/Label: the length and the pattern are separate errors.
-            limit = 63 if rt.plural == "namespaces" else 253
-            problems = [f"must be no more than {limit} characters"] if len(name) > limit else []
-            if not rx.match(name):
-                problems.append(msg)
-            if problems:
-                causes.append(
-                    {
-                        "reason": "FieldValueInvalid",
-                        "message": f'Invalid value: "{name}": {", ".join(problems)}',
-                        "field": "metadata.name",
-                    }
-                )
-        ann = meta.get("annotations") or {}
-        if sum(len(k) + len(str(v)) for k, v in ann.items()) > 262144:
-            causes.append(
-                {
-                    "reason": "FieldValueTooLong",
-                    "message": "Too long: may not be more than 262144 bytes",
-                    "field": "metadata.annotations",
-                }
-            )
-            fatal = True
-        if old is not None and (old.get("metadata") or {}).get("deletionTimestamp"):
-            added = [
-                f for f in meta.get("finalizers") or [] if f not in (old["metadata"].get("finalizers") or [])
-            ]
-            if added:
-                quoted = ", ".join(f'"{f}"' for f in added)
-                cause = {
-                    "reason": "FieldValueForbidden",
-                    "field": "metadata.finalizers",
-                    "message": "Forbidden: no new finalizers can be added if the object is being "
-                    f"deleted, found new finalizers []string{{{quoted}}}",
-                }
-                causes.extend([cause, dict(cause)])  # kube-apiserver reports it twice (two validators)
-        warnings: list[str] = []
-        if rt.custom and rt.schema is not None:
-            obj, warnings, scauses, sfatal = schema.admit(rt, obj, old, validation)
-            causes.extend(scauses)
-            fatal = fatal or sfatal
-        elif not rt.custom:
-            builtins.validate(rt, obj, causes)
-            obj = builtins.normalize(rt, obj)
-        if causes:
-            if fatal and rt.custom and rt.schema is not None and schema.has_rules(rt.schema):
-                causes.append(dict(NOT_CHECKED))
-            raise status.invalid(rt, name, causes)
-        return obj, warnings
-
     # -- writes --------------------------------------------------------------------------------------
     def create(
         self, rt: ResourceType, ns: str, body: Obj, dry_run: bool = False, validation: str = "Warn"
@@ -234,7 +123,7 @@ class Cluster:
             raise ApiError(400, f"the object provided is unrecognized (must be of type {rt.kind})")
         meta = dict(body.get("metadata") or {})
         name = meta.get("name") or ""
-        self._check_type_meta(rt, body, name)
+        admission.check_type_meta(rt, body, name)
         if rt.namespaced:
             if meta.get("namespace") and meta["namespace"] != ns:
                 raise ApiError(
@@ -261,7 +150,7 @@ class Cluster:
         if rt.status_subresource and rt.plural != "namespaces":
             obj.pop("status", None)  # main-resource writes never set status, on create either
         obj = builtins.on_create(self, rt, obj)
-        obj, warnings = self._admit(rt, obj, None, validation)
+        obj, warnings = admission.admit(rt, obj, None, validation)
         self._check_namespace(rt, ns, name)
         if self.store.get(rt.storage, meta.get("namespace", ""), name) is not None:
             raise status.already_exists(rt, name)
@@ -320,7 +209,7 @@ class Cluster:
             raise ApiError(
                 400, "the namespace of the provided object does not match the namespace sent on the request"
             )
-        self._check_type_meta(rt, body, name)
+        admission.check_type_meta(rt, body, name)
         current = builtins.from_storage(rt, self.get(rt, ns, name))
         rv = bmeta.get("resourceVersion")
         if check_rv:
@@ -361,7 +250,7 @@ class Cluster:
                     new.pop("status", None)
             new = builtins.on_update(self, rt, new, current)
         new["metadata"] = {**new["metadata"], "resourceVersion": cmeta["resourceVersion"]}
-        new, warnings = self._admit(rt, new, current, validation)
+        new, warnings = admission.admit(rt, new, current, validation)
         if new == current:
             return current, warnings
         # Without a status subresource, status is ordinary content and bumps generation too.
@@ -527,4 +416,4 @@ def _meta_order(meta: Obj) -> list[str]:
     return keys + [k for k in meta if k not in _META_ORDER]
 
 
-__all__ = ["Cluster", "NOT_CHECKED", "now", "string"]
+__all__ = ["Cluster", "now"]
