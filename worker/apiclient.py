@@ -105,7 +105,9 @@ class ApiClient:
                     raise _status_error(resp.status, text)
                 return json.loads(text) if text else {}
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise ApiError(0, "Unreachable", f"cannot reach the API server at {self.host}: {e!r}") from e
+            raise ApiError(
+                0, "Unreachable", f"cannot reach the API server at {self.host}: {type(e).__name__}: {e}"
+            ) from e
 
     async def watch(
         self, path: str, *, resource_version: str, timeout_seconds: int = 300
@@ -143,7 +145,7 @@ class ApiClient:
                 if buffer.strip():
                     yield json.loads(buffer)
         except (aiohttp.ClientError, OSError, TimeoutError, json.JSONDecodeError) as e:
-            raise ApiError(0, "Unreachable", f"watch of {path} broke: {e!r}") from e
+            raise ApiError(0, "Unreachable", f"watch of {path} broke: {type(e).__name__}: {e}") from e
 
     async def close(self) -> None:
         await self._session.close()

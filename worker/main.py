@@ -248,6 +248,9 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level != "DEBUG":  # one line per HTTP request to a Hub or S3 is noise at INFO
+        for name in ("httpx", "httpx2", "httpcore", "botocore", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def _main_async(app: WorkerApp) -> None:

@@ -119,6 +119,14 @@ class Adapters:
         version = version_of(spec["path"], spec.get("revision"))
         return self.set_status(name, {"id": adapter_id, "version": version, "conditions": [cond]})
 
+    def counts(self, name: str) -> dict[str, int] | None:
+        """The operator's aggregate status.workers of one adapter."""
+        return (self.get(name).get("status") or {}).get("workers")
+
+    def ids(self) -> dict[str, int]:
+        body = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters")
+        return {o["metadata"]["name"]: (o.get("status") or {}).get("id") for o in body.get("items") or []}
+
     def workers(self, namespace: str | None = None) -> list[dict[str, Any]]:
         body = self.api.list_namespaced_custom_object(
             GROUP, VERSION, namespace or self.namespace, "loraworkers"
@@ -172,6 +180,7 @@ class WorkerProc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProc:
+        assert not self.alive(), f"worker {self.name} is already running"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
@@ -226,6 +235,43 @@ class WorkerProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class OperatorProc:
+    """`python -m loraplane.operator.main` scoped to one namespace (its ID ledger there too)."""
+
+    def __init__(
+        self, kubeconfig: str, namespace: str, log_path: Path, *, heartbeat_window: float = 10
+    ) -> None:
+        self.args = [
+            sys.executable, "-m", "loraplane.operator.main",
+            "--kubeconfig", kubeconfig,
+            "--metrics-port", "0",
+            "--namespace", namespace,
+            "--ledger-namespace", namespace,
+            "--liveness-interval", "0.5",
+            "--heartbeat-window", str(heartbeat_window),
+        ]  # fmt: skip
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> OperatorProc:
+        with open(self.log_path, "ab") as out:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def report(adapters: Adapters, worker: str, namespace: str) -> dict[int, dict[str, Any]]:
