@@ -374,7 +374,7 @@ class AdapterCache:
             if (rf.size >= self.progress_log_bytes)
             else None
         )
-        with open(stage / rf.name, "wb") as out:
+        with open(stage / rf.name, "w+b") as out:  # readable: the local fast path hashes what it wrote
             fetched = sources.fetch_file(
                 resolved, rf.name, out, self.settings, progress=progress, max_bytes=self.max_file_bytes
             )

@@ -329,10 +329,14 @@ def fetch_file(
         raise permanent(
             TOO_LARGE, f"{resolved.uri}: {name} is {rf.size} bytes, above the limit of {limit} bytes"
         )
+    where = f"{resolved.uri}/{name}"
+    fd = _real_fd(dest)
+    if resolved.local_dir is not None and fd is not None:
+        written, digest = _copy_local(resolved, rf, fd, progress)
+        return _verified(where, rf, written, digest, None)
     sha = hashlib.sha256()
     md5 = hashlib.md5(usedforsecurity=False) if _plain_md5(resolved, rf) else None
     written = 0
-    where = f"{resolved.uri}/{name}"
     for chunk in _chunks(resolved, rf, settings):
         written += len(chunk)
         if written > rf.size:
@@ -345,19 +349,60 @@ def fetch_file(
         dest.write(chunk)
         if progress is not None:
             progress(written, rf.size)
+    return _verified(where, rf, written, sha.hexdigest(), md5.hexdigest() if md5 is not None else None)
+
+
+def _verified(where: str, rf: RemoteFile, written: int, digest: str, md5: str | None) -> Fetched:
+    """Fetched, once the byte count and every checksum the source gave agree."""
     if written != rf.size:
         raise temporary(
             SOURCE_CHANGED,
             f"{where}: got {written} of {rf.size} bytes; it changed at the source or the transfer broke",
         )
-    digest = sha.hexdigest()
     if rf.sha256 and digest != rf.sha256:
         raise temporary(CHECKSUM_MISMATCH, f"{where}: sha256 {digest} differs from the source's {rf.sha256}")
-    if md5 is not None and md5.hexdigest() != rf.etag:
-        raise temporary(
-            CHECKSUM_MISMATCH, f"{where}: MD5 {md5.hexdigest()} differs from the S3 ETag {rf.etag}"
-        )
+    if md5 is not None and md5 != rf.etag:
+        raise temporary(CHECKSUM_MISMATCH, f"{where}: MD5 {md5} differs from the S3 ETag {rf.etag}")
     return Fetched(written, digest)
+
+
+def _real_fd(dest: BinaryIO) -> int | None:
+    """dest's descriptor when it is a real, readable file (the fast local copy hashes what it wrote)."""
+    try:
+        fd = dest.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not getattr(dest, "readable", lambda: False)():
+        return None
+    dest.flush()
+    return fd
+
+
+def _copy_local(
+    resolved: ResolvedSource, rf: RemoteFile, dst_fd: int, progress: ProgressFn | None
+) -> tuple[int, str]:
+    """Kernel copy + overlapped hash; the source must not change while it is copied."""
+    from loraplane.worker import filecopy
+
+    path = Path(resolved.local_dir or "") / rf.name
+    where = f"{resolved.uri}/{rf.name}"
+    try:
+        src = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as e:
+        raise permanent(FILE_MISSING, f"{where} disappeared after it was resolved") from e
+    except OSError as e:
+        raise temporary(SOURCE_UNREACHABLE, f"{where}: {e.strerror}") from e
+    try:
+        before = os.fstat(src)
+        if before.st_size != rf.size:
+            raise temporary(SOURCE_CHANGED, f"{where} is {before.st_size} bytes, not the {rf.size} resolved")
+        written, digest = filecopy.copy_and_hash(src, dst_fd, rf.size, progress=progress)
+        after = os.fstat(src)
+    finally:
+        os.close(src)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise temporary(SOURCE_CHANGED, f"{where} changed while it was copied; copying again")
+    return written, digest
 
 
 def _plain_md5(resolved: ResolvedSource, rf: RemoteFile) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import logging
 import os
 import socket
 import threading
@@ -70,6 +71,7 @@ def moto_s3() -> Iterator[MotoS3]:
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
     )
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
