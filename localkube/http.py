@@ -7,6 +7,7 @@ differences kept). Reads and watches live in reads.py; semantics of writes in cl
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from loraplane.localkube.cluster import Cluster
 from loraplane.localkube.resources import ResourceType
 from loraplane.localkube.status import ApiError
 
+log = logging.getLogger(__name__)
 MAX_BODY = 3 * 1024 * 1024
 DISCOVERY_V2 = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
 TABLE_CT = "application/json;as=Table;v=v1;g=meta.k8s.io"
@@ -172,6 +174,11 @@ class Api:
             return await self._route(request)
         except ApiError as e:
             return _error(e)
+        except web.HTTPException:
+            raise
+        except Exception as e:  # a bug here must reach the client as a Status, and the log with a trace
+            log.exception("localkube: %s %s failed", request.method, request.path_qs)
+            return _error(ApiError(500, f"Internal error occurred: {type(e).__name__}: {e}", "InternalError"))
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
@@ -293,9 +300,11 @@ class Api:
         accept = request.headers.get("Accept", "")
         as_table = "as=Table" in accept
         if "application/vnd.kubernetes.protobuf" in accept and rt.custom and "json" not in accept:
-            raise ApiError(
+            err = ApiError(
                 406, "only the following media types are accepted: application/json, application/yaml"
             )
+            body = proto.encode_status(err.body())  # a protobuf client gets its error in protobuf
+            return web.Response(status=406, body=body, content_type="application/vnd.kubernetes.protobuf")
         dry = q.getall("dryRun", [])
         if dry and dry != ["All"]:
             kind = {

@@ -147,3 +147,48 @@ def decode(body: bytes) -> dict[str, Any]:
     obj = {"apiVersion": api_version, "kind": kind}
     obj.update(_message(bytes(unknown.get(2, b"")), KINDS[kind]))
     return obj
+
+
+def _key(num: int, wire: int) -> bytes:
+    return _uvarint(num << 3 | wire)
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _bytes_field(num: int, data: bytes) -> bytes:
+    return _key(num, 2) + _uvarint(len(data)) + data
+
+
+def _str(num: int, text: str) -> bytes:
+    return _bytes_field(num, text.encode())
+
+
+def encode_status(status: dict[str, Any]) -> bytes:
+    """A meta/v1 Status as kube-apiserver sends it to a protobuf client (k8s\\0 + runtime.Unknown)."""
+    details = status.get("details") or {}
+    d = b""
+    for num, key in ((1, "name"), (2, "group"), (3, "kind")):
+        d += _str(num, str(details.get(key, "")))
+    for cause in details.get("causes") or []:
+        c = (
+            _str(1, cause.get("reason", ""))
+            + _str(2, cause.get("message", ""))
+            + _str(3, cause.get("field", ""))
+        )
+        d += _bytes_field(4, c)
+    d += (
+        _key(5, 0) + _uvarint(int(details.get("retryAfterSeconds", 0))) + _str(6, str(details.get("uid", "")))
+    )
+    raw = _bytes_field(1, b"") + _str(2, status.get("status", "")) + _str(3, status.get("message", ""))
+    raw += _str(4, status.get("reason", "")) + (_bytes_field(5, d) if status.get("details") else b"")
+    raw += _key(6, 0) + _uvarint(int(status.get("code", 0)))
+    type_meta = _str(1, "v1") + _str(2, "Status")
+    return MAGIC + _bytes_field(1, type_meta) + _bytes_field(2, raw) + _str(3, "") + _str(4, "")

@@ -56,8 +56,6 @@ NAMESPACE_CONTROLLER = (
     "kube-controller-manager took 5-10 s"
 )
 KNOWN: dict[tuple[str, int], str] = {
-    ("03-create-and-validate.jsonl", 85): "a 406 for Accept: protobuf on a custom resource is sent as JSON, "
-    "not as a protobuf Status",
     **{("05-concurrency.jsonl", seq): SSA for seq in (26, 27, 28, 33, 47)},
     **{
         ("05-concurrency.jsonl", seq): "generation differs by one after seq 28 (server-side apply)"
