@@ -156,16 +156,10 @@ class GarbageCollector:
                     with_finalizers += 1
                 if not obj["metadata"].get("deletionTimestamp"):
                     changed |= self._delete((storage, ons, name), obj)
-        if remaining == 0 or all(
-            (o["metadata"].get("finalizers") is None)
-            for b in store.objects.values()
-            for (n, _), o in b.items()
-            if n == ns and False
-        ):
-            if remaining == 0:
-                new = {**ns_obj, "spec": {**(ns_obj.get("spec") or {}), "finalizers": []}}
-                store.delete("/namespaces", new)
-                return True
+        if remaining == 0:
+            new = {**ns_obj, "spec": {**(ns_obj.get("spec") or {}), "finalizers": []}}
+            store.delete("/namespaces", new)
+            return True
         if with_finalizers and not any(
             c.get("type") == "NamespaceFinalizersRemaining"
             for c in (ns_obj.get("status") or {}).get("conditions", [])
