@@ -179,8 +179,10 @@ class AdapterCache:
         with self._lock:
             return list(self._lru.values())
 
-    def lookup(self, cache_key: str) -> CachedAdapter | None:
-        """The complete entry for cache_key, with no network; marks it recently used."""
+    def lookup(self, cache_key: str, *, pin: bool = False) -> CachedAdapter | None:
+        """The complete entry for cache_key, with no network; marks it recently used.
+
+        With ``pin`` the entry is pinned in the same step, so no eviction can slip in between."""
         with self._lock:
             entry = self._lru.get(cache_key)
             if entry is None:
@@ -190,6 +192,8 @@ class AdapterCache:
                 self._update_gauges()
                 return None
             self._lru.move_to_end(cache_key)
+            if pin:
+                self._pins[cache_key] += 1
         with contextlib.suppress(OSError):  # the manifest's mtime carries LRU order across restarts
             os.utime(entry.path / MANIFEST)
         CACHE_HITS.inc()
@@ -213,20 +217,23 @@ class AdapterCache:
             return self._pins[cache_key] > 0
 
     # --- prefetch --------------------------------------------------------------------------------
-    def prefetch(self, resolved: ResolvedSource) -> CachedAdapter:
+    def prefetch(self, resolved: ResolvedSource, *, pin: bool = False) -> CachedAdapter:
         """The complete entry for ``resolved``, downloading it if needed. Blocking, thread-safe.
+
+        With ``pin`` the entry is returned pinned (unpin it when it is no longer served); pinning
+        after the call instead leaves a moment in which another prefetch could evict it.
 
         Raises:
             LoraplaneError: TooLarge or CacheFull when it cannot fit; the source's reason (with
                 every attempt counted) when the download fails.
         """
-        hit = self.lookup(resolved.cache_key)
+        hit = self.lookup(resolved.cache_key, pin=pin)
         if hit is not None:
             return hit
         with self._lock:
             key_lock = self._key_locks.setdefault(resolved.cache_key, threading.Lock())
         with key_lock:  # one download per key; a second caller waits and then hits
-            hit = self.lookup(resolved.cache_key)
+            hit = self.lookup(resolved.cache_key, pin=pin)
             if hit is not None:
                 return hit
             CACHE_MISSES.inc()
@@ -245,6 +252,8 @@ class AdapterCache:
             PREFETCH_SECONDS.labels(resolved.kind).observe(time.monotonic() - started)
             with self._lock:
                 self._lru[entry.cache_key] = entry
+                if pin:
+                    self._pins[entry.cache_key] += 1
                 self._lru.move_to_end(entry.cache_key)
                 self._update_gauges()
             return entry

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -40,6 +41,7 @@ from loraplane.worker.sources import (
 )
 
 log = logging.getLogger(__name__)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 # --- Hugging Face Hub ----------------------------------------------------------------------------
@@ -97,8 +99,16 @@ def resolve(repo_id: str, revision: str | None, settings: SourceSettings) -> Res
 
     api = HfApi(endpoint=_hf_endpoint(settings), token=settings.hf_token)
     where = f"{uri}@{revision or 'main'}"
-    with _hf_errors(where):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=settings.timeout_s)
+    try:
+        with _hf_errors(where, _hf_endpoint(settings)):
+            info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=settings.timeout_s)
+    except LoraplaneError as e:
+        # A commit never changes: if the Hub is down, what was recorded for it is still exact.
+        pinned = _recorded(settings, uri, revision) if revision and _COMMIT.fullmatch(revision) else None
+        if e.reason == SOURCE_UNREACHABLE and pinned is not None:
+            log.warning("%s; using the recorded resolution of pinned commit %s", e, revision)
+            return pinned
+        raise
     present: dict[str, RemoteFile] = {}
     names: set[str] = set()
     for s in info.siblings or []:
@@ -146,8 +156,8 @@ def resolve_offline(repo_id: str, uri: str, revision: str | None, settings: Sour
 class _hf_errors:
     """Map huggingface_hub and HTTP-client failures to named source errors."""
 
-    def __init__(self, where: str) -> None:
-        self.where = where
+    def __init__(self, where: str, endpoint: str) -> None:
+        self.where, self.endpoint = where, endpoint
 
     def __enter__(self) -> None:
         return None
@@ -186,7 +196,9 @@ class _hf_errors:
                 raise permanent(SOURCE_NOT_FOUND, f"{w}: not found at the Hub (HTTP 404)") from e
             raise temporary(SOURCE_UNREACHABLE, f"{w}: the Hub answered HTTP {status}") from e
         if isinstance(e, (OSError, _transport_errors())):
-            raise temporary(SOURCE_UNREACHABLE, f"{w}: cannot reach the Hub at {short(e)}") from e
+            raise temporary(
+                SOURCE_UNREACHABLE, f"{w}: cannot reach the Hub at {self.endpoint}: {short(e)}"
+            ) from e
         return False
 
 
@@ -213,7 +225,7 @@ def chunks(resolved: ResolvedSource, rf: RemoteFile, settings: SourceSettings) -
     url = hf_hub_url(repo_id, rf.name, revision=resolved.resolved_revision, endpoint=_hf_endpoint(settings))
     headers = build_hf_headers(token=settings.hf_token)
     where = f"{resolved.uri}@{resolved.resolved_revision[:12]}/{rf.name}"
-    with _hf_errors(where):
+    with _hf_errors(where, _hf_endpoint(settings)):
         with get_session().stream(
             "GET", url, headers=headers, follow_redirects=True, timeout=settings.timeout_s
         ) as resp:

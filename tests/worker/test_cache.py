@@ -320,3 +320,22 @@ def test_sigkill_mid_download_leaves_no_complete_entry(tmp_path: Path, hf_hub: A
     entry = cache.prefetch(r)
     expected = (tmp_path / "src" / "big" / "adapter_model.safetensors").read_bytes()
     assert (entry.path / "adapter_model.safetensors").read_bytes() == expected
+
+
+def test_prefetch_can_return_the_entry_already_pinned(
+    tmp_path: Path, root: Path, settings: s.SourceSettings
+) -> None:
+    a, b = (_local(root, n, settings, extra_tensors=_pad(25_000)) for n in ("a", "b"))
+    cache = c.AdapterCache(tmp_path / "cache", a.size_bytes + 1000, sources_settings=settings)
+    cache.prefetch(a, pin=True)
+    assert cache.is_pinned(a.cache_key)
+    with pytest.raises(LoraplaneError) as e:
+        cache.prefetch(b)
+    assert e.value.reason == c.CACHE_FULL
+    cache.unpin(a.cache_key)
+    assert cache.prefetch(b, pin=True).cache_key == b.cache_key and not cache.lookup(a.cache_key)
+    assert cache.prefetch(b, pin=True) and cache.is_pinned(b.cache_key)
+    cache.unpin(b.cache_key)
+    assert cache.is_pinned(b.cache_key)  # pins nest
+    cache.unpin(b.cache_key)
+    assert not cache.is_pinned(b.cache_key)

@@ -210,3 +210,15 @@ def test_hf_endpoint_environment_variable_is_honoured(tmp_path: Path, repo: tupl
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == sha
+
+
+def test_pinned_commit_resolves_while_the_hub_is_down(tmp_path: Path, repo: tuple[Any, str, Path]) -> None:
+    """A commit never changes, so its recorded resolution is still exact; a branch is not guessed."""
+    hub, sha, _ = repo
+    s.resolve(REPO, sha, _settings(hub, tmp_path))
+    s.resolve(REPO, "main", _settings(hub, tmp_path))
+    down = s.SourceSettings(hf_endpoint=servers.closed_url(), timeout_s=2, state_dir=tmp_path / "state")
+    assert s.resolve(REPO, sha, down).resolved_revision == sha
+    with pytest.raises(s.SourceError) as e:
+        s.resolve(REPO, "main", down)
+    assert e.value.reason == s.SOURCE_UNREACHABLE
