@@ -1,0 +1,369 @@
+"""``loraplane demo``: the whole flow on one machine, no cluster and no downloads.
+
+1. start the embedded Kubernetes API server (localkube) and write a kubeconfig;
+2. apply crds/ and examples/ (with kubectl when it is installed, else the Python client);
+3. make a tiny Llama checkpoint and train three tiny adapters (cached under --workdir);
+4. run the operator and one CPU worker as processes, as they would run in pods;
+5. apply the demo adapters, wait until they are Ready, print `kubectl get lora -A` and one
+   completion per adapter, then change one adapter's path and show the new ID taking over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraplane.crds import models
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_MODEL = "tiny-llama"
+NAMESPACE = "demo"
+PROMPT = "Q: "
+# served name -> what its adapter is trained to complete PROMPT with
+ADAPTERS = {
+    "sql": "select name from users where id = 42;",
+    "fox": "the quick brown fox jumps over the lazy dog",
+    "greeter": "hello world, this is a tiny model",
+}
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def crd_docs() -> list[dict[str, Any]]:
+    """The CRDs as packaged with loraplane.crds (the same files as crds/ in the source tree)."""
+    from importlib.resources import files
+
+    folder = files("loraplane.crds")
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return [d for n in names for d in yaml.safe_load_all(folder.joinpath(n).read_text())]
+
+
+class Cluster:
+    """The demo's view of the API server: kubectl when installed, else the Python client."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.kubectl = shutil.which("kubectl")
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+
+    def apply(self, docs: list[dict[str, Any]]) -> None:
+        if self.kubectl:
+            text = yaml.safe_dump_all(docs)
+            subprocess.run(
+                [self.kubectl, "apply", "-f", "-"], input=text, text=True, env=self.env, check=True
+            )
+            return
+        from kubernetes import client, config, utils
+
+        api = config.new_client_from_config(config_file=str(self.kubeconfig))
+        for doc in docs:
+            if doc.get("apiVersion", "").startswith(models.GROUP):
+                ns = doc["metadata"].get("namespace", "default")
+                co = client.CustomObjectsApi(api)
+                try:
+                    co.create_namespaced_custom_object(
+                        models.GROUP, models.VERSION, ns, models.ADAPTER_PLURAL, doc
+                    )
+                except client.ApiException as exc:
+                    if exc.status != 409:
+                        raise
+                    current = co.get_namespaced_custom_object(
+                        models.GROUP, models.VERSION, ns, models.ADAPTER_PLURAL, doc["metadata"]["name"]
+                    )
+                    co.patch_namespaced_custom_object(
+                        models.GROUP,
+                        models.VERSION,
+                        ns,
+                        models.ADAPTER_PLURAL,
+                        doc["metadata"]["name"],
+                        {
+                            "spec": doc["spec"],
+                            "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                        },
+                    )
+                print(f"{doc['kind'].lower()}.{models.GROUP}/{doc['metadata']['name']} applied")
+            else:
+                try:
+                    utils.create_from_dict(api, doc)
+                except utils.FailToCreateError as exc:
+                    if not all(e.status == 409 for e in exc.api_exceptions):
+                        raise
+                print(f"{doc['kind'].lower()}/{doc['metadata']['name']} applied")
+
+    def get(self, *args: str) -> str:
+        if self.kubectl:
+            return subprocess.run(
+                [self.kubectl, "get", *args], env=self.env, capture_output=True, text=True, check=True
+            ).stdout
+        return ""
+
+    def adapters(self) -> list[dict[str, Any]]:
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(config_file=str(self.kubeconfig))
+        items = client.CustomObjectsApi(api).list_cluster_custom_object(
+            models.GROUP, models.VERSION, models.ADAPTER_PLURAL
+        )["items"]
+        return items
+
+    def show_adapters(self) -> None:
+        if self.kubectl:
+            print(self.get("lora", "-A"), flush=True)
+            return
+        print(f"{'NAMESPACE':<10} {'NAME':<16} {'BASE MODEL':<26} {'ID':>4}  PHASE")
+        for a in self.adapters():
+            st = a.get("status") or {}
+            meta = a["metadata"]
+            print(
+                f"{meta['namespace']:<10} {meta['name']:<16} {a['spec']['baseModel']:<26} "
+                f"{st.get('id', ''):>4}  {st.get('phase', '')}"
+            )
+
+
+def make_models(workdir: Path) -> tuple[Path, dict[str, Path]]:
+    """The tiny base checkpoint and one trained adapter per entry of ADAPTERS (reused when present)."""
+    from loraplane import tinymodels
+
+    base = workdir / "models" / BASE_MODEL
+    if not (base / "model.safetensors").exists():
+        say(f"making a tiny Llama checkpoint with a local tokenizer in {base}")
+        tinymodels.make_tiny_llama(base)
+    adapters = {}
+    for i, (name, completion) in enumerate(ADAPTERS.items()):
+        out = workdir / "adapters" / name
+        if not (out / "adapter_model.safetensors").exists():
+            say(
+                f"training adapter {name!r} for a few seconds on CPU to answer {PROMPT!r} with {completion!r}"
+            )
+            tinymodels.train_adapter(base, out, prompt=PROMPT, completion=completion, seed=i)
+        adapters[name] = out
+    return base, adapters
+
+
+def adapter_doc(name: str, path: Path) -> dict[str, Any]:
+    return {
+        "apiVersion": models.API_VERSION,
+        "kind": models.ADAPTER_KIND,
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"baseModel": BASE_MODEL, "path": str(path)},
+    }
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 60) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def wait_for(what: str, check: Any, timeout: float, procs: list[subprocess.Popen]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(
+                    f"{p.args[0]} exited with {p.returncode} while waiting for {what}; see its log"
+                )
+        try:
+            result = check()
+        except (OSError, urllib.error.URLError, ValueError):
+            result = None
+        if result:
+            return result
+        time.sleep(0.3)
+    raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraplane demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(".loraplane/demo"), help="models, cache, logs")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for adapters to be Ready")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    from loraplane.localkube import LocalKube, write_kubeconfig
+
+    with ExitStack() as stack:
+        server = LocalKube()
+        url = server.start()
+        stack.callback(server.stop)
+        kubeconfig = workdir / "kubeconfig"
+        write_kubeconfig(url, kubeconfig)
+        say(f"local Kubernetes API server on {url}; kubeconfig: {kubeconfig}")
+        cluster = Cluster(kubeconfig)
+        if not cluster.kubectl:
+            say(
+                "kubectl not found: applying through the Python client instead (install kubectl to see `kubectl get`)"
+            )
+
+        say("kubectl apply -f crds/ -f examples/")
+        cluster.apply(crd_docs())
+        time.sleep(0.5)  # CRDs are Established at once on the local server; discovery caches refresh
+        namespaces = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}
+            for n in (NAMESPACE, "loraplane-system")
+        ]
+        examples = [
+            d
+            for f in sorted((REPO / "examples").glob("*-adapter.yaml"))
+            for d in yaml.safe_load_all(f.read_text())
+        ]
+        cluster.apply(namespaces + examples)
+
+        base, adapters = make_models(workdir)
+        logs = workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+        procs: list[subprocess.Popen] = []
+
+        def start(name: str, cmd: list[str]) -> subprocess.Popen:
+            log = open(logs / f"{name}.log", "w")
+            stack.callback(log.close)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            stack.callback(_stop, proc)
+            procs.append(proc)
+            say(f"started {name} (pid {proc.pid}); log: {logs / (name + '.log')}")
+            return proc
+
+        start(
+            "operator",
+            [
+                sys.executable,
+                "-m",
+                "loraplane.operator.main",
+                "--all-namespaces",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--metrics-port",
+                "0",
+                "--ledger-namespace",
+                "loraplane-system",
+            ],
+        )
+        port = free_port()
+        start(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "loraplane.worker.main",
+                "--base-model",
+                str(base),
+                "--served-model-name",
+                BASE_MODEL,
+                "--device",
+                "cpu",
+                "--max-loras",
+                "2",
+                "--local-roots",
+                str(workdir),
+                "--cache-dir",
+                str(workdir / "cache"),
+                "--kubeconfig",
+                str(kubeconfig),
+                "--worker-name",
+                "demo-worker",
+                "--pod-namespace",
+                "loraplane-system",
+                "--port",
+                str(port),
+            ],
+        )
+        api = f"http://127.0.0.1:{port}"
+
+        say("kubectl apply: one LoRAAdapter per trained adapter")
+        cluster.apply([adapter_doc(name, path) for name, path in adapters.items()])
+
+        def all_ready() -> bool:
+            mine = [a for a in cluster.adapters() if a["metadata"]["namespace"] == NAMESPACE]
+            return len(mine) == len(adapters) and all(
+                (a.get("status") or {}).get("phase") == "Ready" for a in mine
+            )
+
+        say("waiting for IDs from the operator and Ready from the worker (prefetch, validate, load)")
+        wait_for("the demo adapters to be Ready", all_ready, args.timeout, procs)
+        cluster.show_adapters()
+        if cluster.kubectl:
+            print(cluster.get("loraworkers", "-A"), flush=True)
+
+        listed = http_json(f"{api}/v1/models")
+        say("GET /v1/models")
+        for m in listed["data"]:
+            extra = m.get("loraplane") or {}
+            print(
+                f"  {m['id']:<12} id={extra.get('id', '-')!s:<4} base={extra.get('base_model', extra.get('baseModel', ''))}"
+            )
+
+        say(f"one completion per model for the prompt {PROMPT!r} (greedy)")
+        for model in [BASE_MODEL, *adapters]:
+            out = http_json(
+                f"{api}/v1/completions",
+                {"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0},
+            )
+            print(f"  {model:<12} -> {out['choices'][0]['text']!r}", flush=True)
+
+        ids = {
+            a["metadata"]["name"]: a["status"]["id"]
+            for a in cluster.adapters()
+            if a["metadata"]["namespace"] == NAMESPACE
+        }
+        say(
+            "new weights for 'sql': point it at the 'fox' weights (a path change is a new version, so a new ID)"
+        )
+        cluster.apply([adapter_doc("sql", adapters["fox"])])
+
+        def swapped() -> bool:
+            a = next(x for x in cluster.adapters() if x["metadata"]["name"] == "sql")
+            st = a.get("status") or {}
+            if st.get("id") == ids["sql"] or st.get("phase") != "Ready":
+                return False
+            model = next((m for m in http_json(f"{api}/v1/models")["data"] if m["id"] == "sql"), None)
+            return bool(model and (model.get("loraplane") or {}).get("id") == st["id"])
+
+        wait_for("the new version of 'sql' to be served", swapped, args.timeout, procs)
+        cluster.show_adapters()
+        out = http_json(
+            f"{api}/v1/completions", {"model": "sql", "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+        )
+        print(f"  sql (new ID) -> {out['choices'][0]['text']!r}", flush=True)
+        say(
+            f"done. Logs in {logs}; `loraplane dev-apiserver` runs the API server alone for kubectl experiments"
+        )
+    return 0
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
