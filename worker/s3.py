@@ -105,14 +105,20 @@ def resolve(location: str, settings: SourceSettings) -> ResolvedSource:
     present: dict[str, RemoteFile] = {}
     names: set[str] = set()
     with _s3_errors(uri, settings.s3_endpoint_url):
-        resp = client.list_objects_v2(Bucket=bucket, Prefix=listing_prefix, Delimiter="/", MaxKeys=1000)
+        # Only the adapter_* names: a prefix with thousands of checkpoints beside the adapter needs one page.
+        resp = client.list_objects_v2(
+            Bucket=bucket, Prefix=f"{listing_prefix}adapter_", Delimiter="/", MaxKeys=1000
+        )
     for obj in resp.get("Contents", []):
         name = obj["Key"][len(listing_prefix) :]
         names.add(name)
         if name in ADAPTER_FILES:
             present[name] = RemoteFile(name, int(obj["Size"]), str(obj["ETag"]).strip('"'))
     if not names:
-        raise permanent(SOURCE_NOT_FOUND, f"{uri}: no objects under this prefix")
+        raise permanent(
+            SOURCE_NOT_FOUND,
+            f"{uri}: no adapter files (adapter_config.json, adapter_model.safetensors) under this prefix",
+        )
     files = check_listing(uri, present, names, settings)
     digest = hashlib.sha256("".join(f"{f.name}\0{f.size}\0{f.etag}\n" for f in files).encode()).hexdigest()[
         :40

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -285,6 +286,8 @@ def _resolve_local(location: str, settings: SourceSettings) -> ResolvedSource:
             st = target.stat()
         except OSError as e:
             raise permanent(FILE_MISSING, f"{uri}/{name} cannot be read: {e.strerror}") from e
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise permanent(FILE_MISSING, f"{uri}/{name} is not a regular file")
         if name in ADAPTER_FILES:
             present[name] = RemoteFile(name, st.st_size)
             stamp.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

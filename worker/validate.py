@@ -160,6 +160,33 @@ def validate_adapter(
         ValidationFailed: problems = [(reason, message), ...].
         PermanentError: PickleRefused, FileMissing when there is nothing to validate.
     """
+    try:
+        return _validate(
+            Path(adapter_dir),
+            base,
+            max_lora_rank=max_lora_rank,
+            extra_vocab=extra_vocab,
+            max_length=max_length,
+            served_base_name=served_base_name,
+            sha256=sha256,
+        )
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a field of the wrong type or shape
+        _count(MALFORMED_CONFIG)
+        raise ValidationFailed(
+            [(MALFORMED_CONFIG, f"{CONFIG_FILE} has a field of the wrong type ({type(e).__name__}: {e})")]
+        ) from e
+
+
+def _validate(
+    adapter_dir: Path,
+    base: BaseModelInfo,
+    *,
+    max_lora_rank: int,
+    extra_vocab: int,
+    max_length: int | None,
+    served_base_name: str | None,
+    sha256: str | None,
+) -> AdapterSummary:
     adapter_dir = Path(adapter_dir)
     weights = adapter_dir / WEIGHTS_FILE
     if not weights.is_file():
@@ -231,6 +258,11 @@ def validate_adapter(
 
     known = set(base.linear_shapes)
     targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, (list, str)):
+        p.add(
+            MALFORMED_CONFIG,
+            f"{CONFIG_FILE}: target_modules must be a list of names or a regex, got {targets!r}",
+        )
     if isinstance(targets, list):
         for t in targets:
             name = str(t).split(".")[-1]

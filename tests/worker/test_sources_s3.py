@@ -71,7 +71,7 @@ def test_missing_bucket_and_prefix(moto_s3: Any) -> None:
     bucket = moto_s3.bucket()
     with pytest.raises(s.SourceError) as e:
         s.resolve(f"s3://{bucket}/nothing", None, settings)
-    assert e.value.reason == s.SOURCE_NOT_FOUND and "no objects" in e.value.message
+    assert e.value.reason == s.SOURCE_NOT_FOUND and "no adapter files" in e.value.message
 
 
 def test_pickle_only_prefix_is_refused(tmp_path: Path, moto_s3: Any) -> None:

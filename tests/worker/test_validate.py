@@ -328,3 +328,22 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "loraplane.worker.validate", str(d), "--base-model", str(b)],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 1 and "UnknownTargetModule" in r.stderr and "nope_proj" in r.stderr
+
+
+@pytest.mark.parametrize("fields", [
+    {"layers_to_transform": ["zero"]},
+    {"layers_to_transform": {"a": 1}},
+    {"modules_to_save": 7},
+    {"rank_pattern": {"q_proj": "big"}},
+    {"target_modules": 12},
+    {"r": "eight"},
+    {"lora_alpha": None},
+    {"rank_pattern": ["q_proj"]},
+], ids=lambda f: "-".join(f"{k}={v!r}" for k, v in f.items()))  # fmt: skip
+def test_fields_of_the_wrong_type_are_a_named_failure_not_a_crash(
+    tmp_path: Path, base: v.BaseModelInfo, fields
+) -> None:
+    d = adapters.write_adapter(tmp_path / "a", config=fields)
+    with pytest.raises(ValidationFailed) as e:
+        v.validate_adapter(d, base, max_lora_rank=16)
+    assert e.value.reason == v.MALFORMED_CONFIG and "adapter_config.json" in e.value.message
