@@ -190,12 +190,15 @@ class WorkerReport:
     async def run(self) -> None:
         """Create the object, then write status on changes (batched) and on every heartbeat."""
         delay = 0.2
+        loop = asyncio.get_running_loop()
+        last_write = -self.batch_seconds
         while not self.pod_gone:
             try:
                 if not self._created:
                     await self.ensure_object()
                 self._dirty.clear()
                 await self.write_status()
+                last_write = loop.time()
                 delay = 0.2
             except ApiError as e:
                 log.warning(
@@ -212,7 +215,9 @@ class WorkerReport:
                 await asyncio.wait_for(self._dirty.wait(), timeout=self.heartbeat_seconds)
             except TimeoutError:
                 continue  # heartbeat
-            await asyncio.sleep(self.batch_seconds)  # coalesce the burst that follows the first change
+            # At most one write per batch interval: a change after a quiet spell is written at once,
+            # and a burst of changes is coalesced into the write at the end of the interval.
+            await asyncio.sleep(max(0.0, last_write + self.batch_seconds - loop.time()))
         await asyncio.Event().wait()  # nothing more to report; wait to be stopped
 
 

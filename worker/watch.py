@@ -117,6 +117,7 @@ class AdapterWatch:
         self.synced = asyncio.Event()
         self._objects: dict[str, dict[str, dict[str, Any]]] = {scope: {} for scope in self.scopes}
         self._listed: set[str] = set()
+        self._rv: dict[str, str | None] = dict.fromkeys(self.scopes)  # where each scope resumes
         self.relists = 0  # how many lists ran (the first included): for tests and metrics
         self.reconnects = 0
 
@@ -132,28 +133,31 @@ class AdapterWatch:
 
     async def _scope_loop(self, scope: str) -> None:
         delay = BACKOFF_START
-        rv: str | None = None
+        self._rv[scope] = None
         where = scope or "all namespaces"
         while True:
             try:
-                if rv is None:
-                    rv = await self._list(scope)
+                if self._rv[scope] is None:
+                    self._rv[scope] = await self._list(scope)
                     delay = BACKOFF_START
-                rv = await self._watch(scope, rv)
+                await self._watch(scope)
                 delay = BACKOFF_START  # a watch that ended normally (timeout): resume at once
             except _Gone:
-                log.info("watch of LoRAAdapters in %s: resourceVersion %s expired; relisting", where, rv)
-                rv = None
+                log.info(
+                    "watch of LoRAAdapters in %s: resourceVersion %s expired; relisting",
+                    where,
+                    self._rv[scope],
+                )
+                self._rv[scope] = None
             except ApiError as e:
                 if e.status == 410:  # the HTTP form of Gone (the in-stream ERROR event is handled in _watch)
                     log.info("LoRAAdapter list/watch in %s: HTTP 410 Gone; relisting", where)
-                    rv = None
+                    self._rv[scope] = None
                     continue
                 self.reconnects += 1
                 RECONNECTS.inc()
-                wait = delay * (
-                    0.5 + random.random()
-                )  # jitter: a fleet of workers must not reconnect in step
+                # Jitter: a fleet of workers must not reconnect in step when the API server returns.
+                wait = delay * (0.5 + random.random())
                 log.warning("LoRAAdapter list/watch in %s failed (%s); retrying in %.1fs", where, e, wait)
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, BACKOFF_MAX)
@@ -171,7 +175,10 @@ class AdapterWatch:
         self._publish()
         return str((body.get("metadata") or {}).get("resourceVersion", "0"))
 
-    async def _watch(self, scope: str, rv: str) -> str:
+    async def _watch(self, scope: str) -> None:
+        """Follow events from the scope's resourceVersion, advancing it with every event (bookmarks
+        included), so a watch that breaks resumes where it was, not where it started."""
+        rv = self._rv[scope] or "0"
         async for event in self.api.watch(self._path(scope), resource_version=rv):
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
@@ -182,6 +189,7 @@ class AdapterWatch:
                 )
             meta = obj.get("metadata") or {}
             rv = str(meta.get("resourceVersion", rv))
+            self._rv[scope] = rv
             if kind == "BOOKMARK":
                 continue
             key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
@@ -190,7 +198,6 @@ class AdapterWatch:
             elif kind in ("ADDED", "MODIFIED"):
                 self._objects[scope][key] = obj
             self._publish()
-        return rv
 
     def _publish(self) -> None:
         if len(self._listed) < len(self.scopes):

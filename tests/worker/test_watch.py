@@ -79,7 +79,7 @@ def test_api_server_restart_nothing_lost_or_served_twice(own_kube, tmp_path):
     root = tmp_path / "adapters"
     dirs = {
         n: adapters_mod.write_adapter(root / n, seed=i)
-        for i, n in enumerate(["a1", "a2", "a2v2", "a3", "a4", "a5"])
+        for i, n in enumerate(["a1", "a2", "a2v2", "a3", "a4", "a5", "a6"])
     }
     ads = fleet.Adapters(kube, ns)
     w = fleet.WorkerProc(kube.kubeconfig, tmp_path, name="w1", namespace=ns, base_dir=base, local_root=root)
@@ -120,24 +120,29 @@ def test_api_server_restart_nothing_lost_or_served_twice(own_kube, tmp_path):
         assert w.metric("loraplane_worker_watch_reconnects_total") >= 1
 
         # Down again with the history intact: the worker resumes its watch from its resourceVersion
-        # (no relist) and sees what happens after the restart.
+        # (no relist) and sees what happens after the restart. First a change the worker sees with the
+        # full history back, so its resourceVersion is newer than anything compacted.
         cluster.store.set_history_limit(10000)
+        ads.create(fleet.adapter_obj("a5", str(dirs["a5"])))
+        ads.assign("a5", 5)
+        want = {22: "Ready", 3: "Ready", 4: "Ready", 5: "Ready"}
+        fleet.wait_for(lambda: fleet.states(ads, "w1", ns) == want, 40, lambda: f"{want}\n{w.log()[-3000:]}")
         lists_before = w.metric("loraplane_worker_adapter_lists_total")
         server.stop()
         time.sleep(1.0)
         server.start()
         ads2 = fleet.Adapters(kube, ns)
         fleet.wait_for(
-            lambda: _try(lambda: ads2.create(fleet.adapter_obj("a5", str(dirs["a5"])))), 20, "create a5"
+            lambda: _try(lambda: ads2.create(fleet.adapter_obj("a6", str(dirs["a6"])))), 20, "create a6"
         )
-        ads2.assign("a5", 5)
-        want = {22: "Ready", 3: "Ready", 4: "Ready", 5: "Ready"}
+        ads2.assign("a6", 6)
+        want = {22: "Ready", 3: "Ready", 4: "Ready", 5: "Ready", 6: "Ready"}
         fleet.wait_for(lambda: fleet.states(ads2, "w1", ns) == want, 40, lambda: f"{want}\n{w.log()[-3000:]}")
         assert w.metric("loraplane_worker_adapter_lists_total") == lists_before, "resumed, not relisted"
 
         # Nothing prepared twice, nothing downloaded twice: one Ready per ID, one cache miss per version.
-        assert _ready_lines(w.log()) == {1: 1, 2: 1, 3: 1, 22: 1, 4: 1, 5: 1}
-        assert w.metric("loraplane_worker_cache_misses_total") == 6
+        assert _ready_lines(w.log()) == {1: 1, 2: 1, 3: 1, 22: 1, 4: 1, 5: 1, 6: 1}
+        assert w.metric("loraplane_worker_cache_misses_total") == 7
         assert w.stop() == 0
         ads2.close()
     ads.close()

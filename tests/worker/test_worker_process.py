@@ -177,3 +177,23 @@ def test_new_version_keeps_the_old_one_until_ready(kube, namespace, tmp_path, se
         log = w.log()
         assert log.index("id 23 Ready") < log.index("dropped adapter " + f"{namespace}/sql id 2 ")
         assert w.stop() == 0
+
+
+def test_status_writes_are_batched(kube, namespace, tmp_path, setup):
+    base, root, ads = setup
+    names = [f"b{i}" for i in range(12)]
+    for i, n in enumerate(names):
+        ads.create(fleet.adapter_obj(n, str(adapters_mod.write_adapter(root / n, seed=i))))
+    with _worker(kube, tmp_path, namespace, base, root, extra=["--report-batch-seconds", "1"]) as w:
+        fleet.wait_for(lambda: fleet.report(ads, "w1", namespace) == {}, 20, "the first (empty) report")
+        fleet.wait_for(lambda: w.metrics(), 10, "metrics")
+        before = w.metric("loraplane_worker_report_writes_total")
+        for i, n in enumerate(names, start=1):
+            ads.assign(n, i)
+        want = dict.fromkeys(range(1, 13), "Ready")
+        fleet.wait_for(lambda: fleet.states(ads, "w1", namespace) == want, 30, lambda: w.log()[-3000:])
+        writes = w.metric("loraplane_worker_report_writes_total") - before
+        # 12 adapters x 3 transitions (Prefetching, Validating, Ready) = 36 changes, in a few writes
+        # (one per batch interval while changes arrive, plus heartbeats every 2 s).
+        assert 1 <= writes <= 8, writes
+        assert w.stop() == 0
