@@ -86,6 +86,12 @@ loraplane.io/pool: {{ . }}
 {{- end -}}
 {{- end -}}
 
+{{/* The operator's namespaces when not cluster-wide: the watched ones plus the release namespace (LoRAWorker reports). */}}
+{{- define "loraplane.operatorNamespaces" -}}
+{{- $watched := include "loraplane.watchNamespaces" . | fromJsonArray -}}
+{{- append $watched .Release.Namespace | uniq | toJson -}}
+{{- end -}}
+
 {{/* Checks the schema cannot express; each message names the key and the fix. */}}
 {{- define "loraplane.validate" -}}
 {{- $seen := dict -}}

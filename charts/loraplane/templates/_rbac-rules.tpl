@@ -1,53 +1,57 @@
 {{/*
-The rule lists, in one place. Keep them to what the code calls: tests/chart/test_rbac.py fails on a
-rule that was never used as well as on a call no rule allows.
+The rule lists, in one place. They hold exactly the calls the code makes: tests/chart/test_rbac.py runs
+the operator and a worker as these service accounts and fails on a call no rule allows as well as on a
+rule nothing used.
 */}}
 
-{{/* Operator, where adapters live. */}}
+{{/*
+Operator, where it watches (cluster-wide, or each watched namespace): kopf lists and watches adapters
+and worker reports; IDs and status are written with a resourceVersion-checked PUT of /status (a merge
+patch could not carry the precondition); an Event on each transition.
+*/}}
 {{- define "loraplane.operator.adapterRules" -}}
 - apiGroups: [loraplane.io]
-  resources: [loraadapters]
-  verbs: [get, list, watch, patch]
+  resources: [loraadapters, loraworkers]
+  verbs: [list, watch]
 - apiGroups: [loraplane.io]
   resources: [loraadapters/status]
-  verbs: [patch]
+  verbs: [update]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
 {{- end -}}
 
-{{/* Operator, in the release namespace: the ID ledger, worker reports, worker pods. */}}
+{{/*
+Operator, in the release namespace: the ID ledger ConfigMap (read, created once, CAS-updated per block).
+In namespaced mode the operator also watches the release namespace, where the workers' LoRAWorker
+reports live (unless that namespace is a watched one, whose Role already covers it).
+*/}}
 {{- define "loraplane.operator.homeRules" -}}
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, update]
+{{- if and (not .Values.watch.clusterWide) (not (has .Release.Namespace (include "loraplane.watchNamespaces" . | fromJsonArray))) }}
 - apiGroups: [loraplane.io]
-  resources: [loraworkers]
+  resources: [loraadapters, loraworkers]
   verbs: [list, watch]
-- apiGroups: [""]
-  resources: [pods]
-  verbs: [get, list, watch]
+{{- end }}
 {{- end -}}
 
-{{/* Operator, cluster-scoped. */}}
-{{- define "loraplane.operator.clusterRules" -}}
-- apiGroups: [apiextensions.k8s.io]
-  resources: [customresourcedefinitions]
-  verbs: [list, watch]
-{{- end -}}
-
-{{/* Worker, where adapters live: read them. */}}
+{{/* Worker, where adapters live: list then watch them. */}}
 {{- define "loraplane.worker.adapterRules" -}}
 - apiGroups: [loraplane.io]
   resources: [loraadapters]
   verbs: [list, watch]
 {{- end -}}
 
-{{/* Worker, in the release namespace: its own LoRAWorker report and its own Pod (for the ownerReference). */}}
+{{/*
+Worker, in the release namespace: create its own LoRAWorker (owned by its Pod, which it reads for the
+ownerReference), report through /status, delete it on a clean shutdown.
+*/}}
 {{- define "loraplane.worker.homeRules" -}}
 - apiGroups: [loraplane.io]
   resources: [loraworkers]
-  verbs: [get, create, patch]
+  verbs: [create, delete]
 - apiGroups: [loraplane.io]
   resources: [loraworkers/status]
   verbs: [patch]
