@@ -18,6 +18,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,9 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revision", default=None, help="Hub revision when ADAPTER is a Hub repo")
     ap.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint when ADAPTER is s3://")
     args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="loraplane-validate-") as tmp:
+        return _run_cli(args, Path(tmp))
+
+
+def _run_cli(args: argparse.Namespace, tmp: Path) -> int:
     try:
         base = BaseModelInfo.from_pretrained_dir(Path(args.base_model), served_name=args.served_base_name)
-        adapter_dir = _fetch_for_cli(args)
+        adapter_dir = _fetch_for_cli(args, tmp)
     except PermanentError as e:
         print(f"cannot check: {e.reason}: {e.message}", file=sys.stderr)
         return 2
@@ -491,18 +497,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fetch_for_cli(args: argparse.Namespace) -> Path:
+def _fetch_for_cli(args: argparse.Namespace, tmp: Path) -> Path:
     """A local directory as is; any other spec.path resolved and downloaded into a temporary cache."""
     local = Path(args.adapter[7:] if args.adapter.startswith("file://") else args.adapter)
     if local.is_dir():
         return local
-    import tempfile
-
     from loraplane.worker import cache, sources
 
     settings = sources.SourceSettings(s3_endpoint_url=args.s3_endpoint_url)
     resolved = sources.resolve(args.adapter, args.revision, settings)
-    tmp = Path(tempfile.mkdtemp(prefix="loraplane-validate-"))
     entry = cache.AdapterCache(tmp, 1 << 40, sources_settings=settings, retries=1).prefetch(resolved)
     print(f"fetched {resolved.uri} at {resolved.resolved_revision} into {entry.path}")
     return entry.path

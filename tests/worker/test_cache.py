@@ -339,3 +339,16 @@ def test_prefetch_can_return_the_entry_already_pinned(
     assert cache.is_pinned(b.cache_key)  # pins nest
     cache.unpin(b.cache_key)
     assert not cache.is_pinned(b.cache_key)
+
+
+def test_lru_order_survives_a_restart(tmp_path: Path, root: Path, settings: s.SourceSettings) -> None:
+    a, b = (_local(root, n, settings) for n in ("a", "b"))
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    cache.prefetch(a)
+    cache.prefetch(b)
+    manifest = tmp_path / "cache" / "entries" / a.cache_key / c.MANIFEST
+    os.utime(manifest, (time.time() + 5, time.time() + 5))  # as if a was used later (clock-coarseness-proof)
+    restarted = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    assert [e.cache_key for e in restarted.entries()] == [b.cache_key, a.cache_key]
+    restarted.lookup(b.cache_key)
+    assert os.stat(tmp_path / "cache" / "entries" / b.cache_key / c.MANIFEST).st_mtime > time.time() - 5

@@ -117,3 +117,17 @@ def test_object_replaced_after_resolving(
     with pytest.raises(s.SourceError) as e:
         s.fetch_file(r, "adapter_model.safetensors", io.BytesIO(), settings)
     assert e.value.reason in (s.SOURCE_CHANGED, s.CHECKSUM_MISMATCH) and e.value.retry
+
+
+def test_validate_cli_fetches_an_s3_adapter(
+    tmp_path: Path, uploaded: tuple[str, Path, s.SourceSettings], capsys
+) -> None:
+    from loraplane.worker import validate
+
+    uri, _, settings = uploaded
+    base = adapters.write_base_config(tmp_path / "base")
+    argv = [uri, "--base-model", str(base), "--s3-endpoint-url", str(settings.s3_endpoint_url)]
+    assert validate.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"fetched {uri}" in out and "OK: rank 8" in out
+    assert validate.main([*argv, "--max-lora-rank", "4"]) == 1

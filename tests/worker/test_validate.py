@@ -347,3 +347,20 @@ def test_fields_of_the_wrong_type_are_a_named_failure_not_a_crash(
     with pytest.raises(ValidationFailed) as e:
         v.validate_adapter(d, base, max_lora_rank=16)
     assert e.value.reason == v.MALFORMED_CONFIG and "adapter_config.json" in e.value.message
+
+
+def test_validation_failures_are_counted_by_reason(tmp_path: Path, base: v.BaseModelInfo) -> None:
+    from prometheus_client import REGISTRY
+
+    def count() -> float:
+        return (
+            REGISTRY.get_sample_value(
+                "loraplane_worker_validation_failures_total", {"reason": v.RANK_TOO_LARGE}
+            )
+            or 0.0
+        )
+
+    before = count()
+    with pytest.raises(ValidationFailed):
+        v.validate_adapter(adapters.write_adapter(tmp_path / "a", r=32), base, max_lora_rank=16)
+    assert count() == before + 1
