@@ -12,9 +12,12 @@ Nothing heavy is imported at module level, so ``loraplane-worker --help`` is fas
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -209,37 +212,47 @@ class WorkerApp:
         await site.start()
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
-        log.info("serving /metrics, /healthz, /readyz on %s:%d", self.settings.host, self.port)
+        log.info("serving /metrics, /health, /ready, /adapters on %s:%d", self.settings.host, self.port)
         try:
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
 
     def http_app(self) -> web.Application:
-        """The control-path endpoints (/metrics, /healthz, /readyz, /adapters); an API server may mount them."""
+        """The control path's own server (used when no serve hook is given): /metrics, /health(z),
+        /ready(z) and /adapters. Probe paths answer under both spellings so a chart works either way."""
         from aiohttp import web
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-        async def healthz(_: web.Request) -> web.Response:
+        async def health(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
 
-        async def readyz(_: web.Request) -> web.Response:
-            ready = self.ready.is_set()
-            return web.json_response({"ready": ready}, status=200 if ready else 503)
+        async def ready(_: web.Request) -> web.Response:
+            is_ready = self.ready.is_set()
+            return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        for path in ("/health", "/healthz"):
+            app.router.add_get(path, health)
+        for path in ("/ready", "/readyz"):
+            app.router.add_get(path, ready)
+        self.add_control_routes(app)
+        return app
+
+    def add_control_routes(self, app: web.Application) -> None:
+        """Add ``GET /adapters`` (this worker's per-adapter states, as in its LoRAWorker report) to an
+        aiohttp app, e.g. the OpenAI API server's."""
+        from aiohttp import web
 
         async def adapters(_: web.Request) -> web.Response:
             reports = self.controller.reports() if self.controller else []
             return web.json_response([r.model_dump(exclude_none=True) for r in reports])
 
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
         app.router.add_get("/adapters", adapters)
-        return app
 
 
 def _configure_logging(level: str) -> None:
@@ -275,13 +288,29 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
     except Exception as e:  # a LoraplaneError names the problem; anything else too, without a trace
         print(f"loraplane-worker: --base-model {settings.base_model}: {e}", file=sys.stderr)
         return 2
+    code = 0
+    loop = asyncio.new_event_loop()
+    # Our own executor, so shutdown does not wait for a download in flight: the cache is crash-safe
+    # (partial files are discarded at the next start), and Kubernetes would SIGKILL us anyway.
+    executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="loraplane-io")
+    loop.set_default_executor(executor)
     try:
-        asyncio.run(_main_async(app))
+        loop.run_until_complete(_main_async(app))
     except KeyboardInterrupt:
         pass
     except Exception:
-        return 1
-    return 0
+        code = 1
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
+    busy = [t for t in threading.enumerate() if t.name.startswith("loraplane-io") and t.is_alive()]
+    if busy:
+        log.info("abandoning %d blocking call(s) in flight (downloads restart at the next start)", len(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

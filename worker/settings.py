@@ -258,7 +258,7 @@ def check(s: WorkerSettings) -> WorkerSettings:
             raise ConfigError(f"--base-model {s.base_model}: no such directory")
         if not (d / "config.json").is_file():
             raise ConfigError(f"--base-model {s.base_model}: no config.json in that directory")
-    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", s.base_model):
+    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", s.base_model):
         raise ConfigError(
             f"--base-model {s.base_model!r} is neither a directory nor a Hub repo id (org/name)"
         )

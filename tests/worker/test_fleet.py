@@ -188,3 +188,22 @@ def test_sigkill_mid_download_then_restart(kube, namespace, tmp_path, env, hf_hu
         assert len(list(entries.iterdir())) == 1
         assert not [p for p in (w.cache_dir / "tmp").iterdir() if not p.name.startswith("trash-")]
         assert w.stop() == 0
+
+
+def test_sigterm_during_a_download_stops_promptly(kube, namespace, tmp_path, env, hf_hub):
+    base, root, ads, op = env
+    src = adapters_mod.write_adapter(
+        tmp_path / "hub-src", r=64, target_modules=adapters_mod.ATTN + adapters_mod.MLP
+    )
+    hf_hub.add_commit("org/slower", src)
+    hf_hub.chunk_delay_s = 2.0  # about 20 s for the whole file: far longer than the stop bound below
+    ads.create(fleet.adapter_obj("slower", "hf://org/slower"))
+    w = fleet.WorkerProc(
+        kube.kubeconfig, tmp_path, name="w1", namespace=namespace, base_dir=base, local_root=root,
+        extra=["--hf-endpoint", hf_hub.url],
+    )  # fmt: skip
+    with w:
+        fleet.wait_for(lambda: hf_hub.active > 0, 30, lambda: f"a download in flight\n{w.log()[-3000:]}")
+        assert w.stop(timeout=10) == 0
+    assert "abandoning 1 blocking call" in w.log()
+    assert not any((w.cache_dir / "entries").iterdir())

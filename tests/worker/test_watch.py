@@ -20,7 +20,7 @@ from aiohttp import web
 
 from loraplane.localkube import LocalKube, write_kubeconfig
 from loraplane.localkube.http import make_app
-from loraplane.worker.watch import DesiredAdapter, desired_from
+from loraplane.worker.watch import DesiredAdapter, desired_from, version_of
 
 _HERE = Path(__file__).parent
 
@@ -155,7 +155,7 @@ def _try(fn):
         return False
 
 
-def _obj(name, *, base="tiny", adapter_id=7, name_available="True", spec=None, deleting=False):
+def _obj(name, *, base="tiny", adapter_id=7, name_available="True", spec=None, deleting=False, version=None):
     obj = fleet.adapter_obj(name, "/models/x", base_model=base)
     obj["metadata"].update(namespace="ns", uid="u1")
     if deleting:
@@ -165,6 +165,8 @@ def _obj(name, *, base="tiny", adapter_id=7, name_available="True", spec=None, d
         obj["status"] = {"id": adapter_id, "conditions": [
             {"type": "NameAvailable", "status": name_available, "reason": "X", "message": "",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}  # fmt: skip
+        if version:
+            obj["status"]["version"] = version
     return obj
 
 
@@ -174,6 +176,10 @@ def _obj(name, *, base="tiny", adapter_id=7, name_available="True", spec=None, d
         (_obj("a"), DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1")),
         (_obj("a", spec={"name": "sql", "revision": "v2", "longContext": {"maxLength": 4096}}),
          DesiredAdapter(7, "ns/a", "sql", "/models/x", "v2", 4096, "u1")),
+        (_obj("a", version=version_of("/models/x", None)),  # status.id is this spec's version
+         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1")),
+        (_obj("a", version="0123456789abcdef"),  # the spec moved on; status.id names the previous version
+         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
         (_obj("a", base="other"), None),  # another base model
         (_obj("a", adapter_id=None), None),  # no ID yet
         (_obj("a", name_available="False"), None),  # its served name belongs to another adapter
