@@ -254,7 +254,7 @@ def _resolve_local(location: str, settings: SourceSettings) -> ResolvedSource:
     uri = f"file://{lexical}"
     if not settings.local_roots:
         raise permanent(PATH_NOT_ALLOWED, f"{uri}: this worker allows no local paths; configure a local root")
-    roots = [Path(os.path.normpath(r)) for r in settings.local_roots]
+    roots = [Path(os.path.abspath(r)) for r in settings.local_roots]  # abspath also normalises
     lexical_root = next((r for r in roots if _under(lexical, r)), None)
     if lexical_root is None:
         shown = ", ".join(str(r) for r in roots)
