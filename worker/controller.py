@@ -117,8 +117,13 @@ class Controller:
                 continue
             known = self._known[adapter_id]
             newer = wanted_keys.get(known.desired.adapter)
-            if newer is not None and known.state == "Ready" and self._known[newer].state != "Ready":
-                continue  # keep serving the old version until the new one is Ready
+            newer_known = self._known.get(newer) if newer is not None else None
+            if (
+                newer is not None
+                and known.state == "Ready"
+                and (newer_known is None or newer_known.state != "Ready")
+            ):
+                continue  # keep serving the old version until the new one is Ready (or has an ID)
             self._drop(adapter_id)
         self._changed()
 

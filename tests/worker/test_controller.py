@@ -1,0 +1,135 @@
+"""The controller's version rules, in-process with the real cache, validator and registry (no API server).
+
+Desired states are fed to Controller.reconcile as the watch would publish them; the registry is what
+the engine and the HTTP API read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraplane.worker.cache import AdapterCache
+from loraplane.worker.controller import Controller
+from loraplane.worker.registry import Registry
+from loraplane.worker.sources import SourceSettings
+from loraplane.worker.validate import BaseModelInfo
+from loraplane.worker.watch import DesiredAdapter
+
+_HERE = Path(__file__).parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, _HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+adapters_mod = _load("adapters")
+servers = _load("servers")
+
+
+@pytest.fixture
+def world(tmp_path):
+    base = BaseModelInfo.from_pretrained_dir(
+        adapters_mod.write_base_config(tmp_path / "base"), served_name="tiny"
+    )
+    root = tmp_path / "adapters"
+    root.mkdir()
+    return base, root, tmp_path / "cache"
+
+
+def _controller(base, root, cache_dir, **kw):
+    settings = SourceSettings(local_roots=(root,), hf_endpoint=servers.closed_url(), timeout_s=2)
+    cache = AdapterCache(cache_dir, 64 << 20, 2, retries=0, sources_settings=settings)
+    registry = Registry()
+    return (
+        Controller(registry, cache, base, settings, base_model="tiny", max_lora_rank=64, **kw),
+        registry,
+        cache,
+    )
+
+
+def _want(adapter_id, path, *, name="sql", key="ns/sql", stale=False):
+    return DesiredAdapter(adapter_id, key, name, str(path), None, None, "u", stale=stale)
+
+
+async def _until(fn, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not fn():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+def test_versions_names_and_failures(world):
+    base, root, cache_dir = world
+    v1 = adapters_mod.write_adapter(root / "v1", seed=1)
+    v2 = adapters_mod.write_adapter(root / "v2", seed=2)
+    bad = adapters_mod.write_adapter(root / "bad", r=128)
+
+    async def scenario():
+        c, registry, cache = _controller(base, root, cache_dir)
+        c.reconcile({2: _want(2, v1)})
+        await _until(lambda: c.states() == {2: "Ready"})
+        assert registry.lookup("sql").id == 2 and registry.lookup("sql").local_dir is not None
+        assert cache.is_pinned(cache.entries()[0].cache_key)
+
+        # The spec moved on but the new ID is not there yet (stale): nothing changes.
+        c.reconcile({2: _want(2, v2, stale=True)})
+        await asyncio.sleep(0.1)
+        assert c.states() == {2: "Ready"}
+        # Its new ID is known only as stale after a relist: the old version keeps serving.
+        c.reconcile({22: _want(22, v2, stale=True)})
+        await asyncio.sleep(0.1)
+        assert c.states() == {2: "Ready"} and registry.lookup("sql").id == 2
+
+        # A bad new version fails; the old one keeps serving.
+        c.reconcile({22: _want(22, bad)})
+        await _until(lambda: c.states() == {2: "Ready", 22: "Failed"})
+        assert registry.lookup("sql").id == 2
+        assert [r.reason for r in c.reports()] == [None, "RankTooLarge"]
+
+        # A good one replaces it; the old one is dropped once it is Ready.
+        c.reconcile({23: _want(23, v2)})
+        await _until(lambda: c.states() == {23: "Ready"})
+        assert registry.lookup("sql").id == 23 and registry.by_id(2) is None
+
+        # A served-name change keeps the ID and moves the name.
+        c.reconcile({23: _want(23, v2, name="sql-v2")})
+        await _until(lambda: c.states() == {23: "Ready"} and registry.lookup("sql-v2") is not None)
+        assert registry.lookup("sql") is None
+
+        # Deleted: gone from the registry, unpinned in the cache.
+        c.reconcile({})
+        assert registry.snapshot() == [] and not any(cache.is_pinned(e.cache_key) for e in cache.entries())
+
+    asyncio.run(scenario())
+
+
+def test_retryable_errors_retry_and_a_bad_adapter_blocks_nothing(world):
+    base, root, cache_dir = world
+    good = adapters_mod.write_adapter(root / "good")
+
+    async def scenario():
+        c, registry, _ = _controller(base, root, cache_dir, max_concurrent=1)
+        c.reconcile({
+            1: _want(1, "hf://org/unreachable", name="a", key="ns/a"),
+            2: _want(2, root / "missing", name="b", key="ns/b"),
+            3: _want(3, good, name="c", key="ns/c"),
+        })  # fmt: skip
+        await _until(lambda: c.states().get(3) == "Ready" and c.states().get(2) == "Failed")
+        await _until(lambda: any(r.id == 1 and r.reason == "SourceUnreachable" for r in c.reports()))
+        reports = {r.id: r for r in c.reports()}
+        assert reports[1].state == "Prefetching" and "retrying" in reports[1].message
+        assert reports[2].reason == "SourceNotFound"
+        assert [v.served_name for v in registry.ready()] == ["c"]
+        c.reconcile({})
+
+    asyncio.run(scenario())
