@@ -29,7 +29,7 @@ from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
 from .metrics import Metrics
 from .runner import ModelRunner, SeqStep
 from .sampling import SamplingParams, TextTail, sample
-from .tiers import AdapterTiers
+from .tiers import PREFETCH_WINDOW, AdapterTiers
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._next_seq = 0
+        self._draining: int | None = None  # adapter ID not admitted while its slot drains
+        self._drain_for: Request | None = None
         self.steps = 0
 
     # -- any thread ------------------------------------------------------------------------------
@@ -192,6 +194,9 @@ class Scheduler:
         budget = s.max_batched_tokens - len(self.running)
         copies_left = 1 if self.running else self.runner.max_loras
         new: list[Request] = []
+        missing: list[int] = []  # adapter IDs not in a slot, in queue order
+        if self._drain_for is not None and self._drain_for not in self.waiting:
+            self._drain_for = self._draining = None  # the request it drained for has started (or left)
         for req in list(self.waiting):
             if len(self.running) + len(new) >= s.max_num_seqs:
                 break
@@ -199,13 +204,24 @@ class Scheduler:
             if n > budget and (new or self.running):
                 break  # keep arrival order for long prompts: it goes first next step
             if req.adapter_id is not None:
+                if req.adapter_id == self._draining:
+                    continue  # its slot is being freed for an older request
                 resident = req.adapter_id in self.tiers.slot_of
+                if not resident and req.adapter_id not in missing:
+                    missing.append(req.adapter_id)
                 try:
-                    slot = self.tiers.ensure(req.adapter_id, req.local_dir, may_copy=copies_left > 0)
+                    slot = self.tiers.ensure(
+                        req.adapter_id,
+                        req.local_dir,
+                        may_copy=copies_left > 0,
+                        # only the adapters nearest the queue's head start loading from disk
+                        may_load=req.adapter_id in missing[:PREFETCH_WINDOW],
+                    )
                 except LoraplaneError as exc:
                     self._finish(req, "error", exc)
                     continue
                 if slot is None:
+                    self._maybe_drain(req)
                     continue
                 if not resident:
                     copies_left -= 1
@@ -223,6 +239,15 @@ class Scheduler:
             budget -= n
             new.append(req)
         return new
+
+    def _maybe_drain(self, req: Request) -> None:
+        """The oldest waiting request found every slot busy: stop admitting one resident adapter, so
+        its slot frees within one request's length (older requests are not starved by popular ones)."""
+        if req is not self.waiting[0] or self.tiers.slot_free_or_idle():
+            return
+        if self._draining is None or self._draining not in self.tiers.slot_of:
+            self._draining = self.tiers.drain_victim()
+            self._drain_for = req
 
     def _advance(self, req: Request, token: int, now: float) -> None:
         if not req.out_ids:

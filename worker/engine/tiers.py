@@ -21,6 +21,9 @@ from loraplane.crds.errors import LoraplaneError, PermanentError
 from .metrics import Metrics
 from .runner import AdapterWeights, ModelRunner, load_adapter_weights
 
+#: disk -> CPU loads queued at once; requests further back in the queue start theirs later.
+PREFETCH_WINDOW = 2
+
 
 class AdapterTiers:
     """CPU and device residency of adapters, with LRU eviction and use counts per ID."""
@@ -43,18 +46,25 @@ class AdapterTiers:
 
     # -- what the scheduler calls -------------------------------------------------------------
 
-    def ensure(self, adapter_id: int, local_dir: Path | None, *, may_copy: bool = True) -> int | None:
+    def ensure(
+        self, adapter_id: int, local_dir: Path | None, *, may_copy: bool = True, may_load: bool = True
+    ) -> int | None:
         """The slot holding ``adapter_id``, or None while it is on its way (ask again next step).
 
-        ``may_copy`` False means this step already copied an adapter into a slot. Raises the load
-        error (a ``LoraplaneError``) when the adapter cannot be loaded at all.
+        ``may_copy`` False: this step already copied an adapter into a slot. ``may_load`` False: do not
+        start a disk -> CPU load for it yet (requests nearer the queue's head go first). Raises the
+        load error (a ``LoraplaneError``) when the adapter cannot be loaded at all.
         """
         if adapter_id in self.failed:
             raise self.failed[adapter_id]
         slot = self.slot_of.get(adapter_id)
         if slot is not None:
             self.slot_of.move_to_end(adapter_id)
+            if adapter_id in self.cpu:  # in use: keep its CPU copy warm for when the slot is reused
+                self.cpu.move_to_end(adapter_id)
             return slot
+        if not may_load and adapter_id not in self.cpu and adapter_id not in self._loading:
+            return None
         weights = self._cpu_copy(adapter_id, local_dir)
         if weights is None or not may_copy:
             return None
@@ -65,6 +75,14 @@ class AdapterTiers:
         self.slot_of[adapter_id] = slot
         self.metrics.adapter_loads.labels(tier="device").inc()
         return slot
+
+    def slot_free_or_idle(self) -> bool:
+        """Whether a copy into a slot could happen now (a free slot, or one no running request uses)."""
+        return bool(self.free_slots) or any(self.running[a] <= 0 for a in self.slot_of)
+
+    def drain_victim(self) -> int | None:
+        """The resident adapter to stop admitting so a slot frees soonest: fewest running, then LRU."""
+        return min(self.slot_of, key=lambda a: self.running[a], default=None)
 
     def admit(self, adapter_id: int) -> None:
         """A request for this ID entered the queue: keep the ID's copies until it is done."""
@@ -105,6 +123,8 @@ class AdapterTiers:
             return weights
         future = self._loading.get(adapter_id)
         if future is None:
+            if len(self._loading) >= PREFETCH_WINDOW:
+                return None  # more loads at once would only push each other out of the CPU tier
             if local_dir is None:
                 raise PermanentError(
                     "AdapterNotPrefetched", f"adapter ID {adapter_id} has no local copy to load from"
