@@ -173,3 +173,18 @@ def test_entry_points_start_from_the_wheel(wheel_venv: Path, script: str) -> Non
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_every_image_entry_point_is_a_wheel_script(dockerfile: Path, wheel_venv: Path) -> None:
     assert (wheel_venv / "bin" / _entrypoint(dockerfile)).exists()
+
+
+def test_chart_default_images_are_the_ones_built_here() -> None:
+    import yaml
+
+    values = yaml.safe_load((REPO / "charts" / "loraplane" / "values.yaml").read_text())
+    built = {p.name.removesuffix(".Dockerfile") for p in DOCKERFILES}
+    for repository in (values["operator"]["image"]["repository"], values["worker"]["image"]["repository"]):
+        name = repository.rsplit("/", 1)[-1]
+        assert name.removeprefix("loraplane-") in built, f"{repository}: no docker/*.Dockerfile builds it"
+    readme = (REPO / "docker" / "README.md").read_text()
+    for dockerfile in DOCKERFILES:
+        assert f"-f docker/{dockerfile.name}" in readme, (
+            f"docker/README.md has no build command for {dockerfile.name}"
+        )
