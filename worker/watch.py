@@ -115,7 +115,9 @@ class AdapterWatch:
         self.desired: dict[int, DesiredAdapter] = {}
         self.changed = asyncio.Event()
         self.synced = asyncio.Event()
-        self._objects: dict[str, dict[str, dict[str, Any]]] = {scope: {} for scope in self.scopes}
+        # Per scope, object key -> what it asks of this worker (None: nothing), computed once per event
+        # so that a relist or a burst of events does not re-validate every object each time.
+        self._objects: dict[str, dict[str, DesiredAdapter | None]] = {scope: {} for scope in self.scopes}
         self._listed: set[str] = set()
         self._rv: dict[str, str | None] = dict.fromkeys(self.scopes)  # where each scope resumes
         self.relists = 0  # how many lists ran (the first included): for tests and metrics
@@ -169,7 +171,9 @@ class AdapterWatch:
         items = {}
         for obj in body.get("items") or []:
             meta = obj.get("metadata") or {}
-            items[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = obj
+            items[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = desired_from(
+                obj, self.served_model
+            )
         self._objects[scope] = items  # replaces: objects deleted while we were away disappear
         self._listed.add(scope)
         self._publish()
@@ -196,7 +200,7 @@ class AdapterWatch:
             if kind == "DELETED":
                 self._objects[scope].pop(key, None)
             elif kind in ("ADDED", "MODIFIED"):
-                self._objects[scope][key] = obj
+                self._objects[scope][key] = desired_from(obj, self.served_model)
             self._publish()
 
     def _publish(self) -> None:
@@ -204,8 +208,7 @@ class AdapterWatch:
             return
         desired: dict[int, DesiredAdapter] = {}
         for objects in self._objects.values():
-            for obj in objects.values():
-                d = desired_from(obj, self.served_model)
+            for d in objects.values():
                 if d is not None:
                     desired[d.id] = d
         if desired != self.desired or not self.synced.is_set():

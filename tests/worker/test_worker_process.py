@@ -197,3 +197,15 @@ def test_status_writes_are_batched(kube, namespace, tmp_path, setup):
         # (one per batch interval while changes arrive, plus heartbeats every 2 s).
         assert 1 <= writes <= 8, writes
         assert w.stop() == 0
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = (
+        "import sys, loraplane.worker.main as m\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import at module level'\n"
+        "sys.argv = ['loraplane-worker', '--help']\n"
+        "m.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-lora-rank" in proc.stdout and "LORAPLANE_MAX_LORA_RANK" in proc.stdout
