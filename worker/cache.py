@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 CACHE_FULL = "CacheFull"
 CACHE_WRITE_FAILED = "CacheWriteFailed"
+CACHE_CLOSED = "CacheClosed"
 
 PREFETCH_BYTES = Counter(
     "loraplane_worker_prefetch_bytes", "Bytes downloaded into the adapter cache", ["kind"]
@@ -132,6 +133,7 @@ class AdapterCache:
         self._lru: OrderedDict[str, CachedAdapter] = OrderedDict()  # oldest first
         self._pins: _Counts[str] = _Counts()
         self._reserved = 0  # bytes of downloads in flight
+        self._closing = threading.Event()
         self._open()
 
     # --- start-up --------------------------------------------------------------------------------
@@ -241,8 +243,11 @@ class AdapterCache:
             self._reserve(resolved, size)
             started = time.monotonic()
             try:
-                with self._downloads:
+                self._acquire_download_slot(resolved)
+                try:
                     entry = self._download_with_retries(resolved)
+                finally:
+                    self._downloads.release()
             except LoraplaneError as e:
                 PREFETCH_FAILURES.labels(e.reason).inc()
                 raise
@@ -257,6 +262,24 @@ class AdapterCache:
                 self._lru.move_to_end(entry.cache_key)
                 self._update_gauges()
             return entry
+
+    def close(self) -> None:
+        """Stop downloading: downloads in flight end at their next chunk, waits and backoffs end now
+        (all with CacheClosed); complete entries stay. For a prompt, clean worker shutdown."""
+        self._closing.set()
+
+    def _check_open(self, resolved: ResolvedSource) -> None:
+        if self._closing.is_set():
+            raise LoraplaneError(CACHE_CLOSED, f"{resolved.uri}: the worker is stopping", retry=True)
+
+    def _acquire_download_slot(self, resolved: ResolvedSource) -> None:
+        while not self._downloads.acquire(timeout=0.5):
+            self._check_open(resolved)
+        try:
+            self._check_open(resolved)
+        except LoraplaneError:
+            self._downloads.release()
+            raise
 
     def _reserve(self, resolved: ResolvedSource, size: int) -> None:
         """Make room for size bytes by evicting unpinned LRU entries; refuse if served ones stand in the way."""
@@ -309,7 +332,7 @@ class AdapterCache:
                 return self._download(resolved)
             except LoraplaneError as e:
                 last = e
-                if not e.retry or attempt == attempts:
+                if not e.retry or attempt == attempts or self._closing.is_set():
                     break
                 delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(
                     0.8, 1.2
@@ -322,8 +345,13 @@ class AdapterCache:
                     delay,
                     e,
                 )
-                time.sleep(delay)
+                if self._closing.wait(delay):
+                    break
         assert last is not None
+        if self._closing.is_set():
+            raise LoraplaneError(
+                CACHE_CLOSED, f"{resolved.uri}: the worker is stopping", retry=True
+            ) from last
         if last.retry:
             raise LoraplaneError(
                 last.reason,
@@ -383,9 +411,15 @@ class AdapterCache:
             if (rf.size >= self.progress_log_bytes)
             else None
         )
+
+        def on_bytes(done: int, total: int) -> None:
+            self._check_open(resolved)  # close() stops a download at its next chunk
+            if progress is not None:
+                progress(done, total)
+
         with open(stage / rf.name, "w+b") as out:  # readable: the local fast path hashes what it wrote
             fetched = sources.fetch_file(
-                resolved, rf.name, out, self.settings, progress=progress, max_bytes=self.max_file_bytes
+                resolved, rf.name, out, self.settings, progress=on_bytes, max_bytes=self.max_file_bytes
             )
             out.flush()
             os.fsync(out.fileno())

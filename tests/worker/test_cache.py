@@ -352,3 +352,32 @@ def test_lru_order_survives_a_restart(tmp_path: Path, root: Path, settings: s.So
     assert [e.cache_key for e in restarted.entries()] == [b.cache_key, a.cache_key]
     restarted.lookup(b.cache_key)
     assert os.stat(tmp_path / "cache" / "entries" / b.cache_key / c.MANIFEST).st_mtime > time.time() - 5
+
+
+def test_close_stops_a_download_in_flight_promptly(tmp_path: Path, hf_hub: Any) -> None:
+    settings = _hub_settings(hf_hub)
+    r = s.resolve(_hub_repo(hf_hub, tmp_path, "slow", extra_tensors=_pad(500_000)), None, settings)
+    hf_hub.chunk_bytes, hf_hub.chunk_delay_s = 16 << 10, 0.2  # about 25 s for the whole file
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    errors: list[LoraplaneError] = []
+
+    def run() -> None:
+        try:
+            cache.prefetch(r)
+        except LoraplaneError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while hf_hub.active == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    cache.close()
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - started < 5
+    assert [e.reason for e in errors] == [c.CACHE_CLOSED] and cache.entries() == []
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+    with pytest.raises(LoraplaneError) as e:
+        cache.prefetch(r)
+    assert e.value.reason == c.CACHE_CLOSED
