@@ -364,3 +364,15 @@ def test_validation_failures_are_counted_by_reason(tmp_path: Path, base: v.BaseM
     with pytest.raises(ValidationFailed):
         v.validate_adapter(adapters.write_adapter(tmp_path / "a", r=32), base, max_lora_rank=16)
     assert count() == before + 1
+
+
+def test_the_data_path_stays_free_of_torch() -> None:
+    """The operator image and the validate CLI stay light: resolving, caching and validating never import torch."""
+    code = (
+        "import sys\n"
+        "import loraplane.worker.validate, loraplane.worker.cache, loraplane.worker.sources\n"
+        "import loraplane.worker.hub, loraplane.worker.s3, loraplane.worker.basemodel\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
