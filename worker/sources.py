@@ -338,7 +338,7 @@ def fetch_file(
         written, digest = _copy_local(resolved, rf, fd, progress)
         return _verified(where, rf, written, digest, None)
     sha = hashlib.sha256()
-    md5 = hashlib.md5(usedforsecurity=False) if _plain_md5(resolved, rf) else None
+    etag_hash = _etag_hasher(resolved, rf)
     written = 0
     for chunk in _chunks(resolved, rf, settings):
         written += len(chunk)
@@ -347,15 +347,16 @@ def fetch_file(
                 SOURCE_CHANGED, f"{where}: more than the {rf.size} bytes resolved; it changed at the source"
             )
         sha.update(chunk)
-        if md5 is not None:
-            md5.update(chunk)
+        if etag_hash is not None:
+            etag_hash[0].update(chunk)
         dest.write(chunk)
         if progress is not None:
             progress(written, rf.size)
-    return _verified(where, rf, written, sha.hexdigest(), md5.hexdigest() if md5 is not None else None)
+    etag = (etag_hash[0].hexdigest(), etag_hash[1]) if etag_hash is not None else None
+    return _verified(where, rf, written, sha.hexdigest(), etag)
 
 
-def _verified(where: str, rf: RemoteFile, written: int, digest: str, md5: str | None) -> Fetched:
+def _verified(where: str, rf: RemoteFile, written: int, digest: str, etag: tuple[str, str] | None) -> Fetched:
     """Fetched, once the byte count and every checksum the source gave agree."""
     if written != rf.size:
         raise temporary(
@@ -364,8 +365,10 @@ def _verified(where: str, rf: RemoteFile, written: int, digest: str, md5: str | 
         )
     if rf.sha256 and digest != rf.sha256:
         raise temporary(CHECKSUM_MISMATCH, f"{where}: sha256 {digest} differs from the source's {rf.sha256}")
-    if md5 is not None and md5 != rf.etag:
-        raise temporary(CHECKSUM_MISMATCH, f"{where}: MD5 {md5} differs from the S3 ETag {rf.etag}")
+    if etag is not None and etag[0] != rf.etag:
+        raise temporary(
+            CHECKSUM_MISMATCH, f"{where}: {etag[1]} {etag[0]} differs from the source's {rf.etag}"
+        )
     return Fetched(written, digest)
 
 
@@ -408,11 +411,20 @@ def _copy_local(
     return written, digest
 
 
-def _plain_md5(resolved: ResolvedSource, rf: RemoteFile) -> bool:
-    """S3 ETags are the MD5 of the bytes unless the object was a multipart upload ("...-N")."""
-    return (
-        resolved.kind == "s3" and rf.etag is not None and re.fullmatch(r"[0-9a-f]{32}", rf.etag) is not None
-    )
+def _etag_hasher(resolved: ResolvedSource, rf: RemoteFile) -> tuple[Any, str] | None:
+    """A hasher whose digest must equal rf.etag, and its name, when the source's ETag is a content hash.
+
+    S3: the MD5 of the bytes unless the object was a multipart upload ("...-N"). The Hub: the git
+    blob id (sha1 of "blob <size>\\0" + bytes) for files not in LFS (LFS files carry a sha256)."""
+    if rf.etag is None:
+        return None
+    if resolved.kind == "s3" and re.fullmatch(r"[0-9a-f]{32}", rf.etag):
+        return hashlib.md5(usedforsecurity=False), "MD5"
+    if resolved.kind == "hf" and rf.sha256 is None and re.fullmatch(r"[0-9a-f]{40}", rf.etag):
+        h = hashlib.sha1(usedforsecurity=False)
+        h.update(b"blob %d\0" % rf.size)
+        return h, "git blob id"
+    return None
 
 
 def _chunks(

@@ -381,3 +381,15 @@ def test_close_stops_a_download_in_flight_promptly(tmp_path: Path, hf_hub: Any) 
     with pytest.raises(LoraplaneError) as e:
         cache.prefetch(r)
     assert e.value.reason == c.CACHE_CLOSED
+
+
+def test_small_hub_files_are_checked_against_their_git_blob_id(tmp_path: Path, hf_hub: Any) -> None:
+    settings = _hub_settings(hf_hub)
+    r = s.resolve(_hub_repo(hf_hub, tmp_path, "a"), None, settings)
+    assert r.file("adapter_config.json").sha256 is None  # not in LFS: only the blob id vouches for it
+    stored = hf_hub.commits["team/a"][r.resolved_revision]["adapter_config.json"].path
+    stored.write_text(stored.read_text().replace('"r": 8', '"r": 9'))
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, retries=0, sources_settings=settings)
+    with pytest.raises(LoraplaneError) as e:
+        cache.prefetch(r)
+    assert e.value.reason == s.CHECKSUM_MISMATCH and "git blob id" in e.value.message
