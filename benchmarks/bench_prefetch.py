@@ -120,7 +120,7 @@ def main() -> None:
         _make_adapter(src_dir, args.mb)
         weights = src_dir / "adapter_model.safetensors"
         print(f"prefetch vs copy, {args.mb} MiB weights, median of {args.repeat}, disk under {base}, "
-              f"{os.cpu_count()} CPUs")  # fmt: skip
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
         if "local" in kinds:
             settings = s.SourceSettings(local_roots=(base / "src",))
             _bench("local", s.resolve(str(src_dir), None, settings), settings, weights, work, args.repeat)
