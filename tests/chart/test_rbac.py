@@ -128,9 +128,16 @@ def compare(calls: set[Call], grants: list[Grant], who: str) -> list[str]:
 
 class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log_path = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.args, self.env, self.log_path = args, env, log
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
 
     def log(self) -> str:
         return f"(exit code {self.proc.poll()})\n" + self.log_path.read_text(errors="replace")[-4000:]
@@ -229,7 +236,8 @@ def test_chart_rbac_is_exactly_what_the_components_use(
     values = {
         **MODES[mode],
         # Small ID blocks, so that the flow reserves a second block (the ledger's CAS update) too.
-        "operator": {"extraArgs": ["--block-size=2"]},
+        # Frequent liveness ticks, so that the pod check of each worker report happens within the flow.
+        "operator": {"extraArgs": ["--block-size=2", "--liveness-interval=0.5"]},
         "workerPools": [
             {"name": "tiny", "baseModel": {"source": "/models/tiny", "servedName": SERVED}, "device": "cpu"}
         ],
@@ -295,8 +303,14 @@ def test_chart_rbac_is_exactly_what_the_components_use(
         fleet.wait_for(
             lambda: adapters.get("beta")["status"].get("id") != old_id and phase("beta") == "Ready", 60, logs
         )
+        time.sleep(1.5)  # a few operator ticks: each checks the worker's pod
         adapters.delete("alpha")
         fleet.wait_for(lambda: "alpha" not in {a["metadata"]["name"] for a in _list(adapters)}, 30, logs)
+        # A container restart in the same pod: its LoRAWorker object is still there.
+        worker.kill()
+        worker.start()
+        fleet.wait_for(lambda: worker.log_path.read_text().count("ready to report") >= 2, 60, logs)
+        fleet.wait_for(lambda: phase("beta") == "Ready" and phase("broken") == "Failed", 60, logs)
         assert worker.stop() == 0, logs()
         time.sleep(2)  # let the operator see the worker go
     finally:

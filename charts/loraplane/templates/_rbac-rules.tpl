@@ -22,14 +22,17 @@ patch could not carry the precondition); an Event on each transition.
 {{- end -}}
 
 {{/*
-Operator, in the release namespace: the ID ledger ConfigMap (read, created once, CAS-updated per block).
-In namespaced mode the operator also watches the release namespace, where the workers' LoRAWorker
+Operator, in the release namespace: the ID ledger ConfigMap (read, created once, CAS-updated per block),
+and the worker pods (a report whose pod is gone stops counting). In namespaced mode the operator also watches the release namespace, where the workers' LoRAWorker
 reports live (unless that namespace is a watched one, whose Role already covers it).
 */}}
 {{- define "loraplane.operator.homeRules" -}}
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, update]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get]
 {{- if and (not .Values.watch.clusterWide) (not (has .Release.Namespace (include "loraplane.watchNamespaces" . | fromJsonArray))) }}
 - apiGroups: [loraplane.io]
   resources: [loraadapters, loraworkers]
@@ -46,12 +49,13 @@ reports live (unless that namespace is a watched one, whose Role already covers 
 
 {{/*
 Worker, in the release namespace: create its own LoRAWorker (owned by its Pod, which it reads for the
-ownerReference), report through /status, delete it on a clean shutdown.
+ownerReference), or patch it when a restarted container finds it there; report through /status; delete
+it on a clean shutdown.
 */}}
 {{- define "loraplane.worker.homeRules" -}}
 - apiGroups: [loraplane.io]
   resources: [loraworkers]
-  verbs: [create, delete]
+  verbs: [create, patch, delete]
 - apiGroups: [loraplane.io]
   resources: [loraworkers/status]
   verbs: [patch]
