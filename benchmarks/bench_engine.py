@@ -4,15 +4,16 @@ Shape (issue 6): Llama-shaped, hidden 1024, intermediate 2816, 4 layers, 16 head
 rank 16 on all seven projections, fp32 on CPU (bf16 with --device cuda). Random weights.
 
 Printed (medians over interleaved rounds, every configuration once per round, so that load from
-other processes hits all of them alike):
+other processes hits all of them alike; beside each median wall-clock ratio, the ratio of the
+fastest samples and of median process CPU time, which other processes' load disturbs less):
   decode B=32 with 1 / 8 / 32 distinct adapters: ours / base step time (targets 1.15 / 1.35 / 1.45),
       the forced segmented and gathered paths, ours / PEFT mixed batch (adapter_names), and
       ours / serving the same requests one adapter at a time;
   prefill B=8 x 128 tokens, all distinct: ours / base (target 1.15), ours / PEFT;
-  device bytes per slot, peak RSS.
+  device bytes per slot; with --rss instead, peak RSS of a fresh process against its floor.
 No assertions: the figures are for the report.
 
-    python benchmarks/bench_engine.py [--rounds 15] [--threads 2] [--no-peft] [--device cuda]
+    python benchmarks/bench_engine.py [--rounds 15] [--threads 2] [--no-peft] [--device cuda] | --rss
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds); CPU time barely moves when other processes load the machine."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def random_adapter(config: ModelConfig, adapter_id: int, gen: torch.Generator) -> AdapterWeights:
@@ -189,8 +191,11 @@ def main() -> None:
 
     times: dict[str, list[float]] = {}
 
-    def record(key: str, seconds: float) -> None:
-        times.setdefault(key, []).append(seconds)
+    cpu_times: dict[str, list[float]] = {}
+
+    def record(key: str, seconds: tuple[float, float]) -> None:
+        times.setdefault(key, []).append(seconds[0])
+        cpu_times.setdefault(key, []).append(seconds[1])
 
     with torch.inference_mode():
         for _ in range(args.rounds):
@@ -240,11 +245,12 @@ def main() -> None:
                     timed(lambda x=x, n=names: peft(input_ids=x, use_cache=False, adapter_names=n), device),
                 )
 
-    report(times, args, device, dtype, runner)
+    report(times, cpu_times, args, device, dtype, runner)
 
 
 def report(
     times: dict[str, list[float]],
+    cpu_times: dict[str, list[float]],
     args: argparse.Namespace,
     device: torch.device,
     dtype: torch.dtype,
@@ -252,10 +258,11 @@ def report(
 ) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
 
     def ratio(a: str, b: str) -> str:
-        """Median ratio, and the ratio of minima (less sensitive to other processes' load)."""
-        return f"{med[a] / med[b]:.3f} (min {low[a] / low[b]:.3f})"
+        """Median wall ratio; ratio of minima and of median CPU time (both less sensitive to others' load)."""
+        return f"{med[a] / med[b]:.3f} (min {low[a] / low[b]:.3f}, cpu {cpu[a] / cpu[b]:.3f})"
 
     dev_name = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"machine: {dev_name}, torch threads {args.threads}, dtype {dtype}, rounds {args.rounds}")

@@ -257,11 +257,13 @@ class LoraBatch:
         bt = self._weights(self.slots.bt[proj][layer])
         h = torch.bmm(self._padded(x), a.transpose(1, 2))
         h.mul_(self.scale)
+        if self.offset is not None:  # accumulate straight into y's rows: no temporary, no extra pass
+            n = self.groups * self.longest
+            y[self.offset : self.offset + n].view(self.groups, self.longest, -1).baddbmm_(h, bt)
+            return
         out = torch.bmm(h, bt)  # [groups, longest, out]
         flat = out.view(-1, out.shape[-1])
-        if self.offset is not None:
-            y[self.offset : self.offset + flat.shape[0]].add_(flat)
-        elif self.mode == "gathered":
+        if self.mode == "gathered":
             y.index_add_(0, self.src, flat)  # type: ignore[arg-type]
         else:
             y.index_add_(0, self.src, flat.index_select(0, self.dest))  # type: ignore[arg-type]

@@ -151,3 +151,27 @@ def test_decode_layouts_match_peft(
         seqs[i].append(40 + i)
         want = reference_logits(peft_model, a, seqs[i])[-1]
         torch.testing.assert_close(got[i], want, atol=ATOL, rtol=ATOL, msg=f"row {i} adapter {a}")
+
+
+def test_chunked_prefill_and_slot_reuse(
+    tiny_llama: Path,
+    adapters: dict[str, Path],
+    peft_model: Any,
+) -> None:
+    """A prompt may arrive in chunks across steps; a slot refilled with another adapter serves the new one."""
+    runner, slots = make_runner(tiny_llama, adapters)
+    prompt = PROMPTS[2]
+    runner.allocate(0)
+    runner.allocate(1)
+    runner.step([SeqStep(0, prompt[:4], slots["a2"]), SeqStep(1, PROMPTS[0], -1)])
+    got = runner.step([SeqStep(0, prompt[4:], slots["a2"]), SeqStep(1, [9], -1)])
+    torch.testing.assert_close(got[0], reference_logits(peft_model, "a2", prompt)[-1], atol=ATOL, rtol=ATOL)
+    runner.free(0)
+    # slot of a2 now holds a4: a new sequence on that slot must see a4's weights only
+    runner.set_slot(slots["a2"], load_adapter_weights(adapters["a4"], runner.config, adapter_id=999))
+    runner.allocate(0)
+    got = runner.step([SeqStep(0, prompt, slots["a2"])])
+    torch.testing.assert_close(got[0], reference_logits(peft_model, "a4", prompt)[-1], atol=ATOL, rtol=ATOL)
+    runner.clear_slot(slots["a2"])
+    with pytest.raises(Exception, match="SlotEmpty"):
+        runner.step([SeqStep(0, [5], slots["a2"])])
