@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from loraplane.crds.errors import LoraplaneError
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
@@ -30,6 +30,11 @@ from loraplane.worker.watch import AdapterWatch, DesiredAdapter
 
 log = logging.getLogger(__name__)
 
+FAILURES = Counter(
+    "loraplane_worker_adapter_failures",
+    "Adapter versions that ended Failed on this worker, by reason (resolve, prefetch or validation)",
+    ["reason"],
+)
 ADAPTERS = Gauge("loraplane_worker_adapters", "Adapter versions known to this worker, by state", ["state"])
 STATES: tuple[State, ...] = ("Pending", "Prefetching", "Validating", "Ready", "Failed")
 INTERNAL_ERROR = "InternalError"
@@ -155,6 +160,7 @@ class Controller:
                 return
             except LoraplaneError as e:
                 if not e.retry:
+                    FAILURES.labels(e.reason).inc()
                     self._set(known, "Failed", e.reason, e.message)
                     log.warning("adapter %s id %d failed: %s", want.adapter, want.id, e)
                     self._release(known)
@@ -166,6 +172,7 @@ class Controller:
                 raise
             except Exception as e:  # a bug must not take the worker down; report it on this adapter
                 log.exception("adapter %s id %d: unexpected error", want.adapter, want.id)
+                FAILURES.labels(INTERNAL_ERROR).inc()
                 self._set(known, "Failed", INTERNAL_ERROR, f"unexpected {type(e).__name__}: {e}")
                 self._release(known)
                 return

@@ -87,6 +87,8 @@ def test_adapters_become_ready_failed_or_ignored_and_are_reported(kube, namespac
         assert obj["status"]["heartbeatTime"]
         assert w.metric('loraplane_worker_adapters{state="Ready"}') == 2
         assert w.metric('loraplane_worker_adapters{state="Failed"}') == 1
+        assert w.metric('loraplane_worker_adapter_failures_total{reason="RankTooLarge"}') == 1
+        assert w.metric('loraplane_worker_validation_failures_total{reason="RankTooLarge"}') == 1
 
         # Delete and name loss drop the adapter; the others stay.
         ads.delete("good")
