@@ -84,15 +84,15 @@ KNOWN: dict[tuple[str, int], str] = {
     ("10-kopf.jsonl", 42): "a new CRD's endpoints are served at once; kube-apiserver answered 404 for ~2 s",
 }
 # Differences that depend on timing on the recording machine: allowed, but not required to occur.
+GC_RACE = (
+    "a request right after a delete races the garbage collector (~20 ms here, 4-110 ms on the recording "
+    "cluster); under load the collector may win"
+)
+FIRST_POLL = "whether the first poll comes before the namespace controller's pass"
 TIMING: dict[tuple[str, int], str] = {
-    (
-        "08-delete-finalizers-gc.jsonl",
-        51,
-    ): "whether the first poll comes before the namespace controller's pass",
-    (
-        "08-delete-finalizers-gc.jsonl",
-        93,
-    ): "whether the first poll comes before the namespace controller's pass",
+    **{("08-delete-finalizers-gc.jsonl", seq): GC_RACE for seq in (17, 26, 33, 35)},
+    ("08-delete-finalizers-gc.jsonl", 51): FIRST_POLL,
+    ("08-delete-finalizers-gc.jsonl", 93): FIRST_POLL,
     (
         "10-kopf.jsonl",
         61,
