@@ -251,8 +251,9 @@ def test_chart_rbac_is_exactly_what_the_components_use(
     bin_dir = Path(sys.executable).parent
 
     op_container = _container(objs, "-operator")
+    op_port = fleet.free_port()
     op_args = _replace(
-        op_container["args"], {"--metrics-port": str(fleet.free_port()), "--metrics-address": "127.0.0.1"}
+        op_container["args"], {"--metrics-port": str(op_port), "--metrics-address": "127.0.0.1"}
     )
     operator = Proc(
         [str(bin_dir / "loraplane-operator"), *op_args, "--kubeconfig", kubeconfigs[OPERATOR_SA]],
@@ -298,6 +299,8 @@ def test_chart_rbac_is_exactly_what_the_components_use(
 
         fleet.wait_for(lambda: phase("alpha") == "Ready" and phase("beta") == "Ready", 90, logs)
         fleet.wait_for(lambda: phase("broken") in ("Failed", "Degraded"), 60, logs)
+        _probes_answer(op_container, op_port)
+        _probes_answer(_container(objs, "-worker-tiny"), port)
         old_id = adapters.get("beta")["status"]["id"]
         adapters.patch_spec("beta", {"path": str(root / "c")})  # a new version: a new ID
         fleet.wait_for(
@@ -344,6 +347,21 @@ def test_chart_rbac_is_exactly_what_the_components_use(
         for c in sorted(calls_by(srv, user), key=str)
     )
     assert not problems, "\n".join(problems) + "\n\n" + used + "\n\n" + logs()
+
+
+def _probes_answer(container: dict[str, Any], port: int) -> None:
+    """The chart's probes hit paths the running process serves (200), on the port the flags gave it."""
+    import urllib.request
+
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = container.get(kind)
+        if probe is None:
+            continue
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert probe["httpGet"]["port"] in named, f"{kind} names a port the container does not declare"
+        url = f"http://127.0.0.1:{port}{probe['httpGet']['path']}"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.status == 200, f"{kind} {url}: {resp.status}"
 
 
 def _list(adapters: Any) -> list[dict[str, Any]]:

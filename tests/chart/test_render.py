@@ -20,12 +20,13 @@ VALUE_SETS = chartkit.VALUE_SETS
 NOT_KUBERNETES = {"monitoring.coreos.com/v1"}  # Prometheus Operator kinds: not in the Kubernetes schemas
 
 
+@pytest.mark.parametrize("k8s", chartkit.K8S_VERSIONS)
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
-def test_lint_strict(name: str) -> None:
+def test_lint_strict(name: str, k8s: str) -> None:
     import helm_python
 
     report = helm_python.lint(
-        chartkit.CHART, VALUE_SETS[name], strict=True, namespace=chartkit.NAMESPACE, kube_version="v1.30.0"
+        chartkit.CHART, VALUE_SETS[name], strict=True, namespace=chartkit.NAMESPACE, kube_version=f"v{k8s}"
     )
     problems = [
         m for m in report["messages"] if m["severity"] >= 2 and "icon is recommended" not in m["error"]
