@@ -30,6 +30,7 @@ from loraplane.worker.apiclient import ApiClient, ApiError
 log = logging.getLogger(__name__)
 
 STATUS_WRITES = Counter("loraplane_worker_report_writes", "LoRAWorker status writes (batches and heartbeats)")
+SETTLE_FRACTION = 0.25  # of the batch interval: the wait before writing a change after a quiet spell
 RETRY_MAX = 10.0  # seconds between attempts while the API server is away
 
 
@@ -215,9 +216,11 @@ class WorkerReport:
                 await asyncio.wait_for(self._dirty.wait(), timeout=self.heartbeat_seconds)
             except TimeoutError:
                 continue  # heartbeat
-            # At most one write per batch interval: a change after a quiet spell is written at once,
-            # and a burst of changes is coalesced into the write at the end of the interval.
-            await asyncio.sleep(max(0.0, last_write + self.batch_seconds - loop.time()))
+            # At most one write per batch interval. A change after a quiet spell is written after a
+            # short settle (a small local adapter goes Pending -> Ready within it: one write, not two);
+            # a burst of changes is coalesced into the write at the end of the interval.
+            settle = self.batch_seconds * SETTLE_FRACTION
+            await asyncio.sleep(max(settle, last_write + self.batch_seconds - loop.time()))
         await asyncio.Event().wait()  # nothing more to report; wait to be stopped
 
 
