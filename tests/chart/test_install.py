@@ -58,6 +58,20 @@ def _ensure_namespaces(kube: Any, names: list[str]) -> None:
                     raise
 
 
+def _has_crd(kube: Any, name: str) -> bool:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    with kube.api_client() as api:
+        try:
+            client.ApiextensionsV1Api(api).read_custom_resource_definition(name)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+    return True
+
+
 def _read(kube: Any, obj: dict[str, Any]) -> dict[str, Any]:
     from kubernetes import dynamic
 
@@ -77,9 +91,12 @@ def test_helm_install_and_uninstall(kube: Any, namespace: str, name: str) -> Non
     kube.apply_crds(
         [chartkit.CHART / "crds" / p.name for p in sorted((chartkit.CHART / "crds").glob("*.yaml"))]
     )
-    crd_file = Path(kube._cache_dir()) / "servicemonitor-crd.yaml"
-    crd_file.write_text(yaml.safe_dump(SERVICEMONITOR_CRD))
-    kube.apply_crds([crd_file])
+    if not _has_crd(
+        kube, SERVICEMONITOR_CRD["metadata"]["name"]
+    ):  # never replace a real Prometheus Operator CRD
+        crd_file = Path(kube._cache_dir()) / "servicemonitor-crd.yaml"
+        crd_file.write_text(yaml.safe_dump(SERVICEMONITOR_CRD))
+        kube.apply_crds([crd_file])
     _ensure_namespaces(kube, values.get("watch", {}).get("namespaces", []))
 
     with helm_python.Chart.load(chartkit.CHART) as chart:
