@@ -1,11 +1,13 @@
-"""The KV cache for continuous batching: a preallocated pool of per-sequence rows.
+"""The KV cache for continuous batching: a paged pool of fixed-size blocks.
 
-Layout per layer: K and V of shape [max_seqs, max_len, kv_heads, head_dim]. A sequence owns one
-row from allocate() to free(); its length grows each step. One step's batch is ragged: decodes
-(one new token) and prefills (a whole prompt) mix; attention runs once for the decode rows and
-once for the prefill rows, each padded only to the longest member of its own group.
+Layout per layer: K and V of shape [num_blocks, block_size, kv_heads, head_dim]. A sequence gets
+its blocks at allocate(), enough for ``max_tokens`` (prompt + generation; default the model's
+max length), so a step never fails half-way for lack of memory and memory follows what requests
+need, not max_seqs x max_len. One step's batch is ragged: decodes (one new token) and prefills (a
+prompt, or a chunk of one) mix; attention runs once for the decode rows and once for the prefill
+rows, each padded only to the longest member of its own group.
 
-The cache holds no adapter identity: a row belongs to one request, and a request runs on one
+The cache holds no adapter identity: blocks belong to one request, and a request runs on one
 adapter ID from start to end, so no state computed with one adapter version reaches another.
 """
 
@@ -18,23 +20,25 @@ import torch.nn.functional as F
 
 from loraplane.crds.errors import PermanentError
 
+BLOCK_SIZE = 16
+
 
 @dataclass
 class _Group:
     """Rows of one attention call and the index maps between the flat token batch and [rows, n_max]."""
 
-    rows: torch.Tensor  # cache rows [b]
+    kv_index: torch.Tensor  # [b * kv_len] flat cache slot of every key position (pad -> 0, masked)
     token_index: torch.Tensor  # flat token index per padded query slot [b * n_max] (pad -> 0)
-    valid: torch.Tensor  # [b * n_max] bool: which padded slots are real tokens
     flat_positions: torch.Tensor  # positions into the padded output that are real, in flat-token order
     flat_tokens: torch.Tensor  # the flat token index of each of those
+    b: int
     n_max: int
     kv_len: int
     mask: torch.Tensor  # [b, 1, n_max, kv_len] bool, True = attend
 
 
 class KVCache:
-    """Preallocated K/V pool; ``begin_step`` plans one ragged step, ``attend`` runs per layer."""
+    """Paged K/V pool; ``begin_step`` plans one ragged step, ``attend`` runs per layer."""
 
     def __init__(
         self,
@@ -47,67 +51,91 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         sliding_window: int | None = None,
+        max_tokens: int | None = None,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
-        shape = (num_layers, max_seqs, max_len, num_kv_heads, head_dim)
+        """max_tokens: the pool's capacity in tokens over all sequences (default max_seqs x max_len)."""
+        self.block_size = block_size
+        blocks_per_seq = -(-max_len // block_size)
+        self.num_blocks = -(-(max_tokens or max_seqs * max_len) // block_size)
+        shape = (num_layers, self.num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_seqs, self.max_len = max_seqs, max_len
+        self.max_seqs, self.max_len, self.blocks_per_seq = max_seqs, max_len, blocks_per_seq
         self.device = device
         self.sliding_window = sliding_window
-        self.row_of: dict[int, int] = {}
+        self.blocks: dict[int, list[int]] = {}
         self.length: dict[int, int] = {}
-        self._free = list(range(max_seqs - 1, -1, -1))
+        self._free = list(range(self.num_blocks - 1, -1, -1))
         self._groups: list[_Group] = []
-        self._write_rows = torch.empty(0, dtype=torch.long)
-        self._write_pos = torch.empty(0, dtype=torch.long)
+        self._write_slots = torch.empty(0, dtype=torch.long)
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def allocate(self, seq_id: int) -> None:
-        if seq_id in self.row_of:
+    @property
+    def free_tokens(self) -> int:
+        """Tokens that sequences allocated now could still reserve."""
+        return len(self._free) * self.block_size
+
+    def capacity(self, seq_id: int) -> int:
+        """Tokens this sequence may hold in total (its reservation)."""
+        return len(self.blocks[seq_id]) * self.block_size
+
+    def allocate(self, seq_id: int, max_tokens: int | None = None) -> None:
+        """Reserve blocks for up to ``max_tokens`` tokens (prompt + output; default max_len)."""
+        if seq_id in self.blocks:
+            raise PermanentError("SequenceExists", f"sequence {seq_id} already has a KV cache; free it first")
+        want = self.max_len if max_tokens is None else max_tokens
+        if not 0 < want <= self.max_len:
             raise PermanentError(
-                "SequenceExists", f"sequence {seq_id} already has a KV cache row; free it first"
+                "SequenceTooLong",
+                f"sequence {seq_id} asks for {want} tokens; max_model_len is {self.max_len}",
             )
-        if not self._free:
+        need = -(-want // self.block_size)
+        if len(self.blocks) >= self.max_seqs or need > len(self._free):
             raise PermanentError(
                 "KVCacheFull",
-                f"all {self.max_seqs} KV cache rows are in use; free a sequence or raise max_seqs",
+                f"the KV cache cannot hold sequence {seq_id} ({len(self.blocks)} of {self.max_seqs} sequences, "
+                f"{self.free_tokens} free tokens, {need * self.block_size} needed); wait for a sequence to finish",
             )
-        self.row_of[seq_id] = self._free.pop()
+        self.blocks[seq_id] = [self._free.pop() for _ in range(need)]
         self.length[seq_id] = 0
 
     def free(self, seq_id: int) -> None:
-        row = self.row_of.pop(seq_id, None)
+        blocks = self.blocks.pop(seq_id, None)
         self.length.pop(seq_id, None)
-        if row is not None:
-            self._free.append(row)
+        if blocks is not None:
+            self._free.extend(reversed(blocks))
 
     def begin_step(self, seq_ids: list[int], counts: list[int]) -> torch.Tensor:
         """Plan a step where sequence i adds counts[i] tokens (flat order = seq order). Returns positions."""
         pasts = []
         for sid, n in zip(seq_ids, counts, strict=True):
-            if sid not in self.row_of:
+            if sid not in self.blocks:
                 raise PermanentError(
-                    "SequenceUnknown", f"sequence {sid} has no KV cache row; call allocate() first"
+                    "SequenceUnknown", f"sequence {sid} has no KV cache; call allocate() first"
                 )
             if n < 1:
                 raise PermanentError("EmptyStep", f"sequence {sid} has no tokens in this step")
             past = self.length[sid]
-            if past + n > self.max_len:
+            if past + n > self.capacity(sid):
                 raise PermanentError(
                     "SequenceTooLong",
-                    f"sequence {sid} would reach {past + n} tokens, above max_model_len {self.max_len}",
+                    f"sequence {sid} would reach {past + n} tokens, above its reservation of {self.capacity(sid)} "
+                    f"(max_model_len {self.max_len})",
                 )
             pasts.append(past)
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
         positions = torch.cat([torch.arange(p, p + n) for p, n in zip(pasts, counts, strict=True)])
-        rows = [self.row_of[s] for s in seq_ids]
-        self._write_rows = torch.repeat_interleave(torch.tensor(rows), torch.tensor(counts)).to(self.device)
-        self._write_pos = positions.to(self.device)
+        width = max(-(-(p + n) // self.block_size) for p, n in zip(pasts, counts, strict=True))
+        table = torch.tensor([(self.blocks[s] + [0] * width)[:width] for s in seq_ids])  # [seqs, width]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_ids)), torch.tensor(counts))
+        bs = self.block_size
+        self._write_slots = (table[seq_of_token, positions // bs] * bs + positions % bs).to(self.device)
         # Decodes and prefills attend in separate calls so neither pads to the other's length.
         self._groups = []
         for members in (
@@ -115,36 +143,35 @@ class KVCache:
             [i for i, n in enumerate(counts) if n > 1],
         ):
             if members:
-                self._groups.append(self._plan_group(members, rows, pasts, counts, starts))
+                self._groups.append(self._plan_group(members, table, pasts, counts, starts))
         for sid, n in zip(seq_ids, counts, strict=True):
             self.length[sid] += n
         return positions
 
     def _plan_group(
-        self, members: list[int], rows: list[int], pasts: list[int], counts: list[int], starts: list[int]
+        self, members: list[int], table: torch.Tensor, pasts: list[int], counts: list[int], starts: list[int]
     ) -> _Group:
         n_max = max(counts[i] for i in members)
         kv_len = max(pasts[i] + counts[i] for i in members)
-        g_counts = torch.tensor([counts[i] for i in members])
-        g_pasts = torch.tensor([pasts[i] for i in members])
-        g_starts = torch.tensor([starts[i] for i in members])
+        idx = torch.tensor(members)
+        g_counts, g_pasts, g_starts = (torch.tensor([v[i] for i in members]) for v in (counts, pasts, starts))
         slot = torch.arange(n_max)
         valid = slot[None, :] < g_counts[:, None]  # [b, n_max]
-        token_index = torch.where(valid, g_starts[:, None] + slot[None, :], torch.zeros(()).long())
+        token_index = torch.where(valid, g_starts[:, None] + slot[None, :], torch.zeros((), dtype=torch.long))
         q_pos = g_pasts[:, None] + slot[None, :]  # [b, n_max]
         k_pos = torch.arange(kv_len)
+        kv_index = table[idx][:, k_pos // self.block_size] * self.block_size + k_pos % self.block_size
         mask = k_pos[None, None, :] <= q_pos[:, :, None]
         if self.sliding_window is not None:
             mask &= (q_pos[:, :, None] - k_pos[None, None, :]) < self.sliding_window
         mask |= ~valid[:, :, None] & (k_pos == 0)[None, None, :]  # padded queries attend somewhere (no NaN)
-        flat_valid = valid.reshape(-1)
-        pos_in_pad = torch.nonzero(flat_valid).squeeze(1)
+        pos_in_pad = torch.nonzero(valid.reshape(-1)).squeeze(1)
         return _Group(
-            rows=torch.tensor([rows[i] for i in members], device=self.device),
+            kv_index=kv_index.reshape(-1).to(self.device),
             token_index=token_index.reshape(-1).to(self.device),
-            valid=flat_valid.to(self.device),
             flat_positions=pos_in_pad.to(self.device),
             flat_tokens=token_index.reshape(-1)[pos_in_pad].to(self.device),
+            b=len(members),
             n_max=n_max,
             kv_len=kv_len,
             mask=mask[:, None].to(self.device),
@@ -152,16 +179,17 @@ class KVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v [tokens, kv_heads, d] and return attention output [tokens, heads, d]."""
-        self.k[layer].index_put_((self._write_rows, self._write_pos), k)
-        self.v[layer].index_put_((self._write_rows, self._write_pos), v)
+        kf = self.k[layer].view(-1, *self.k.shape[3:])  # [blocks * block_size, kv_heads, d]
+        vf = self.v[layer].view(-1, *self.v.shape[3:])
+        kf.index_copy_(0, self._write_slots, k)
+        vf.index_copy_(0, self._write_slots, v)
         out = torch.empty_like(q)
         heads, d = q.shape[1], q.shape[2]
         for g in self._groups:  # at most two: decodes and prefills
-            b = g.rows.shape[0]
-            qg = q.index_select(0, g.token_index).view(b, g.n_max, heads, d).transpose(1, 2)
-            kg = self.k[layer, :, : g.kv_len].index_select(0, g.rows).transpose(1, 2)
-            vg = self.v[layer, :, : g.kv_len].index_select(0, g.rows).transpose(1, 2)
+            qg = q.index_select(0, g.token_index).view(g.b, g.n_max, heads, d).transpose(1, 2)
+            kg = kf.index_select(0, g.kv_index).view(g.b, g.kv_len, -1, d).transpose(1, 2)
+            vg = vf.index_select(0, g.kv_index).view(g.b, g.kv_len, -1, d).transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
-            og = og.transpose(1, 2).reshape(b * g.n_max, heads, d)
+            og = og.transpose(1, 2).reshape(g.b * g.n_max, heads, d)
             out.index_copy_(0, g.flat_tokens, og.index_select(0, g.flat_positions))
         return out

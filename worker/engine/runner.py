@@ -154,13 +154,15 @@ class ModelRunner:
         max_lora_rank: int = 16,
         max_seqs: int = 64,
         max_model_len: int | None = None,
+        kv_cache_tokens: int | None = None,
     ) -> None:
+        """kv_cache_tokens: KV pool size in tokens over all sequences (default max_seqs x max_model_len)."""
         from transformers import AutoTokenizer  # heavy import, only where a runner is built
 
         dev = torch.device(device)
         dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
         model = CausalLM.load(Path(model_dir), device=dev, dtype=dtype)
-        self._build(model, max_loras, max_lora_rank, max_seqs, max_model_len)
+        self._build(model, max_loras, max_lora_rank, max_seqs, max_model_len, kv_cache_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
 
     @classmethod
@@ -173,15 +175,22 @@ class ModelRunner:
         max_lora_rank: int = 16,
         max_seqs: int = 64,
         max_model_len: int | None = None,
+        kv_cache_tokens: int | None = None,
     ) -> ModelRunner:
         """A runner around weights already in memory (benchmarks with random weights)."""
         runner = cls.__new__(cls)
-        runner._build(model, max_loras, max_lora_rank, max_seqs, max_model_len)
+        runner._build(model, max_loras, max_lora_rank, max_seqs, max_model_len, kv_cache_tokens)
         runner.tokenizer = tokenizer
         return runner
 
     def _build(
-        self, model: CausalLM, max_loras: int, max_lora_rank: int, max_seqs: int, max_model_len: int | None
+        self,
+        model: CausalLM,
+        max_loras: int,
+        max_lora_rank: int,
+        max_seqs: int,
+        max_model_len: int | None,
+        kv_cache_tokens: int | None,
     ) -> None:
         self.model = model
         self.device, self.dtype = model.device, model.dtype
@@ -197,6 +206,7 @@ class ModelRunner:
             dtype=dtype,
             device=self.device,
             sliding_window=self.config.sliding_window,
+            max_tokens=kv_cache_tokens,
         )
         self.lora = LoraSlots(
             self.config, max_loras=max_loras, max_rank=max_lora_rank, device=self.device, dtype=dtype
@@ -223,8 +233,17 @@ class ModelRunner:
         self.lora.clear_slot(slot)
         self.slot_adapter[slot] = None
 
-    def allocate(self, seq_id: int) -> None:
-        self.kv.allocate(seq_id)
+    def allocate(self, seq_id: int, max_tokens: int | None = None) -> None:
+        """Reserve KV cache for a sequence of up to max_tokens (prompt + output; default max_model_len).
+
+        Raises KVCacheFull (retry when a sequence finishes) or SequenceTooLong (above max_model_len).
+        """
+        self.kv.allocate(seq_id, max_tokens)
+
+    @property
+    def kv_free_tokens(self) -> int:
+        """KV cache tokens not reserved by any sequence (admission control)."""
+        return self.kv.free_tokens
 
     def free(self, seq_id: int) -> None:
         self.kv.free(seq_id)

@@ -122,3 +122,23 @@ def test_adapter_weights_carry_rank_scaling_and_bytes(runner: ModelRunner, adapt
         adapters["a3"], runner.config, adapter_id=8
     )  # rank_pattern q_proj: 8, layer 1 only
     assert w3.rank == 8 and {layer for layer, _ in w3.weights} == {1}
+
+
+def test_kv_reservations(tiny_llama: Path) -> None:
+    """Sequences reserve what they ask for; the pool refuses what it cannot hold, and frees blocks for reuse."""
+    runner = ModelRunner(tiny_llama, max_seqs=4, max_model_len=64, kv_cache_tokens=64)
+    runner.allocate(0, max_tokens=20)  # two blocks of 16
+    runner.allocate(1, max_tokens=32)
+    assert runner.kv_free_tokens == 0
+    with pytest.raises(PermanentError) as err:
+        runner.allocate(2, max_tokens=1)
+    assert err.value.reason == "KVCacheFull"
+    with pytest.raises(PermanentError) as err:
+        runner.step([SeqStep(0, list(range(3, 36)), -1)])  # 33 tokens > its 32-token reservation
+    assert err.value.reason == "SequenceTooLong"
+    with pytest.raises(PermanentError) as err:
+        runner.allocate(3, max_tokens=65)
+    assert err.value.reason == "SequenceTooLong"
+    runner.free(1)
+    assert runner.kv_free_tokens == 32
+    runner.allocate(2, max_tokens=32)
