@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -303,7 +304,11 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         loop.close()
-    busy = [t for t in threading.enumerate() if t.name.startswith("loraplane-io") and t.is_alive()]
+    pool = [t for t in threading.enumerate() if t.name.startswith("loraplane-io")]
+    deadline = time.monotonic() + 0.5
+    for t in pool:  # idle pool threads exit at once on shutdown; busy ones are in a blocking call
+        t.join(max(0.0, deadline - time.monotonic()))
+    busy = [t for t in pool if t.is_alive()]
     if busy:
         log.info("abandoning %d blocking call(s) in flight (downloads restart at the next start)", len(busy))
         logging.shutdown()
