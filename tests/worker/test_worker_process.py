@@ -211,3 +211,34 @@ def test_help_is_fast_and_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--max-lora-rank" in proc.stdout and "LORAPLANE_MAX_LORA_RANK" in proc.stdout
+
+
+@pytest.mark.kubectl
+def test_namespaced_watch_kubectl_view_and_report_recreated(kube, namespace, tmp_path, setup):
+    base, root, ads = setup
+    other_ns = kube.create_namespace()
+    try:
+        other = fleet.Adapters(kube, other_ns)
+        mine = adapters_mod.write_adapter(root / "mine")
+        ads.create(fleet.adapter_obj("mine", str(mine)))
+        ads.assign("mine", 1)
+        other.create(fleet.adapter_obj("theirs", str(mine)))
+        other.assign("theirs", 2)
+        with _worker(kube, tmp_path, namespace, base, root, extra=["--namespaces", namespace]) as w:
+            fleet.wait_for(
+                lambda: fleet.states(ads, "w1", namespace) == {1: "Ready"}, 30, lambda: w.log()[-3000:]
+            )
+            out = kube.kubectl("get", "loraworkers", "-n", namespace).stdout
+            header, row = out.splitlines()[:2]
+            assert header.split()[:4] == ["NAME", "BASE", "MODEL", "READY"]
+            assert row.split()[:4] == ["w1", fleet.BASE_MODEL, "1", "0"]
+            # Deleted by hand: the worker recreates its report (at the latest with the next heartbeat).
+            kube.kubectl("delete", "loraworker", "w1", "-n", namespace)
+            fleet.wait_for(
+                lambda: fleet.states(ads, "w1", namespace) == {1: "Ready"}, 15, lambda: w.log()[-3000:]
+            )
+            assert fleet.states(other, "w1", other_ns) == {}
+            assert w.stop() == 0
+        other.close()
+    finally:
+        kube.delete_namespace(other_ns)
