@@ -52,13 +52,30 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         default=d.liveness_interval,
         help="seconds between periodic checks (worker liveness, adapters waiting for an ID)",
     )
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="INDEX/COUNT",
+        help="this replica is INDEX of COUNT: acts at once on its share, on the rest after a grace "
+        "period (efficiency only; IDs are unique without it)",
+    )
+    p.add_argument("--shard-grace", type=float, default=d.shard_grace, help="seconds before taking over")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logs")
     a = p.parse_args(argv)
     if a.block_size < 1 or a.safety_gap < 0 or a.heartbeat_window <= 0 or a.liveness_interval <= 0:
         p.error(
             "--block-size must be >= 1, --safety-gap >= 0, --heartbeat-window and --liveness-interval > 0"
         )
+    try:
+        index, count = (int(x) for x in a.shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard must be INDEX/COUNT with 0 <= INDEX < COUNT, for example 0/3 (got {a.shard!r})")
     return OperatorSettings(
+        shard_index=index,
+        shard_count=count,
+        shard_grace=a.shard_grace,
         namespaces=list(a.namespace),
         kubeconfig=a.kubeconfig,
         ledger_namespace=a.ledger_namespace,

@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import time
+import zlib
 from typing import Any
 
 from loraplane.crds import conditions as cond
@@ -79,6 +80,7 @@ class Reconciler:
         self.allocator = allocation.Allocator(api, settings, lambda: self._seen_max)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._deferred: set[str] = set()
         self._worker_sig: dict[str, tuple[Any, ...]] = {}
         self.instance = os.environ.get("HOSTNAME") or f"pid-{os.getpid()}"
 
@@ -237,7 +239,20 @@ class Reconciler:
 
     # ---- the write -------------------------------------------------------------------------------
 
-    async def reconcile(self, ref: str) -> None:
+    def _mine(self, obj: dict[str, Any]) -> bool:
+        count = self.settings.shard_count
+        return count <= 1 or zlib.crc32((uid_of(obj) or "").encode()) % count == self.settings.shard_index
+
+    async def reconcile(self, ref: str, *, deferred: bool = False) -> None:
+        obj = self.adapters.get(ref)
+        if obj is not None and not deferred and not self._mine(obj):
+            # Another replica's share: act only if it has not done so after the grace period.
+            if ref not in self._deferred:
+                self._deferred.add(ref)
+                task = asyncio.get_running_loop().create_task(self._later(ref))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
         lock = self._locks.setdefault(ref, asyncio.Lock())
         async with lock:
             for _ in range(self.settings.write_retries):
@@ -276,6 +291,14 @@ class Reconciler:
                 self._announce(result, old, new)
                 return
             log.warning("adapter %s: status kept changing under this operator; will retry", ref)
+
+    async def _later(self, ref: str) -> None:
+        await asyncio.sleep(self.settings.shard_grace)
+        self._deferred.discard(ref)
+        try:
+            await self.reconcile(ref, deferred=True)
+        except Exception:  # A background task: log, the next event or tick retries.
+            log.exception("adapter %s: deferred reconcile failed", ref)
 
     async def _reread(self, ref: str, stale: dict[str, Any]) -> bool:
         ns, name = ref.split("/", 1)

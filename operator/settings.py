@@ -47,5 +47,16 @@ class OperatorSettings:
     peering: bool = False
     """Use kopf peering (needs the KopfPeering CRDs). Only reduces double work; IDs are unique without it."""
 
+    shard_index: int = 0
+    """This replica's index in [0, shard_count) (for a StatefulSet: the pod ordinal)."""
+
+    shard_count: int = 1
+    """Replicas sharing the work (count). Each acts at once on adapters whose uid hashes to its index and
+    on the others only after shard_grace, so a dead replica's share is still done. Efficiency only:
+    IDs are unique whatever these say."""
+
+    shard_grace: float = 2.0
+    """Seconds a replica waits before acting on an adapter of another replica's shard."""
+
     write_retries: int = 8
     """Attempts at a resourceVersion-checked write before giving up until the next event (count)."""
