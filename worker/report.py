@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,10 @@ log = logging.getLogger(__name__)
 
 STATUS_WRITES = Counter("loraplane_worker_report_writes", "LoRAWorker status writes (batches and heartbeats)")
 SETTLE_FRACTION = 0.25  # of the batch interval: the wait before writing a change after a quiet spell
-RETRY_MAX = 10.0  # seconds between attempts while the API server is away
+RETRY_MAX = 10.0
+MAX_STATUS_BYTES = (
+    1 << 20
+)  # bytes of status JSON; Kubernetes stores objects up to about 1.5 MiB  # seconds between attempts while the API server is away
 
 
 def now() -> str:
@@ -71,6 +75,7 @@ class WorkerReport:
         self.writes = 0  # status writes done (tests check batching with it)
         self._dirty = asyncio.Event()
         self._created = False
+        self._trimmed = False  # warned once that the report is too large for details
         self._owned = False  # the object had an ownerReference to our Pod
         self.pod_gone = False  # the Pod was deleted: this worker is going away; stop reporting
 
@@ -153,9 +158,29 @@ class WorkerReport:
             adapters=reports,
         )
 
+    def status_body(self) -> dict[str, Any]:
+        """The status as written, kept under MAX_STATUS_BYTES: Kubernetes refuses objects over ~1.5 MiB,
+        so with thousands of adapters the per-adapter details (info, long messages) go first; the
+        states, which the operator counts, always stay."""
+        status = self.status().model_dump(exclude_none=True)
+        if len(json.dumps(status)) <= MAX_STATUS_BYTES:
+            return status
+        for rep in status.get("adapters") or []:
+            rep.pop("info", None)
+            if rep.get("message"):
+                rep["message"] = rep["message"][:160]
+        if not self._trimmed:
+            log.warning(
+                "LoRAWorker status over %d bytes with %d adapters: adapter details left out of the report",
+                MAX_STATUS_BYTES,
+                len(status.get("adapters") or []),
+            )
+            self._trimmed = True
+        return status
+
     async def write_status(self) -> None:
         """One status write of the whole current state (a merge patch replaces the adapters list)."""
-        body = {"status": self.status().model_dump(exclude_none=True)}
+        body = {"status": self.status_body()}
         try:
             await self.api.request(
                 "PATCH", self.path + "/status", body=body, content_type="application/merge-patch+json"
