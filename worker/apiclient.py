@@ -72,9 +72,11 @@ class ApiClient:
         if hook is not None:
             hook(self._cfg)  # in-cluster tokens rotate; the loader's hook re-reads the file when due
         headers = {"Accept": "application/json", "User-Agent": "loraplane-worker"}
-        token = self._cfg.get_api_key_with_prefix("authorization")
-        if token:
-            headers["Authorization"] = token
+        # The loader puts the bearer token under a key that varies by client version ("BearerToken",
+        # "authorization"); auth_settings() says which header carries it.
+        for auth in self._cfg.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[str(auth["key"]).title()] = str(auth["value"])
         if content_type:
             headers["Content-Type"] = content_type
         return headers

@@ -242,3 +242,33 @@ def test_namespaced_watch_kubectl_view_and_report_recreated(kube, namespace, tmp
         other.close()
     finally:
         kube.delete_namespace(other_ns)
+
+
+def test_worker_writes_only_its_own_loraworker(kube, namespace, tmp_path, setup, local_only):
+    base, root, ads = setup
+    kubeconfig = kube.kubeconfig_for_user("worker-under-audit")
+    ads.create(fleet.adapter_obj("one", str(adapters_mod.write_adapter(root / "one"))))
+    ads.assign("one", 1)
+    w = fleet.WorkerProc(
+        kubeconfig, tmp_path, name="audited", namespace=namespace, base_dir=base, local_root=root
+    )
+    with w:
+        fleet.wait_for(
+            lambda: fleet.states(ads, "audited", namespace) == {1: "Ready"}, 30, lambda: w.log()[-3000:]
+        )
+        assert w.stop() == 0
+    mine = [e for e in kube.server.audit_log if e.user == "worker-under-audit"]
+    writes = {
+        (e.verb, e.resource, e.subresource, e.namespace, e.name)
+        for e in mine
+        if e.verb not in ("get", "list", "watch")
+    }
+    assert writes <= {
+        ("create", "loraworkers", "", namespace, ""),
+        ("create", "loraworkers", "", namespace, "audited"),
+        ("patch", "loraworkers", "status", namespace, "audited"),
+        ("patch", "loraworkers", "", namespace, "audited"),
+        ("delete", "loraworkers", "", namespace, "audited"),
+    }, writes
+    assert ("patch", "loraworkers", "status", namespace, "audited") in writes
+    assert not [e for e in mine if e.resource == "loraadapters" and e.verb not in ("list", "watch")]
