@@ -188,6 +188,15 @@ def test_sigkill_mid_download_then_restart(kube, namespace, tmp_path, env, hf_hu
         assert len(list(entries.iterdir())) == 1
         assert not [p for p in (w.cache_dir / "tmp").iterdir() if not p.name.startswith("trash-")]
         assert w.stop() == 0
+    # Restarted again with its cache: the revision is resolved at the Hub, but no file is downloaded.
+    gets = len(hf_hub.file_gets())
+    assert gets > 0
+    with w:
+        fleet.wait_for(
+            lambda: fleet.states(ads, "w1", namespace) == {adapter_id: "Ready"}, 40, lambda: w.log()[-3000:]
+        )
+        assert len(hf_hub.file_gets()) == gets
+        assert w.stop() == 0
 
 
 def test_sigterm_during_a_download_stops_promptly(kube, namespace, tmp_path, env, hf_hub):
