@@ -14,6 +14,7 @@ that lost its served name, is dropped at once. Served entries are pinned in the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from prometheus_client import Counter, Gauge
 
 from loraplane.crds.errors import LoraplaneError
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
-from loraplane.worker import sources, validate
+from loraplane.worker import basemodel, sources, validate
 from loraplane.worker.cache import AdapterCache, CachedAdapter
 from loraplane.worker.registry import AdapterVersion, Registry, State
 from loraplane.worker.watch import AdapterWatch, DesiredAdapter
@@ -65,7 +66,7 @@ class Controller:
         self,
         registry: Registry,
         cache: AdapterCache,
-        base: validate.BaseModelInfo,
+        base: basemodel.BaseModelInfo,
         source_settings: sources.SourceSettings,
         *,
         base_model: str,
@@ -182,7 +183,7 @@ class Controller:
     async def _pipeline(self, known: _Known) -> None:
         want = known.desired
         self._set(known, "Prefetching")
-        resolved = await asyncio.to_thread(sources.resolve, want.path, want.revision, self.source_settings)
+        resolved = await self._resolve(want)
         cached: CachedAdapter = await asyncio.to_thread(self.cache.prefetch, resolved)
         if known.cache_key != cached.cache_key:
             self._release(known)
@@ -222,6 +223,31 @@ class Controller:
         )
         log.info("adapter %s id %d Ready (rank %d, %s)", want.adapter, want.id, summary.rank, resolved.uri)
         self._retire_older(known)
+
+    async def _resolve(self, want: DesiredAdapter) -> sources.ResolvedSource:
+        """Resolve the path; when the Hub is unreachable, fall back to the resolution recorded when the
+        cached copy was fetched, so a restarted worker serves from its cache through a Hub outage."""
+        try:
+            return await asyncio.to_thread(sources.resolve, want.path, want.revision, self.source_settings)
+        except LoraplaneError as e:
+            if not e.retry or sources.parse_path(want.path)[0] != "hf":
+                raise
+            offline = dataclasses.replace(self.source_settings, hf_offline=True)
+            try:
+                recorded = await asyncio.to_thread(sources.resolve, want.path, want.revision, offline)
+            except LoraplaneError:
+                raise e from None
+            if self.cache.lookup(recorded.cache_key) is None:
+                raise
+            log.warning(
+                "adapter %s id %d: %s; serving the cached copy of %s@%s resolved earlier",
+                want.adapter,
+                want.id,
+                e,
+                recorded.uri,
+                recorded.resolved_revision[:12],
+            )
+            return recorded
 
     def _release(self, known: _Known) -> None:
         if known.cache_key is not None:

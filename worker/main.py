@@ -30,12 +30,12 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from loraplane.worker.apiclient import ApiClient
+    from loraplane.worker.basemodel import BaseModelInfo
     from loraplane.worker.cache import AdapterCache
     from loraplane.worker.controller import Controller
     from loraplane.worker.registry import Registry
     from loraplane.worker.report import WorkerReport
     from loraplane.worker.sources import SourceSettings
-    from loraplane.worker.validate import BaseModelInfo
     from loraplane.worker.watch import AdapterWatch
 
 log = logging.getLogger("loraplane.worker")
@@ -83,7 +83,7 @@ class WorkerApp:
 
     def load_base_model(self) -> None:
         """Find the checkpoint (a directory, or the Hub's config and weights) and read its config."""
-        from loraplane.worker.validate import BaseModelInfo
+        from loraplane.worker.basemodel import BaseModelInfo
 
         s = self.settings
         model_dir = Path(s.base_model).expanduser()

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from loraplane.worker.basemodel import BaseModelInfo
 from loraplane.worker.cache import AdapterCache
 from loraplane.worker.controller import Controller
 from loraplane.worker.registry import Registry
 from loraplane.worker.sources import SourceSettings
-from loraplane.worker.validate import BaseModelInfo
 from loraplane.worker.watch import DesiredAdapter
 
 _HERE = Path(__file__).parent

@@ -197,6 +197,14 @@ def test_sigkill_mid_download_then_restart(kube, namespace, tmp_path, env, hf_hu
         )
         assert len(hf_hub.file_gets()) == gets
         assert w.stop() == 0
+    # And through a Hub outage: the resolution recorded with the cached copy serves it.
+    w.args[w.args.index("--hf-endpoint") + 1] = servers.closed_url()
+    with w:
+        fleet.wait_for(
+            lambda: fleet.states(ads, "w1", namespace) == {adapter_id: "Ready"}, 40, lambda: w.log()[-3000:]
+        )
+        assert "serving the cached copy of hf://org/slow" in w.log()
+        assert w.stop() == 0
 
 
 def test_sigterm_during_a_download_stops_promptly(kube, namespace, tmp_path, env, hf_hub):
