@@ -94,7 +94,8 @@ class Controller:
                 await watch.changed.wait()
                 watch.changed.clear()
                 self.reconcile(watch.desired)
-                self.synced.set()
+                if watch.synced.is_set():
+                    self.synced.set()
         finally:
             for known in self._known.values():
                 if known.task is not None:

@@ -4,8 +4,8 @@ One loop per watched scope (all namespaces, or each configured namespace) keeps 
 seen and turns them into the desired state, ``{id: DesiredAdapter}``, for this worker's base model.
 It lists, watches from the list's resourceVersion, resumes from the last event's resourceVersion
 when a watch ends, relists on 410 Gone (the HTTP status or the in-stream ERROR event), and reconnects
-with capped exponential backoff when the API server goes away. The desired state is published only
-once every scope has listed, so a worker never drops an adapter because it has not looked yet.
+with capped exponential backoff when the API server goes away. Each scope keeps its objects until it
+relists, so a worker never drops an adapter because it has not looked yet.
 
 Adapters without ``status.id`` (not registered yet) or with ``NameAvailable=False`` are not desired.
 """
@@ -204,14 +204,17 @@ class AdapterWatch:
             self._publish()
 
     def _publish(self) -> None:
-        if len(self._listed) < len(self.scopes):
-            return
+        """Recompute the desired state. Scopes not listed yet contribute nothing: at start that only
+        delays their adapters (nothing is known to drop), and one unreachable namespace (RBAC, a typo)
+        does not hold up the others. ``synced`` is set once every scope has listed."""
         desired: dict[int, DesiredAdapter] = {}
         for objects in self._objects.values():
             for d in objects.values():
                 if d is not None:
                     desired[d.id] = d
-        if desired != self.desired or not self.synced.is_set():
+        all_listed = len(self._listed) == len(self.scopes)
+        if desired != self.desired or (all_listed and not self.synced.is_set()):
             self.desired = desired
-            self.synced.set()
+            if all_listed:
+                self.synced.set()
             self.changed.set()
