@@ -56,16 +56,7 @@ class ApiClient:
     @classmethod
     def from_kubeconfig(cls, kubeconfig: str = "") -> ApiClient:
         """Credentials from ``kubeconfig``; empty: in-cluster service account, else KUBECONFIG/~/.kube/config."""
-        from kubernetes import client, config
-
-        cfg = client.Configuration()
-        if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=cfg)
-        else:
-            config.load_kube_config(client_configuration=cfg)
-        return cls(cfg)
+        return cls(load_configuration(kubeconfig))
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         hook = getattr(self._cfg, "refresh_api_key_hook", None)
@@ -151,6 +142,25 @@ class ApiClient:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+def load_configuration(kubeconfig: str = "") -> Any:
+    """A kubernetes.client.Configuration from ``kubeconfig``; empty: the in-cluster service account when
+    running in a Pod, else KUBECONFIG / ~/.kube/config. Raises ApiError(0, "NoCredentials") naming the fix."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            config.load_kube_config(client_configuration=cfg)
+    except (config.ConfigException, OSError, TypeError, ValueError) as e:
+        where = kubeconfig or "in-cluster / KUBECONFIG / ~/.kube/config"
+        raise ApiError(0, "NoCredentials", f"cannot load Kubernetes credentials from {where}: {e}") from None
+    return cfg
 
 
 def _status_error(status: int, text: str) -> ApiError:

@@ -65,6 +65,7 @@ class WorkerApp:
         self.watch: AdapterWatch | None = None
         self.controller: Controller | None = None
         self.report: WorkerReport | None = None
+        self.kube_configuration: object | None = None  # loaded at start by main(); else in build()
         self.port: int | None = None  # the HTTP port actually bound (settings.port may be 0)
         self.ready = asyncio.Event()
 
@@ -113,7 +114,7 @@ class WorkerApp:
     def build(self) -> None:
         """Create the parts (after load_base_model, inside the running loop)."""
         from loraplane.crds.models import LoRAWorkerSpec, WorkerCapacity
-        from loraplane.worker.apiclient import ApiClient
+        from loraplane.worker.apiclient import ApiClient, load_configuration
         from loraplane.worker.cache import AdapterCache
         from loraplane.worker.controller import Controller
         from loraplane.worker.report import WorkerReport
@@ -127,7 +128,7 @@ class WorkerApp:
             s.max_concurrent_downloads,
             sources_settings=self.source_settings(),
         )
-        self.api = ApiClient.from_kubeconfig(s.kubeconfig)
+        self.api = ApiClient(self.kube_configuration or load_configuration(s.kubeconfig))
         self.watch = AdapterWatch(self.api, s.served_model_name, s.namespaces)
         spec = LoRAWorkerSpec(
             baseModel=s.served_model_name,
@@ -289,6 +290,13 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
     except Exception as e:  # a LoraplaneError names the problem; anything else too, without a trace
         print(f"loraplane-worker: --base-model {settings.base_model}: {e}", file=sys.stderr)
         return 2
+    from loraplane.worker.apiclient import ApiError, load_configuration
+
+    try:
+        app.kube_configuration = load_configuration(settings.kubeconfig)
+    except ApiError as e:
+        print(f"loraplane-worker: --kubeconfig: {e.message}", file=sys.stderr)
+        return 2
     code = 0
     loop = asyncio.new_event_loop()
     # Our own executor, so shutdown does not wait for a download in flight: the cache is crash-safe
@@ -300,6 +308,7 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
     except KeyboardInterrupt:
         pass
     except Exception:
+        log.exception("worker failed")
         code = 1
     finally:
         executor.shutdown(wait=False, cancel_futures=True)

@@ -115,6 +115,10 @@ def test_adapters_become_ready_failed_or_ignored_and_are_reported(kube, namespac
         (["--namespaces", "Bad_NS"], "--namespaces 'Bad_NS' is not a valid namespace name"),
         (["--s3-endpoint", "localhost:9000"], "--s3-endpoint must be an http:// or https:// URL"),
         (["--heartbeat-seconds", "0"], "--heartbeat-seconds must be a positive number of seconds"),
+        (
+            ["--kubeconfig", "/nonexistent/kubeconfig"],
+            "--kubeconfig: cannot load Kubernetes credentials from /nonexistent",
+        ),
     ],
 )
 def test_bad_configuration_stops_at_start_naming_the_flag(tmp_path, args, message):
