@@ -57,7 +57,7 @@ class KVCache:
         """max_tokens: the pool's capacity in tokens over all sequences (default max_seqs x max_len)."""
         self.block_size = block_size
         blocks_per_seq = -(-max_len // block_size)
-        self.num_blocks = -(-(max_tokens or max_seqs * max_len) // block_size)
+        self.num_blocks = -(-max_tokens // block_size) if max_tokens else max_seqs * blocks_per_seq
         shape = (num_layers, self.num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
