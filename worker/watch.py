@@ -7,7 +7,7 @@ when a watch ends, relists on 410 Gone (the HTTP status or the in-stream ERROR e
 with capped exponential backoff when the API server goes away. Each scope keeps its objects until it
 relists, so a worker never drops an adapter because it has not looked yet.
 
-Adapters without ``status.id`` (not registered yet) or with ``NameAvailable=False`` are not desired.
+Adapters without ``status.id`` (not registered yet) or without ``NameAvailable=True`` are not desired.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ class DesiredAdapter:
     max_length: int | None  # spec.longContext.maxLength
     uid: str = ""
     stale: bool = False
-    """The spec moved to a new version (path/revision) that has no ID yet: status.id still names the
-    previous version, whose path this object no longer says. Keep serving what we have; start nothing."""
+    """The operator has not caught up with the spec: a new version (path/revision) has no ID yet, so
+    status.id still names the previous one, or NameAvailable was decided for an older generation (the
+    served name may have changed). Keep serving what we have; start nothing."""
 
 
 def version_of(path: str, revision: str | None) -> str:
@@ -81,9 +82,19 @@ def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | Non
     status = adapter.status
     if status is None or status.id is None:
         return None
-    for cond in status.conditions or []:
-        if cond.type == conditions.NAME_AVAILABLE and cond.status == "False":
-            return None
+    name = next((c for c in status.conditions or [] if c.type == conditions.NAME_AVAILABLE), None)
+    if name is None or name.status != "True":
+        return None  # the served name is another adapter's, or not decided yet: serving could hijack it
+    generation = meta.get("generation")
+    # The operator has not looked at this spec yet (a new served name may be taken): keep what we have.
+    undecided = (
+        name.observedGeneration is not None
+        and generation is not None
+        and name.observedGeneration != generation
+    )
+    moved = status.version is not None and status.version != version_of(
+        adapter.spec.path, adapter.spec.revision
+    )
     return DesiredAdapter(
         id=status.id,
         adapter=key,
@@ -92,8 +103,7 @@ def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | Non
         revision=adapter.spec.revision,
         max_length=adapter.spec.longContext.maxLength if adapter.spec.longContext else None,
         uid=str(meta.get("uid", "")),
-        stale=status.version is not None
-        and status.version != version_of(adapter.spec.path, adapter.spec.revision),
+        stale=moved or undecided,
     )
 
 

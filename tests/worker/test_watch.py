@@ -155,7 +155,17 @@ def _try(fn):
         return False
 
 
-def _obj(name, *, base="tiny", adapter_id=7, name_available="True", spec=None, deleting=False, version=None):
+def _obj(
+    name,
+    *,
+    base="tiny",
+    adapter_id=7,
+    name_available="True",
+    spec=None,
+    deleting=False,
+    version=None,
+    observed=None,
+):
     obj = fleet.adapter_obj(name, "/models/x", base_model=base)
     obj["metadata"].update(namespace="ns", uid="u1")
     if deleting:
@@ -167,6 +177,11 @@ def _obj(name, *, base="tiny", adapter_id=7, name_available="True", spec=None, d
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}  # fmt: skip
         if version:
             obj["status"]["version"] = version
+        if observed is not None:
+            obj["metadata"]["generation"] = 3
+            obj["status"]["conditions"][0]["observedGeneration"] = observed
+        if name_available is None:
+            obj["status"]["conditions"] = []
     return obj
 
 
@@ -180,6 +195,10 @@ def _obj(name, *, base="tiny", adapter_id=7, name_available="True", spec=None, d
          DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1")),
         (_obj("a", version="0123456789abcdef"),  # the spec moved on; status.id names the previous version
          DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
+        (_obj("a", observed=3), DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1")),
+        (_obj("a", observed=2),  # NameAvailable decided for an older spec (the name may have changed)
+         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
+        (_obj("a", name_available=None), None),  # the operator has not decided the name yet
         (_obj("a", base="other"), None),  # another base model
         (_obj("a", adapter_id=None), None),  # no ID yet
         (_obj("a", name_available="False"), None),  # its served name belongs to another adapter
