@@ -30,6 +30,8 @@ from .model import PROJECTIONS, ModelConfig
 
 #: a segmented span may include up to this fraction of slots that no row uses (read but idle).
 SPAN_SLACK = 0.25
+#: SEGMENTED cuts segments into chunks when padding would exceed this multiple of the tokens.
+PAD_LIMIT = 2
 #: choose GATHERED when distinct slots >= this fraction of adapted tokens.
 GATHER_THRESHOLD = 0.9
 
@@ -209,23 +211,27 @@ class LoraBatch:
         starts: list[int],
     ) -> None:
         self.mode = "segmented"
+        tokens_of: dict[int, list[int]] = {s: [] for s in distinct}
+        for i in adapted:
+            tokens_of[row_slots[i]].extend(range(starts[i], starts[i + 1]))
+        n_adapted = sum(len(ts) for ts in tokens_of.values())
         lo, hi = distinct[0], distinct[-1] + 1
-        # A nearly contiguous slot range is read as a view; idle slots in it are zero-row groups.
-        group_slots = (
-            list(range(lo, hi)) if (hi - lo) - len(distinct) <= SPAN_SLACK * len(distinct) else distinct
-        )
-        group_of = {s: g for g, s in enumerate(group_slots)}
-        fill = [0] * len(group_slots)
-        src: list[int] = []
-        dest_group: list[tuple[int, int]] = []
-        for i in sorted(adapted, key=lambda i: group_of[row_slots[i]]):
-            g = group_of[row_slots[i]]
-            for t in range(starts[i], starts[i + 1]):
-                src.append(t)
-                dest_group.append((g, fill[g]))
-                fill[g] += 1
-        self.groups, self.longest = len(group_slots), max(fill)
-        dest = [g * self.longest + off for g, off in dest_group]
+        longest = max(len(ts) for ts in tokens_of.values())
+        chunks: list[tuple[int, list[int]]]
+        if len(distinct) * longest > PAD_LIMIT * n_adapted:
+            # Very unequal segments (a prefill among decodes): cut them into chunks of the average
+            # segment length, so padding stays below the tokens themselves; weights are gathered.
+            size = -(-n_adapted // len(distinct))
+            chunks = [(s, ts[k : k + size]) for s, ts in tokens_of.items() for k in range(0, len(ts), size)]
+        elif (hi - lo) - len(distinct) <= SPAN_SLACK * len(distinct):
+            # A nearly contiguous slot range is read as a view; idle slots in it are zero-row groups.
+            chunks = [(s, tokens_of.get(s, [])) for s in range(lo, hi)]
+        else:
+            chunks = list(tokens_of.items())
+        group_slots = [s for s, _ in chunks]
+        self.groups, self.longest = len(chunks), max(len(ts) for _, ts in chunks)
+        src = [t for _, ts in chunks for t in ts]
+        dest = [g * self.longest + k for g, (_, ts) in enumerate(chunks) for k in range(len(ts))]
         self._set_slots(group_slots)
         n = len(src)
         contiguous = src == list(range(src[0], src[0] + n)) and dest == list(range(n))

@@ -175,3 +175,26 @@ def test_chunked_prefill_and_slot_reuse(
     runner.clear_slot(slots["a2"])
     with pytest.raises(Exception, match="SlotEmpty"):
         runner.step([SeqStep(0, [5], slots["a2"])])
+
+
+def test_prefill_joining_decodes_matches_peft(
+    tiny_llama: Path,
+    adapters: dict[str, Path],
+    peft_model: Any,
+) -> None:
+    """Continuous batching's usual step: decodes on three adapters plus a new prompt on a fourth
+    (segments of 1 and 11 tokens, cut into chunks rather than padded to 11)."""
+    runner, slots = make_runner(tiny_llama, adapters)
+    names = ["a0", "a1", "a2"]
+    for i, name in enumerate(names):
+        runner.allocate(i)
+        runner.step([SeqStep(i, PROMPTS[i], slots[name])])
+    runner.allocate(3)
+    batch = [SeqStep(i, [50 + i], slots[name]) for i, name in enumerate(names)]
+    got = runner.step([*batch, SeqStep(3, PROMPTS[2], slots["a3"])])
+    assert runner.last_lora_mode == "segmented"
+    for i, name in enumerate(names):
+        want = reference_logits(peft_model, name, [*PROMPTS[i], 50 + i])[-1]
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=ATOL, msg=f"decode row {i} ({name})")
+    want = reference_logits(peft_model, "a3", PROMPTS[2])[-1]
+    torch.testing.assert_close(got[3], want, atol=ATOL, rtol=ATOL, msg="prefill row (a3)")
