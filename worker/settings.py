@@ -65,7 +65,7 @@ class WorkerSettings:
     node_name: str = ""
     """The node the Pod runs on (downward API env NODE_NAME); reported in the LoRAWorker spec."""
     worker_name: str = ""
-    """Name of this worker's LoRAWorker object. Default: the pod name, else the host name."""
+    """Name of this worker's LoRAWorker object. Default: the pod name, else <host name>-<port>."""
     kubeconfig: str = ""
     """Path of a kubeconfig. Empty: the in-cluster service account, else KUBECONFIG / ~/.kube/config."""
     heartbeat_seconds: float = 10.0
@@ -90,7 +90,8 @@ class WorkerSettings:
     @property
     def object_name(self) -> str:
         """The LoRAWorker object name."""
-        return self.worker_name or self.pod_name or _host_name()
+        # Outside a Pod, the port tells apart several workers on one host (the local demo runs two).
+        return self.worker_name or self.pod_name or f"{_host_name()}-{self.port or os.getpid()}"[-253:]
 
     @property
     def object_namespace(self) -> str:
