@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "loraplane.worker.main", "--kubeconfig", kubeconfig, "--base-model", str(base),
              "--served-model-name", BASE, "--cache-dir", str(tmp / "cache"), "--local-roots", str(root),
              "--worker-name", "w1", "--pod-namespace", ns, "--host", "127.0.0.1", "--port", str(_free_port()),
-             "--log-level", "WARNING"],
+             "--log-level", "WARNING", "--mode", "control"],
             stdout=logs["worker"], stderr=subprocess.STDOUT, env=env,
         ),
     ]  # fmt: skip

@@ -306,8 +306,6 @@ def main(argv: list[str] | None = None) -> int:
         say("waiting for IDs from the operator and Ready from the worker (prefetch, validate, load)")
         wait_for("the demo adapters to be Ready", all_ready, args.timeout, procs)
         cluster.show_adapters()
-        if cluster.kubectl:
-            print(cluster.get("loraworkers", "-A"), flush=True)
 
         listed = http_json(f"{api}/v1/models")
         say("GET /v1/models")
@@ -346,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for("the new version of 'sql' to be served", swapped, args.timeout, procs)
         cluster.show_adapters()
         out = http_json(
-            f"{api}/v1/completions", {"model": "sql", "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+            f"{api}/v1/completions", {"model": "sql", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
         )
         print(f"  sql (new ID) -> {out['choices'][0]['text']!r}", flush=True)
         say(

@@ -73,8 +73,12 @@ class Controller:
         max_lora_rank: int,
         max_concurrent: int = 16,
         on_change: Callable[[], None] = lambda: None,
+        engine_ready: asyncio.Event | None = None,
     ) -> None:
         self.registry = registry
+        # Set once the engine can serve (base weights loaded). Until then a validated adapter is not
+        # reported Ready: a status that says Ready while nothing can be served is the failure we avoid.
+        self.engine_ready = engine_ready
         self.cache = cache
         self.base = base
         self.source_settings = source_settings
@@ -185,11 +189,13 @@ class Controller:
         want = known.desired
         self._set(known, "Prefetching")
         resolved = await self._resolve(want)
-        cached: CachedAdapter = await asyncio.to_thread(self.cache.prefetch, resolved)
+        # Pinned in the same step as the prefetch, so no other prefetch can evict it in between.
+        cached: CachedAdapter = await asyncio.to_thread(self.cache.prefetch, resolved, pin=True)
         if known.cache_key != cached.cache_key:
             self._release(known)
-            self.cache.pin(cached.cache_key)
             known.cache_key = cached.cache_key
+        else:
+            self.cache.unpin(cached.cache_key)  # already held by this version: keep one pin
         self._set(known, "Validating")
         summary = await asyncio.to_thread(
             validate.validate_adapter,
@@ -212,6 +218,11 @@ class Controller:
         for warning in summary.warnings:
             log.warning("adapter %s id %d: %s", want.adapter, want.id, warning)
         message = "; ".join(summary.warnings) or None
+        if self.engine_ready is not None and not self.engine_ready.is_set():
+            self._set(
+                known, "Validating", "WaitingForEngine", "validated; waiting for the base model to load"
+            )
+            await self.engine_ready.wait()
         self._set(
             known,
             "Ready",

@@ -68,6 +68,8 @@ class WorkerApp:
         self.kube_configuration: object | None = None  # loaded at start by main(); else in build()
         self.port: int | None = None  # the HTTP port actually bound (settings.port may be 0)
         self.ready = asyncio.Event()
+        # With a serve hook, adapters become Ready only once the hook sets this (the engine can serve).
+        self.engine_ready: asyncio.Event | None = asyncio.Event() if serve is not None else None
 
     # --- start-up --------------------------------------------------------------------------------
     def source_settings(self) -> SourceSettings:
@@ -163,6 +165,7 @@ class WorkerApp:
             max_lora_rank=s.max_lora_rank,
             max_concurrent=s.max_concurrent_prepares,
             on_change=self.report.mark_dirty,
+            engine_ready=self.engine_ready,
         )
 
     # --- running ---------------------------------------------------------------------------------
@@ -284,6 +287,10 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
         print(f"loraplane-worker: {e}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    if serve is None and settings.mode == "serve":
+        from loraplane.worker.serve import serve_openai
+
+        serve = serve_openai
     app = WorkerApp(settings, serve=serve)
     try:
         app.load_base_model()

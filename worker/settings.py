@@ -86,6 +86,9 @@ class WorkerSettings:
     """Hugging Face Hub URL or mirror. Empty: huggingface_hub's default (HF_ENDPOINT). Token: HF_TOKEN."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
+    mode: str = "serve"
+    """serve: load the base model's weights and serve the OpenAI API next to the control path.
+    control: only watch, prefetch, validate and report (no weights loaded: dry runs and tests)."""
 
     @property
     def object_name(self) -> str:
@@ -103,6 +106,7 @@ _LISTS = {"local_roots", "namespaces"}
 _ENV_ALIASES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "node_name": "NODE_NAME"}
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+_MODES = {"serve", "control"}
 
 
 def _host_name() -> str:
@@ -296,6 +300,8 @@ def check(s: WorkerSettings) -> WorkerSettings:
             raise ConfigError(f"{flag(name)} must be a positive number of seconds, got {getattr(s, name)}")
     if not _DEVICE_RE.match(s.device):
         raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {s.device!r}")
+    if s.mode not in _MODES:
+        raise ConfigError(f"--mode must be one of {sorted(_MODES)}, got {s.mode!r}")
     if s.log_level.upper() not in _LEVELS:
         raise ConfigError(f"--log-level must be one of {sorted(_LEVELS)}, got {s.log_level!r}")
     for root in s.local_roots:

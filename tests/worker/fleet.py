@@ -174,6 +174,7 @@ class WorkerProc:
             "--heartbeat-seconds", "2",
             "--report-batch-seconds", "0.1",
             "--log-level", "INFO",
+            "--mode", "control",  # a config-only model: no weights to serve
             *(extra or []),
         ]  # fmt: skip
         self.env = {**os.environ, **(env or {})}
