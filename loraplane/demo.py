@@ -312,16 +312,19 @@ def main(argv: list[str] | None = None) -> int:
         for m in listed["data"]:
             extra = m.get("loraplane") or {}
             print(
-                f"  {m['id']:<12} id={extra.get('id', '-')!s:<4} base={extra.get('base_model', extra.get('baseModel', ''))}"
+                f"  {m['id']:<12} loraplane id={extra.get('id') or '-'!s:<4} base model={extra.get('base_model')}"
             )
 
         say(f"one completion per model for the prompt {PROMPT!r} (greedy)")
         for model in [BASE_MODEL, *adapters]:
             out = http_json(
                 f"{api}/v1/completions",
-                {"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0},
+                {"model": model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0},
             )
-            print(f"  {model:<12} -> {out['choices'][0]['text']!r}", flush=True)
+            note = "  (random weights: the base model babbles)" if model == BASE_MODEL else ""
+            print(f"  {model:<12} -> {out['choices'][0]['text']!r}{note}", flush=True)
+        if cluster.kubectl:
+            print(cluster.get("loraworkers", "-A"), flush=True)
 
         ids = {
             a["metadata"]["name"]: a["status"]["id"]
