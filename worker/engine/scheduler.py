@@ -99,8 +99,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._next_seq = 0
-        self._draining: int | None = None  # adapter ID not admitted while its slot drains
-        self._drain_for: Request | None = None
+        # adapter ID -> the waiting request its slot is freed for; not admitted meanwhile
+        self._draining: dict[int, Request] = {}
         self.steps = 0
 
     # -- any thread ------------------------------------------------------------------------------
@@ -195,8 +195,10 @@ class Scheduler:
         copies_left = 1 if self.running else self.runner.max_loras
         new: list[Request] = []
         missing: list[int] = []  # adapter IDs not in a slot, in queue order
-        if self._drain_for is not None and self._drain_for not in self.waiting:
-            self._drain_for = self._draining = None  # the request it drained for has started (or left)
+        waiting_ids = {id(r) for r in self.waiting}
+        for victim, waiter in list(self._draining.items()):
+            if id(waiter) not in waiting_ids or victim not in self.tiers.slot_of:
+                del self._draining[victim]  # the request it drained for started (or left), or it is gone
         for req in list(self.waiting):
             if len(self.running) + len(new) >= s.max_num_seqs:
                 break
@@ -204,7 +206,7 @@ class Scheduler:
             if n > budget and (new or self.running):
                 break  # keep arrival order for long prompts: it goes first next step
             if req.adapter_id is not None:
-                if req.adapter_id == self._draining:
+                if req.adapter_id in self._draining:
                     continue  # its slot is being freed for an older request
                 resident = req.adapter_id in self.tiers.slot_of
                 if not resident and req.adapter_id not in missing:
@@ -221,7 +223,7 @@ class Scheduler:
                     self._finish(req, "error", exc)
                     continue
                 if slot is None:
-                    self._maybe_drain(req)
+                    self._maybe_drain(req, missing)
                     continue
                 if not resident:
                     copies_left -= 1
@@ -240,14 +242,22 @@ class Scheduler:
             new.append(req)
         return new
 
-    def _maybe_drain(self, req: Request) -> None:
-        """The oldest waiting request found every slot busy: stop admitting one resident adapter, so
-        its slot frees within one request's length (older requests are not starved by popular ones)."""
-        if req is not self.waiting[0] or self.tiers.slot_free_or_idle():
+    def _maybe_drain(self, req: Request, missing: list[int]) -> None:
+        """A request near the queue's head found every slot busy: stop admitting one resident adapter
+        for it, so that slot frees within one request's length. Up to a quarter of the slots drain at
+        once, so rarely used adapters are served alongside popular ones instead of after them."""
+        assert req.adapter_id is not None
+        limit = max(1, self.runner.max_loras // 4)
+        if (
+            len(self._draining) >= limit
+            or req.adapter_id not in missing[:limit]
+            or any(w.adapter_id == req.adapter_id for w in self._draining.values())
+            or self.tiers.slot_free_or_idle()
+        ):
             return
-        if self._draining is None or self._draining not in self.tiers.slot_of:
-            self._draining = self.tiers.drain_victim()
-            self._drain_for = req
+        victim = self.tiers.drain_victim(exclude=set(self._draining))
+        if victim is not None:
+            self._draining[victim] = req
 
     def _advance(self, req: Request, token: int, now: float) -> None:
         if not req.out_ids:

@@ -80,9 +80,10 @@ class AdapterTiers:
         """Whether a copy into a slot could happen now (a free slot, or one no running request uses)."""
         return bool(self.free_slots) or any(self.running[a] <= 0 for a in self.slot_of)
 
-    def drain_victim(self) -> int | None:
+    def drain_victim(self, exclude: set[int]) -> int | None:
         """The resident adapter to stop admitting so a slot frees soonest: fewest running, then LRU."""
-        return min(self.slot_of, key=lambda a: self.running[a], default=None)
+        candidates = [a for a in self.slot_of if a not in exclude]
+        return min(candidates, key=lambda a: self.running[a], default=None)
 
     def admit(self, adapter_id: int) -> None:
         """A request for this ID entered the queue: keep the ID's copies until it is done."""
