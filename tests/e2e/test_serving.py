@@ -170,7 +170,11 @@ def test_apply_serve_and_swap(kube, namespace: str, tmp_path: Path, weights) -> 
             lambda: op.log()[-2000:],
         )
         assert new_id > max(ids.values()), "a new version gets a new, never used ID"
-        assert ads.get("alpha")["status"].get("previousId") == ids["alpha"]
+        # status.previousId lives only until the workers switch; the Event keeps the record.
+        events = kube.kubectl(
+            "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=alpha"
+        ).stdout
+        assert f"assigned ID {new_id} " in events and f"replacing ID {ids['alpha']}" in events, events
 
         def served_id() -> int | None:
             listed = {m.id: (m.model_extra or {}).get("loraplane") or {} for m in client.models.list().data}
