@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/loraplane demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
 
 lint: setup
