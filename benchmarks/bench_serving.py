@@ -321,6 +321,12 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         f"  tiered / resident: {tput['tiered'] / tput['resident']:.3f} (target >= 0.9); per round "
         + ", ".join(f"{x:.3f}" for x in per_round)
     )
+    mean_steps = {m: statistics.median(r["steps"] for r in rs) for m, rs in results.items()}
+    print(
+        f"  engine steps (median): resident {mean_steps['resident']:.0f}, tiered {mean_steps['tiered']:.0f} "
+        f"(mean batch {args.requests * args.output_len / mean_steps['resident']:.1f} vs "
+        f"{args.requests * args.output_len / mean_steps['tiered']:.1f})"
+    )
     c = {k.split('"')[1] + " " + k.split("_")[2]: v for k, v in results["tiered"][-1]["counters"].items()}
     steps = results["tiered"][-1]["steps"]
     print(
