@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import sysconfig
@@ -22,16 +21,15 @@ PACKAGES = [
 
 
 def test_stdlib_operator_is_not_shadowed_from_the_repo_root() -> None:
-    code = "import operator, loraplane.operator as o; print(operator.__file__); print(o.__file__)"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert "site-packages" not in out[0] and out[0].endswith("operator.py"), out
-    assert out[1].endswith(os.path.join("operator", "__init__.py")), out
+    # -S: nothing imports the stdlib's operator before the repository root is first on sys.path,
+    # as in a fresh virtualenv's `python -m pip` run from the checkout.
+    probe = "import operator; print(operator.__file__)"
+    out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).parent != REPO / "operator", out.stdout
+    code = "import loraplane.operator.main as m; print(m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(REPO / "operator" / "main.py")
 
 
 @pytest.mark.slow
