@@ -1,1 +1,0 @@
-"""The kopf operator: cluster-unique adapter IDs, served-name ownership, status aggregation."""
