@@ -176,24 +176,35 @@ class IdWatch:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _see(self, obj: dict[str, Any]) -> None:
+        id_ = (obj.get("status") or {}).get("id")
+        name = obj["metadata"]["name"]
+        if id_ and name not in self.first:
+            self.first[name] = time.perf_counter()
+            self.ids[name] = id_
+
     def _run(self) -> None:
         s = self.cluster.session()
         while not self.stop.is_set():
             url = f"{self.cluster.adapters_url(self.ns)}?watch=1&resourceVersion={self.rv}&timeoutSeconds=5"
-            with s.get(url, stream=True, timeout=30) as r:
-                for line in r.iter_lines():
-                    if not line:
-                        continue
-                    ev = json.loads(line)
-                    obj = ev["object"]
-                    self.rv = obj["metadata"].get("resourceVersion", self.rv)
-                    id_ = (obj.get("status") or {}).get("id")
-                    name = obj["metadata"]["name"]
-                    if id_ and name not in self.first:
-                        self.first[name] = time.perf_counter()
-                        self.ids[name] = id_
-                    if self.stop.is_set():
-                        return
+            try:
+                with s.get(url, stream=True, timeout=30) as r:
+                    for line in r.iter_lines():
+                        if not line:
+                            continue
+                        ev = json.loads(line)
+                        if ev.get("type") == "ERROR":  # 410 Gone and friends: re-list below.
+                            raise ValueError(ev["object"].get("message"))
+                        self.rv = ev["object"]["metadata"].get("resourceVersion", self.rv)
+                        self._see(ev["object"])
+                        if self.stop.is_set():
+                            return
+            except (ValueError, requests.RequestException) as exc:
+                print(f"watch restarted with a list: {exc}", file=sys.stderr)
+                listing = s.get(self.cluster.adapters_url(self.ns)).json()
+                for obj in listing["items"]:
+                    self._see(obj)
+                self.rv = listing["metadata"]["resourceVersion"]
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -80,6 +80,8 @@ class Reconciler:
         self.allocator = allocation.Allocator(api, settings, lambda: self._seen_max)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._events: asyncio.Queue[tuple[dict[str, Any], str, str, bool]] = asyncio.Queue()
+        self._poster: asyncio.Task[None] | None = None
         self._deferred: set[str] = set()
         self._worker_sig: dict[str, tuple[Any, ...]] = {}
         self.instance = os.environ.get("HOSTNAME") or f"pid-{os.getpid()}"
@@ -480,9 +482,14 @@ class Reconciler:
         reason = min(notes, key=lambda n: rank.get(n[0], 5))[0]
         message = "; ".join(m for _, m in notes)
         log.info("adapter %s: %s (%s)", ref, message, reason)
-        task = asyncio.get_running_loop().create_task(self._post_event(obj, reason, message, warn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # Events go through one background poster, so status writes (the IDs) never queue behind them.
+        self._events.put_nowait((obj, reason, message, warn))
+        if self._poster is None or self._poster.done():
+            self._poster = asyncio.get_running_loop().create_task(self._post_events())
+
+    async def _post_events(self) -> None:
+        while not self._events.empty():
+            await self._post_event(*self._events.get_nowait())
 
     async def _post_event(self, obj: dict[str, Any], reason: str, message: str, warn: bool) -> None:
         meta = obj["metadata"]

@@ -158,3 +158,60 @@ def test_bad_specs_fail_each_with_its_own_message(adapters, operators, namespace
         assert "id" not in st
         conds = {c["type"]: c for c in st["conditions"]}
         assert conds["Validated"]["reason"] == "InvalidSpec" and fragment in conds["Validated"]["message"]
+
+
+def test_metrics_endpoint_counts_ids_and_handler_time(adapters, operators, namespace, scope, wait) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    operators(*scope(namespace), "--metrics-port", str(port), "--metrics-address", "127.0.0.1")
+    adapters.create(namespace, "m", {"baseModel": BASE, "path": "/models/m"})
+    adapters.wait_status(namespace, "m", lambda s: s.get("id"), "an ID")
+
+    def scrape() -> str | None:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return None
+        return text if "loraplane_operator_adapters{phase=" in text else None
+
+    text = wait(scrape, 15, "the phase gauge on /metrics", interval=0.3)
+    assert "loraplane_operator_ids_assigned_total 1.0" in text
+    assert 'loraplane_operator_handler_duration_seconds_count{handler="adapter"}' in text
+    assert "loraplane_operator_allocation_conflicts_total" in text
+    assert 'loraplane_operator_adapters{phase="Registered"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shard", "3/3"], "--shard must be INDEX/COUNT with 0 <= INDEX < COUNT"),
+        (["--block-size", "0"], "--block-size must be >= 1"),
+        (["--namespace", "a", "--all-namespaces"], "not allowed with argument"),
+    ],
+)
+def test_command_line_errors_name_the_fix(args, message) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraplane.operator.main", *args], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_help_needs_no_cluster() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraplane.operator.main", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent"},
+    )
+    assert proc.returncode == 0 and "--recover-ledger" in proc.stdout and "--ledger-namespace" in proc.stdout
