@@ -46,6 +46,10 @@ class WorkerSettings:
     """Largest LoRA rank a slot holds (rank); adapters above it fail with RankTooLarge."""
     max_cpu_loras: int = 64
     """Adapters kept loaded in CPU memory (count), including those on the device."""
+    dtype: str = "auto"
+    """Weights dtype of the engine: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."""
+    max_model_len: int = 0
+    """Tokens per sequence in the KV cache (prompt + output). 0: min(max_position_embeddings, 4096)."""
     cache_dir: str = "/var/cache/loraplane"
     """Directory of the adapter disk cache (a volume kept across restarts avoids re-downloading)."""
     cache_bytes: int = 20 << 30
@@ -107,6 +111,7 @@ _ENV_ALIASES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "node_
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 _MODES = {"serve", "control"}
+_DTYPES = {"auto", "float32", "bfloat16", "float16"}
 
 
 def _host_name() -> str:
@@ -300,6 +305,12 @@ def check(s: WorkerSettings) -> WorkerSettings:
             raise ConfigError(f"{flag(name)} must be a positive number of seconds, got {getattr(s, name)}")
     if not _DEVICE_RE.match(s.device):
         raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {s.device!r}")
+    if s.dtype not in _DTYPES:
+        raise ConfigError(f"--dtype must be one of {sorted(_DTYPES)}, got {s.dtype!r}")
+    if s.max_model_len < 0:
+        raise ConfigError(
+            f"--max-model-len must be 0 (the model's default) or a positive integer, got {s.max_model_len}"
+        )
     if s.mode not in _MODES:
         raise ConfigError(f"--mode must be one of {sorted(_MODES)}, got {s.mode!r}")
     if s.log_level.upper() not in _LEVELS:

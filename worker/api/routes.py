@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from .protocol import (
@@ -252,8 +252,9 @@ async def ready(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
+    # The process-wide registry (the control path: prefetch, cache, watch, report) and the engine's own.
     engine = request.app[SERVING].engine
-    body = engine.metrics.render() if engine is not None else b""
+    body = generate_latest(REGISTRY) + (engine.metrics.render() if engine is not None else b"")
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -53,8 +53,9 @@ class EngineSettings:
     @classmethod
     def from_worker(cls, worker: Any, **overrides: Any) -> EngineSettings:
         """From ``loraplane.worker.settings.WorkerSettings`` (fields of the same name are copied)."""
-        names = ("device", "max_loras", "max_lora_rank", "max_cpu_loras", "served_model_name")
+        names = ("device", "dtype", "max_loras", "max_lora_rank", "max_cpu_loras", "served_model_name")
         values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
+        values["max_model_len"] = getattr(worker, "max_model_len", 0) or None  # 0: the model's default
         values.update(overrides)
         return cls(**values)
 
