@@ -269,7 +269,7 @@ def run_scenario(
             list(pool.map(create, [range(c, n, clients) for c in range(clients)]))
         created = time.perf_counter()
         deadline = time.monotonic() + max(60, n / 5)
-        while len(watch.first) < n + 1 and time.monotonic() < deadline:
+        while sum(f"a{i}" in watch.first for i in range(n)) < n and time.monotonic() < deadline:
             time.sleep(0.05)
         watch.stop.set()
         time.sleep(0.5)
