@@ -37,6 +37,9 @@ from typing import Any
 
 import torch
 
+# The reference shape, shared with the engine benchmark (scripts run with benchmarks/ on sys.path).
+from bench_engine import SHAPE
+
 from loraplane.worker.engine.model import PROJECTIONS, CausalLM, ModelConfig
 from loraplane.worker.engine.runner import ModelRunner
 from loraplane.worker.engine.sampling import SamplingParams
@@ -44,18 +47,6 @@ from loraplane.worker.engine.scheduler import Output, SchedulerSettings
 from loraplane.worker.engine.service import Engine, EngineSettings
 from loraplane.worker.registry import AdapterVersion, Registry
 
-SHAPE = dict(
-    model_type="llama",
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=4,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    vocab_size=32000,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-)
 RANK = 16
 _ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 
