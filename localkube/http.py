@@ -447,7 +447,10 @@ class Api:
         c = self.cluster
         if name:
             obj, gone = c.delete(rt, ns or "", name, opts, dry_run)
-            return self._reply(request, status.success(rt, obj) if gone else obj)
+            # Like kube-apiserver's pod registry (ReturnDeletedObject): a deleted Pod comes back as the
+            # object, which the clients' delete_namespaced_pod deserializes; other kinds get a Status.
+            returns_object = rt.plural == "pods" and not rt.group
+            return self._reply(request, status.success(rt, obj) if gone and not returns_object else obj)
         items, _ = await reads.list_objects(c, rt, ns, request.query)
         deleted = []
         for obj in items:

@@ -109,3 +109,15 @@ def test_watch_from_too_old_rv_raises_410(api: Any, namespace: str) -> None:
         ):
             pass
     assert e.value.status == 410
+
+
+def test_delete_pod_returns_the_pod(kube, namespace: str) -> None:
+    """Pods are deleted with the object in the reply (kube-apiserver's ReturnDeletedObject)."""
+    from kubernetes import client
+
+    with kube.api_client() as api_client:
+        core = client.CoreV1Api(api_client)
+        pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
+        core.create_namespaced_pod(namespace, pod)
+        deleted = core.delete_namespaced_pod("p", namespace)
+        assert isinstance(deleted, client.V1Pod) and deleted.metadata.name == "p"
