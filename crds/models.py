@@ -8,6 +8,7 @@ Field names are the Kubernetes camelCase names; admission rules live in ``json_s
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -32,6 +33,15 @@ BASE_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+def version_of(path: str, revision: str | None) -> str:
+    """The digest in status.version: what an ID is bound to (the weights' path and revision).
+
+    The operator writes it with the ID; workers compare it with the spec to know whether status.id
+    names the current version. 16 hex digits; no revision and an empty one are the same.
+    """
+    return hashlib.sha256(f"{path}\n{revision or ''}".encode()).hexdigest()[:16]
 
 
 class _Model(BaseModel):

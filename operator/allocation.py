@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -43,11 +42,6 @@ class LedgerError(PermanentError):
 
 
 # ---- pure rules ------------------------------------------------------------------------------------
-
-
-def version_of(path: str, revision: str | None) -> str:
-    """Digest of what an ID is bound to: the weights' location and revision (16 hex digits)."""
-    return hashlib.sha256(f"{path}\n{revision or ''}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

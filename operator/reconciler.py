@@ -26,6 +26,7 @@ from loraplane.crds.models import (
     INVALID_SPEC,
     WORKER_PLURAL,
     parse_adapter,
+    version_of,
 )
 from loraplane.operator import aggregate as agg_mod
 from loraplane.operator import allocation, metrics
@@ -333,7 +334,7 @@ class Reconciler:
             status.update(phase="Failed", message=cond.truncate(message, 4096))
             return status, None
         spec = adapter.spec
-        version = allocation.version_of(spec.path, spec.revision)
+        version = version_of(spec.path, spec.revision)
         decision = allocation.decide(status, version)
         taken: int | None = None
         waiting: LoraplaneError | None = None

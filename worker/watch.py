@@ -13,7 +13,6 @@ Adapters without ``status.id`` (not registered yet) or without ``NameAvailable=T
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from prometheus_client import Counter
 
 from loraplane.crds import conditions
 from loraplane.crds.errors import LoraplaneError
-from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, parse_adapter
+from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, parse_adapter, version_of
 from loraplane.worker.apiclient import ApiClient, ApiError
 
 log = logging.getLogger(__name__)
@@ -54,15 +53,6 @@ class DesiredAdapter:
     """The operator has not caught up with the spec: a new version (path/revision) has no ID yet, so
     status.id still names the previous one, or NameAvailable was decided for an older generation (the
     served name may have changed). Keep serving what we have; start nothing."""
-
-
-def version_of(path: str, revision: str | None) -> str:
-    """The digest the operator records in status.version for the (path, revision) an ID is bound to.
-
-    The same rule as loraplane.operator.allocation.version_of (a test keeps them equal): the worker
-    never imports the operator.
-    """
-    return hashlib.sha256(f"{path}\n{revision or ''}".encode()).hexdigest()[:16]
 
 
 def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | None:

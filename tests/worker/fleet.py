@@ -113,7 +113,7 @@ class Adapters:
             "message": "",
             "lastTransitionTime": "2026-01-01T00:00:00Z",
         }
-        from loraplane.worker.watch import version_of
+        from loraplane.crds.models import version_of
 
         spec = self.get(name)["spec"]
         version = version_of(spec["path"], spec.get("revision"))

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from loraplane.crds.models import version_of
 from loraplane.localkube import LocalKube, write_kubeconfig
 from loraplane.localkube.http import make_app
-from loraplane.worker.watch import DesiredAdapter, desired_from, version_of
+from loraplane.worker.watch import DesiredAdapter, desired_from
 
 _HERE = Path(__file__).parent
 
@@ -208,11 +209,3 @@ def _obj(
 )  # fmt: skip
 def test_desired_from_object(obj, expected):
     assert desired_from(obj, "tiny") == expected
-
-
-def test_version_digest_matches_the_operators():
-    from loraplane.operator.allocation import version_of as operators
-    from loraplane.worker.watch import version_of
-
-    for path, revision in [("/m/a", None), ("org/repo", "main"), ("s3://b/p", "v2")]:
-        assert version_of(path, revision) == operators(path, revision)
