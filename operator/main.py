@@ -24,6 +24,12 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
     p.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: $KUBECONFIG or in-cluster)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port; 0 disables")
     p.add_argument("--metrics-address", default=d.metrics_address, help="address /metrics binds to")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=d.health_port,
+        help="port of the liveness endpoint /healthz; 0 disables",
+    )
     peer = p.add_mutually_exclusive_group()
     peer.add_argument("--standalone", action="store_true", help="no kopf peering (default; IDs stay unique)")
     peer.add_argument("--peering", action="store_true", help="kopf peering (needs the KopfPeering CRDs)")
@@ -87,6 +93,7 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         liveness_interval=a.liveness_interval,
         metrics_port=a.metrics_port,
         metrics_address=a.metrics_address,
+        health_port=a.health_port,
         peering=a.peering,
     ), a.verbose
 
@@ -106,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     handlers.SETTINGS = settings
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_address)
+    liveness = (
+        f"http://{settings.metrics_address}:{settings.health_port}/healthz" if settings.health_port else None
+    )
     kopf.run(
+        liveness_endpoint=liveness,
         standalone=not settings.peering,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,

@@ -251,9 +251,10 @@ def test_chart_rbac_is_exactly_what_the_components_use(
     bin_dir = Path(sys.executable).parent
 
     op_container = _container(objs, "-operator")
-    op_port = fleet.free_port()
+    op_port, health_port = fleet.free_port(), fleet.free_port()
     op_args = _replace(
-        op_container["args"], {"--metrics-port": str(op_port), "--metrics-address": "127.0.0.1"}
+        op_container["args"],
+        {"--metrics-port": str(op_port), "--health-port": str(health_port), "--metrics-address": "127.0.0.1"},
     )
     operator = Proc(
         [str(bin_dir / "loraplane-operator"), *op_args, "--kubeconfig", kubeconfigs[OPERATOR_SA]],
@@ -299,8 +300,8 @@ def test_chart_rbac_is_exactly_what_the_components_use(
 
         fleet.wait_for(lambda: phase("alpha") == "Ready" and phase("beta") == "Ready", 90, logs)
         fleet.wait_for(lambda: phase("broken") in ("Failed", "Degraded"), 60, logs)
-        _probes_answer(op_container, op_port)
-        _probes_answer(_container(objs, "-worker-tiny"), port)
+        _probes_answer(op_container, {"metrics": op_port, "health": health_port})
+        _probes_answer(_container(objs, "-worker-tiny"), {"http": port})
         old_id = adapters.get("beta")["status"]["id"]
         adapters.patch_spec("beta", {"path": str(root / "c")})  # a new version: a new ID
         fleet.wait_for(
@@ -349,8 +350,9 @@ def test_chart_rbac_is_exactly_what_the_components_use(
     assert not problems, "\n".join(problems) + "\n\n" + used + "\n\n" + logs()
 
 
-def _probes_answer(container: dict[str, Any], port: int) -> None:
-    """The chart's probes hit paths the running process serves (200), on the port the flags gave it."""
+def _probes_answer(container: dict[str, Any], local_ports: dict[str, int]) -> None:
+    """The chart's probes hit paths the running process serves (200), on the ports the flags gave it
+    (``local_ports``: the container's port name -> where the test's process listens)."""
     import urllib.request
 
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -359,7 +361,7 @@ def _probes_answer(container: dict[str, Any], port: int) -> None:
             continue
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert probe["httpGet"]["port"] in named, f"{kind} names a port the container does not declare"
-        url = f"http://127.0.0.1:{port}{probe['httpGet']['path']}"
+        url = f"http://127.0.0.1:{local_ports[probe['httpGet']['port']]}{probe['httpGet']['path']}"
         with urllib.request.urlopen(url, timeout=5) as resp:
             assert resp.status == 200, f"{kind} {url}: {resp.status}"
 
