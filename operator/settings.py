@@ -43,9 +43,10 @@ class OperatorSettings:
 
     metrics_address: str = "0.0.0.0"
     """Address the /metrics endpoint binds to."""
-    health_port: int = 8081
+    health_port: int = 0
     """Port of kopf's liveness endpoint (GET /healthz: the operator's watches and handlers are alive);
-    0 disables it. Separate from /metrics so a probe tests the operator, not only the process."""
+    0 (the default, so several operators can run on one host) disables it; the Helm chart sets it.
+    Separate from /metrics so a probe tests the operator, not only the process."""
 
     peering: bool = False
     """Use kopf peering (needs the KopfPeering CRDs). Only reduces double work; IDs are unique without it."""
