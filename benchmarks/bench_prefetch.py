@@ -97,7 +97,7 @@ def _bench(
 
 
 def _servers() -> object:
-    path = Path(__file__).parents[1] / "tests" / "worker" / "servers.py"
+    path = Path(__file__).parents[1] / "tests" / "support" / "servers.py"
     spec = importlib.util.spec_from_file_location("worker_servers", path)
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules["worker_servers"] = mod

@@ -46,7 +46,7 @@ def _serve(conn: Any) -> None:
 
 
 def _adapters_module() -> Any:
-    spec = importlib.util.spec_from_file_location("adapters", REPO / "tests" / "worker" / "adapters.py")
+    spec = importlib.util.spec_from_file_location("adapters", REPO / "tests" / "support" / "adapters.py")
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     url = parent.recv()
     kubeconfig = str(write_kubeconfig(url, tmp / "kubeconfig"))
     sys.path.insert(0, str(REPO / "tests"))
-    import kubeclient  # tests/kubeclient.py: apply_crds without kubectl
+    from support import kube as kubeclient  # tests/support/kube.py: apply_crds without kubectl
 
     kube = kubeclient.Kube(kubeconfig, url, True)
     kube.apply_crds()

@@ -4,7 +4,7 @@ Options:
   --kubeconfig PATH   run against a real cluster instead of the local server (loraplane.localkube).
 
 Fixtures:
-  kube (session)      a tests.kubeclient.Kube:
+  kube (session)      a support.kube.Kube:
                         .kubeconfig   path to a kubeconfig file for this server
                         .url          the API server URL
                         .is_local     True for the local server
@@ -22,23 +22,15 @@ Fixtures:
 Markers:
   @pytest.mark.skip_on_local("behaviour")  skip on the local server only; name the behaviour it cannot have.
   @pytest.mark.kubectl                     needs the kubectl binary: skipped with a clear reason without it.
-Plain helpers live in tests/kubeclient.py (importable as `kubeclient` once this conftest is loaded).
+Plain helpers live in tests/support/kube.py (`from support.kube import Kube`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-_spec = importlib.util.spec_from_file_location("kubeclient", Path(__file__).with_name("kubeclient.py"))
-kubeclient = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules.setdefault("kubeclient", kubeclient)
-_spec.loader.exec_module(kubeclient)  # type: ignore[union-attr]
-Kube = kubeclient.Kube
+from support.kube import KUBECTL, Kube, local_kube, real_kube
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,7 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(
                 pytest.mark.skip(reason=f"the local API server cannot have this behaviour: {reason}")
             )
-        if item.get_closest_marker("kubectl") and kubeclient.KUBECTL is None:
+        if item.get_closest_marker("kubectl") and KUBECTL is None:
             item.add_marker(
                 pytest.mark.skip(reason="kubectl is not installed (a prerequisite named in the README)")
             )
@@ -68,9 +60,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def kube(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     path = request.config.getoption("--kubeconfig")
     if path:
-        yield kubeclient.real_kube(path)
+        yield real_kube(path)
         return
-    k = kubeclient.local_kube(tmp_path_factory.mktemp("localkube"))
+    k = local_kube(tmp_path_factory.mktemp("localkube"))
     try:
         yield k
     finally:

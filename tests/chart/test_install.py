@@ -4,18 +4,12 @@ Every rendered object must then be readable from the server as Helm sent it, and
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-_spec = importlib.util.spec_from_file_location("chartkit", Path(__file__).with_name("chartkit.py"))
-chartkit = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules.setdefault("chartkit", chartkit)
-_spec.loader.exec_module(chartkit)  # type: ignore[union-attr]
+from support import chartkit
 
 # The Prometheus Operator's CRD is not ours to ship; a stand-in lets ServiceMonitors be applied.
 SERVICEMONITOR_CRD: dict[str, Any] = {

@@ -10,7 +10,6 @@ kubeconfig are swapped for local ones.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -22,15 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-_here = Path(__file__).resolve().parent
-for _name, _file in (("chartkit", _here / "chartkit.py"), ("fleet", _here.parent / "worker" / "fleet.py")):
-    _spec = importlib.util.spec_from_file_location(_name, _file)
-    _mod = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-    sys.modules.setdefault(_name, _mod)
-    _spec.loader.exec_module(_mod)  # type: ignore[union-attr]
-chartkit = sys.modules["chartkit"]
-fleet = sys.modules["fleet"]
+from support import chartkit, fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -373,7 +364,7 @@ def _list(adapters: Any) -> list[dict[str, Any]]:
 
 
 class _AdminKube:
-    """The slice of tests.kubeclient.Kube that fleet.Adapters needs, for this test's own server."""
+    """The slice of support.kube.Kube that fleet.Adapters needs, for this test's own server."""
 
     def __init__(self, kubeconfig: str) -> None:
         self.kubeconfig = kubeconfig

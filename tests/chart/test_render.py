@@ -3,18 +3,11 @@ Kubernetes schemas and applies to the API server; the security and wiring promis
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-_spec = importlib.util.spec_from_file_location("chartkit", Path(__file__).with_name("chartkit.py"))
-chartkit = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules.setdefault("chartkit", chartkit)
-_spec.loader.exec_module(chartkit)  # type: ignore[union-attr]
+from support import chartkit
 
 VALUE_SETS = chartkit.VALUE_SETS
 NOT_KUBERNETES = {"monitoring.coreos.com/v1"}  # Prometheus Operator kinds: not in the Kubernetes schemas

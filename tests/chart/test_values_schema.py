@@ -3,19 +3,12 @@ names the key and what is wrong with it (the same text `helm install` prints).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-_spec = importlib.util.spec_from_file_location("chartkit", Path(__file__).with_name("chartkit.py"))
-chartkit = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules.setdefault("chartkit", chartkit)
-_spec.loader.exec_module(chartkit)  # type: ignore[union-attr]
+from support import chartkit
 
 POOL = {"name": "p", "baseModel": {"source": "org/model"}}
 

@@ -9,9 +9,7 @@ new ones, and no request fails.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,23 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
+from support import fleet, models
 
 pytestmark = [pytest.mark.kubectl, pytest.mark.slow]
 
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: Path) -> Any:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[name]
-
-
-models = _load("models", TESTS / "models.py")
-fleet = _load("fleet", TESTS / "worker" / "fleet.py")
 
 BASE = fleet.BASE_MODEL
 PROMPT = [5, 17, 42, 9]  # token IDs: no tokenizer round trip between us and the reference

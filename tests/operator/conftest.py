@@ -6,73 +6,15 @@ tests never see each other's IDs (a cluster-wide operator would, and rightly ref
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support.procs import OperatorProc, wait_for
 
 from loraplane.crds.models import ADAPTER_PLURAL, GROUP, VERSION, WORKER_PLURAL
-
-T = TypeVar("T")
-REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(fn: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``fn`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
-
-
-class OperatorProc:
-    """One `python -m loraplane.operator.main` subprocess with its log in a file."""
-
-    def __init__(self, kube: Any, args: list[str], log: Path) -> None:
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "loraplane.operator.main",
-            "--kubeconfig",
-            kube.kubeconfig,
-            "--metrics-port",
-            "0",
-            *args,
-        ]
-        self.log_path = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> OperatorProc:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 class Adapters:
@@ -162,7 +104,7 @@ def operators(
     procs: list[OperatorProc] = []
 
     def start(*args: str) -> OperatorProc:
-        p = OperatorProc(kube, list(args), tmp_path / f"operator-{len(procs)}.log").start()
+        p = OperatorProc(kube.kubeconfig, None, tmp_path / f"operator-{len(procs)}.log", args=args).start()
         procs.append(p)
         return p
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -16,24 +15,12 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from support import adapters, servers
 
 from loraplane.crds.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 
-
-def _load(name: str) -> Any:
-    key = f"worker_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
-adapters = _load("adapters")
-servers = _load("servers")
 hf_hub = servers.hf_hub
 
 

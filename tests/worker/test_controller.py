@@ -7,11 +7,10 @@ the engine and the HTTP API read.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from support import adapters as adapters_mod
+from support import servers
 
 from loraplane.worker.basemodel import BaseModelInfo
 from loraplane.worker.cache import AdapterCache
@@ -19,20 +18,6 @@ from loraplane.worker.controller import Controller
 from loraplane.worker.registry import Registry
 from loraplane.worker.sources import SourceSettings
 from loraplane.worker.watch import DesiredAdapter
-
-_HERE = Path(__file__).parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-adapters_mod = _load("adapters")
-servers = _load("servers")
 
 
 @pytest.fixture

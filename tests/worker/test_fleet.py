@@ -8,26 +8,10 @@ SIGKILLed mid-download leaves a consistent cache and the adapter becomes Ready a
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from support import adapters as adapters_mod
+from support import fleet, servers
 
-_HERE = Path(__file__).parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-fleet = _load("fleet")
-adapters_mod = _load("adapters")
-servers = _load("servers")
 hf_hub = servers.hf_hub
 
 

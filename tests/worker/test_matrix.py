@@ -3,34 +3,20 @@ each beside a good adapter that is being served from the same cache and stays ca
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import adapters, servers
 
 from loraplane.crds.errors import LoraplaneError, ValidationFailed
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 from loraplane.worker import validate as v
 
-
-def _load(name: str) -> Any:
-    key = f"worker_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
-adapters = _load("adapters")
-servers = _load("servers")
 MAX_RANK = 16
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import subprocess
@@ -12,23 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import adapters, servers
 
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 
-
-def _load(name: str) -> Any:
-    key = f"worker_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
-adapters = _load("adapters")
-servers = _load("servers")
 hf_hub = servers.hf_hub
 REPO = "team-a/sql-lora"
 

@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import adapters, servers
 
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 
-
-def _load(name: str) -> Any:
-    key = f"worker_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
-adapters = _load("adapters")
-servers = _load("servers")
 moto_s3 = servers.moto_s3
 
 

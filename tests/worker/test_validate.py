@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import pickle
@@ -16,22 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from support import adapters
 
 from loraplane.crds.errors import PermanentError, ValidationFailed
 from loraplane.worker import validate as v
 
-
-def _load(name: str) -> Any:
-    key = f"worker_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
-adapters = _load("adapters")
 L0Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
@@ -277,7 +265,8 @@ def test_unsupported_base_model(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_peft_made_adapter_on_a_real_checkpoint(tmp_path: Path) -> None:
     """PEFT's own save_pretrained output, against a real tiny checkpoint (shapes cross-checked)."""
-    models = _load_models()
+    from support import models  # torch and peft: imported only by this test
+
     base_dir = models.make_tiny_llama(tmp_path / "base")
     out = models.make_peft_adapter(base_dir, tmp_path / "a", r=8, alpha=16, rank_pattern={"q_proj": 4},
                                    layers_to_transform=[1])  # fmt: skip
@@ -287,15 +276,6 @@ def test_peft_made_adapter_on_a_real_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ValidationFailed) as e:
         v.validate_adapter(out, base, max_lora_rank=4)
     assert e.value.reason == v.RANK_TOO_LARGE
-
-
-def _load_models() -> Any:
-    if "models" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("models", Path(__file__).parents[1] / "models.py")
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["models"] = mod
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return sys.modules["models"]
 
 
 # --- the CLI ---------------------------------------------------------------------------------------

@@ -9,34 +9,19 @@ writes through the store directly, as if another API server replica had taken th
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from aiohttp import web
+from support import adapters as adapters_mod
+from support import fleet
+from support.kube import Kube
 
 from loraplane.crds.models import version_of
 from loraplane.localkube import LocalKube, write_kubeconfig
 from loraplane.localkube.http import make_app
 from loraplane.worker.watch import DesiredAdapter, desired_from
-
-_HERE = Path(__file__).parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-fleet = _load("fleet")
-adapters_mod = _load("adapters")
-kubeclient = sys.modules["kubeclient"]  # loaded by tests/conftest.py
 
 
 class RestartableKube(LocalKube):
@@ -57,7 +42,7 @@ class RestartableKube(LocalKube):
 def own_kube(tmp_path):
     server = RestartableKube()
     url = server.start()
-    kube = kubeclient.Kube(str(write_kubeconfig(url, tmp_path / "kubeconfig")), url, True, server)
+    kube = Kube(str(write_kubeconfig(url, tmp_path / "kubeconfig")), url, True, server)
     kube.apply_crds()
     try:
         yield kube

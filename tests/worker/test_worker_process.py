@@ -7,26 +7,12 @@ the operator's place (status.id + NameAvailable), so these tests do not depend o
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-_HERE = Path(__file__).parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-fleet = _load("fleet")
-adapters_mod = _load("adapters")
+from support import adapters as adapters_mod
+from support import fleet
 
 
 @pytest.fixture

@@ -2,34 +2,24 @@
 
 Each test that needs its own engine shape gets one from ``make_server`` (a real aiohttp server on
 127.0.0.1 in a thread, and the engine thread behind it); everything stops at the end of the test.
+The plain helpers the tests import (reference_greedy, Served, ...) are in support.api.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from support import models
+from support.api import BASE, MakeServer, Served
 
 from loraplane.worker.api.server import ServeSettings, build_app, serve_in_thread
 from loraplane.worker.engine.scheduler import SchedulerSettings
 from loraplane.worker.engine.service import Engine, EngineSettings
-from loraplane.worker.registry import AdapterVersion, Registry
+from loraplane.worker.registry import Registry
 
-_path = Path(__file__).parents[2] / "models.py"
-_spec = importlib.util.spec_from_file_location("models", _path)
-models = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules.setdefault("models", models)
-_spec.loader.exec_module(models)  # type: ignore[union-attr]
-# Tests import the helpers below as `api_fixtures` (with --import-mode=importlib, conftest is no module name).
-sys.modules.setdefault("api_fixtures", sys.modules[__name__])
-
-BASE = "tiny-llama"
 #: name -> LoraConfig keywords: different ranks and targets, one rsLoRA.
 ADAPTERS: dict[str, dict[str, Any]] = {
     "a0": dict(r=2, alpha=4, seed=11),
@@ -53,73 +43,7 @@ def adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="session")
 def peft_model(tiny_llama: Path, adapters: dict[str, Path]) -> Any:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    names = list(adapters)
-    with models.quiet_peft():
-        model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(str(adapters[name]), adapter_name=name)
-    model.eval()
-    return model
-
-
-def reference_greedy(
-    peft_model: Any,
-    adapter: str | None,
-    prompt: list[int],
-    max_new: int,
-    eos: set[int],
-    *,
-    ignore_eos: bool = False,
-) -> list[int]:
-    """PEFT's greedy continuation (full forward each step), stopping after EOS like the engine."""
-    ids = list(prompt)
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new):
-            x = torch.tensor([ids])
-            if adapter is None:
-                with peft_model.disable_adapter():
-                    logits = peft_model(input_ids=x).logits
-            else:
-                peft_model.set_adapter(adapter)
-                logits = peft_model(input_ids=x).logits
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            ids.append(token)
-            if token in eos and not ignore_eos:
-                break
-    return out
-
-
-def reference_text(tokenizer: Any, tokens: list[int], eos: set[int]) -> str:
-    return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-
-
-@dataclass
-class Served:
-    url: str
-    engine: Engine
-    registry: Registry
-
-    def add(self, adapter_id: int, name: str, path: Path | None, **fields: Any) -> AdapterVersion:
-        version = AdapterVersion(
-            id=adapter_id,
-            served_name=name,
-            adapter=f"team/{name}",
-            base_model=BASE,
-            state=fields.pop("state", "Ready"),
-            local_dir=path,
-            **fields,
-        )
-        self.registry.upsert(version)
-        return version
-
-
-MakeServer = Callable[..., Served]
+    return models.peft_reference(tiny_llama, adapters)
 
 
 @pytest.fixture

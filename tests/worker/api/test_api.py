@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from api_fixtures import BASE, MakeServer, Served, reference_greedy, reference_text
+from support.api import BASE, MakeServer, Served, reference_greedy, reference_text
 
 from loraplane.worker.engine.sampling import SamplingParams
 

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 import torch
-from api_fixtures import BASE, MakeServer, reference_greedy, reference_text
+from support.api import BASE, MakeServer, reference_greedy, reference_text
 
 from loraplane.crds.errors import LoraplaneError
 from loraplane.worker.engine.metrics import Metrics

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import openai
-from api_fixtures import MakeServer, reference_greedy, reference_text
+from support.api import MakeServer, reference_greedy, reference_text
 
 
 def test_version_swap_while_streaming(

@@ -1,22 +1,15 @@
 """Fixtures for the engine tests: a tiny Llama checkpoint, five PEFT adapters and the PEFT reference.
 
-tests/models.py (the shared builders) is loaded by path, since tests/ is not a package.
+The builders are support.models (tests/support/models.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-_path = Path(__file__).parents[2] / "models.py"
-_spec = importlib.util.spec_from_file_location("models", _path)
-models = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules.setdefault("models", models)
-_spec.loader.exec_module(models)  # type: ignore[union-attr]
+from support import models
 
 #: name -> LoraConfig keywords; ranks differ, one is rsLoRA, some use patterns or subsets of modules.
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -49,15 +42,4 @@ def adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 @pytest.fixture(scope="session")
 def peft_model(tiny_llama: Path, adapters: dict[str, Path]) -> Any:
     """The reference: the base model with every adapter loaded under its name."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    names = list(adapters)
-    with models.quiet_peft():
-        model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(str(adapters[name]), adapter_name=name)
-    model.eval()
-    return model
+    return models.peft_reference(tiny_llama, adapters)

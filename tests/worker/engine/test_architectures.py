@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import models  # registered by conftest.py (tests/ is not a package)
 import pytest
 import torch
+from support import models
 
 from loraplane.crds.errors import PermanentError
 from loraplane.worker.engine.model import ModelConfig

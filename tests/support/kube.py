@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KUBECTL = shutil.which("kubectl")
 
 
@@ -45,8 +45,9 @@ class Kube:
         if KUBECTL is None:
             pytest.skip("kubectl is not installed (needed by this test; see README prerequisites)")
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, "KUBECACHEDIR": self._cache_dir()}
+        # From the repo root, so relative paths (examples/...) resolve wherever pytest was started.
         proc = subprocess.run(
-            [KUBECTL, *args], input=input, capture_output=True, text=True, env=env, timeout=timeout
+            [KUBECTL, *args], input=input, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
         )
         if check and proc.returncode != 0:
             raise AssertionError(

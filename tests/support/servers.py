@@ -4,7 +4,7 @@ Both listen on 127.0.0.1 only, on a free port, and are used with the REAL client
 endpoint_url, huggingface_hub with endpoint= / HF_ENDPOINT), so the code under test runs exactly
 as against AWS S3 or huggingface.co.
 
-Fixtures (import them into a test module: ``from servers import moto_s3, hf_hub``):
+Fixtures (import them into a test module: ``from support.servers import moto_s3, hf_hub``):
   moto_s3 (session)  MotoS3: .endpoint_url, .client (boto3), .bucket() -> a fresh bucket name,
                      .put_dir(bucket, prefix, dir) uploads an adapter directory.
   hf_hub             FakeHub: .url, .add_commit(repo, files, branch="main", tags=()) -> commit sha,
