@@ -28,18 +28,6 @@ def _metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path / "adapters"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
-def settings(root: Path) -> s.SourceSettings:
-    return s.SourceSettings(local_roots=(root,))
-
-
 def _local(root: Path, name: str, settings: s.SourceSettings, **kw: Any) -> s.ResolvedSource:
     return s.resolve(str(adapters.write_adapter(root / name, **kw)), None, settings)
 

@@ -13,18 +13,6 @@ from support import adapters
 from loraplane.worker import sources as s
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path / "adapters"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
-def settings(root: Path) -> s.SourceSettings:
-    return s.SourceSettings(local_roots=(root,))
-
-
 def test_resolves_absolute_and_file_uri_alike(root: Path, settings: s.SourceSettings) -> None:
     d = adapters.write_adapter(root / "sql")
     a = s.resolve(str(d), None, settings)
