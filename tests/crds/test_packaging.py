@@ -32,6 +32,18 @@ def test_stdlib_operator_is_not_shadowed_from_the_repo_root() -> None:
     assert out.stdout.strip() == str(REPO / "operator" / "main.py")
 
 
+def test_only_the_mapped_folders_are_importable() -> None:
+    # loraplane is a PEP 420 namespace package with no path hack: tests/, docs/ and the repository
+    # root are never importable through it.
+    code = (
+        "import importlib.util as u, loraplane; "
+        "print([n for n in ('loraplane.tests', 'loraplane.docs', 'loraplane.loraplane', 'loraplane.charts') "
+        "if u.find_spec(n)]); print(getattr(loraplane, '__file__', None))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[]", "None"], out.stdout
+
+
 @pytest.mark.slow
 def test_wheel_installs_and_imports(tmp_path: Path) -> None:
     subprocess.run(
@@ -66,8 +78,8 @@ def test_wheel_installs_and_imports(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    code = "; ".join(f"import {p}" for p in PACKAGES) + "; import loraplane, importlib.resources as r; "
-    code += "print(loraplane.__file__); print(sorted(p.name for p in r.files('loraplane.crds').iterdir() if p.name.endswith('.yaml')))"
+    code = "; ".join(f"import {p}" for p in PACKAGES) + "; import loraplane.cli, importlib.resources as r; "
+    code += "print(loraplane.cli.__file__); print(sorted(p.name for p in r.files('loraplane.crds').iterdir() if p.name.endswith('.yaml')))"
     out = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     first, crds = out.stdout.splitlines()
