@@ -186,7 +186,7 @@ def test_apply_serve_and_swap(kube, namespace: str, tmp_path: Path, weights) -> 
         metrics = worker.metrics()  # one /metrics for the control path and the engine
         names = sorted(metrics)
         assert any(k.startswith("loraplane_worker_prefetch_bytes_total") for k in names), names
-        assert metrics.get('loraplane_requests_total{model="alpha",status="200"}', 0) > 2, names
+        assert metrics.get('loraplane_worker_requests_total{model="alpha",status="200"}', 0) > 2, names
         kube.kubectl("wait", "--for=condition=Ready", "lora/alpha", "-n", namespace, "--timeout=60s")
         ads.close()
 

@@ -238,6 +238,7 @@ class Scheduler:
             req.tail = TextTail(self.runner.tokenizer, req.params.stop)
             req.generator = req.params.generator(self.runner.device)
             self.metrics.prompt_tokens.labels(model=req.model).inc(n)
+            self.metrics.queue_time.labels(model=req.model).observe(time.monotonic() - req.arrival)
             budget -= n
             new.append(req)
         return new
@@ -297,6 +298,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         started = req.seq_id >= 0
+        self.metrics.e2e.labels(model=req.model).observe(time.monotonic() - req.arrival)
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:

@@ -73,6 +73,7 @@ class Engine:
         self.metrics = Metrics()
         self.tiers = AdapterTiers(runner, max_cpu_loras=settings.max_cpu_loras, metrics=self.metrics)
         self.scheduler = Scheduler(runner, self.tiers, self.metrics, settings.scheduler)
+        self.metrics.watch(self)
         self._thread = threading.Thread(target=self.scheduler.run, name="loraplane-engine", daemon=True)
         registry.subscribe(self._on_registry_change)
 

@@ -315,14 +315,14 @@ def test_health_ready_and_metrics(served: Served) -> None:
     _post(served, "/v1/completions", {"model": "no-such-model", "prompt": "x"})
     text = httpx.get(served.url + "/metrics").text
     for line in [
-        'loraplane_requests_total{model="sql",status="200"} 1.0',
-        'loraplane_requests_total{model="unknown",status="404"} 1.0',
-        'loraplane_generation_tokens_total{model="sql"}',
-        'loraplane_prompt_tokens_total{model="sql"}',
-        'loraplane_time_to_first_token_seconds_count{model="sql"} 1.0',
-        "loraplane_batch_size_count",
-        'loraplane_adapter_loads_total{tier="device"} 1.0',
-        'loraplane_adapter_loads_total{tier="cpu"} 1.0',
+        'loraplane_worker_requests_total{model="sql",status="200"} 1.0',
+        'loraplane_worker_requests_total{model="unknown",status="404"} 1.0',
+        'loraplane_worker_generation_tokens_total{model="sql"}',
+        'loraplane_worker_prompt_tokens_total{model="sql"}',
+        'loraplane_worker_time_to_first_token_seconds_count{model="sql"} 1.0',
+        "loraplane_worker_batch_size_count",
+        'loraplane_worker_adapter_loads_total{tier="device"} 1.0',
+        'loraplane_worker_adapter_loads_total{tier="cpu"} 1.0',
     ]:
         assert line in text, line
     assert "no-such-model" not in text  # unknown names do not grow label sets

@@ -69,10 +69,10 @@ def test_requests_joining_and_leaving_match_peft(
         want = reference_greedy(peft_model, adapter, prompt, max_tokens, eos)
         assert (text, n) == (reference_text(tok, want, eos), len(want)), (model, prompt)
     metrics = s.engine.metrics.render().decode()
-    assert _counter(metrics, 'loraplane_adapter_loads_total{tier="cpu"}') >= 5
-    assert _counter(metrics, 'loraplane_adapter_evictions_total{tier="cpu"}') >= 2
-    assert _counter(metrics, 'loraplane_adapter_evictions_total{tier="device"}') >= 3
-    assert _counter(metrics, "loraplane_batch_size_sum") > _counter(metrics, "loraplane_batch_size_count")
+    assert _counter(metrics, 'loraplane_worker_adapter_loads_total{tier="cpu"}') >= 5
+    assert _counter(metrics, 'loraplane_worker_adapter_evictions_total{tier="cpu"}') >= 2
+    assert _counter(metrics, 'loraplane_worker_adapter_evictions_total{tier="device"}') >= 3
+    assert _counter(metrics, "loraplane_worker_batch_size_sum") > _counter(metrics, "loraplane_worker_batch_size_count")
     assert s.engine.tiers.running == {} and s.engine.tiers.refs == {}
 
 
@@ -109,9 +109,9 @@ def test_in_use_adapter_is_never_evicted(tiers: AdapterTiers, adapters: dict[str
     assert t.runner.slot_adapter[s1] == 3
     assert list(t.cpu) == [2, 3]  # CPU tier is LRU over 2 entries: ID 1 left it
     counts = t.metrics.render().decode()
-    assert _counter(counts, 'loraplane_adapter_evictions_total{tier="device"}') == 1
-    assert _counter(counts, 'loraplane_adapter_evictions_total{tier="cpu"}') == 1
-    assert _counter(counts, 'loraplane_adapter_loads_total{tier="device"}') == 3
+    assert _counter(counts, 'loraplane_worker_adapter_evictions_total{tier="device"}') == 1
+    assert _counter(counts, 'loraplane_worker_adapter_evictions_total{tier="cpu"}') == 1
+    assert _counter(counts, 'loraplane_worker_adapter_loads_total{tier="device"}') == 3
 
 
 def test_removed_adapter_leaves_after_its_last_request(

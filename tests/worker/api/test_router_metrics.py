@@ -1,0 +1,99 @@
+"""The series a router reads from /metrics follow the engine's state, with vLLM's names and meaning.
+
+The engine thread is not started: the test thread runs its iterations, so "one request running on
+the only slot, one waiting for it" is a state the test holds still while it scrapes, parsed with
+prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from support.api import BASE, MakeServer
+from support.procs import wait_for
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(url: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def one(samples: Samples, name: str) -> tuple[dict[str, str], float]:
+    assert len(samples.get(name, [])) == 1, (name, samples.get(name))
+    return samples[name][0]
+
+
+def residency(samples: Samples) -> dict[tuple[str, str], float]:
+    return {(lb["model"], lb["tier"]): v for lb, v in samples["loraplane_worker_adapter_residency"]}
+
+
+def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict[str, Path]) -> None:
+    s = make_server(start=False, max_loras=1, max_num_seqs=4)
+    s.add(21, "m0", adapters["a0"])
+    s.add(22, "m1", adapters["a1"])
+    idle = scrape(s.url)
+    assert one(idle, "vllm:num_requests_waiting") == ({"model_name": BASE}, 0.0)
+    assert one(idle, "vllm:num_requests_running")[1] == 0.0
+    assert one(idle, "vllm:kv_cache_usage_perc")[1] == 0.0
+    info, _ = one(idle, "vllm:lora_requests_info")
+    assert info == {"max_lora": "1", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    assert residency(idle) == {
+        (m, t): 1.0 if t == "disk" else 0.0 for m in ("m0", "m1") for t in ("device", "cpu", "disk")
+    }
+    assert not any(k.endswith("_created") for k in idle), "no _created series"
+
+    results: dict[str, int] = {}
+
+    def complete(model: str, max_tokens: int) -> None:
+        body = {"model": model, "prompt": [1, 5, 9], "max_tokens": max_tokens, "ignore_eos": True}
+        results[model] = httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code
+
+    threads = [threading.Thread(target=complete, args=a) for a in (("m0", 40), ("m1", 3))]
+    for t in threads:
+        t.start()
+    sched = s.engine.scheduler
+    queued = wait_for(lambda: sched.queued == 2 and scrape(s.url), 10, "two requests in the inbox")
+    assert one(queued, "vllm:num_requests_waiting")[1] == 2.0
+    assert one(queued, "vllm:lora_requests_info")[0]["waiting_lora_adapters"] == "m0,m1"
+
+    def step() -> bool:  # one engine iteration on this thread, as the engine thread would run it
+        with sched._cond:
+            inbox = list(sched._inbox)
+            sched._inbox.clear()
+        sched.iteration(inbox, set())
+        return bool(sched.running)
+
+    wait_for(step, 20, "m0 admitted into the only slot", interval=0.01)
+    busy = scrape(s.url)
+    assert one(busy, "vllm:num_requests_running")[1] == 1.0
+    assert one(busy, "vllm:num_requests_waiting")[1] == 1.0
+    info, stamp = one(busy, "vllm:lora_requests_info")
+    assert (info["running_lora_adapters"], info["waiting_lora_adapters"]) == ("m0", "m1")
+    assert stamp > one(idle, "vllm:lora_requests_info")[1], "the value is the time it was sampled"
+    assert 0.0 < one(busy, "vllm:kv_cache_usage_perc")[1] < 1.0
+    where = residency(busy)
+    assert (where["m0", "device"], where["m0", "cpu"], where["m1", "device"]) == (1.0, 1.0, 0.0)
+
+    s.engine.run()
+    for t in threads:
+        t.join(60)
+    assert results == {"m0": 200, "m1": 200}
+    done = wait_for(
+        lambda: (d := scrape(s.url)) and one(d, "vllm:num_requests_running")[1] == 0 and d, 10, "idle"
+    )
+    assert one(done, "vllm:num_requests_waiting")[1] == 0.0
+    assert one(done, "vllm:kv_cache_usage_perc")[1] == 0.0
+    assert one(done, "loraplane_worker_engine_steps_total")[1] >= 40
+    queue = {lb["model"]: v for lb, v in done["loraplane_worker_request_queue_time_seconds_count"]}
+    e2e = {lb["model"]: v for lb, v in done["loraplane_worker_e2e_request_latency_seconds_count"]}
+    assert queue == e2e == {"m0": 1.0, "m1": 1.0}
+    waited = {lb["model"]: v for lb, v in done["loraplane_worker_request_queue_time_seconds_sum"]}
+    assert waited["m1"] > waited["m0"], "m1 waited for m0 to free the only slot"
