@@ -239,6 +239,11 @@ class Reconciler:
             phase = (obj.get("status") or {}).get("phase") or "Pending"
             counts[phase] = counts.get(phase, 0) + 1
         metrics.set_phase_counts(counts)
+        now, window = time.time(), self.settings.heartbeat_window
+        metrics.set_tick(
+            waiting_for_id=sum(1 for o in self.adapters.values() if _needs_id(o)),
+            workers=[(w.base_model, w.live(now, window)) for w in self.workers.values()],
+        )
 
     # ---- the write -------------------------------------------------------------------------------
 
