@@ -2,6 +2,8 @@
 
 Options:
   --kubeconfig PATH   run against a real cluster instead of the local server (loraplane.localkube).
+                      Registered by the plugin loraplane.testing (entry point pytest11), so that the
+                      space-separated form works with a kubeconfig outside the checkout.
 
 Fixtures:
   kube (session)      a support.kube.Kube:
@@ -31,10 +33,6 @@ from collections.abc import Iterator
 
 import pytest
 from support.kube import KUBECTL, Kube, local_kube, real_kube
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--kubeconfig", default=None, help="run integration tests against this real cluster")
 
 
 def pytest_configure(config: pytest.Config) -> None:
