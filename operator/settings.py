@@ -43,6 +43,8 @@ class OperatorSettings:
 
     metrics_address: str = "0.0.0.0"
     """Address the /metrics endpoint binds to."""
+    log_format: str = "text"
+    """Log line format: text, or json (one object per line, the same fields as the worker's)."""
     health_port: int = 0
     """Port of kopf's liveness endpoint (GET /healthz: the operator's watches and handlers are alive);
     0 (the default, so several operators can run on one host) disables it; the Helm chart sets it.

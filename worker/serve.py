@@ -24,7 +24,9 @@ async def serve_openai(app: WorkerApp) -> None:
     from loraplane.worker.engine.service import Engine, EngineSettings
 
     s = app.settings
-    web_app = build_app(None, app.registry, ServeSettings(host=s.host, port=s.port))
+    web_app = build_app(
+        None, app.registry, ServeSettings(host=s.host, port=s.port, access_log=s.access_log_on)
+    )
     app.add_control_routes(web_app)
     runner, app.port = await start(web_app, s.host, s.port)
     log.info("OpenAI API on %s:%d (loading the base model)", s.host, app.port)

@@ -90,9 +90,17 @@ class WorkerSettings:
     """Hugging Face Hub URL or mirror. Empty: huggingface_hub's default (HF_ENDPOINT). Token: HF_TOKEN."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
+    log_format: str = "text"
+    """Log line format: text, or json (one object per line, the same fields as the operator's)."""
+    access_log: str = "on"
+    """One log line per /v1 completion (model, adapter ID, status, tokens, latency): on or off."""
     mode: str = "serve"
     """serve: load the base model's weights and serve the OpenAI API next to the control path.
     control: only watch, prefetch, validate and report (no weights loaded: dry runs and tests)."""
+
+    @property
+    def access_log_on(self) -> bool:
+        return _SWITCH.get(self.access_log.lower(), True)
 
     @property
     def object_name(self) -> str:
@@ -111,6 +119,7 @@ _ENV_ALIASES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "node_
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 _MODES = {"serve", "control"}
+_SWITCH = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
 _DTYPES = {"auto", "float32", "bfloat16", "float16"}
 
 
@@ -221,7 +230,9 @@ def _convert(f: dataclasses.Field[Any], where: str, value: Any) -> Any:
         try:
             return _parse_int(value)
         except ValueError:
-            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+            raise ConfigError(
+                f"{where} must be a whole number, optionally a Kubernetes quantity (20Gi, 1.5Gi, 40e9), got {value!r}"
+            ) from None
     if kind == "float":
         try:
             return float(value)
@@ -230,29 +241,21 @@ def _convert(f: dataclasses.Field[Any], where: str, value: Any) -> Any:
     return str(value).strip()
 
 
-_SIZE_SUFFIX = {
-    "": 1,
-    "K": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "KI": 2**10,
-    "MI": 2**20,
-    "GI": 2**30,
-    "TI": 2**40,
-}
-
-
 def _parse_int(value: Any) -> int:
-    """An integer, or a byte size with a Kubernetes-style suffix (20Gi, 500M)."""
+    """An integer, or a Kubernetes quantity that is a whole number (20Gi, 1.5Gi, 500M, 40e9)."""
+    from kubernetes.utils import parse_quantity
+
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, int):
         return value
-    m = re.fullmatch(r"\s*(-?\d+)\s*([KMGT]i?)?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise ValueError(value)
-    return int(m.group(1)) * _SIZE_SUFFIX[(m.group(2) or "").upper()]
+    try:
+        number = parse_quantity(str(value).strip())
+    except ValueError:
+        raise ValueError(value) from None
+    if number != number.to_integral_value():
+        raise ValueError(value)  # 1.5 bytes, 100m of a count
+    return int(number)
 
 
 def check(s: WorkerSettings) -> WorkerSettings:
@@ -313,6 +316,10 @@ def check(s: WorkerSettings) -> WorkerSettings:
         )
     if s.mode not in _MODES:
         raise ConfigError(f"--mode must be one of {sorted(_MODES)}, got {s.mode!r}")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format must be text or json, got {s.log_format!r}")
+    if s.access_log.lower() not in _SWITCH:
+        raise ConfigError(f"--access-log must be on or off, got {s.access_log!r}")
     if s.log_level.upper() not in _LEVELS:
         raise ConfigError(f"--log-level must be one of {sorted(_LEVELS)}, got {s.log_level!r}")
     for root in s.local_roots:

@@ -89,7 +89,10 @@ def test_adapters_become_ready_failed_or_ignored_and_are_reported(kube, namespac
     "args, message",
     [
         (["--max-lora-rank", "-1"], "--max-lora-rank must be a positive integer, got -1"),
-        (["--max-loras", "x"], "--max-loras must be an integer, got 'x'"),
+        (["--max-loras", "x"], "--max-loras must be a whole number, optionally a Kubernetes quantity"),
+        (["--cache-bytes", "1.5"], "--cache-bytes must be a whole number"),
+        (["--log-format", "xml"], "--log-format must be text or json, got 'xml'"),
+        (["--access-log", "maybe"], "--access-log must be on or off, got 'maybe'"),
         (["--base-model", "/nonexistent/dir"], "--base-model /nonexistent/dir: no such directory"),
         (["--base-model", "{tmp}"], "no config.json in that directory"),
         (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),

@@ -12,8 +12,9 @@ import contextvars
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -44,8 +45,9 @@ API_KEY = web.AppKey("api_key", str)
 MAX_BODY = web.AppKey("max_body_bytes", int)
 _M = TypeVar("_M", bound=BaseModel)
 _GENERATION_PATHS = {"/v1/completions", "/v1/chat/completions"}
-# Per request (the middleware and its handler share one task): the model label and final status.
-_STATE: contextvars.ContextVar[dict[str, int | str]] = contextvars.ContextVar("loraplane_request")
+# Per request (the middleware and its handler share one task): the model label, final status and
+# the Generation (for the access log).
+_STATE: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("loraplane_request")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -67,7 +69,8 @@ def _error_response(err: ApiError) -> web.Response:
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     status: int | str = 500
-    state: dict[str, int | str] = {"model": "unknown"}
+    started = time.monotonic()
+    state: dict[str, Any] = {"model": "unknown"}
     _STATE.set(state)
     try:
         key = request.app[API_KEY]
@@ -100,7 +103,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         return _error_response(ApiError(500, "InternalError", "internal error; see the worker's log"))
     finally:
         if request.path in _GENERATION_PATHS and request.method == "POST":
-            request.app[SERVING].count(str(state["model"]), status)
+            request.app[SERVING].finished(
+                request.path, str(state["model"]), status, state.get("generation"), time.monotonic() - started
+            )
 
 
 async def _parse(request: web.Request, model: type[_M]) -> _M:
@@ -179,6 +184,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     serving = request.app[SERVING]
     body = await _parse(request, CompletionRequest)
     generation, rid = serving.submit(body)
+    _STATE.get()["generation"] = generation
     if body.stream:
 
         def chunk(text: str, reason: str | None) -> BaseModel | None:
@@ -203,6 +209,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     serving = request.app[SERVING]
     body = await _parse(request, ChatCompletionRequest)
     generation, rid = serving.submit(body)
+    _STATE.get()["generation"] = generation
     if body.stream:
         first = True
 

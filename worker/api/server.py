@@ -36,6 +36,8 @@ class ServeSettings:
     """Largest request body in bytes; larger ones get 413."""
     retry_after_s: int = 5
     """Seconds in Retry-After when an adapter is not ready yet or the model is loading."""
+    access_log: bool = True
+    """One log line per /v1 completion (logger loraplane.worker.access)."""
 
 
 def build_app(
@@ -43,7 +45,7 @@ def build_app(
 ) -> web.Application:
     settings = settings or ServeSettings()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[middleware])
-    serving = Serving(registry, retry_after_s=settings.retry_after_s)
+    serving = Serving(registry, retry_after_s=settings.retry_after_s, access_log=settings.access_log)
     serving.engine = engine
     app[SERVING] = serving
     app[API_KEY] = settings.api_key

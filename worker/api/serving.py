@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from ..engine.scheduler import Output
 from ..engine.service import Engine
 from ..registry import AdapterVersion, Registry
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse, new_id
+
+access_log = logging.getLogger("loraplane.worker.access")
 
 # reason -> (HTTP status, OpenAI-style code)
 _STATUS: dict[str, tuple[int, str]] = {
@@ -68,6 +71,7 @@ class Generation:
         self.engine = engine
         self.loop = loop
         self.request_id = request_id
+        self.adapter_id: int | None = None  # the adapter version it runs on (None: the base model)
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
         self.finished = False
         self.prompt_tokens = 0
@@ -99,10 +103,11 @@ class Generation:
 class Serving:
     """Resolves names, checks requests and submits them; shared by the completion and chat routes."""
 
-    def __init__(self, registry: Registry, *, retry_after_s: int) -> None:
+    def __init__(self, registry: Registry, *, retry_after_s: int, access_log: bool = True) -> None:
         self.registry = registry
         self.engine: Engine | None = None
         self.retry_after_s = retry_after_s
+        self.access_log = access_log
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -172,6 +177,7 @@ class Serving:
             )
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, asyncio.get_running_loop(), request_id)
+        generation.adapter_id = None if version is None else version.id
         try:
             engine.submit(
                 request_id=request_id,
@@ -185,9 +191,25 @@ class Serving:
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         return generation, request_id
 
-    def count(self, model: str, status: int | str) -> None:
+    def finished(
+        self, path: str, model: str, status: int | str, generation: Generation | None, seconds: float
+    ) -> None:
+        """A /v1 generation request ended: count it, and write its access log line (unless turned off)."""
         if self.engine is not None:
             self.engine.metrics.requests.labels(model=model, status=str(status)).inc()
+        if not self.access_log:
+            return
+        fields: dict[str, Any] = {
+            "path": path,
+            "model": model,
+            "adapter_id": generation.adapter_id if generation else None,
+            "status": int(status),
+            "prompt_tokens": generation.prompt_tokens if generation else 0,
+            "completion_tokens": generation.completion_tokens if generation else 0,
+            "latency_s": round(seconds, 4),
+            "request_id": generation.request_id if generation else None,
+        }
+        access_log.info(" ".join(f"{k}={v}" for k, v in fields.items() if v is not None), extra=fields)
 
 
 def model_label(serving: Serving, name: Any) -> str:
