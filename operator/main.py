@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
     )
     p.add_argument("--shard-grace", type=float, default=d.shard_grace, help="seconds before taking over")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logs")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=d.log_format,
+        help="text, or json: one object per line with the same fields as the worker's",
+    )
     a = p.parse_args(argv)
     if a.block_size < 1 or a.safety_gap < 0 or a.heartbeat_window <= 0 or a.liveness_interval <= 0:
         p.error(
@@ -93,6 +99,7 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         liveness_interval=a.liveness_interval,
         metrics_port=a.metrics_port,
         metrics_address=a.metrics_address,
+        log_format=a.log_format,
         health_port=a.health_port,
         peering=a.peering,
     ), a.verbose
@@ -109,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     from loraplane.operator import handlers
 
     kopf.configure(debug=verbose, verbose=verbose)
+    # JSON: kopf's handler with our formatter (the worker's fields, plus kopf's object references).
+    if settings.log_format == "json":
+        from loraplane import telemetry
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(telemetry.formatter("operator", "json"))
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     handlers.SETTINGS = settings
     if settings.metrics_port:

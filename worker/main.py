@@ -260,12 +260,11 @@ class WorkerApp:
         app.router.add_get("/adapters", adapters)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    from loraplane import telemetry
+
+    telemetry.configure_logging("worker", level=level, log_format=log_format)
+    telemetry.build_info("worker")
     if level != "DEBUG":  # one line per HTTP request to a Hub or S3 is noise at INFO
         for name in ("httpx", "httpx2", "httpcore", "botocore", "urllib3"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
     except ConfigError as e:
         print(f"loraplane-worker: {e}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     if serve is None and settings.mode == "serve":
         from loraplane.worker.serve import serve_openai
 
