@@ -9,6 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from loraplane.localkube import defaults
 from loraplane.localkube.resources import ResourceType
 from loraplane.localkube.status import ApiError
 
@@ -105,7 +106,8 @@ def _time(value: Any) -> Any:
 
 
 def normalize(rt: ResourceType, obj: Obj) -> Obj:
-    """Defaults and time formats of typed built-ins (Events, Leases), applied on every write."""
+    """Defaults and time formats of typed built-ins, applied on every write."""
+    obj = defaults.apply(rt, obj)
     if rt.plural == "events":
         for k, v in _NEW_DEFAULTS if _is_new_events(rt) else _CORE_DEFAULTS:
             obj.setdefault(k, v)

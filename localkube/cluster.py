@@ -11,7 +11,7 @@ import json
 import random
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from loraplane.localkube import admission, builtins, schema, status
@@ -54,6 +54,7 @@ class Cluster:
             self.types[(rt.group, rt.version, rt.plural)] = rt
         self.generation = 0  # bumped whenever the set of types changes (discovery ETags)
         self.types_changed_at = datetime.now(UTC)
+        self.index_served_at: datetime | None = None  # Last-Modified of the /openapi/v3 index last served
         self.gc = GarbageCollector(self)
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self.create(self.type("", "v1", "namespaces"), "", {"metadata": {"name": ns}})
@@ -77,8 +78,7 @@ class Cluster:
             return
         for rt in crd_types(crd):
             self.types[(rt.group, rt.version, rt.plural)] = rt
-        self.generation += 1
-        self.types_changed_at = datetime.now(UTC)
+        self._types_changed()
 
     def unregister_crd(self, crd: Obj) -> None:
         spec = crd.get("spec") or {}
@@ -87,8 +87,16 @@ class Cluster:
             rt = self.types.pop(key)
             for obj in list(self.store.items(rt.storage)):
                 self.store.delete(rt.storage, obj)
+        self._types_changed()
+
+    def _types_changed(self) -> None:
         self.generation += 1
-        self.types_changed_at = datetime.now(UTC)
+        changed = datetime.now(UTC)
+        # Last-Modified has whole seconds: a change in the second an index was served must still move it,
+        # or a client that cached that index (kubectl apply) gets 304 and misses the new type.
+        if self.index_served_at is not None and changed < self.index_served_at + timedelta(seconds=1):
+            changed = self.index_served_at + timedelta(seconds=1)
+        self.types_changed_at = changed
 
     # -- helpers -------------------------------------------------------------------------------------
     def get(self, rt: ResourceType, ns: str, name: str) -> Obj:

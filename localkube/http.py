@@ -262,6 +262,7 @@ class Api:
         if parts == ["openapi", "v3"]:
             # Served like Go's http.ServeContent: Last-Modified / If-Modified-Since, sniffed as text/plain.
             changed = self.cluster.types_changed_at.replace(microsecond=0)
+            self.cluster.index_served_at = changed
             since = request.if_modified_since
             if since is not None and changed <= since:
                 return web.Response(status=304)

@@ -202,7 +202,8 @@ spec:
     containers = obj["spec"]["template"]["spec"]["containers"]
     assert [c["name"] for c in containers] == ["op", "sidecar"]
     assert containers[0]["image"] == "img:2"
-    assert containers[0]["ports"] == [{"containerPort": 8080, "name": "metrics"}]
+    # What was applied is kept; protocol is the server's default (kube-apiserver's and localkube's).
+    assert containers[0]["ports"] == [{"containerPort": 8080, "name": "metrics", "protocol": "TCP"}]
     assert containers[0]["env"] == [{"name": "A", "value": "1"}, {"name": "B", "value": "3"}]
     assert not any(k.startswith("$") for k in obj["spec"]["template"]["spec"])
     kube.kubectl("apply", "-f", "-", input=changed.split("      - name: sidecar")[0])

@@ -29,7 +29,8 @@ def crd(kube: Any) -> None:
 
 @pytest.fixture
 def http(kube: Any, crd: None) -> Iterator[requests.Session]:
-    with requests.Session() as s:
+    """Plain HTTP with the kubeconfig's credentials: the same test talks to localkube or a real cluster."""
+    with kube.http() as s:
         s.base = kube.url  # type: ignore[attr-defined]
         yield s
 
@@ -166,12 +167,17 @@ def test_finalizers_keep_the_object_until_removed(http: requests.Session, namesp
     assert gone["kind"] == "Status" and gone["details"]["kind"] == "widgets"
 
 
-def wait_gone(http: requests.Session, path: str, timeout: float = 5) -> None:
+# Controllers of a real cluster (garbage collector, namespace controller) work in resync periods:
+# kube-controller-manager removed a terminating namespace's content after 5-10 s.
+CONTROLLER_BOUND = 60
+
+
+def wait_gone(http: requests.Session, path: str, timeout: float = CONTROLLER_BOUND) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if http.get(url(http, path)).status_code == 404:
             return
-        time.sleep(0.02)
+        time.sleep(0.05)
     raise AssertionError(f"{path} still exists after {timeout}s")
 
 
@@ -217,15 +223,23 @@ def test_orphan_keeps_dependents_without_owner(http: requests.Session, namespace
 def test_namespace_deletion_removes_content(kube: Any, http: requests.Session) -> None:
     ns = kube.create_namespace("del")
     base = url(http, W.format(ns=ns))
-    http.post(base, json=widget("a"))
-    http.post(base, json=widget("held", finalizers=["demo.example.com/hold"]))
-    r = http.delete(url(http, f"/api/v1/namespaces/{ns}")).json()
-    assert r["status"]["phase"] == "Terminating"
-    late = http.post(base, json=widget("late"))
-    assert late.status_code == 403 and late.json()["details"]["causes"][0]["reason"] == "NamespaceTerminating"
-    wait_gone(http, W.format(ns=ns) + "/a")
-    assert http.get(url(http, f"/api/v1/namespaces/{ns}")).status_code == 200  # held by the finalizer
-    http.patch(base + "/held", data=json.dumps({"metadata": {"finalizers": None}}), headers=MERGE)
+    try:
+        http.post(base, json=widget("a"))
+        http.post(base, json=widget("held", finalizers=["demo.example.com/hold"]))
+        r = http.delete(url(http, f"/api/v1/namespaces/{ns}")).json()
+        assert r["status"]["phase"] == "Terminating"
+        late = http.post(base, json=widget("late"))
+        assert late.status_code == 403
+        assert late.json()["details"]["causes"][0]["reason"] == "NamespaceTerminating"
+        wait_gone(http, W.format(ns=ns) + "/a")
+        held = http.get(base + "/held").json()
+        assert held["metadata"]["deletionTimestamp"]  # deleted by the controller, kept by its finalizer
+        namespace = http.get(url(http, f"/api/v1/namespaces/{ns}")).json()
+        assert namespace["status"]["phase"] == "Terminating"
+    finally:
+        # Never leave an object held by a finalizer: its namespace would stay Terminating for ever.
+        http.patch(base + "/held", data=json.dumps({"metadata": {"finalizers": None}}), headers=MERGE)
+        kube.delete_namespace(ns)
     wait_gone(http, f"/api/v1/namespaces/{ns}")
 
 
@@ -465,26 +479,34 @@ def test_validation_ratcheting_keeps_unchanged_invalid_fields(
     props["base"].pop("maxLength", None)
     crds = url(http, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
     assert http.post(crds, json=crd).status_code == 201
-    base = url(http, f"/apis/ratchet.example.com/v1alpha1/namespaces/{namespace}/gadgets")
-    gadget = {
-        "apiVersion": "ratchet.example.com/v1alpha1",
-        "kind": "Gadget",
-        "metadata": {"name": "g"},
-        "spec": {"base": "much-too-long"},
-    }
-    deadline = time.monotonic() + 5
-    while http.post(base, json=gadget).status_code == 404 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    current = http.get(crds + "/gadgets.ratchet.example.com").json()
-    current["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["base"][
-        "maxLength"
-    ] = 4
-    assert http.put(crds + "/gadgets.ratchet.example.com", json=current).status_code == 200
-    ok = http.patch(base + "/g", data=json.dumps({"spec": {"size": 3}}), headers=MERGE)
-    assert ok.status_code == 200  # base is still too long, but unchanged
-    bad = http.patch(base + "/g", data=json.dumps({"spec": {"base": "still-too-long"}}), headers=MERGE)
-    assert (
-        bad.status_code == 422
-        and "spec.base: Too long: may not be more than 4 bytes" in bad.json()["message"]
-    )
-    http.delete(crds + "/gadgets.ratchet.example.com")
+    try:
+        base = url(http, f"/apis/ratchet.example.com/v1alpha1/namespaces/{namespace}/gadgets")
+        gadget = {
+            "apiVersion": "ratchet.example.com/v1alpha1",
+            "kind": "Gadget",
+            "metadata": {"name": "g"},
+            "spec": {"base": "much-too-long"},
+        }
+        deadline = time.monotonic() + 30  # a real server serves a new CRD after a second or two
+        while http.post(base, json=gadget).status_code == 404 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        current = http.get(crds + "/gadgets.ratchet.example.com").json()
+        spec = current["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        spec["properties"]["base"]["maxLength"] = 4
+        assert http.put(crds + "/gadgets.ratchet.example.com", json=current).status_code == 200
+        # A real server switches to the new schema shortly after the update: send new values until it has.
+        deadline, i, bad = time.monotonic() + 30, 0, None
+        while time.monotonic() < deadline:
+            i += 1
+            bad = http.patch(
+                base + "/g", data=json.dumps({"spec": {"base": f"still-too-long-{i}"}}), headers=MERGE
+            )
+            if bad.status_code != 200:
+                break
+            time.sleep(0.1)
+        assert bad is not None and bad.status_code == 422
+        assert "spec.base: Too long: may not be more than 4 bytes" in bad.json()["message"]
+        ok = http.patch(base + "/g", data=json.dumps({"spec": {"size": 3}}), headers=MERGE)
+        assert ok.status_code == 200  # base is still too long, but unchanged
+    finally:
+        http.delete(crds + "/gadgets.ratchet.example.com")

@@ -38,6 +38,26 @@ class Kube:
         config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
         return client.ApiClient(configuration=cfg)
 
+    def http(self) -> Any:
+        """A requests.Session that authenticates as this kubeconfig does (CA, client certificate or token).
+
+        trust_env=False: no proxy, CA bundle or netrc from the environment leaks in. Paths are joined to
+        `.url` by the caller."""
+        import requests
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
+        s = requests.Session()
+        s.trust_env = False
+        s.verify = (cfg.ssl_ca_cert or True) if cfg.verify_ssl else False
+        if cfg.cert_file and cfg.key_file:
+            s.cert = (cfg.cert_file, cfg.key_file)
+        token = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
+        if token:
+            s.headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
+        return s
+
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
