@@ -4,6 +4,7 @@ Every rendered object must then be readable from the server as Helm sent it, and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,39 @@ SERVICEMONITOR_CRD: dict[str, Any] = {
 }
 
 
-def _ensure_namespaces(kube: Any, names: list[str]) -> None:
+@pytest.fixture(scope="module")
+def cluster_prereqs(kube: Any) -> Iterator[None]:
+    """What a value set needs besides the chart: the namespaces it watches and a ServiceMonitor CRD.
+    Only what is missing is created, and removed again afterwards: the cluster is left as it was."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
+    wanted = sorted(
+        {ns for v in chartkit.VALUE_SETS.values() for ns in v.get("watch", {}).get("namespaces", [])}
+    )
+    created: list[str] = []
+    crd_name = SERVICEMONITOR_CRD["metadata"]["name"]
+    own_crd = not _has_crd(kube, crd_name)  # never replace a real Prometheus Operator CRD
     with kube.api_client() as api:
-        for name in names:
-            try:
-                client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
-            except ApiException as e:
-                if e.status != 409:
-                    raise
+        core, ext = client.CoreV1Api(api), client.ApiextensionsV1Api(api)
+        try:
+            for name in wanted:
+                try:
+                    core.create_namespace({"metadata": {"name": name}})
+                    created.append(name)
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+            if own_crd:
+                crd_file = Path(kube._cache_dir()) / "servicemonitor-crd.yaml"
+                crd_file.write_text(yaml.safe_dump(SERVICEMONITOR_CRD))
+                kube.apply_crds([crd_file])
+            yield
+        finally:
+            for name in created:
+                kube.delete_namespace(name, wait=60)
+            if own_crd:
+                ext.delete_custom_resource_definition(crd_name)
 
 
 def _has_crd(kube: Any, name: str) -> bool:
@@ -76,7 +99,7 @@ def _read(kube: Any, obj: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", sorted(chartkit.VALUE_SETS))
-def test_helm_install_and_uninstall(kube: Any, namespace: str, name: str) -> None:
+def test_helm_install_and_uninstall(kube: Any, namespace: str, name: str, cluster_prereqs: None) -> None:
     import helm_python
     from kubernetes.client.rest import ApiException
 
@@ -85,14 +108,6 @@ def test_helm_install_and_uninstall(kube: Any, namespace: str, name: str) -> Non
     kube.apply_crds(
         [chartkit.CHART / "crds" / p.name for p in sorted((chartkit.CHART / "crds").glob("*.yaml"))]
     )
-    if not _has_crd(
-        kube, SERVICEMONITOR_CRD["metadata"]["name"]
-    ):  # never replace a real Prometheus Operator CRD
-        crd_file = Path(kube._cache_dir()) / "servicemonitor-crd.yaml"
-        crd_file.write_text(yaml.safe_dump(SERVICEMONITOR_CRD))
-        kube.apply_crds([crd_file])
-    _ensure_namespaces(kube, values.get("watch", {}).get("namespaces", []))
-
     with helm_python.Chart.load(chartkit.CHART) as chart:
         expected = [
             doc
@@ -101,7 +116,8 @@ def test_helm_install_and_uninstall(kube: Any, namespace: str, name: str) -> Non
             )
             if not path.endswith("NOTES.txt")
             for doc in yaml.safe_load_all(text)
-            if doc
+            # `helm test` hooks are rendered but not installed.
+            if doc and "test" not in (doc["metadata"].get("annotations") or {}).get("helm.sh/hook", "")
         ]
     # Release records live in memory: this test is about the chart's objects, not Helm's storage (and the local
     # server cannot yet decode the protobuf DeleteOptions Helm sends when it purges a Secret-stored release).

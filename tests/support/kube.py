@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,21 +125,79 @@ class Kube:
             client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
         return name
 
-    def delete_namespace(self, name: str) -> None:
+    def delete_namespace(self, name: str, *, wait: float = 0) -> None:
+        """Delete a test's namespace and free what finalizers hold in it (the test's controllers are
+        stopped by now, so nothing else would remove them and the namespace would stay Terminating).
+
+        wait: seconds to wait until it is gone (a real namespace controller takes 5-10 s); 0: return at once.
+        """
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
         with self.api_client() as api:
+            core = client.CoreV1Api(api)
             try:
-                client.CoreV1Api(api).delete_namespace(name)
+                core.delete_namespace(name)
             except ApiException as e:
                 if e.status != 404:
                     raise
+                return
+            release_finalizers(api, name)
+            deadline = time.monotonic() + wait
+            while wait:
+                try:
+                    core.read_namespace(name)
+                except ApiException as e:
+                    if e.status == 404:
+                        return
+                    raise
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"namespace {name} still exists after {wait}s")
+                time.sleep(0.1)
+
+
+#: API groups of the custom kinds the suite creates objects of (its own, and the test-only ones).
+SUITE_GROUPS = {
+    "loraplane.io",
+    "demo.example.com",
+    "ratchet.example.com",
+    "kopf.dev",
+    "monitoring.coreos.com",
+}
+
+
+def release_finalizers(api: Any, namespace: str) -> None:
+    """Remove the finalizers of the suite's custom objects in a test namespace."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    custom = client.CustomObjectsApi(api)
+    for crd in client.ApiextensionsV1Api(api).list_custom_resource_definition().items:
+        if crd.spec.scope != "Namespaced" or crd.spec.group not in SUITE_GROUPS:
+            continue
+        group, plural = crd.spec.group, crd.spec.names.plural
+        version = next(v.name for v in crd.spec.versions if v.served)
+        try:
+            items = custom.list_namespaced_custom_object(group, version, namespace, plural)["items"]
+        except ApiException:
+            continue
+        for obj in items:
+            if obj["metadata"].get("finalizers"):
+                try:
+                    custom.patch_namespaced_custom_object(
+                        group,
+                        version,
+                        namespace,
+                        plural,
+                        obj["metadata"]["name"],
+                        {"metadata": {"finalizers": None}},
+                    )
+                except ApiException as e:
+                    if e.status not in (404, 409, 422):
+                        raise
 
 
 def wait_established(ext: Any, name: str, timeout: float = 30) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         crd = ext.read_custom_resource_definition(name)

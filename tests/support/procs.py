@@ -127,8 +127,13 @@ class WorkerProc:
         served_model: str = BASE_MODEL,
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
+        watch: Sequence[str] | None = None,
     ) -> None:
+        """`watch`: the namespaces whose adapters it serves, by default its own; () for all namespaces.
+        Scoped, it never sees another test's adapters (on a real cluster a deleted namespace stays
+        Terminating for seconds, adapters included)."""
         self.name, self.namespace = name, namespace
+        scope = [namespace] if watch is None else list(watch)
         self.dir = Path(workdir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = self.dir / "cache"
@@ -150,6 +155,7 @@ class WorkerProc:
             "--report-batch-seconds", "0.1",
             "--log-level", "INFO",
             "--mode", "control",  # a config-only model: no weights to serve
+            *(["--namespaces", ",".join(scope)] if scope else []),
             *(extra or []),
         ]  # fmt: skip
         self.env = {**os.environ, **(env or {})}
