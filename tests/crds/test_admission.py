@@ -114,16 +114,19 @@ def test_unknown_fields_are_refused_by_kubectl_strict_validation(kube, namespace
 
 def test_good_examples_apply_and_show_in_get(kube) -> None:
     kube.kubectl("create", "namespace", "default", check=False)
-    kube.kubectl(
-        "apply",
+    files = [
         "-f",
         "examples/hf-adapter.yaml",
         "-f",
         "examples/local-adapter.yaml",
         "-f",
         "examples/s3-adapter.yaml",
-    )
-    out = kube.kubectl("get", "lora", "-A").stdout
+    ]
+    try:
+        kube.kubectl("apply", *files)
+        out = kube.kubectl("get", "lora", "-A").stdout
+    finally:  # the examples live in `default`: leave a real cluster as it was
+        kube.kubectl("delete", "--ignore-not-found", *files)
     header = out.splitlines()[0].split()
     assert header[:4] == ["NAMESPACE", "NAME", "SERVED", "NAME"] or "SERVED NAME" in out.splitlines()[0]
     for name in ("sql-lora", "support-bot", "legal-summaries"):
