@@ -10,7 +10,12 @@ import yaml
 from support import chartkit
 
 VALUE_SETS = chartkit.VALUE_SETS
-NOT_KUBERNETES = {"monitoring.coreos.com/v1"}  # Prometheus Operator kinds: not in the Kubernetes schemas
+# Prometheus Operator and Gateway API Inference Extension kinds: not in the Kubernetes schemas (the
+# InferencePool is checked against its CRD's schema in test_inferencepool.py).
+NOT_KUBERNETES = {
+    "monitoring.coreos.com/v1": {"ServiceMonitor", "PrometheusRule"},
+    "inference.networking.k8s.io/v1": {"InferencePool"},
+}
 
 
 @pytest.mark.parametrize("k8s", chartkit.K8S_VERSIONS)
@@ -36,7 +41,7 @@ def test_manifests_validate_against_kubernetes_schemas(name: str, k8s: str) -> N
     assert objs
     for obj in objs:
         if obj["apiVersion"] in NOT_KUBERNETES:
-            assert obj["kind"] == "ServiceMonitor" and obj["spec"]["endpoints"], obj
+            assert obj["kind"] in NOT_KUBERNETES[obj["apiVersion"]] and obj["spec"], obj
             continue
         try:
             kubernetes_validate.validate(obj, k8s, strict=True)
@@ -86,6 +91,8 @@ def test_pods_are_locked_down_and_selectors_match(name: str) -> None:
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         for c in spec["containers"]:
+            if c["name"] not in ("worker", "operator"):
+                continue  # a sidecar the user added is theirs to lock down
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False
             assert sc["readOnlyRootFilesystem"] is True

@@ -51,6 +51,13 @@ _CPU_POOL: dict[str, Any] = {
     "service": {"type": "ClusterIP", "port": 8080},
 }
 
+_SPREAD: dict[str, Any] = {
+    "maxSkew": 1,
+    "topologyKey": "topology.kubernetes.io/zone",
+    "whenUnsatisfiable": "ScheduleAnyway",
+    "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "loraplane"}},
+}
+
 # name -> values overriding the defaults. Each one exercises a different branch of the templates.
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -66,7 +73,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "workerPools": [
             {
                 "name": "llama-7b",
-                "baseModel": {"source": "meta-llama/Llama-2-7b-hf", "servedName": "llama-2-7b"},
+                "baseModel": {
+                    "source": "meta-llama/Llama-2-7b-hf",
+                    "servedName": "llama-2-7b",
+                    "sizeBytes": 13_500_000_000,
+                },
                 "replicas": 3,
                 "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "48Gi"}},
                 "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
@@ -78,7 +89,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "workerPools": [
             {
                 "name": "persistent",
-                "baseModel": {"source": "meta-llama/Llama-2-7b-hf"},
+                "baseModel": {"source": "meta-llama/Llama-2-7b-hf", "sizeBytes": 13_500_000_000},
                 "replicas": 2,
                 "cache": {
                     "type": "pvc",
@@ -110,13 +121,63 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "workerPools": [
             {
                 "name": "default",
-                "baseModel": {"source": "meta-llama/Llama-2-7b-hf"},
+                "baseModel": {"source": "meta-llama/Llama-2-7b-hf", "sizeBytes": 13_500_000_000},
                 "replicas": 4,
                 "podDisruptionBudget": {"enabled": True, "minAvailable": "50%"},
             },
             {**copy.deepcopy(_CPU_POOL), "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1}},
         ],
         "commonLabels": {"team": "ml-platform"},
+    },
+    "platform": {  # what a platform team sets: every knob of a real install, as a subchart would get it
+        "global": {"imagePullSecrets": [{"name": "org-pull"}]},
+        "enabled": True,
+        "imagePullSecrets": [{"name": "regcred"}, "legacy-form"],
+        "metrics": {
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+            "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "LLM"}},
+        },
+        "operator": {
+            "replicas": 2,
+            "logFormat": "json",
+            "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
+            "topologySpreadConstraints": [_SPREAD],
+            "livenessProbe": {"periodSeconds": 30},
+            "extraEnvFrom": [{"configMapRef": {"name": "operator-env"}}],
+        },
+        "worker": {"logFormat": "json", "accessLog": False},
+        "workerPools": [
+            {
+                "name": "h100",
+                "baseModel": {"source": "/models/llama-3-8b", "servedName": "llama-3-8b"},
+                "replicas": 2,
+                "dtype": "bfloat16",
+                "maxModelLen": 8192,
+                "runtimeClassName": "nvidia",
+                "priorityClassName": "inference-high",
+                "serviceAccountName": "h100-workers",
+                "topologySpreadConstraints": [_SPREAD],
+                "terminationGracePeriodSeconds": 120,
+                "lifecycle": {"preStop": {"exec": {"command": ["sleep", "10"]}}},
+                "readinessProbe": {"periodSeconds": 2, "failureThreshold": 2},
+                "livenessProbe": {"tcpSocket": {"port": "http"}},
+                "extraEnvFrom": [{"secretRef": {"name": "h100-env"}}],
+                "initContainers": [{"name": "warm", "image": "busybox:1.36", "command": ["true"]}],
+                "sidecars": [{"name": "log-shipper", "image": "fluent/fluent-bit:3.0"}],
+                "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+                "podLabels": {"cost-center": "ml"},
+                "podSecurityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 2000,
+                    "fsGroup": 2000,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "inferencePool": {"enabled": True, "endpointPicker": {"failureMode": "FailOpen"}},
+                "cache": {"sizeLimit": "200Gi", "budgetBytes": 150_000_000_000},
+            },
+            {**copy.deepcopy(_CPU_POOL), "mode": "control", "inferencePool": {"enabled": True}},
+        ],
     },
     "operator-only": {"workerPools": []},
     "workers-only": {"operator": {"enabled": False}},

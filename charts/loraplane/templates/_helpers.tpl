@@ -104,6 +104,26 @@ loraplane.io/pool: {{ . }}
 {{- if lt (int $pool.maxCpuLoras) (int $pool.maxLoras) -}}
 {{- fail (printf "workerPools[%d] (%s): maxCpuLoras (%d) must be >= maxLoras (%d): every adapter on the device is also held in CPU memory" $i $pool.name (int $pool.maxCpuLoras) (int $pool.maxLoras)) -}}
 {{- end -}}
+{{- /* The cache volume holds the adapter cache and, for a Hub source, the base model's download. */ -}}
+{{- $cache := $pool.cache -}}
+{{- $pvc := eq ($cache.type | default "emptyDir") "pvc" -}}
+{{- $volumeKey := ternary "cache.pvc.size" "cache.sizeLimit" $pvc -}}
+{{- $volume := ternary ($cache.pvc | default dict).size $cache.sizeLimit $pvc | default (ternary "100Gi" "50Gi" $pvc) -}}
+{{- $volumeBytes := include "loraplane.quantity" $volume | float64 -}}
+{{- $local := hasPrefix "/" $pool.baseModel.source -}}
+{{- if and (not $local) (not (hasKey $pool.baseModel "sizeBytes")) -}}
+{{- fail (printf "workerPools[%d] (%s): baseModel.sizeBytes is required for the Hub source %q: its download lands on the cache volume next to the adapter cache, so the chart counts it against %s; set it to the checkpoint's size in bytes (safetensors files plus tokenizer)" $i $pool.name $pool.baseModel.source $volumeKey) -}}
+{{- end -}}
+{{- $baseBytes := ternary 0.0 (float64 ($pool.baseModel.sizeBytes | default 0)) $local -}}
+{{- $budget := float64 $cache.budgetBytes -}}
+{{- if gt (addf $budget $baseBytes) $volumeBytes -}}
+{{- fail (printf "workerPools[%d] (%s): cache.budgetBytes (%.0f) plus the base model download (baseModel.sizeBytes %.0f) is %.0f bytes, above %s %v (%.0f bytes): the volume would fill before the cache evicts; lower cache.budgetBytes or raise %s" $i $pool.name $budget $baseBytes (addf $budget $baseBytes) $volumeKey $volume $volumeBytes $volumeKey) -}}
+{{- end -}}
+{{- $gpus := include "loraplane.gpus" $pool | float64 -}}
+{{- $engine := $pool.engine | default "builtin" -}}
+{{- if and (gt $gpus 1.0) (ne $engine "vllm") -}}
+{{- fail (printf "workerPools[%d] (%s): asks for %.0f GPUs, but the %s engine runs on one device: the other GPUs would sit idle. Set the GPU request to 1, or use an engine with tensor parallelism (engine: vllm)" $i $pool.name $gpus $engine) -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.watch.clusterWide .Values.watch.namespaces -}}
 {{- fail "watch.namespaces is set but watch.clusterWide is true: set watch.clusterWide=false to watch only those namespaces, or empty watch.namespaces" -}}
@@ -125,4 +145,66 @@ a CPU pool must not inherit a GPU request by a deep merge.
 {{- $pool := merge (deepCopy .pool) $defaults -}}
 {{- $_ := set $pool "image" (merge (deepCopy ($pool.image | default dict)) .ctx.Values.worker.image) -}}
 {{- toJson $pool -}}
+{{- end -}}
+
+{{/* imagePullSecrets of every pod: global.imagePullSecrets and imagePullSecrets, names or {name: x}. */}}
+{{- define "loraplane.imagePullSecrets" -}}
+{{- $names := list -}}
+{{- $global := (.Values.global | default dict).imagePullSecrets | default list -}}
+{{- range (concat $global (.Values.imagePullSecrets | default list)) -}}
+{{- if kindIs "string" . -}}
+{{- $names = append $names . -}}
+{{- else -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- end -}}
+{{- with ($names | uniq) }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity (50Gi, 1.5G, 40e9, or a number) as a float64 count. */}}
+{{- define "loraplane.quantity" -}}
+{{- if or (kindIs "float64" .) (kindIs "int64" .) (kindIs "int" .) -}}
+{{- float64 . -}}
+{{- else -}}
+{{- $q := toString . -}}
+{{- $num := regexFind "^[0-9]*\\.?[0-9]*" $q -}}
+{{- $suffix := trimPrefix $num $q -}}
+{{- $units := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
+{{- $value := float64 $num -}}
+{{- if regexMatch "^[eE][+]?[0-9]+$" $suffix -}}
+{{- range until (int (regexFind "[0-9]+" $suffix)) -}}{{- $value = mulf $value 10 -}}{{- end -}}
+{{- else -}}
+{{- $value = mulf $value (get $units $suffix) -}}
+{{- end -}}
+{{- $value -}}
+{{- end -}}
+{{- end -}}
+
+{{/* GPUs a pool asks for: the larger of its nvidia.com/gpu (or amd.com/gpu) limit and request. */}}
+{{- define "loraplane.gpus" -}}
+{{- $res := .resources | default dict -}}
+{{- $n := 0.0 -}}
+{{- range $part := list ($res.limits | default dict) ($res.requests | default dict) -}}
+{{- range $key := list "nvidia.com/gpu" "amd.com/gpu" -}}
+{{- if hasKey $part $key -}}
+{{- $n = maxf $n (include "loraplane.quantity" (get $part $key) | float64) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $n -}}
+{{- end -}}
+
+{{/* A probe: the chart's default with the user's fields merged over it (their handler replaces ours). */}}
+{{- define "loraplane.probe" -}}
+{{- $user := deepCopy (.user | default dict) -}}
+{{- $default := deepCopy .default -}}
+{{- if or (hasKey $user "exec") (hasKey $user "tcpSocket") (hasKey $user "grpc") -}}
+{{- $_ := unset $default "httpGet" -}}
+{{- end -}}
+{{- toYaml (merge $user $default) -}}
 {{- end -}}
