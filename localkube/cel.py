@@ -8,6 +8,7 @@ kube-apiserver's validation ratcheting, rules are not re-evaluated on a value th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -78,6 +79,18 @@ def _message(rule: Obj, value: Any) -> str:
     return f"failed rule: {rule['rule']}"
 
 
+def _shown(value: Any) -> str:
+    """The value as kube-apiserver's field.Invalid shows it before the message: a scalar in Go syntax
+    (`"s3:/bucket/a": `, `5: `), nothing for an object or a list."""
+    if isinstance(value, dict | list):
+        return ""
+    if isinstance(value, str):
+        return json.dumps(value) + ": "
+    if isinstance(value, float) and value.is_integer():
+        return f"{int(value)}: "
+    return json.dumps(value) + ": "
+
+
 def check(schema: Obj, value: Any, old: Any, path: str, has_old: bool = True) -> list[Cause]:
     """Evaluate every rule in the schema tree against `value` (and `old` for transition rules)."""
     causes: list[Cause] = []
@@ -110,8 +123,12 @@ def check(schema: Obj, value: Any, old: Any, path: str, has_old: bool = True) ->
             msg = f"Forbidden: {_message(rule, value)}"
         elif reason == "FieldValueRequired":
             msg = f"Required value: {_message(rule, value)}"
+        elif reason == "FieldValueDuplicate":
+            msg = (
+                f"Duplicate value: {json.dumps(value, separators=(',', ':'))}"  # field.Duplicate: no message
+            )
         else:
-            msg = f"Invalid value: {_message(rule, value)}"
+            msg = f"Invalid value: {_shown(value)}{_message(rule, value)}"
         causes.append({"reason": reason, "message": msg, "field": field or "<nil>"})
     props = schema.get("properties") or {}
     if isinstance(value, dict):

@@ -1,15 +1,16 @@
-"""Garbage collection and namespace deletion, as kube-controller-manager does them, but at once.
+"""Garbage collection and namespace deletion, as kube-controller-manager does them, but sooner.
 
 Triggered by store events (deletes, deletion marks, new owned objects) and run on the next loop turn,
 so a write never waits for it. Background: dependents whose owners are all gone are deleted.
 Foreground: the owner keeps `foregroundDeletion` until its dependents are gone. Orphan: dependents
-lose their ownerReferences and the owner goes. A terminating namespace deletes its content and goes
-when nothing is left.
+lose their ownerReferences and the owner goes. A terminating namespace stays so for NAMESPACE_DELAY,
+then deletes its content and goes when nothing is left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from loraplane.localkube.status import ApiError
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 Obj = dict[str, Any]
 Ref = tuple[str, str, str]  # storage, namespace, name
 GC_DELAY = 0.02  # seconds between a triggering write and the collector's pass
+# A deleted namespace stays Terminating, content and all, this long before the namespace controller
+# empties it: kube-controller-manager took 5-10 s. Long enough that a test depending on an instant
+# deletion fails here too, short enough not to slow the suite.
+NAMESPACE_DELAY = 0.5
 
 
 class GarbageCollector:
@@ -31,6 +36,8 @@ class GarbageCollector:
         self.owned: set[Ref] = set()
         self.pending: set[Ref] = set()  # objects with deletionTimestamp
         self.scheduled = False
+        self.terminating: dict[str, float] = {}  # namespace -> when its deletion was first seen (monotonic)
+        self.woken = False
         cluster.store.listeners.append(self.on_event)
 
     def on_event(self, ev: Event) -> None:
@@ -38,6 +45,8 @@ class GarbageCollector:
         ref = (ev.storage, meta.get("namespace", ""), meta.get("name", ""))
         trigger = False
         if ev.type == "DELETED":
+            if ev.storage == "/namespaces":
+                self.terminating.pop(ref[2], None)
             self.uids.pop(meta.get("uid", ""), None)
             self.owned.discard(ref)
             self.pending.discard(ref)
@@ -69,6 +78,22 @@ class GarbageCollector:
         self.scheduled = True
         # Like kube-controller-manager, act shortly after the triggering write (real: ms to 100s of ms).
         loop.call_later(GC_DELAY, self.sweep)
+
+    def _wake_in(self, delay: float) -> None:
+        """One sweep after `delay` s (for a namespace whose controller pass is due then)."""
+        if self.woken:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.woken = True
+
+        def wake() -> None:
+            self.woken = False
+            self.schedule()
+
+        loop.call_later(delay, wake)
 
     def _type(self, storage: str) -> ResourceType | None:
         for rt in self.cluster.types.values():
@@ -141,6 +166,10 @@ class GarbageCollector:
 
     def _finish_namespace(self, ref: Ref, ns_obj: Obj) -> bool:
         ns = ns_obj["metadata"]["name"]
+        wait = self.terminating.setdefault(ns, time.monotonic()) + NAMESPACE_DELAY - time.monotonic()
+        if wait > 0:
+            self._wake_in(wait)
+            return False
         store = self.cluster.store
         changed = False
         remaining = 0

@@ -200,15 +200,17 @@ class _Validator:
 
     def _string(self, s: Obj, v: str, path: str) -> None:
         n = self._name(path)
+        # One error of maxLength, minLength, pattern (in that order), as kube-openapi's string validator
+        # returns at the first; the format is a validator of its own.
         if "maxLength" in s and len(v) > s["maxLength"]:
             self.add("FieldValueTooLong", path, f"Too long: may not be more than {s['maxLength']} bytes")
-        if "minLength" in s and len(v) < s["minLength"]:
+        elif "minLength" in s and len(v) < s["minLength"]:
             self.add(
                 "FieldValueInvalid",
                 path,
                 f"Invalid value: {_go(v)}: {n} in body should be at least {s['minLength']} chars long",
             )
-        if "pattern" in s and not _regex(s["pattern"]).search(v):
+        elif "pattern" in s and not _regex(s["pattern"]).search(v):
             self.add(
                 "FieldValueInvalid",
                 path,
