@@ -108,8 +108,42 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
 ]
 
+_HUB = {"source": "org/model"}
+_GPUS = {"limits": {"nvidia.com/gpu": 2, "memory": "64Gi"}, "requests": {"nvidia.com/gpu": 2}}
+
 # Checks the schema cannot express; the chart's templates `fail` with these messages.
 BAD_COMBINATIONS: list[tuple[str, dict[str, Any], list[str]]] = [
+    (
+        "cache budget above the emptyDir",
+        _pool(cache={"sizeLimit": "10Gi", "budgetBytes": 20_000_000_000}),
+        [
+            "workerPools[0] (p): cache.budgetBytes (20000000000)",
+            "above cache.sizeLimit 10Gi (10737418240 bytes)",
+        ],
+    ),
+    (
+        "budget plus the base model download above the volume",
+        _pool(
+            cache={"sizeLimit": "50Gi", "budgetBytes": 40_000_000_000},
+            baseModel={**_HUB, "sizeBytes": 15_000_000_000},
+        ),
+        ["plus the base model download (baseModel.sizeBytes 15000000000) is 55000000000 bytes", "50Gi"],
+    ),
+    (
+        "cache budget above the PVC",
+        _pool(cache={"type": "pvc", "budgetBytes": 2_000_000_000_000, "pvc": {"size": "1.5Ti"}}),
+        ["above cache.pvc.size 1.5Ti (1649267441664 bytes)", "raise cache.pvc.size"],
+    ),
+    (
+        "hub base model with no size",
+        _pool(baseModel=_HUB),
+        ['baseModel.sizeBytes is required for the Hub source "org/model"'],
+    ),
+    (
+        "two GPUs on the built-in engine",
+        _pool(resources=_GPUS),
+        ["workerPools[0] (p): asks for 2 GPUs, but the builtin engine runs on one device", "engine: vllm"],
+    ),
     ("duplicate pool names", {"workerPools": [POOL, POOL]}, ['workerPools[1].name "p" is used twice']),
     (
         "maxCpuLoras below maxLoras",
@@ -193,3 +227,53 @@ def test_value_sets_install_dry_run(name: str) -> None:
         )
     assert "kind: CustomResourceDefinition" not in release["manifest"]  # CRDs come from crds/, not templates
     assert "kubectl get lora -A" in release["notes"]
+
+
+@pytest.mark.parametrize(
+    ("case", "pool"),
+    [
+        (
+            "budget fits a decimal-exponent volume",
+            {"cache": {"sizeLimit": "60e9", "budgetBytes": 40_000_000_000}},
+        ),
+        (
+            "a directory source takes no cache space",
+            {
+                "baseModel": {"source": "/models/m"},
+                "cache": {"sizeLimit": "40G", "budgetBytes": 40_000_000_000},
+            },
+        ),
+        ("one GPU", {"resources": {"limits": {"nvidia.com/gpu": 1}}}),
+    ],
+)
+def test_templates_accept_what_fits(case: str, pool: dict[str, Any]) -> None:
+    assert chartkit.manifests(_pool(**pool)), case
+
+
+def test_every_value_has_a_description() -> None:
+    """Editors (the YAML language server, IDEs) show these; the chart README is generated from them."""
+    schema = json.loads((chartkit.CHART / "values.schema.json").read_text())
+    missing: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if not isinstance(node, dict):
+            return
+        if {"type", "$ref", "oneOf"} & node.keys() and not node.get("description"):
+            missing.append(path or "/")
+        for key, child in (node.get("properties") or {}).items():
+            walk(child, f"{path}/{key}")
+        for key in ("items", "additionalProperties"):
+            walk(node.get(key), f"{path}/{key}")
+        for key, child in (node.get("definitions") or {}).items():
+            walk(child, f"#/definitions/{key}")
+
+    walk(schema, "")
+    assert not missing, missing
+
+
+def test_pool_defaults_accept_every_pool_key() -> None:
+    """workerPoolDefaults repeats the pool schema (JSON Schema cannot say "these, none required" once)."""
+    schema = json.loads((chartkit.CHART / "values.schema.json").read_text())
+    pool = schema["definitions"]["workerPool"]["properties"]
+    defaults = schema["properties"]["workerPoolDefaults"]["properties"]
+    assert defaults == {k: v for k, v in pool.items() if k not in ("name", "baseModel")}
