@@ -57,7 +57,8 @@ class LoraSlots:
             fan_in, fan_out = config.proj_shape(proj)
             self.a[proj] = torch.zeros(layers, max_loras, max_rank, fan_in, dtype=dtype, device=device)
             self.bt[proj] = torch.zeros(layers, max_loras, max_rank, fan_out, dtype=dtype, device=device)
-        self.scaling = torch.zeros(max_loras, dtype=dtype, device=device)
+        # fp32 whatever the weights' dtype: in bf16 rsLoRA's 16/sqrt(12) = 4.6188 would become 4.625
+        self.scaling = torch.zeros(max_loras, dtype=torch.float32, device=device)
         self.ranks = [0] * max_loras
         self.targets: list[frozenset[str]] = [frozenset()] * max_loras
 

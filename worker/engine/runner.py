@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from loraplane.crds.errors import PermanentError
 
-from .kvcache import KVCache
+from .kvcache import KVCache, bytes_per_token, pool_tokens
 from .lora import LoraBatch, LoraSlots
 from .model import PROJECTIONS, CausalLM, ModelConfig
 
@@ -155,14 +155,16 @@ class ModelRunner:
         max_seqs: int = 64,
         max_model_len: int | None = None,
         kv_cache_tokens: int | None = None,
+        kv_cache_bytes: int = 0,
     ) -> None:
-        """kv_cache_tokens: KV pool size in tokens over all sequences (default max_seqs x max_model_len)."""
+        """KV pool: kv_cache_tokens tokens if given, else kv_cache_bytes of memory (0: sized from the
+        device's free memory, see kvcache.pool_tokens)."""
         from transformers import AutoTokenizer  # heavy import, only where a runner is built
 
         dev = torch.device(device)
         dtype = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
         model = CausalLM.load(Path(model_dir), device=dev, dtype=dtype)
-        self._build(model, max_loras, max_lora_rank, max_seqs, max_model_len, kv_cache_tokens)
+        self._build(model, max_loras, max_lora_rank, max_seqs, max_model_len, kv_cache_tokens, kv_cache_bytes)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
 
     @classmethod
@@ -176,10 +178,13 @@ class ModelRunner:
         max_seqs: int = 64,
         max_model_len: int | None = None,
         kv_cache_tokens: int | None = None,
+        kv_cache_bytes: int = 0,
     ) -> ModelRunner:
         """A runner around weights already in memory (benchmarks with random weights)."""
         runner = cls.__new__(cls)
-        runner._build(model, max_loras, max_lora_rank, max_seqs, max_model_len, kv_cache_tokens)
+        runner._build(
+            model, max_loras, max_lora_rank, max_seqs, max_model_len, kv_cache_tokens, kv_cache_bytes
+        )
         runner.tokenizer = tokenizer
         return runner
 
@@ -191,12 +196,28 @@ class ModelRunner:
         max_seqs: int,
         max_model_len: int | None,
         kv_cache_tokens: int | None,
+        kv_cache_bytes: int = 0,
     ) -> None:
         self.model = model
         self.device, self.dtype = model.device, model.dtype
         dtype = model.dtype
         self.config: ModelConfig = model.config
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        self.lora = LoraSlots(
+            self.config, max_loras=max_loras, max_rank=max_lora_rank, device=self.device, dtype=dtype
+        )
+        # Sized last, so that an automatic budget sees the weights and slots already in memory.
+        if kv_cache_tokens is None:
+            c = self.config
+            kv_cache_tokens = pool_tokens(
+                budget_bytes=kv_cache_bytes,
+                per_token=bytes_per_token(
+                    num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype
+                ),
+                max_seqs=max_seqs,
+                max_len=self.max_model_len,
+                device=self.device,
+            )
         self.kv = KVCache(
             num_layers=self.config.num_layers,
             max_seqs=max_seqs,
@@ -207,9 +228,6 @@ class ModelRunner:
             device=self.device,
             sliding_window=self.config.sliding_window,
             max_tokens=kv_cache_tokens,
-        )
-        self.lora = LoraSlots(
-            self.config, max_loras=max_loras, max_rank=max_lora_rank, device=self.device, dtype=dtype
         )
         self.slot_adapter: list[int | None] = [None] * max_loras
         #: "auto", "segmented" or "gathered"; tests and benchmarks force one path.
@@ -273,7 +291,7 @@ class ModelRunner:
         rows = [batch[i] for i in order]
         counts = [len(s.token_ids) for s in rows]
         positions = self.kv.begin_step([s.seq_id for s in rows], counts)
-        lens = [self.kv.length[s.seq_id] for s in rows]
+        lens = [self.kv.length[s.seq_id] + n for s, n in zip(rows, counts, strict=True)]
         dev = self.device
         tokens = torch.tensor([t for s in rows for t in s.token_ids], device=dev)
         seq_lens = torch.repeat_interleave(torch.tensor(lens), torch.tensor(counts)).to(dev)
@@ -284,4 +302,6 @@ class ModelRunner:
             logits = self.model.forward(tokens, positions.to(dev), seq_lens, ends.to(dev), plan, self.kv)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        return logits.index_select(0, inverse.to(dev))
+        out = logits.index_select(0, inverse.to(dev))
+        self.kv.end_step()  # last: a step that raised leaves every sequence's length as it was
+        return out

@@ -1,11 +1,26 @@
-"""Iteration-level (continuous) batching: one engine thread, one runner step per iteration.
+"""Iteration-level (continuous) batching with chunked prefill: one engine thread, one runner step per iteration.
 
-Between two steps the loop takes new requests from a thread-safe inbox, drops cancelled ones,
-admits waiting requests whose adapter is in a device slot (copying at most one adapter into a slot
-per step while others run), then runs one mixed step: the prompts of newly admitted requests
-(prefill) and one token for each running request (decode). Finished sequences leave at once and
-free their KV row. Waiting requests are taken oldest first; one whose adapter is not resident yet
-does not hold up the requests behind it, so adapters share the batch roughly by arrival.
+Between two steps the loop takes new requests from a thread-safe inbox, drops cancelled ones, plans
+the step within ``max_batched_tokens`` and runs it. The plan, in this order:
+
+1. one token for every running request that has its first token already (decode);
+2. the next chunk of every prompt still being read, at most ``long_prefill_tokens`` each;
+3. waiting requests, oldest first, whose adapter is in a device slot and whose KV reservation
+   fits: a short prompt whole, a long one as its first chunk (one long prompt is read at a time;
+   the others let shorter requests behind them pass);
+4. what is left of the budget goes to the prompts being read, oldest first.
+
+So a long prompt never makes the requests beside or behind it wait for it: they get their first
+token in the step they are admitted, while the long prompt is read over several steps. A request's
+KV reservation is its prompt + max_tokens (kvcache.py takes blocks as it grows); one that does not
+fit waits for running requests to finish, one that can never fit is refused by name. An adapter
+not resident yet does not hold up the requests behind it (at most one copy into a slot per step
+while others run), so adapters share the batch roughly by arrival.
+
+Nothing a request carries can take others down: admission fails only the request it is admitting;
+a step that raises is split in halves and retried until the rows that fail are found, and only
+those fail; a row whose logits are NaN or Inf (an adapter with non-finite weights) fails alone.
+Every request gets a last output (finished, failed, cancelled or shut down): none is lost.
 
 Each request carries the adapter *ID* it resolved to at admission, so a new version of its adapter
 never affects it. Results go back through a per-request callback, called on the engine thread
@@ -37,13 +52,35 @@ log = logging.getLogger(__name__)
 @dataclass
 class SchedulerSettings:
     max_num_seqs: int = 32
-    """Sequences in one step (the batch size bound); also the KV cache's rows."""
+    """Sequences in one step (the batch size bound), also the most sequences holding KV at once."""
     max_batched_tokens: int = 2048
-    """Tokens in one step (prefill prompts + one per decode); a longer prompt runs alone."""
+    """Tokens in one step: prompt chunks + one per decode (at least max_num_seqs)."""
+    long_prefill_tokens: int = 0
+    """Tokens of one prompt read in a step before other requests get their share; the rest of the
+    budget still goes to it. 0: a quarter of max_batched_tokens."""
     max_waiting: int = 256
     """Requests waiting for admission; beyond it submit() raises QueueFull (HTTP 429)."""
     idle_poll_s: float = 0.005
     """Seconds between checks while requests wait only for an adapter to finish loading."""
+
+    def __post_init__(self) -> None:
+        problems = [
+            (self.max_num_seqs < 1, "max_num_seqs must be at least 1"),
+            (
+                self.max_batched_tokens < self.max_num_seqs,
+                f"max_batched_tokens ({self.max_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}), so every running sequence decodes in every step",
+            ),
+            (self.long_prefill_tokens < 0, "long_prefill_tokens must be 0 (automatic) or positive"),
+            (self.max_waiting < 1, "max_waiting must be at least 1"),
+        ]
+        bad = [msg for wrong, msg in problems if wrong]
+        if bad:
+            raise PermanentError("InvalidSettings", "; ".join(bad))
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self.long_prefill_tokens or max(1, self.max_batched_tokens // 4)
 
 
 @dataclass
@@ -74,10 +111,28 @@ class Request:
     # engine-thread state
     seq_id: int = -1
     slot: int = -1
+    started: bool = False  # counted as running by the adapter tiers
+    computed: int = 0  # prompt tokens in the KV cache
     out_ids: list[int] = field(default_factory=list)
     tail: TextTail | None = None
     generator: torch.Generator | None = None
     first_token_at: float = 0.0
+
+    @property
+    def reservation(self) -> int:
+        """KV tokens it can use: prompt + max_tokens, within its length limit."""
+        wanted = self.params.max_tokens if self.params.max_tokens is not None else self.max_len
+        return min(len(self.prompt_ids) + wanted, self.max_len)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt_ids)
+
+
+def _as_error(exc: Exception) -> LoraplaneError:
+    if isinstance(exc, LoraplaneError):
+        return exc
+    return PermanentError("EngineError", f"the engine failed this request: {type(exc).__name__}: {exc}")
 
 
 class Scheduler:
@@ -102,6 +157,7 @@ class Scheduler:
         # adapter ID -> the waiting request its slot is freed for; not admitted meanwhile
         self._draining: dict[int, Request] = {}
         self.steps = 0
+        self.beat = time.monotonic()  # when the loop last came round: the engine's liveness
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -139,25 +195,31 @@ class Scheduler:
     # -- engine thread ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        while True:
-            with self._cond:
-                if self._stopping:
-                    break
-                if not self._inbox and not self._cancelled and not self.running:
-                    self._cond.wait(self.settings.idle_poll_s if self.waiting else 1.0)
-                inbox, self._inbox = list(self._inbox), collections.deque()
-                cancelled, self._cancelled = self._cancelled, set()
-            try:
-                self.iteration(inbox, cancelled)
-            except Exception:  # never let one bad step kill the engine thread
-                log.exception("engine step failed; failing the running requests")
-                for req in list(self.running):
-                    self._finish(req, "error", PermanentError("EngineError", "the engine step failed"))
+        while self.run_once(wait=True):
+            pass
         with self._cond:
             inbox, self._inbox = list(self._inbox), collections.deque()
         self._take_inbox(inbox)
         for req in self.running + self.waiting:
             self._finish(req, "error", TemporaryError("ShuttingDown", "the worker is shutting down"))
+
+    def run_once(self, *, wait: bool = False) -> bool:
+        """One iteration: take the inbox, plan and run a step. False once stop() was called."""
+        self.beat = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                return False
+            if wait and not self._inbox and not self._cancelled and not self.running:
+                self._cond.wait(self.settings.idle_poll_s if self.waiting else 1.0)
+            inbox, self._inbox = list(self._inbox), collections.deque()
+            cancelled, self._cancelled = self._cancelled, set()
+        try:
+            self.iteration(inbox, cancelled)
+        except Exception:  # a bug in the bookkeeping itself: fail what runs (with an answer), keep going
+            log.exception("engine iteration failed; failing the running requests")
+            for req in list(self.running):
+                self._finish(req, "error", PermanentError("EngineError", "the engine step failed"))
+        return True
 
     def _take_inbox(self, inbox: list[Request | int]) -> None:
         """Take new requests into the waiting list and apply adapter removals, in arrival order."""
@@ -174,24 +236,49 @@ class Scheduler:
         if cancelled:
             for req in [r for r in self.waiting + self.running if r.request_id in cancelled]:
                 self._finish(req, "cancelled", None)
-        new = self._admit()
-        batch = self.running + new
-        if not batch:
+        plan = self._plan()
+        if not plan:
             return
-        steps = [SeqStep(r.seq_id, r.prompt_ids if not r.out_ids else r.out_ids[-1:], r.slot) for r in batch]
-        self.running = list(batch)  # _advance removes finished ones from it while we walk batch
-        logits = self.runner.step(steps)
-        tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
         self.steps += 1
-        self.metrics.batch_size.observe(len(batch))
-        now = time.monotonic()
-        for req, token in zip(batch, tokens, strict=True):
-            self._advance(req, token, now)
+        self.metrics.batch_size.observe(len(plan))
+        self._execute(plan)
 
-    def _admit(self) -> list[Request]:
-        """Waiting requests that join this step, oldest first, within the batch and token budgets."""
+    # -- planning --------------------------------------------------------------------------------
+
+    def _plan(self) -> list[tuple[Request, int]]:
+        """(request, tokens it adds this step), within the token budget; admits waiting requests."""
         s = self.settings
-        budget = s.max_batched_tokens - len(self.running)
+        chunk = s.prefill_chunk
+        plan: dict[Request, int] = {}
+        for req in self.running:  # decodes first: they never wait
+            if not req.prefilling:
+                plan[req] = 1
+        budget = s.max_batched_tokens - len(plan)
+        reading = [r for r in self.running if r.prefilling]  # prompts being read, oldest first
+        for req in reading:
+            n = min(len(req.prompt_ids) - req.computed, chunk, budget)
+            if n > 0:
+                plan[req] = n
+                budget -= n
+        long_busy = any(len(r.prompt_ids) - r.computed > plan.get(r, 0) for r in reading)
+        for req in self._admit(budget, chunk, long_busy):
+            n = min(len(req.prompt_ids), chunk, budget)
+            plan[req] = n
+            budget -= n
+            reading.append(req)
+        for req in reading:  # the leftover budget goes to the prompts being read, oldest first
+            if budget <= 0:
+                break
+            extra = min(len(req.prompt_ids) - req.computed - plan.get(req, 0), budget)
+            if extra > 0:
+                plan[req] = plan.get(req, 0) + extra
+                budget -= extra
+        return list(plan.items())
+
+    def _admit(self, budget: int, chunk: int, long_busy: bool) -> list[Request]:
+        """Waiting requests that join this step, oldest first, within the batch, token and KV budgets."""
+        s = self.settings
+        kv = self.runner.kv
         copies_left = 1 if self.running else self.runner.max_loras
         new: list[Request] = []
         missing: list[int] = []  # adapter IDs not in a slot, in queue order
@@ -200,11 +287,24 @@ class Scheduler:
             if id(waiter) not in waiting_ids or victim not in self.tiers.slot_of:
                 del self._draining[victim]  # the request it drained for started (or left), or it is gone
         for req in list(self.waiting):
-            if len(self.running) + len(new) >= s.max_num_seqs:
+            if len(self.running) >= s.max_num_seqs or budget <= 0:
                 break
             n = len(req.prompt_ids)
-            if n > budget and (new or self.running):
-                break  # keep arrival order for long prompts: it goes first next step
+            first = min(n, chunk, budget)
+            if first < n and long_busy:
+                continue  # one long prompt is read at a time; shorter requests behind it go first
+            reserve = min(req.reservation, kv.max_len)
+            if reserve > kv.total_tokens or n >= reserve:
+                self._finish(req, "error", self._too_large(req, reserve))
+                continue
+            if not kv.can_allocate(reserve):
+                break  # wait for running requests to free KV, oldest first
+            try:  # everything about the request itself that can fail, before any state changes
+                generator = req.params.generator(self.runner.device)
+                tail = TextTail(self.runner.tokenizer, req.params.stop)
+            except Exception as exc:
+                self._finish(req, "error", self._refused(exc))
+                continue
             if req.adapter_id is not None:
                 if req.adapter_id in self._draining:
                     continue  # its slot is being freed for an older request
@@ -219,8 +319,8 @@ class Scheduler:
                         # only the adapters nearest the queue's head start loading from disk
                         may_load=req.adapter_id in missing[:PREFETCH_WINDOW],
                     )
-                except LoraplaneError as exc:
-                    self._finish(req, "error", exc)
+                except Exception as exc:
+                    self._finish(req, "error", _as_error(exc))
                     continue
                 if slot is None:
                     self._maybe_drain(req, missing)
@@ -228,20 +328,40 @@ class Scheduler:
                 if not resident:
                     copies_left -= 1
                 req.slot = slot
-                self.tiers.start(req.adapter_id)
             self.waiting.remove(req)
             with self._cond:
                 self._queued -= 1
             req.seq_id = self._next_seq
             self._next_seq += 1
-            self.runner.allocate(req.seq_id)
-            req.tail = TextTail(self.runner.tokenizer, req.params.stop)
-            req.generator = req.params.generator(self.runner.device)
+            self.runner.allocate(req.seq_id, reserve)
+            if req.adapter_id is not None:
+                self.tiers.start(req.adapter_id)
+                req.started = True
+            req.tail, req.generator = tail, generator
+            self.running.append(req)
             self.metrics.prompt_tokens.labels(model=req.model).inc(n)
             self.metrics.queue_time.labels(model=req.model).observe(time.monotonic() - req.arrival)
-            budget -= n
+            budget -= first
+            long_busy = long_busy or first < n
             new.append(req)
         return new
+
+    def _too_large(self, req: Request, reserve: int) -> LoraplaneError:
+        kv = self.runner.kv
+        return PermanentError(
+            "PromptTooLong",
+            f"the prompt ({len(req.prompt_ids)} tokens) plus max_tokens needs {reserve} tokens of KV cache; "
+            f"this worker's KV cache holds {kv.total_tokens} tokens and a sequence at most {kv.max_len} "
+            "(max_model_len); shorten the prompt or lower max_tokens",
+        )
+
+    @staticmethod
+    def _refused(exc: Exception) -> LoraplaneError:
+        if isinstance(exc, LoraplaneError):
+            return exc
+        return PermanentError(
+            "InvalidSamplingParams", f"the engine cannot take this request's sampling settings: {exc}"
+        )
 
     def _maybe_drain(self, req: Request, missing: list[int]) -> None:
         """A request near the queue's head found every slot busy: stop admitting one resident adapter
@@ -259,6 +379,77 @@ class Scheduler:
         victim = self.tiers.drain_victim(exclude=set(self._draining))
         if victim is not None:
             self._draining[victim] = req
+
+    # -- running a step ----------------------------------------------------------------------------
+
+    def _execute(self, plan: list[tuple[Request, int]]) -> None:
+        """Run the planned rows; when the step raises, run each half on its own, down to the rows that fail."""
+        steps = [
+            SeqStep(
+                r.seq_id,
+                r.prompt_ids[r.computed : r.computed + n] if r.prefilling else r.out_ids[-1:],
+                r.slot,
+            )
+            for r, n in plan
+        ]
+        try:
+            logits = self.runner.step(steps)
+        except Exception as exc:
+            if len(plan) == 1:
+                req = plan[0][0]
+                log.warning("request %s failed its step: %s", req.request_id, exc)
+                self._finish(req, "error", _as_error(exc))
+                return
+            half = len(plan) // 2
+            self._execute(plan[:half])
+            self._execute(plan[half:])
+            return
+        self._collect(plan, logits)
+
+    def _collect(self, plan: list[tuple[Request, int]], logits: torch.Tensor) -> None:
+        """Sample one token for each row whose prompt is read; rows with non-finite logits fail alone."""
+        finite = torch.isfinite(logits).all(dim=1).tolist()
+        ready: list[int] = []
+        for i, (req, n) in enumerate(plan):
+            if req.prefilling:
+                req.computed += n
+            if not finite[i]:
+                self._finish(req, "error", self._non_finite(req))
+            elif not req.prefilling:
+                ready.append(i)
+        if not ready:
+            return
+        reqs = [plan[i][0] for i in ready]
+        rows = logits.index_select(0, torch.tensor(ready, device=logits.device))
+        try:
+            tokens: list[int | None] = list(
+                sample(rows, [r.params for r in reqs], [r.generator for r in reqs])
+            )
+        except Exception:  # find the row that cannot be sampled; the others keep their tokens
+            tokens = []
+            for j, r in enumerate(reqs):
+                try:
+                    tokens.extend(sample(rows[j : j + 1], [r.params], [r.generator]))
+                except Exception as exc:
+                    self._finish(r, "error", _as_error(exc))
+                    tokens.append(None)
+        now = time.monotonic()
+        for req, token in zip(reqs, tokens, strict=True):
+            if token is None:
+                continue
+            try:
+                self._advance(req, token, now)
+            except Exception as exc:  # a detokenizer or callback error ends this request only
+                self._finish(req, "error", _as_error(exc))
+
+    @staticmethod
+    def _non_finite(req: Request) -> LoraplaneError:
+        whose = "the base model" if req.adapter_id is None else f"adapter ID {req.adapter_id} ({req.model!r})"
+        return PermanentError(
+            "NonFiniteOutput",
+            f"the logits for this request are NaN or Inf: the weights of {whose} likely hold NaN or Inf "
+            "values; other requests are unaffected",
+        )
 
     def _advance(self, req: Request, token: int, now: float) -> None:
         if not req.out_ids:
@@ -288,24 +479,31 @@ class Scheduler:
         n = len(req.out_ids)
         if n > 1:
             self.metrics.tpot.labels(model=req.model).observe((now - req.first_token_at) / (n - 1))
-        req.on_output(Output(text, [token], reason, len(req.prompt_ids), n))
         self._release(req)
+        req.on_output(Output(text, [token], reason, len(req.prompt_ids), n))
 
     def _finish(self, req: Request, reason: str, error: LoraplaneError | None) -> None:
-        """End a request early (cancelled, failed, shutdown)."""
-        req.on_output(Output("", [], reason, len(req.prompt_ids), len(req.out_ids), error))
-        self._release(req)
+        """End a request early (cancelled, failed, shutdown): its resources first, then its last output."""
+        if not self._release(req):
+            return  # ended already
+        try:
+            req.on_output(Output("", [], reason, len(req.prompt_ids), len(req.out_ids), error))
+        except Exception:
+            log.exception("request %s: its output callback failed", req.request_id)
 
-    def _release(self, req: Request) -> None:
-        started = req.seq_id >= 0
-        self.metrics.e2e.labels(model=req.model).observe(time.monotonic() - req.arrival)
+    def _release(self, req: Request) -> bool:
+        """Free what the request holds; False when it held nothing (released before)."""
         if req in self.running:
             self.running.remove(req)
-        if req in self.waiting:
+        elif req in self.waiting:
             self.waiting.remove(req)
             with self._cond:
                 self._queued -= 1
-        if started:
+        else:
+            return False
+        self.metrics.e2e.labels(model=req.model).observe(time.monotonic() - req.arrival)
+        if req.seq_id >= 0:
             self.runner.free(req.seq_id)
         if req.adapter_id is not None:
-            self.tiers.finish(req.adapter_id, started=started)
+            self.tiers.finish(req.adapter_id, started=req.started)
+        return True

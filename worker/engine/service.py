@@ -47,6 +47,9 @@ class EngineSettings:
     """Tokens per sequence in the KV cache (prompt + output); default min(max_position_embeddings, 4096)."""
     served_model_name: str = ""
     """The base model's name in the OpenAI ``model`` field; default the checkpoint directory's name."""
+    kv_cache_bytes: int = 0
+    """KV cache memory budget (bytes); 0: on GPU the free memory after loading less 10% of the total,
+    on CPU a quarter of the available memory; never more than max_num_seqs x max_model_len tokens."""
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     """Batch and queue bounds."""
 
@@ -56,6 +59,9 @@ class EngineSettings:
         names = ("device", "dtype", "max_loras", "max_lora_rank", "max_cpu_loras", "served_model_name")
         values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
         values["max_model_len"] = getattr(worker, "max_model_len", 0) or None  # 0: the model's default
+        values["kv_cache_bytes"] = getattr(worker, "kv_cache_bytes", 0)
+        sched = {n: getattr(worker, n) for n in ("max_num_seqs", "max_batched_tokens") if hasattr(worker, n)}
+        values["scheduler"] = SchedulerSettings(**sched)
         values.update(overrides)
         return cls(**values)
 
@@ -95,6 +101,7 @@ class Engine:
             max_lora_rank=settings.max_lora_rank,
             max_seqs=settings.scheduler.max_num_seqs,
             max_model_len=settings.max_model_len,
+            kv_cache_bytes=settings.kv_cache_bytes,
         )
         engine = cls(
             runner, settings, registry, model_name=settings.served_model_name or Path(model_dir).name
@@ -152,6 +159,8 @@ class Engine:
         Raises PermanentError PromptTooLong (the limit named), TemporaryError QueueFull.
         """
         limit, source = self.limit_for(version)
+        if self.runner.kv.total_tokens < limit:  # a KV budget smaller than one max-length sequence
+            limit, source = self.runner.kv.total_tokens, "the size of this worker's KV cache"
         if not prompt_ids:
             raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
