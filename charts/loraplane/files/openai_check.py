@@ -38,4 +38,6 @@ if MODEL not in served:
 out = call("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 0})
 if not out.get("choices") or (out.get("usage") or {}).get("completion_tokens", 0) < 1:
     sys.exit(f"FAIL /v1/completions: no token generated: {out}")
-print(f"ok: {URL} lists {len(served)} models and {MODEL!r} generated {out['usage']['completion_tokens']} token")
+print(
+    f"ok: {URL} lists {len(served)} models and {MODEL!r} generated {out['usage']['completion_tokens']} token"
+)
