@@ -188,3 +188,23 @@ def test_chart_default_images_are_the_ones_built_here() -> None:
         assert f"-f docker/{dockerfile.name}" in readme, (
             f"docker/README.md has no build command for {dockerfile.name}"
         )
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_deploy_docs_name_the_runtime_base(dockerfile: Path) -> None:
+    """docs/deploy.md names the image each Dockerfile's final stage is built FROM (its ARG default)."""
+    text = dockerfile.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.MULTILINE))
+    base = re.findall(r"^FROM (\S+)", text, re.MULTILINE)[-1]
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    row = next(
+        (
+            line
+            for line in (REPO / "docs" / "deploy.md").read_text().splitlines()
+            if f"`docker/{dockerfile.name}`" in line
+        ),
+        "",
+    )
+    assert f"`{base}`" in row, (
+        f"docs/deploy.md's image table should name {base} for {dockerfile.name}: {row!r}"
+    )
