@@ -50,6 +50,15 @@ class WorkerSettings:
     """Weights dtype of the engine: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."""
     max_model_len: int = 0
     """Tokens per sequence in the KV cache (prompt + output). 0: min(max_position_embeddings, 4096)."""
+    max_num_seqs: int = 32
+    """Sequences the engine runs at once (count): the batch size bound, also the most holding KV cache."""
+    max_batched_tokens: int = 2048
+    """Tokens in one engine step (count): prompt chunks + one per running sequence; >= --max-num-seqs.
+    Long prompts are read in chunks, so they never hold up the requests beside them."""
+    kv_cache_bytes: int = 0
+    """KV cache memory budget in bytes (e.g. 8Gi); requests reserve prompt + max_tokens of it. 0: on GPU
+    the free memory after loading less 10% of the total, on CPU a quarter of the available memory;
+    never more than max_num_seqs x max_model_len tokens."""
     cache_dir: str = "/var/cache/loraplane"
     """Directory of the adapter disk cache (a volume kept across restarts avoids re-downloading)."""
     cache_bytes: int = 20 << 30
@@ -313,6 +322,17 @@ def check(s: WorkerSettings) -> WorkerSettings:
     if s.max_model_len < 0:
         raise ConfigError(
             f"--max-model-len must be 0 (the model's default) or a positive integer, got {s.max_model_len}"
+        )
+    if s.max_num_seqs < 1:
+        raise ConfigError(f"--max-num-seqs must be a positive integer, got {s.max_num_seqs}")
+    if s.max_batched_tokens < s.max_num_seqs:
+        raise ConfigError(
+            f"--max-batched-tokens ({s.max_batched_tokens}) must be at least --max-num-seqs ({s.max_num_seqs}), "
+            "so every running sequence decodes in every step"
+        )
+    if s.kv_cache_bytes < 0:
+        raise ConfigError(
+            f"--kv-cache-bytes must be 0 (sized from free memory) or a byte count (e.g. 8Gi), got {s.kv_cache_bytes}"
         )
     if s.mode not in _MODES:
         raise ConfigError(f"--mode must be one of {sorted(_MODES)}, got {s.mode!r}")

@@ -342,3 +342,18 @@ def test_kv_left_by_a_non_finite_sequence_never_reaches_another(
     alone = torch.cat([fresh.step([SeqStep(1, short, -1)]), fresh.step([SeqStep(2, long, -1)])])
     assert torch.isfinite(mixed).all()
     torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_worker_flags_size_the_engine(tiny_llama: Path) -> None:
+    from loraplane.worker import settings as worker_settings
+
+    base = ["--base-model", str(tiny_llama)]
+    s = worker_settings.load(
+        [*base, "--max-num-seqs", "4", "--max-batched-tokens", "64", "--kv-cache-bytes", "1Mi"], environ={}
+    )
+    e = EngineSettings.from_worker(s)
+    assert (e.scheduler.max_num_seqs, e.scheduler.max_batched_tokens, e.kv_cache_bytes) == (4, 64, 2**20)
+    with pytest.raises(worker_settings.ConfigError, match="--max-batched-tokens"):
+        worker_settings.load([*base, "--max-num-seqs", "64", "--max-batched-tokens", "32"], environ={})
+    with pytest.raises(worker_settings.ConfigError, match="--kv-cache-bytes"):
+        worker_settings.load([*base, "--kv-cache-bytes", "-1"], environ={})
