@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 crds: setup
-	$(BIN)/loraplane crds
+	$(BIN)/loraplane crds --checkout
 
 bench: setup
 	$(BIN)/python benchmarks/bench_allocation.py --n 300

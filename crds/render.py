@@ -191,9 +191,10 @@ def rendered() -> dict[str, str]:
     return out
 
 
-def write(targets: list[Path] | None = None) -> list[Path]:
+def write(targets: list[Path]) -> list[Path]:
+    """Write every CRD into each folder; returns the paths written."""
     written = []
-    for folder in targets or [CRDS_DIR, CHART_CRDS_DIR]:
+    for folder in targets:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in rendered().items():
             path = folder / name
@@ -203,11 +204,36 @@ def write(targets: list[Path] | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loraplane crds", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, action="append", help="folder to write (default: crds/ and the chart)"
+    parser = argparse.ArgumentParser(
+        prog="loraplane crds",
+        description="Print the CRDs as one YAML stream (kubectl apply -f -), or write them into folders.",
+        epilog="examples:  loraplane crds | kubectl apply -f -    loraplane crds --output-dir ./crds",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--output-dir",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="write one file per CRD into DIR (repeatable)",
+    )
+    where.add_argument(
+        "--checkout",
+        action="store_true",
+        help="regenerate crds/ and charts/loraplane/crds/ of the source checkout this package runs from",
     )
     args = parser.parse_args(argv)
-    for path in write(args.out):
+    if args.checkout:
+        if not CHART_CRDS_DIR.parent.is_dir():
+            parser.error(
+                f"{CRDS_DIR} is not in a source checkout (no {CHART_CRDS_DIR.parent}); use --output-dir"
+            )
+        targets = [CRDS_DIR, CHART_CRDS_DIR]
+    elif args.output_dir:
+        targets = args.output_dir
+    else:
+        print("---\n".join(rendered().values()), end="")
+        return 0
+    for path in write(targets):
         print(f"wrote {path}")
     return 0

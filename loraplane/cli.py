@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "crds": (
         "loraplane.crds.render",
-        "regenerate crds/*.yaml (and the chart's copy) from the pydantic models",
+        "print the CRDs (| kubectl apply -f -), or write them with --output-dir DIR",
     ),
     "validate": (
         "loraplane.worker.validate",
@@ -31,11 +31,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    from loraplane.telemetry import package_version
+
+    return package_version()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv[:2]:  # `loraplane --version` and `loraplane COMMAND --version`
+        print(f"loraplane {version()}")
+        return 0
     parser = argparse.ArgumentParser(
         prog="loraplane",
         description="LoRA adapters as Kubernetes objects: cluster-unique IDs, validated prefetch, multi-LoRA serving.",
+        epilog="Every command takes --version; `loraplane COMMAND --help` for its options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

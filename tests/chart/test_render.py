@@ -249,7 +249,7 @@ def test_chart_crds_validate_and_examples_match_their_schema() -> None:
 def test_chart_crds_identical_to_generated_crds() -> None:
     generated = {p.name: p.read_bytes() for p in (chartkit.REPO / "crds").glob("*.yaml")}
     in_chart = {p.name: p.read_bytes() for p in (chartkit.CHART / "crds").glob("*.yaml")}
-    assert generated, "crds/*.yaml is missing: run `loraplane crds`"
-    assert in_chart.keys() == generated.keys(), "chart crds/ differs from crds/: run `loraplane crds`"
+    assert generated, "crds/*.yaml is missing: run `make crds`"
+    assert in_chart.keys() == generated.keys(), "chart crds/ differs from crds/: run `make crds`"
     for name, data in generated.items():
-        assert in_chart[name] == data, f"charts/loraplane/crds/{name} is stale: run `loraplane crds`"
+        assert in_chart[name] == data, f"charts/loraplane/crds/{name} is stale: run `make crds`"

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_checked_in_crds_match_the_models(folder: str) -> None:
     for name, text in render.rendered().items():
         path = REPO / folder / name
-        assert path.exists(), f"{path} is missing: run `loraplane crds`"
-        assert path.read_text() == text, f"{path} is stale: run `loraplane crds`"
+        assert path.exists(), f"{path} is missing: run `make crds`"
+        assert path.read_text() == text, f"{path} is stale: run `make crds`"
 
 
 def _walk(schema: dict, where: str = "") -> list[tuple[str, dict]]:

@@ -1,0 +1,98 @@
+"""The command-line surface: --version everywhere, `loraplane crds` output modes, size flags that take
+Kubernetes quantities, and `loraplane validate` for CLI users and pipelines. Each runs the real
+console script in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraplane.crds import render
+from loraplane.telemetry import package_version
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["loraplane"],
+        ["loraplane", "crds"],
+        ["loraplane", "validate"],
+        ["loraplane", "demo"],
+        ["loraplane", "dev-apiserver"],
+        ["loraplane-operator"],
+        ["loraplane-worker"],
+    ],
+    ids=" ".join,
+)
+def test_every_command_has_version(command: list[str]) -> None:
+    out = run(str(BIN / command[0]), *command[1:], "--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(package_version()), out.stdout
+
+
+def test_crds_to_stdout_apply_as_one_stream() -> None:
+    out = run(str(BIN / "loraplane"), "crds")
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert [d["metadata"]["name"] for d in docs] == ["loraadapters.loraplane.io", "loraworkers.loraplane.io"]
+    assert docs == [yaml.safe_load(t) for t in render.rendered().values()]
+
+
+def test_crds_output_dir_writes_only_there(tmp_path: Path) -> None:
+    out = run(
+        str(BIN / "loraplane"),
+        "crds",
+        "--output-dir",
+        str(tmp_path / "a"),
+        "--output-dir",
+        str(tmp_path / "b"),
+    )
+    assert out.returncode == 0, out.stderr
+    for folder in ("a", "b"):
+        written = {p.name: p.read_text() for p in (tmp_path / folder).iterdir()}
+        assert written == render.rendered()
+    both = run(str(BIN / "loraplane"), "crds", "--checkout", "--output-dir", str(tmp_path))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [
+        ("1.5Gi", 1610612736),
+        ("40e9", 40_000_000_000),
+        ("20Gi", 20 << 30),
+        ("500M", 500_000_000),
+        ("123", 123),
+    ],
+)
+def test_sizes_take_kubernetes_quantities(tmp_path: Path, given: str, want: int) -> None:
+    from support import adapters
+
+    from loraplane.worker import settings
+
+    base = adapters.write_base_config(tmp_path / "base")
+    s = settings.load(["--base-model", str(base), "--cache-bytes", given], environ={})
+    assert s.cache_bytes == want
+    from_env = settings.load(["--base-model", str(base)], environ={"LORAPLANE_CACHE_BYTES": given})
+    assert from_env.cache_bytes == want
+
+
+@pytest.mark.parametrize("given", ["1.5", "100m", "lots", "1.0001Ki"])
+def test_sizes_that_are_not_whole_bytes_are_refused(tmp_path: Path, given: str) -> None:
+    from support import adapters
+
+    from loraplane.worker import settings
+
+    base = adapters.write_base_config(tmp_path / "base")
+    with pytest.raises(settings.ConfigError, match="--cache-bytes must be a whole number"):
+        settings.load(["--base-model", str(base), "--cache-bytes", given], environ={})
