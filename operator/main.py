@@ -10,6 +10,12 @@ import sys
 from loraplane.operator.settings import LEDGER_NAME, OperatorSettings
 
 
+def _version() -> str:
+    from loraplane.telemetry import package_version
+
+    return package_version()
+
+
 def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
     d = OperatorSettings()
     p = argparse.ArgumentParser(
@@ -67,6 +73,7 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
     )
     p.add_argument("--shard-grace", type=float, default=d.shard_grace, help="seconds before taking over")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logs")
+    p.add_argument("--version", action="version", version=f"loraplane-operator {_version()}")
     p.add_argument(
         "--log-format",
         choices=("text", "json"),

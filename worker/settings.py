@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_LORA_RANK) or in the --config YAML file.",
     )
     parser.add_argument("--config", default=None, help="YAML file of settings (keys: flag names, - or _)")
+    from loraplane.telemetry import package_version
+
+    parser.add_argument("--version", action="version", version=f"loraplane-worker {package_version()}")
     docs = _field_docs()
     for f in fields(WorkerSettings):
         default = f.default if f.default is not dataclasses.MISSING else None
