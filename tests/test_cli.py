@@ -96,3 +96,14 @@ def test_sizes_that_are_not_whole_bytes_are_refused(tmp_path: Path, given: str) 
     base = adapters.write_base_config(tmp_path / "base")
     with pytest.raises(settings.ConfigError, match="--cache-bytes must be a whole number"):
         settings.load(["--base-model", str(base), "--cache-bytes", given], environ={})
+
+
+def test_readme_by_hand_steps_create_the_ledger_namespace() -> None:
+    """The operator stops without its ledger namespace; the README's manual install creates it."""
+    from loraplane.operator.settings import OperatorSettings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    steps = readme.split("Or by hand", 1)[1].split("```", 2)[1]
+    assert "loraplane crds | kubectl apply -f -" in steps
+    assert f"kubectl create namespace {OperatorSettings().ledger_namespace}" in steps
+    assert steps.index("create namespace") < steps.index("loraplane-operator")
