@@ -52,3 +52,93 @@ class ValidationFailed(PermanentError):
         self.problems = problems
         reason, _ = problems[0]
         super().__init__(reason, "; ".join(message for _, message in problems))
+
+
+# ---- Kubernetes API errors --------------------------------------------------------------------------
+# One class per status that callers branch on (kopf's habit). Each keeps the Kubernetes Status the
+# server sent: ``status`` (the HTTP code; 0 when the server was not reached), ``reason`` (the Status
+# reason, e.g. ``Conflict``), ``message`` and ``details``; ``retry`` says whether trying again can help.
+
+
+class APIError(LoraplaneError):
+    """A Kubernetes API request failed, e.g. ``NotFound: loraadapters "a" not found``."""
+
+    default_reason = "InternalError"
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        details: dict | None = None,
+        *,
+        retry: bool | None = None,
+    ) -> None:
+        super().__init__(reason or self.default_reason, message, retry=retry)
+        self.status = status
+        self.details = details or {}
+
+
+class APIUnreachableError(APIError):
+    """The API server could not be reached or the connection broke: ``ApiUnreachable: GET /api/v1/...``."""
+
+    retry = True
+    default_reason = "ApiUnreachable"
+
+
+class CredentialsError(APIError):
+    """No usable credentials: ``NoCredentials: cannot load Kubernetes credentials from /x: ...``."""
+
+    default_reason = "NoCredentials"
+
+
+class APIClientError(APIError):
+    """Any 4xx answer."""
+
+    default_reason = "BadRequest"
+
+
+class APIUnauthorizedError(APIClientError):
+    default_reason = "Unauthorized"
+
+
+class APIForbiddenError(APIClientError):
+    default_reason = "Forbidden"
+
+
+class APINotFoundError(APIClientError):
+    default_reason = "NotFound"
+
+
+class APIConflictError(APIClientError):
+    """409: a stale resourceVersion (``Conflict``) or a name in use (``AlreadyExists``): re-read and retry."""
+
+    retry = True
+    default_reason = "Conflict"
+
+
+class APIGoneError(APIClientError):
+    """410: a resourceVersion older than the server keeps (``Expired``): list again."""
+
+    retry = True
+    default_reason = "Expired"
+
+
+class APIUnprocessableEntityError(APIClientError):
+    default_reason = "Invalid"
+
+
+class APITooManyRequestsError(APIClientError):
+    retry = True
+    default_reason = "TooManyRequests"
+
+
+class APIServerError(APIError):
+    """Any 5xx answer: the server's trouble, worth retrying."""
+
+    retry = True
+
+
+class APIResourceVersionTooLargeError(APIServerError):
+    """504 ``ResourceVersionTooLarge``: a resourceVersion the server has not reached (it restarted from
+    an older or empty store); list again instead of resuming."""

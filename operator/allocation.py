@@ -23,10 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from loraplane.crds.errors import PermanentError
+from loraplane.crds.errors import APIConflictError, APINotFoundError, PermanentError
+from loraplane.crds.kube import KubeClient
 from loraplane.crds.models import ID_MAX
 from loraplane.operator import metrics
-from loraplane.operator.kubeapi import ApiError, KubeApi
 from loraplane.operator.settings import RECOVER_ANNOTATION, OperatorSettings
 
 log = logging.getLogger("loraplane.operator.allocation")
@@ -103,7 +103,7 @@ def restore_hint(settings: OperatorSettings, visible_max: int) -> str:
 class Allocator:
     """Hands out IDs from blocks reserved in the ledger; one per operator process."""
 
-    def __init__(self, api: KubeApi, settings: OperatorSettings, visible_max: Callable[[], int]) -> None:
+    def __init__(self, api: KubeClient, settings: OperatorSettings, visible_max: Callable[[], int]) -> None:
         self.api = api
         self.settings = settings
         self._visible_max = visible_max
@@ -145,10 +145,8 @@ class Allocator:
         for _ in range(self.settings.write_retries * 4):
             visible = self.visible_max()
             try:
-                ledger = await self.api.request("GET", self._path)
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
+                ledger: dict[str, Any] | None = await self.api.request("GET", self._path)
+            except APINotFoundError:
                 ledger = None
             if ledger is None:
                 if visible > 0 and not self.settings.recover_ledger:
@@ -166,18 +164,16 @@ class Allocator:
                     "data": {"next": str(start + block)},
                 }
                 try:
-                    await self.api.request("POST", self._path.rsplit("/", 1)[0], body)
-                except ApiError as exc:
-                    if exc.status == 409:  # Another replica created it first.
-                        metrics.ALLOCATION_CONFLICTS.inc()
-                        continue
-                    if exc.status == 404:
-                        raise LedgerError(
-                            LEDGER_MISSING,
-                            f"namespace {self.settings.ledger_namespace} for the ID ledger does not exist; "
-                            f"create it or pass --ledger-namespace",
-                        ) from None
-                    raise
+                    await self.api.request("POST", self._path.rsplit("/", 1)[0], body=body)
+                except APIConflictError:  # Another replica created it first.
+                    metrics.ALLOCATION_CONFLICTS.inc()
+                    continue
+                except APINotFoundError:
+                    raise LedgerError(
+                        LEDGER_MISSING,
+                        f"namespace {self.settings.ledger_namespace} for the ID ledger does not exist; "
+                        f"create it or pass --ledger-namespace",
+                    ) from None
                 log.warning(
                     "ledger %s/%s created at next=%d (%s)",
                     self.settings.ledger_namespace,
@@ -211,12 +207,10 @@ class Allocator:
             ledger["metadata"] = {**meta, "annotations": annotations}
             ledger["data"] = {**(ledger.get("data") or {}), "next": str(end)}
             try:
-                await self.api.request("PUT", self._path, ledger)  # Carries the resourceVersion read.
-            except ApiError as exc:
-                if exc.status == 409:
-                    metrics.ALLOCATION_CONFLICTS.inc()
-                    continue
-                raise
+                await self.api.request("PUT", self._path, body=ledger)  # Carries the resourceVersion read.
+            except APIConflictError:
+                metrics.ALLOCATION_CONFLICTS.inc()
+                continue
             self._fill(start, end - start)
             return
         raise LedgerError(LEDGER_CONTENDED, "the ID ledger kept changing under this operator; will retry")

@@ -1,7 +1,10 @@
-"""Thin kopf handlers: every decision lives in reconciler.py, allocation.py, names.py and aggregate.py.
+"""Thin kopf handlers and kopf's settings: every decision lives in reconciler.py, allocation.py, names.py
+and aggregate.py.
 
 Only ``kopf.on.event`` handlers are used: they keep no progress, diff-base or finalizer on the objects,
 so kopf itself writes nothing to adapters (every write is the operator's own checked status write).
+The reconciler lives in kopf's memo, which main.py keeps across restarts of kopf (after the API server
+went away): what it has seen, the highest ID above all, survives them.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from typing import Any
 
 import kopf
 
+from loraplane.crds.errors import APIError
+from loraplane.crds.kube import Backoff, KubeClient, bearer_token, load_configuration
 from loraplane.crds.models import ADAPTER_PLURAL, GROUP, VERSION, WORKER_PLURAL
 from loraplane.operator import metrics
-from loraplane.operator.kubeapi import KubeApi
 from loraplane.operator.reconciler import Reconciler
 from loraplane.operator.settings import OperatorSettings
 
@@ -24,16 +28,10 @@ log = logging.getLogger("loraplane.operator")
 SETTINGS = OperatorSettings()  # Set by main() before kopf starts.
 
 
-@kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
-    """kopf connects with the same credentials as our own client (a token-less kubeconfig included)."""
-    return KubeApi(SETTINGS.kubeconfig).connection_info()
-
-
-@kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Fewer writes and less latency: no progress annotations, kopf's own Events only for errors,
-    # a short batching window (each event is handled at once).
+def kopf_settings() -> kopf.OperatorSettings:
+    """kopf's settings for this operator: fewer writes, less latency, and never giving up on the API."""
+    settings = kopf.OperatorSettings()
+    # No progress annotations, kopf's own Events only for errors, a short batching window.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="loraplane.io")
     settings.posting.level = logging.ERROR
@@ -44,19 +42,52 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.scanning.disabled = True
     settings.peering.standalone = not SETTINGS.peering
     settings.execution.max_workers = 4
-    api = KubeApi(SETTINGS.kubeconfig)
-    reconciler = Reconciler(SETTINGS, api)
+    # Transient errors (connection refused, 5xx, 429) are retried with the shared backoff; what kopf
+    # still gives up on ends its run, and main.py starts it again. kopf must not SIGKILL the process
+    # when a run ends with an error: that would take the reconciler's memory with it.
+    settings.networking.error_backoffs = Backoff(start=0.5, cap=10.0).delays(8)
+    settings.watching.reconnect_backoff = 1.0
+    settings.process.ultimate_exiting_timeout = None
+    return settings
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf connects with the same credentials as our client, loaded afresh at every (re-)login: kopf
+    logs in again on a 401, which picks up a rotated service-account token."""
+    cfg = load_configuration(SETTINGS.kubeconfig)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        token=bearer_token(cfg),
+        default_namespace=None,
+    )
+
+
+@kopf.on.startup()
+async def startup(memo: kopf.Memo, **_: Any) -> None:
+    reconciler = memo.get("reconciler")
+    if reconciler is None:
+        api = KubeClient(load_configuration(SETTINGS.kubeconfig), user_agent="loraplane-operator")
+        reconciler = memo["reconciler"] = Reconciler(SETTINGS, api)
     await reconciler.prime()
-    memo["reconciler"] = reconciler
-    memo["ticker"] = asyncio.get_running_loop().create_task(_ticker(reconciler))
+    memo["ticker"] = asyncio.get_running_loop().create_task(_ticker(reconciler, memo))
 
 
-async def _ticker(reconciler: Reconciler) -> None:
+async def _ticker(reconciler: Reconciler, memo: kopf.Memo) -> None:
     while True:
         await asyncio.sleep(SETTINGS.liveness_interval)
         try:
+            if await reconciler.store_went_back():
+                memo["restart"].set()  # main.py starts kopf again: it lists afresh.
+                return
             with metrics.HANDLER_DURATION.labels(handler="tick").time():
                 await reconciler.tick()
+        except APIError as exc:  # The API server is away: the next tick tries again.
+            log.warning("periodic check: %s", exc)
         except Exception:  # The ticker must survive any single failure; it is logged.
             log.exception("periodic check failed")
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
+import signal
+import socket
 import sys
 
 from loraplane.operator.settings import LEDGER_NAME, OperatorSettings
+
+log = logging.getLogger("loraplane.operator")
 
 
 def _version() -> str:
@@ -112,8 +118,39 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
     ), a.verbose
 
 
+def _fail(message: str) -> int:
+    """One line on stderr naming the problem and its fix; exit code 2, as the worker's config errors."""
+    print(f"loraplane-operator: {message}", file=sys.stderr)
+    return 2
+
+
+def _port_taken(flag: str, address: str, port: int) -> str | None:
+    """Bind the port for a moment: a taken one becomes a one-line error now, not a traceback later."""
+    if not port:
+        return None
+    try:
+        with socket.create_server((address, port)):
+            return None
+    except OSError as exc:
+        return f"{flag} {port}: cannot listen on {address}:{port} ({exc.strerror}); pick a free port, or 0 to disable"
+
+
 def main(argv: list[str] | None = None) -> int:
     settings, verbose = parse_args(argv)
+    from loraplane.crds.errors import CredentialsError
+    from loraplane.crds.kube import load_configuration
+
+    try:
+        load_configuration(settings.kubeconfig)  # Fail now, naming the fix, rather than retry forever.
+    except CredentialsError as exc:
+        return _fail(
+            f"{exc.message}; pass a readable kubeconfig with --kubeconfig (or $KUBECONFIG), "
+            "or run in a Pod with a service account"
+        )
+    for flag, port in (("--metrics-port", settings.metrics_port), ("--health-port", settings.health_port)):
+        taken = _port_taken(flag, settings.metrics_address, port)
+        if taken:
+            return _fail(taken)
     if settings.kubeconfig:
         os.environ["KUBECONFIG"] = settings.kubeconfig  # Read by the kubernetes client when imported.
     # kopf and the handlers are imported only now, so --help stays fast and needs no cluster.
@@ -133,16 +170,60 @@ def main(argv: list[str] | None = None) -> int:
     handlers.SETTINGS = settings
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_address)
+    try:
+        asyncio.run(_supervise(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _supervise(settings: OperatorSettings) -> None:
+    """Run kopf until a signal stops it. kopf ends its run on API errors it does not retry (a watch
+    answered 404 because the API server came back without our CRDs, an unexpected watch ERROR event)
+    and when the reconciler sees the server's store go back in time; each time, kopf is started again
+    after a backoff, with the same memo (the reconciler keeps the highest ID it has seen)."""
+    import kopf
+
+    from loraplane.crds.kube import Backoff
+    from loraplane.operator import handlers
+
+    memo = kopf.Memo()
+    backoff = Backoff(start=1.0, cap=30.0)
     liveness = (
         f"http://{settings.metrics_address}:{settings.health_port}/healthz" if settings.health_port else None
     )
-    kopf.run(
-        liveness_endpoint=liveness,
-        standalone=not settings.peering,
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-    )
-    return 0
+    loop = asyncio.get_running_loop()
+    while True:
+        restart = asyncio.Event()  # Set by the reconciler when the server's store went back in time.
+        memo["restart"] = restart
+        started = loop.time()
+        try:
+            await kopf.operator(
+                settings=handlers.kopf_settings(),
+                memo=memo,
+                stop_flag=restart,
+                liveness_endpoint=liveness,
+                standalone=not settings.peering,
+                clusterwide=not settings.namespaces,
+                namespaces=settings.namespaces,
+            )
+        except Exception as exc:  # Whatever ended kopf's run: the API server is what comes back.
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            if not restart.is_set():
+                return  # SIGTERM / SIGINT: kopf stopped cleanly.
+            why = "the API server's store or CRDs changed under it"
+        if loop.time() - started > 60:
+            backoff.reset()
+        wait = backoff.next()
+        log.warning("operator stopped watching (%s); starting again in %.1fs", why, wait)
+        stopping = asyncio.Event()  # kopf's signal handlers went with its run: ours while waiting.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), wait)
+        if stopping.is_set():
+            return
 
 
 if __name__ == "__main__":

@@ -18,19 +18,21 @@ import zlib
 from typing import Any
 
 from loraplane.crds import conditions as cond
-from loraplane.crds.errors import LoraplaneError, PermanentError
+from loraplane.crds.errors import APIConflictError, APIError, APINotFoundError, LoraplaneError, PermanentError
+from loraplane.crds.kube import KubeClient, rv_behind
 from loraplane.crds.models import (
     ADAPTER_KIND,
     ADAPTER_PLURAL,
     API_VERSION,
+    GROUP,
     INVALID_SPEC,
+    VERSION,
     WORKER_PLURAL,
     parse_adapter,
     version_of,
 )
 from loraplane.operator import aggregate as agg_mod
 from loraplane.operator import allocation, metrics
-from loraplane.operator.kubeapi import ApiError, KubeApi, adapter_path
 from loraplane.operator.names import Claim, Key, NameIndex
 from loraplane.operator.settings import OperatorSettings
 
@@ -70,7 +72,7 @@ def _name_key(obj: dict[str, Any]) -> Key | None:
 class Reconciler:
     """The operator's state and the one path that writes adapter status."""
 
-    def __init__(self, settings: OperatorSettings, api: KubeApi) -> None:
+    def __init__(self, settings: OperatorSettings, api: KubeClient) -> None:
         self.settings = settings
         self.api = api
         self.adapters: dict[str, dict[str, Any]] = {}
@@ -78,6 +80,8 @@ class Reconciler:
         self.names = NameIndex()
         self._holders: dict[Key, str | None] = {}
         self._seen_max = 0  # Highest ID seen anywhere since start, deleted objects included.
+        self._rv_seen: str | None = None  # Highest resourceVersion the server has sent us.
+        self._unserved = False  # The LoRAAdapter CRD was not served when kopf last started.
         self.allocator = allocation.Allocator(api, settings, lambda: self._seen_max)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -90,33 +94,41 @@ class Reconciler:
     # ---- caches ----------------------------------------------------------------------------------
 
     def _observe(self, obj: dict[str, Any]) -> None:
+        self._saw_rv((obj.get("metadata") or {}).get("resourceVersion"))
         for i in ids_in(obj):
             self._seen_max = max(self._seen_max, i)
 
     def _scope_paths(self, plural: str) -> list[str]:
-        from loraplane.crds.models import GROUP, VERSION
-
         if not self.settings.namespaces:
             return [f"/apis/{GROUP}/{VERSION}/{plural}"]
         return [f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{plural}" for ns in self.settings.namespaces]
 
     async def prime(self) -> None:
-        """LIST adapters and workers before the watch starts, so the first decisions see everything."""
-        for path in self._scope_paths(ADAPTER_PLURAL):
-            for obj in (await self.api.request("GET", path)).get("items") or []:
-                self._remember_adapter(obj)
-        for path in self._scope_paths(WORKER_PLURAL):
-            try:
-                items = (await self.api.request("GET", path)).get("items") or []
-            except ApiError as exc:
-                if exc.status != 404:  # The LoRAWorker CRD may not be installed.
-                    raise
-                items = []
-            for obj in items:
-                self._observe(obj)
-                view = agg_mod.worker_view(obj)
-                if view is not None:
-                    self.workers[view.ref] = view
+        """LIST adapters and workers before the watch starts, so the first decisions see everything.
+
+        Run again whenever kopf starts again (after the API server went away): the caches are rebuilt
+        from what the server has now, while the highest ID ever seen is kept (the ledger guard)."""
+        adapters: list[dict[str, Any]] = []
+        workers: dict[str, agg_mod.WorkerView] = {}
+        self._unserved = False
+        for plural in (ADAPTER_PLURAL, WORKER_PLURAL):
+            for path in self._scope_paths(plural):
+                try:
+                    body = await self.api.request("GET", path)
+                except APINotFoundError:  # A CRD is not installed (yet): kopf waits for it.
+                    log.warning("%s: not served by the API server (is the CRD installed?)", path)
+                    self._unserved |= plural == ADAPTER_PLURAL
+                    continue
+                self._saw_rv((body.get("metadata") or {}).get("resourceVersion"))
+                for obj in body.get("items") or []:
+                    self._observe(obj)
+                    if plural == ADAPTER_PLURAL:
+                        adapters.append(obj)
+                    elif (view := agg_mod.worker_view(obj)) is not None:
+                        workers[view.ref] = view
+        self.adapters, self.workers, self.names, self._holders = {}, workers, NameIndex(), {}
+        for obj in adapters:
+            self._remember_adapter(obj)
         for key in list(self.names._claims):
             holder = self.names.holder(key)
             self._holders[key] = holder.ref if holder else None
@@ -126,6 +138,37 @@ class Reconciler:
             len(self.workers),
             self._seen_max,
         )
+
+    def _saw_rv(self, rv: Any) -> None:
+        if rv and (self._rv_seen is None or rv_behind(self._rv_seen, str(rv))):
+            self._rv_seen = str(rv)
+
+    async def store_went_back(self) -> bool:
+        """True when the server's resourceVersion is below one it sent us: its store was replaced (an
+        API server that came back empty, an etcd restore). kopf would resume its watches from versions
+        the server never issues, so main.py starts kopf again (it lists afresh). Also True when the
+        LoRAAdapter CRD went away or came back: kopf resolves resources only when it starts."""
+        try:
+            current = await self.api.resource_version(self._scope_paths(ADAPTER_PLURAL)[0])
+        except APINotFoundError:
+            if self._unserved:
+                return False  # Still not there: kopf waits, and so does this check.
+            log.warning("LoRAAdapters are not served any more (the CRD is gone); watching again")
+            return True
+        if self._unserved:
+            log.info("LoRAAdapters are served now; watching them")
+            return True
+        if self._rv_seen is None or not rv_behind(current, self._rv_seen):
+            return False
+        log.warning(
+            "the API server's resourceVersion %s is below %s, which it sent earlier: its store was replaced; "
+            "listing everything again (IDs up to %d stay retired)",
+            current,
+            self._rv_seen,
+            self._seen_max,
+        )
+        self._rv_seen = None
+        return True
 
     def _remember_adapter(self, obj: dict[str, Any]) -> set[Key]:
         ref = ref_of(obj)
@@ -213,11 +256,11 @@ class Reconciler:
     async def _pod_exists(self, namespace: str, pod: str) -> bool:
         try:
             await self.api.request("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        except LoraplaneError:
+        except APINotFoundError:
+            return False
+        except APIError as exc:
+            if not exc.retry:
+                raise
             return True  # Unknown: keep counting rather than flap on a network blip.
         return True
 
@@ -274,21 +317,23 @@ class Reconciler:
                 ns, name = ref.split("/", 1)
                 body = {**obj, "status": new}  # metadata carries the resourceVersion: a checked write.
                 try:
-                    result = await self.api.request("PUT", adapter_path(ns, name, "status"), body)
-                except ApiError as exc:
-                    if taken is not None and exc.status == 409:
+                    result = await self.api.request("PUT", adapter_path(ns, name, "status"), body=body)
+                except APIConflictError:
+                    if taken is not None:
                         self.allocator.give_back(taken)  # A 409 proves it was never written.
-                    if exc.status == 409:
-                        metrics.ALLOCATION_CONFLICTS.inc()
-                        if not await self._reread(ref, obj):
-                            return
-                        continue
-                    if exc.status == 404:
+                    metrics.ALLOCATION_CONFLICTS.inc()
+                    if not await self._reread(ref, obj):
                         return
-                    log.error("adapter %s: status write rejected: %s", ref, exc)
+                    continue
+                except APINotFoundError:
                     return
-                except LoraplaneError as exc:
-                    log.warning("adapter %s: status write failed, will retry on the next event: %s", ref, exc)
+                except APIError as exc:
+                    if exc.retry:
+                        log.warning(
+                            "adapter %s: status write failed, will retry on the next event: %s", ref, exc
+                        )
+                    else:
+                        log.error("adapter %s: status write rejected: %s", ref, exc)
                     return
                 current = self.adapters.get(ref)
                 if current is None or uid_of(current) == uid_of(result):
@@ -312,10 +357,8 @@ class Reconciler:
         ns, name = ref.split("/", 1)
         try:
             fresh = await self.api.request("GET", adapter_path(ns, name))
-        except ApiError as exc:
-            if exc.status == 404:
-                return False
-            raise
+        except APINotFoundError:
+            return False
         self._remember_adapter(fresh)  # Same object newer, or recreated under the same name.
         self._observe(fresh)
         return True
@@ -523,9 +566,14 @@ class Reconciler:
             "count": 1,
         }
         try:
-            await self.api.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
-        except (ApiError, LoraplaneError) as exc:
+            await self.api.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body=event)
+        except APIError as exc:
             log.debug("event for %s not posted: %s", ref_of(obj), exc)
+
+
+def adapter_path(namespace: str, name: str = "", subresource: str = "") -> str:
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{ADAPTER_PLURAL}"
+    return "/".join(p for p in (path, name, subresource) if p)
 
 
 def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -29,7 +29,7 @@ from loraplane.worker.settings import ConfigError, WorkerSettings
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from loraplane.worker.apiclient import ApiClient
+    from loraplane.crds.kube import KubeClient
     from loraplane.worker.basemodel import BaseModelInfo
     from loraplane.worker.cache import AdapterCache
     from loraplane.worker.controller import Controller
@@ -61,7 +61,7 @@ class WorkerApp:
         self.model_dir: Path | None = None
         self.base: BaseModelInfo | None = None
         self.cache: AdapterCache | None = None
-        self.api: ApiClient | None = None
+        self.api: KubeClient | None = None
         self.watch: AdapterWatch | None = None
         self.controller: Controller | None = None
         self.report: WorkerReport | None = None
@@ -115,8 +115,8 @@ class WorkerApp:
 
     def build(self) -> None:
         """Create the parts (after load_base_model, inside the running loop)."""
+        from loraplane.crds.kube import KubeClient, load_configuration
         from loraplane.crds.models import LoRAWorkerSpec, WorkerCapacity
-        from loraplane.worker.apiclient import ApiClient, load_configuration
         from loraplane.worker.cache import AdapterCache
         from loraplane.worker.controller import Controller
         from loraplane.worker.report import WorkerReport
@@ -130,7 +130,9 @@ class WorkerApp:
             s.max_concurrent_downloads,
             sources_settings=self.source_settings(),
         )
-        self.api = ApiClient(self.kube_configuration or load_configuration(s.kubeconfig))
+        self.api = KubeClient(
+            self.kube_configuration or load_configuration(s.kubeconfig), user_agent="loraplane-worker"
+        )
         self.watch = AdapterWatch(self.api, s.served_model_name, s.namespaces)
         spec = LoRAWorkerSpec(
             baseModel=s.served_model_name,
@@ -296,11 +298,12 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
     except Exception as e:  # a LoraplaneError names the problem; anything else too, without a trace
         print(f"loraplane-worker: --base-model {settings.base_model}: {e}", file=sys.stderr)
         return 2
-    from loraplane.worker.apiclient import ApiError, load_configuration
+    from loraplane.crds.errors import CredentialsError
+    from loraplane.crds.kube import load_configuration
 
     try:
-        app.kube_configuration = load_configuration(settings.kubeconfig)
-    except ApiError as e:
+        app.kube_configuration = load_configuration(settings.kubeconfig or None)
+    except CredentialsError as e:
         print(f"loraplane-worker: --kubeconfig: {e.message}", file=sys.stderr)
         return 2
     code = 0

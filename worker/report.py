@@ -18,6 +18,8 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from loraplane.crds.errors import APIConflictError, APIError, APINotFoundError
+from loraplane.crds.kube import Backoff, KubeClient
 from loraplane.crds.models import (
     API_VERSION,
     WORKER_KIND,
@@ -26,16 +28,12 @@ from loraplane.crds.models import (
     LoRAWorkerStatus,
     WorkerAdapterReport,
 )
-from loraplane.worker.apiclient import ApiClient, ApiError
 
 log = logging.getLogger(__name__)
 
 STATUS_WRITES = Counter("loraplane_worker_report_writes", "LoRAWorker status writes (batches and heartbeats)")
 SETTLE_FRACTION = 0.25  # of the batch interval: the wait before writing a change after a quiet spell
-RETRY_MAX = 10.0
-MAX_STATUS_BYTES = (
-    1 << 20
-)  # bytes of status JSON; Kubernetes stores objects up to about 1.5 MiB  # seconds between attempts while the API server is away
+MAX_STATUS_BYTES = 1 << 20  # bytes of status JSON; Kubernetes stores objects up to about 1.5 MiB
 
 
 def now() -> str:
@@ -51,7 +49,7 @@ class WorkerReport:
 
     def __init__(
         self,
-        api: ApiClient,
+        api: KubeClient,
         *,
         name: str,
         namespace: str,
@@ -92,7 +90,7 @@ class WorkerReport:
             return None
         try:
             pod = await self.api.request("GET", f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}")
-        except ApiError as e:
+        except APIError as e:
             if e.status in (403, 404):
                 # No Pod (a local run) or no permission to read it: the heartbeat window covers it.
                 log.info(
@@ -131,9 +129,7 @@ class WorkerReport:
         base = f"/apis/{API_VERSION}/namespaces/{self.namespace}/{WORKER_PLURAL}"
         try:
             await self.api.request("POST", base, body=body)
-        except ApiError as e:
-            if e.status != 409:
-                raise
+        except APIConflictError:  # it exists already (AlreadyExists): take it over
             patch = {
                 "metadata": {"labels": body["metadata"]["labels"], "ownerReferences": owners},
                 "spec": body["spec"],
@@ -185,9 +181,7 @@ class WorkerReport:
             await self.api.request(
                 "PATCH", self.path + "/status", body=body, content_type="application/merge-patch+json"
             )
-        except ApiError as e:
-            if e.status != 404:
-                raise
+        except APINotFoundError:
             if self._owned and await self._owner_references() is None:
                 # Our Pod is gone and the garbage collector took our report with it: recreating it
                 # would only leave an orphan behind; the Pod's deletion will stop this process.
@@ -208,14 +202,15 @@ class WorkerReport:
             return
         try:
             await self.api.request("DELETE", self.path, timeout=5)
-        except ApiError as e:
-            if e.status != 404:
-                log.warning("could not delete LoRAWorker %s/%s: %s", self.namespace, self.name, e)
+        except APINotFoundError:
+            pass
+        except APIError as e:
+            log.warning("could not delete LoRAWorker %s/%s: %s", self.namespace, self.name, e)
 
     # --- the loop --------------------------------------------------------------------------------
     async def run(self) -> None:
         """Create the object, then write status on changes (batched) and on every heartbeat."""
-        delay = 0.2
+        backoff = Backoff()
         loop = asyncio.get_running_loop()
         last_write = -self.batch_seconds
         while not self.pod_gone:
@@ -225,17 +220,17 @@ class WorkerReport:
                 self._dirty.clear()
                 await self.write_status()
                 last_write = loop.time()
-                delay = 0.2
-            except ApiError as e:
+                backoff.reset()
+            except APIError as e:
+                wait = backoff.next()
                 log.warning(
                     "LoRAWorker %s/%s write failed (%s); retrying in %.1fs",
                     self.namespace,
                     self.name,
                     e,
-                    delay,
+                    wait,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                await asyncio.sleep(wait)
                 continue
             try:
                 await asyncio.wait_for(self._dirty.wait(), timeout=self.heartbeat_seconds)

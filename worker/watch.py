@@ -2,10 +2,13 @@
 
 One loop per watched scope (all namespaces, or each configured namespace) keeps the objects it has
 seen and turns them into the desired state, ``{id: DesiredAdapter}``, for this worker's base model.
-It lists, watches from the list's resourceVersion, resumes from the last event's resourceVersion
-when a watch ends, relists on 410 Gone (the HTTP status or the in-stream ERROR event), and reconnects
-with capped exponential backoff when the API server goes away. Each scope keeps its objects until it
-relists, so a worker never drops an adapter because it has not looked yet.
+It lists, watches from the list's resourceVersion, and resumes from the last event's resourceVersion
+when a watch ends, after checking that the server has reached it. It relists instead when the server
+answers 410 Gone (the HTTP status or the in-stream ERROR event), 404 (the CRD was deleted, or an API
+server came back with an empty store) or "resourceVersion too large", and when the server's current
+resourceVersion is below ours (its store was replaced or restored: resuming would wait for versions
+it never issues). It reconnects with the shared backoff when the API server goes away. Each scope
+keeps its objects until it relists, so a worker never drops an adapter because it has not looked yet.
 
 Adapters without ``status.id`` (not registered yet) or without ``NameAvailable=True`` are not desired.
 """
@@ -14,16 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter
 
-from loraplane.crds import conditions
+from loraplane.crds import conditions, errors
 from loraplane.crds.errors import LoraplaneError
+from loraplane.crds.kube import Backoff, KubeClient, rv_behind
 from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, parse_adapter, version_of
-from loraplane.worker.apiclient import ApiClient, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,6 @@ LISTS = Counter(
 RECONNECTS = Counter(
     "loraplane_worker_watch_reconnects", "LoRAAdapter list/watch attempts that failed and backed off"
 )
-
-BACKOFF_START = 0.2  # seconds before the first reconnect
-BACKOFF_MAX = 10.0  # seconds: the cap, so a returning API server is noticed within this
 
 
 @dataclass(frozen=True)
@@ -97,10 +96,6 @@ def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | Non
     )
 
 
-class _Gone(Exception):
-    """The resourceVersion is too old: relist."""
-
-
 class AdapterWatch:
     """Desired adapters for ``served_model`` in ``namespaces`` (empty: all), kept current by list+watch.
 
@@ -108,7 +103,7 @@ class AdapterWatch:
     ``synced`` is set once every scope has listed at least once.
     """
 
-    def __init__(self, api: ApiClient, served_model: str, namespaces: tuple[str, ...] = ()) -> None:
+    def __init__(self, api: KubeClient, served_model: str, namespaces: tuple[str, ...] = ()) -> None:
         self.api = api
         self.served_model = served_model
         self.scopes: tuple[str, ...] = namespaces or ("",)
@@ -134,35 +129,41 @@ class AdapterWatch:
                 tg.create_task(self._scope_loop(scope), name=f"watch {scope or 'all namespaces'}")
 
     async def _scope_loop(self, scope: str) -> None:
-        delay = BACKOFF_START
+        backoff = Backoff()
         self._rv[scope] = None
         where = scope or "all namespaces"
         while True:
             try:
+                rv = self._rv[scope]
+                if rv is not None and rv_behind(await self.api.resource_version(self._path(scope)), rv):
+                    log.warning(
+                        "LoRAAdapters in %s: the API server's resourceVersion went back below %s (a new or "
+                        "restored store); relisting",
+                        where,
+                        rv,
+                    )
+                    self._rv[scope] = None
                 if self._rv[scope] is None:
                     self._rv[scope] = await self._list(scope)
-                    delay = BACKOFF_START
+                    backoff.reset()
                 await self._watch(scope)
-                delay = BACKOFF_START  # a watch that ended normally (timeout): resume at once
-            except _Gone:
+                backoff.reset()  # a watch that ended normally (timeout): resume at once
+            except (errors.APIGoneError, errors.APIResourceVersionTooLargeError) as e:
                 log.info(
-                    "watch of LoRAAdapters in %s: resourceVersion %s expired; relisting",
+                    "LoRAAdapters in %s: resourceVersion %s unusable (%s); relisting",
                     where,
                     self._rv[scope],
+                    e,
                 )
                 self._rv[scope] = None
-            except ApiError as e:
-                if e.status == 410:  # the HTTP form of Gone (the in-stream ERROR event is handled in _watch)
-                    log.info("LoRAAdapter list/watch in %s: HTTP 410 Gone; relisting", where)
-                    self._rv[scope] = None
-                    continue
+            except errors.APIError as e:
+                if isinstance(e, errors.APINotFoundError):
+                    self._rv[scope] = None  # the resource type itself is gone: list once it is back
                 self.reconnects += 1
                 RECONNECTS.inc()
-                # Jitter: a fleet of workers must not reconnect in step when the API server returns.
-                wait = delay * (0.5 + random.random())
+                wait = backoff.next()
                 log.warning("LoRAAdapter list/watch in %s failed (%s); retrying in %.1fs", where, e, wait)
                 await asyncio.sleep(wait)
-                delay = min(delay * 2, BACKOFF_MAX)
 
     async def _list(self, scope: str) -> str:
         body = await self.api.request("GET", self._path(scope))
@@ -185,12 +186,6 @@ class AdapterWatch:
         rv = self._rv[scope] or "0"
         async for event in self.api.watch(self._path(scope), resource_version=rv):
             kind, obj = event.get("type"), event.get("object") or {}
-            if kind == "ERROR":
-                if obj.get("code") == 410:
-                    raise _Gone()
-                raise ApiError(
-                    int(obj.get("code") or 0), str(obj.get("reason", "")), str(obj.get("message", ""))
-                )
             meta = obj.get("metadata") or {}
             rv = str(meta.get("resourceVersion", rv))
             self._rv[scope] = rv

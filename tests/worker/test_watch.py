@@ -1,53 +1,35 @@
 """The worker's list+watch survives the API server going away: it reconnects with backoff, resumes from
-its last resourceVersion, relists on 410 Gone, and ends up serving exactly what the objects say,
-with nothing lost and nothing prepared twice.
+its last resourceVersion, relists on 410 Gone, on 404 and when the server's resourceVersion went back
+(a server back with an empty store), and ends up serving exactly what the objects say, with nothing
+lost and nothing prepared twice.
 
 These tests run their own local API server (not the session fixture) because they stop and restart
-it; it keeps its store across the restart, as kube-apiserver keeps etcd. While it is down, the test
-writes through the store directly, as if another API server replica had taken the writes.
+it, keeping its store (as kube-apiserver keeps etcd) or not (etcd lost). While it is down, the first
+test writes through the store directly, as if another API server replica had taken the writes.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import time
 
 import pytest
-from aiohttp import web
 from support import adapters as adapters_mod
 from support import fleet
-from support.kube import Kube
+from support.apiserver import bump_resource_version, create_namespace, restartable_kube
 
 from loraplane.crds.models import version_of
-from loraplane.localkube import LocalKube, write_kubeconfig
-from loraplane.localkube.http import make_app
 from loraplane.worker.watch import DesiredAdapter, desired_from
-
-
-class RestartableKube(LocalKube):
-    """A LocalKube that keeps its store across stop() and start(), on the same port."""
-
-    async def _serve(self) -> str:
-        if self.state is None:
-            url = await super()._serve()
-            self.port = int(url.rsplit(":", 1)[1])
-            return url
-        self._runner = web.AppRunner(make_app(self.state), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=0.5).start()
-        return f"http://{self.host}:{self.port}"
 
 
 @pytest.fixture
 def own_kube(tmp_path):
-    server = RestartableKube()
-    url = server.start()
-    kube = Kube(str(write_kubeconfig(url, tmp_path / "kubeconfig")), url, True, server)
-    kube.apply_crds()
+    kube = restartable_kube(tmp_path)
     try:
         yield kube
     finally:
-        server.stop()
+        kube.server.stop()
 
 
 def _ready_lines(log: str) -> dict[int, int]:
@@ -132,6 +114,59 @@ def test_api_server_restart_nothing_lost_or_served_twice(own_kube, tmp_path):
         assert w.stop() == 0
         ads2.close()
     ads.close()
+
+
+def test_api_server_back_empty_relists_instead_of_resuming(own_kube, tmp_path):
+    kube, server = own_kube, own_kube.server
+    ns = kube.create_namespace()
+    base = adapters_mod.write_base_config(tmp_path / "base")
+    root = tmp_path / "adapters"
+    dirs = {n: adapters_mod.write_adapter(root / n, seed=i) for i, n in enumerate(["a1", "a2", "a3"])}
+    ads = fleet.Adapters(kube, ns)
+    w = fleet.WorkerProc(kube.kubeconfig, tmp_path, name="w1", namespace=ns, base_dir=base, local_root=root)
+    with w:
+        ads.create(fleet.adapter_obj("a1", str(dirs["a1"])))
+        ads.assign("a1", 1)
+        fleet.wait_for(lambda: fleet.states(ads, "w1", ns) == {1: "Ready"}, 30, lambda: w.log()[-3000:])
+
+        # Back empty, the CRDs a moment later: list and watch get 404; the worker keeps serving what it
+        # has until it can list again, then serves exactly what the new store holds.
+        server.restart(empty=True)
+        time.sleep(2)
+        kube.apply_crds()
+        create_namespace(kube, ns)
+        ads = fleet.Adapters(kube, ns)
+        ads.create(fleet.adapter_obj("a2", str(dirs["a2"])))
+        ads.assign("a2", 2)
+        want = {2: "Ready"}
+        fleet.wait_for(lambda: _states(ads, ns) == want, 40, lambda: w.log()[-3000:])
+
+        # Back empty while the worker is paused, the CRDs in place before it reconnects: resuming from
+        # its resourceVersion would wait for versions the new store never issues. It must relist.
+        bump_resource_version(kube, ns, "a2")
+        w.proc.send_signal(signal.SIGSTOP)
+        try:
+            server.restart(empty=True)
+            kube.apply_crds()
+            create_namespace(kube, ns)
+            ads = fleet.Adapters(kube, ns)
+            ads.create(fleet.adapter_obj("a3", str(dirs["a3"])))
+            ads.assign("a3", 3)
+        finally:
+            w.proc.send_signal(signal.SIGCONT)
+        want = {3: "Ready"}
+        fleet.wait_for(lambda: _states(ads, ns) == want, 40, lambda: w.log()[-3000:])
+        assert "resourceVersion went back below" in w.log()
+        assert w.stop() == 0
+    ads.close()
+
+
+def _states(ads, ns):
+    """The worker's reported states, or None while the server is not answering."""
+    try:
+        return fleet.states(ads, "w1", ns)
+    except Exception:
+        return None
 
 
 def _try(fn):

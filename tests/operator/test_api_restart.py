@@ -1,0 +1,95 @@
+"""The operator survives its API server: restarted, or back with an empty store (etcd lost, restored).
+
+The operator must keep running and retry with backoff (never exit on a watch's 404 or a transient
+error), list afresh when the server's resourceVersion went back in time (a watch resumed from a
+version the new store never issued would wait forever), and keep the ledger guard: IDs it has seen
+stay retired, so a new empty ledger is refused instead of handing them out again.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from support import fleet
+from support.apiserver import bump_resource_version, create_namespace, restartable_kube
+from support.procs import OperatorProc, wait_for
+
+from loraplane.operator.settings import LEDGER_NAME
+
+BASE = "meta-llama/Llama-2-7b-hf"
+
+
+@pytest.fixture
+def own_kube(tmp_path):
+    kube = restartable_kube(tmp_path)
+    try:
+        yield kube
+    finally:
+        kube.server.stop()
+
+
+def _status(ads: fleet.Adapters, name: str) -> dict:
+    try:
+        return ads.get(name).get("status") or {}
+    except Exception:  # the server is restarting, or the object is not there yet
+        return {}
+
+
+def _ledger(kube, ns: str, next_id: int) -> None:
+    from kubernetes import client
+
+    with kube.api_client() as api:
+        client.CoreV1Api(api).create_namespaced_config_map(
+            ns, {"metadata": {"name": LEDGER_NAME}, "data": {"next": str(next_id)}}
+        )
+
+
+def test_operator_survives_an_api_server_that_comes_back_empty(own_kube, tmp_path) -> None:
+    kube, server = own_kube, own_kube.server
+    ns = kube.create_namespace()
+    # Block size 1: no IDs kept in reserve, so every ID after the reset needs the (new) ledger.
+    op = OperatorProc(kube.kubeconfig, ns, tmp_path / "operator.log", args=["--block-size", "1"]).start()
+    try:
+        ads = fleet.Adapters(kube, ns)
+        ads.create(fleet.adapter_obj("a1", "/models/a1", base_model=BASE))
+        first = wait_for(lambda: _status(ads, "a1").get("id"), 20, "a1's ID")
+
+        # Back empty, the CRDs only a few seconds later: the watches get 404, the operator keeps going.
+        server.restart(empty=True)
+        time.sleep(3)
+        assert op.proc.poll() is None, op.log()[-3000:]
+        kube.apply_crds()
+        create_namespace(kube, ns)
+        ads = fleet.Adapters(kube, ns)
+        ads.create(fleet.adapter_obj("a2", "/models/a2", base_model=BASE))
+        st = wait_for(
+            lambda: (s := _status(ads, "a2")).get("phase") == "Pending" and s, 30, lambda: op.log()[-3000:]
+        )
+        ids = {c["type"]: c for c in st["conditions"]}["IDAssigned"]
+        assert ids["status"] == "False" and ids["reason"] == "LedgerMissing", ids
+        assert f"IDs up to {first} are in use" in st["message"] and "id" not in st
+
+        # A human restores the ledger: allocation resumes from it.
+        _ledger(kube, ns, 100)
+        assert wait_for(lambda: _status(ads, "a2").get("id"), 20, lambda: op.log()[-3000:]) == 100
+
+        # Back empty while the operator is paused, with CRDs, namespace and ledger in place before it
+        # reconnects: its watches would resume from a resourceVersion the new store never issued.
+        bump_resource_version(kube, ns, "a2")
+        op.proc.send_signal(signal.SIGSTOP)
+        try:
+            server.restart(empty=True)
+            kube.apply_crds()
+            create_namespace(kube, ns)
+            _ledger(kube, ns, 200)
+            ads = fleet.Adapters(kube, ns)
+            ads.create(fleet.adapter_obj("a3", "/models/a3", base_model=BASE))
+        finally:
+            op.proc.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: _status(ads, "a3").get("id"), 30, lambda: op.log()[-3000:]) == 200
+        assert op.proc.poll() is None
+        assert "resourceVersion" in op.log() and "listing everything again" in op.log()
+    finally:
+        op.stop()
