@@ -62,10 +62,10 @@ def make_tokenizer(out_dir: Path, *, vocab_size: int = 300) -> Any:
 def make_tiny_llama(out_dir: Path, *, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny checkpoint (hidden 64, 2 layers, vocab ~300) and its tokenizer; returns out_dir.
 
-    ``arch`` is "llama", "mistral" or "qwen2"; keywords override config fields.
+    ``arch`` is "llama", "mistral", "qwen2" or "qwen3"; keywords override config fields.
     """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,8 @@ def make_tiny_llama(out_dir: Path, *, arch: str = "llama", seed: int = 0, **over
     if arch == "mistral":
         fields["sliding_window"] = None
     fields.update(overrides)
-    config_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    config_cls = classes[arch]
     config = config_cls(**fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

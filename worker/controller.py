@@ -66,7 +66,7 @@ class Controller:
         self,
         registry: Registry,
         cache: AdapterCache,
-        base: basemodel.BaseModelInfo,
+        base: basemodel.ModelConfig,
         source_settings: sources.SourceSettings,
         *,
         base_model: str,

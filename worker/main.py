@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from loraplane.crds.kube import KubeClient
-    from loraplane.worker.basemodel import BaseModelInfo
+    from loraplane.worker.basemodel import ModelConfig
     from loraplane.worker.cache import AdapterCache
     from loraplane.worker.controller import Controller
     from loraplane.worker.registry import Registry
@@ -47,7 +47,7 @@ class WorkerApp:
     """One worker process's parts. Build with ``WorkerApp(settings)``; ``await app.run(stop)``.
 
     Attributes others use: ``settings``, ``registry`` (what is servable, by served name and ID),
-    ``base`` (BaseModelInfo), ``model_dir`` (the checkpoint directory), ``cache``, ``controller``,
+    ``base`` (basemodel.ModelConfig), ``model_dir`` (the checkpoint directory), ``cache``, ``controller``,
     ``report`` (set ``report.on_device`` to the engine's slot query), ``serve`` (the HTTP hook),
     ``ready`` (set when the base model is loaded and the first adapter list applied).
     """
@@ -59,7 +59,7 @@ class WorkerApp:
         self.serve = serve
         self.registry: Registry = Registry()
         self.model_dir: Path | None = None
-        self.base: BaseModelInfo | None = None
+        self.base: ModelConfig | None = None
         self.cache: AdapterCache | None = None
         self.api: KubeClient | None = None
         self.watch: AdapterWatch | None = None
@@ -86,7 +86,7 @@ class WorkerApp:
 
     def load_base_model(self) -> None:
         """Find the checkpoint (a directory, or the Hub's config and weights) and read its config."""
-        from loraplane.worker.basemodel import BaseModelInfo
+        from loraplane.worker.basemodel import ModelConfig
 
         s = self.settings
         model_dir = Path(s.base_model).expanduser()
@@ -102,7 +102,7 @@ class WorkerApp:
                 )
             )
         self.model_dir = model_dir
-        self.base = BaseModelInfo.from_pretrained_dir(model_dir, served_name=s.served_model_name)
+        self.base = ModelConfig.from_dir(model_dir, name=s.served_model_name)
         log.info(
             "base model %s (%s, hidden %d, %d layers, context %d) served as %r",
             model_dir,

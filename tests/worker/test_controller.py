@@ -12,7 +12,7 @@ import pytest
 from support import adapters as adapters_mod
 from support import servers
 
-from loraplane.worker.basemodel import BaseModelInfo
+from loraplane.worker.basemodel import ModelConfig
 from loraplane.worker.cache import AdapterCache
 from loraplane.worker.controller import Controller
 from loraplane.worker.registry import Registry
@@ -22,9 +22,7 @@ from loraplane.worker.watch import DesiredAdapter
 
 @pytest.fixture
 def world(tmp_path):
-    base = BaseModelInfo.from_pretrained_dir(
-        adapters_mod.write_base_config(tmp_path / "base"), served_name="tiny"
-    )
+    base = ModelConfig.from_dir(adapters_mod.write_base_config(tmp_path / "base"), name="tiny")
     root = tmp_path / "adapters"
     root.mkdir()
     return base, root, tmp_path / "cache"

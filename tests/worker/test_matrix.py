@@ -13,6 +13,8 @@ import pytest
 from support import adapters, servers
 
 from loraplane.crds.errors import LoraplaneError, ValidationFailed
+from loraplane.worker import adapter as a
+from loraplane.worker import basemodel as bm
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 from loraplane.worker import validate as v
@@ -27,7 +29,7 @@ class Worker:
     root: Path
     settings: s.SourceSettings
     cache: c.AdapterCache
-    base: v.BaseModelInfo
+    base: bm.ModelConfig
     good: c.CachedAdapter
 
     def run(
@@ -53,7 +55,7 @@ class Worker:
 def worker(tmp_path: Path) -> Worker:
     root = tmp_path / "adapters"
     settings = s.SourceSettings(local_roots=(root,), timeout_s=2)
-    base = v.BaseModelInfo.from_pretrained_dir(adapters.write_base_config(tmp_path / "base"))
+    base = bm.ModelConfig.from_dir(adapters.write_base_config(tmp_path / "base"))
     cache = c.AdapterCache(tmp_path / "cache", 2 << 20, retries=1, backoff_s=0.01, sources_settings=settings)
     good = s.resolve(str(adapters.write_adapter(root / "good")), None, settings)
     entry = cache.prefetch(good, pin=True)
@@ -76,16 +78,16 @@ def _bin_only(d: Path) -> None:
 
 # (id, write_adapter keywords, then-change-the-files, expected reason, message fragment)
 FILE_CASES: list[tuple[str, dict[str, Any], Callable[[Path], None] | None, str, str]] = [
-    ("wrong-hidden-size", {"base": {"hidden_size": 96}}, None, v.SHAPE_MISMATCH, "hidden_size 64"),
-    ("rank-above-maximum", {"r": 32}, None, v.RANK_TOO_LARGE, "maxLoraRank 16"),
-    ("unknown-target-module", {"target_modules": ("q_proj", "qkv_proj")}, None, v.UNKNOWN_TARGET_MODULE, "'qkv_proj'"),
-    ("dora", {"config": {"use_dora": True}}, None, v.DORA_NOT_SUPPORTED, "DoRA"),
-    ("bias", {"config": {"bias": "all"}}, None, v.BIAS_NOT_SUPPORTED, "bias='all'"),
-    ("truncated-safetensors", {}, _truncate, v.TRUNCATED_WEIGHTS, "adapter_model.safetensors"),
-    ("enormous-header", {}, _huge_header, v.HEADER_TOO_LARGE, "adapter_model.safetensors declares"),
-    ("pickle-bin", {}, _bin_only, s.PICKLE_REFUSED, "adapter_model.bin"),
-    ("missing-file", {}, lambda d: (d / "adapter_config.json").unlink(), s.FILE_MISSING, "adapter_config.json"),
-    ("too-large-for-the-cache", {"extra_tensors": {"pad.lora_A.weight": (600_000,)}}, None, s.TOO_LARGE, "cache budget"),
+    ("wrong-hidden-size", {"base": {"hidden_size": 96}}, None, a.SHAPE_MISMATCH, "hidden_size 64"),
+    ("rank-above-maximum", {"r": 32}, None, a.RANK_TOO_LARGE, "maxLoraRank 16"),
+    ("unknown-target-module", {"target_modules": ("q_proj", "qkv_proj")}, None, a.UNKNOWN_TARGET_MODULE, "'qkv_proj'"),
+    ("dora", {"config": {"use_dora": True}}, None, a.DORA_NOT_SUPPORTED, "DoRA"),
+    ("bias", {"config": {"bias": "all"}}, None, a.BIAS_NOT_SUPPORTED, "bias='all'"),
+    ("truncated-safetensors", {}, _truncate, a.TRUNCATED_WEIGHTS, "adapter_model.safetensors"),
+    ("enormous-header", {}, _huge_header, a.HEADER_TOO_LARGE, "adapter_model.safetensors declares"),
+    ("pickle-bin", {}, _bin_only, a.PICKLE_REFUSED, "adapter_model.bin"),
+    ("missing-file", {}, lambda d: (d / "adapter_config.json").unlink(), bm.FILE_MISSING, "adapter_config.json"),
+    ("too-large-for-the-cache", {"extra_tensors": {"pad.lora_A.weight": (600_000,)}}, None, bm.TOO_LARGE, "cache budget"),
 ]  # fmt: skip
 
 
@@ -139,7 +141,7 @@ def test_source_that_disappears_after_registration(worker: Worker) -> None:
     d = adapters.write_adapter(worker.root / "gone")
     with pytest.raises(LoraplaneError) as e:
         worker.run(str(d), between=lambda: (d / "adapter_model.safetensors").unlink())
-    assert e.value.reason == s.FILE_MISSING and "disappeared after it was resolved" in e.value.message
+    assert e.value.reason == bm.FILE_MISSING and "disappeared after it was resolved" in e.value.message
     worker.good_is_intact()
 
 

@@ -3,8 +3,9 @@
 Serving engines own their forward pass: the batch is ragged (a flat [tokens, hidden] tensor, no
 padding), the KV layout is ours (kvcache.py) and the LoRA delta is added inside every target
 linear (lora.py). transformers' modules stand in the way of all three, so this module implements
-Llama, Mistral and Qwen2 directly (RMSNorm, RoPE with linear / dynamic / llama3 scaling, GQA,
-SwiGLU, Qwen2's qkv bias, tied embeddings) and keeps transformers only as the test reference.
+Llama, Mistral, Qwen2 and Qwen3 directly (RMSNorm, RoPE with linear / dynamic / llama3 scaling, GQA,
+SwiGLU, Qwen2's qkv bias, Qwen3's per-head q/k norm, tied embeddings) and keeps transformers only as
+the test reference. The config comes from basemodel.ModelConfig, the reader validation uses too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,117 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from loraplane.crds.errors import PermanentError
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-MAX_CONFIG_BYTES = 1 << 20
-#: the seven LoRA target projections, in layer order.
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The parts of a Hugging Face config.json the forward needs."""
-
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    rope_scaling: dict[str, Any] | None = None
-    sliding_window: int | None = None
-    eos_token_id: list[int] = field(default_factory=list)
-    bos_token_id: int | None = None
-
-    @classmethod
-    def from_dir(cls, model_dir: Path) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise PermanentError(
-                "ModelConfigMissing", f"{path} does not exist; point at a checkpoint directory"
-            )
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise PermanentError("ModelConfigTooLarge", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-        return cls.from_dict(json.loads(path.read_text()))
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        model_type = raw.get("model_type", "")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise PermanentError(
-                "UnsupportedModelType",
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
-            )
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
-        # transformers < 5 writes rope_scaling + rope_theta; 5.x writes rope_parameters holding both.
-        params = raw.get("rope_parameters") or {}
-        scaling = raw.get("rope_scaling") or (
-            params if params.get("rope_type", "default") != "default" else None
-        )
-        if scaling is not None:
-            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise PermanentError(
-                    "UnsupportedRopeScaling",
-                    f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}",
-                )
-            scaling = {**scaling, "rope_type": rope_type}
-        window = raw.get("sliding_window")
-        if model_type == "qwen2" and not raw.get("use_sliding_window", False):
-            window = None
-        eos = raw.get("eos_token_id")
-        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        theta = raw.get("rope_theta") or params.get("rope_theta") or 10000.0
-        return cls(
-            model_type=model_type,
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            vocab_size=int(raw["vocab_size"]),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
-            o_bias=model_type == "llama" and bool(raw.get("attention_bias", False)),
-            mlp_bias=model_type == "llama" and bool(raw.get("mlp_bias", False)),
-            rope_scaling=scaling,
-            sliding_window=int(window) if window else None,
-            eos_token_id=eos_ids,
-            bos_token_id=raw.get("bos_token_id"),
-        )
-
-    def proj_shape(self, proj: str) -> tuple[int, int]:
-        """(in_features, out_features) of one target projection."""
-        h, q, kv, i = (
-            self.hidden_size,
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-            self.intermediate_size,
-        )
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }[proj]
+from loraplane.worker import tensorfile
+from loraplane.worker.basemodel import PROJECTIONS as PROJECTIONS
+from loraplane.worker.basemodel import ModelConfig
 
 
 class Rope:
@@ -218,6 +111,8 @@ class LayerWeights:
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None = None  # [head_dim]: Qwen3's RMSNorm of each q / k head before RoPE
+    k_norm: torch.Tensor | None = None
 
 
 class CausalLM:
@@ -265,6 +160,8 @@ class CausalLM:
                     gate_up_bias=cat([m + "gate_proj.bias", m + "up_proj.bias"]),
                     down=get(m + "down_proj.weight"),
                     down_bias=opt(m + "down_proj.bias"),
+                    q_norm=get(a + "q_norm.weight") if config.qk_norm else None,
+                    k_norm=get(a + "k_norm.weight") if config.qk_norm else None,
                 )
             )
         self.rope = Rope(config, device)
@@ -310,8 +207,10 @@ class CausalLM:
                 lora.add_delta(i, "q_proj", h, qkv[:, :nq])
                 lora.add_delta(i, "k_proj", h, qkv[:, nq : nq + nkv])
                 lora.add_delta(i, "v_proj", h, qkv[:, nq + nkv :])
-            q = apply_rope(qkv[:, :nq].view(n, c.num_heads, hd), cos, sin)
-            k = apply_rope(qkv[:, nq : nq + nkv].view(n, c.num_kv_heads, hd), cos, sin)
+            q, k = qkv[:, :nq].view(n, c.num_heads, hd), qkv[:, nq : nq + nkv].view(n, c.num_kv_heads, hd)
+            if w.q_norm is not None and w.k_norm is not None:
+                q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             v = qkv[:, nq + nkv :].view(n, c.num_kv_heads, hd)
             att = attention.attend(i, q, k, v).reshape(n, nq)
             o = F.linear(att, w.o, w.o_bias)
@@ -361,47 +260,29 @@ _DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
 }
-MAX_HEADER_BYTES = 100 << 20
+MAX_HEADER_BYTES = 100 << 20  # a base checkpoint's shard lists thousands of tensors
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from one safetensors file, read with plain file reads into fresh tensors.
+    """(name, tensor) from one safetensors file, its header checked by tensorfile (as validation does),
+    read with plain file reads into fresh tensors.
 
     Not mmap: the mapped file's pages would count in RSS beside the copies (twice the weights at the
     peak); reading tensor by tensor keeps the peak near the weights' own size.
     """
-    size = path.stat().st_size
+    header = tensorfile.read_header(path, cap=MAX_HEADER_BYTES)
     with path.open("rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
-            raise PermanentError(
-                "ModelWeightsInvalid", f"{path} is not a safetensors file (bad header length)"
-            )
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        base = 8 + n
-        for key, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = _DTYPES.get(meta["dtype"])
-            start, end = meta["data_offsets"]
-            shape = [int(d) for d in meta["shape"]]
+        for t in sorted(header.tensors.values(), key=lambda t: t.start):
+            dtype = _DTYPES.get(t.dtype)
             if dtype is None:
                 raise PermanentError(
-                    "ModelWeightsInvalid", f"{path}: tensor {key} has unsupported dtype {meta['dtype']}"
+                    tensorfile.MALFORMED_WEIGHTS,
+                    f"{path}: tensor {t.name} is {t.dtype}; weights must be floats",
                 )
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if end - start != nbytes or base + end > size or start < 0:
-                raise PermanentError("ModelWeightsInvalid", f"{path}: tensor {key} has inconsistent offsets")
-            raw = bytearray(nbytes)
-            f.seek(base + start)
-            if f.readinto(raw) != nbytes:
-                raise PermanentError("ModelWeightsInvalid", f"{path}: tensor {key} is truncated")
-            buf = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-            yield key, buf.view(dtype).reshape(shape)
+            raw = bytearray(t.end - t.start)
+            f.seek(t.start)
+            if f.readinto(raw) != len(raw):
+                raise PermanentError(tensorfile.TRUNCATED_WEIGHTS, f"{path}: tensor {t.name} is truncated")
+            buf = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            yield t.name, buf.view(dtype).reshape(t.shape)

@@ -7,27 +7,20 @@ scheduler owns everything above: which requests run, which adapter sits in which
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from loraplane.crds.errors import PermanentError
+from loraplane.worker.adapter import PeftAdapter
 
 from .kvcache import KVCache, bytes_per_token, pool_tokens
 from .lora import LoraBatch, LoraSlots
-from .model import PROJECTIONS, CausalLM, ModelConfig
+from .model import CausalLM, ModelConfig, read_safetensors
 
-MAX_ADAPTER_CONFIG_BYTES = 1 << 20
 DEFAULT_MAX_MODEL_LEN = 4096
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<proj>\w+))"
-    r"\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$"
-)
 
 
 @dataclass
@@ -50,94 +43,28 @@ class SeqStep:
     slot: int  # device slot of its adapter, -1 for the base model
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches the module name or a dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def load_adapter_weights(adapter_dir: Path, config: ModelConfig, *, adapter_id: int) -> AdapterWeights:
-    """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into CPU tensors."""
-    adapter_dir = Path(adapter_dir)
-    cfg_path, w_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    if not cfg_path.is_file():
-        raise PermanentError("AdapterConfigMissing", f"{cfg_path} does not exist")
-    if cfg_path.stat().st_size > MAX_ADAPTER_CONFIG_BYTES:
-        raise PermanentError("AdapterConfigTooLarge", f"{cfg_path} is above {MAX_ADAPTER_CONFIG_BYTES} bytes")
-    if not w_path.is_file():
-        raise PermanentError(
-            "AdapterWeightsMissing",
-            f"{w_path} does not exist; save the adapter with safe_serialization=True (pickled .bin is refused)",
-        )
-    raw = json.loads(cfg_path.read_text())
-    unsupported = [
-        (raw.get("peft_type", "LORA") != "LORA", f"peft_type {raw.get('peft_type')!r} is not LORA"),
-        (bool(raw.get("use_dora")), "DoRA (use_dora) is not supported"),
-        (
-            raw.get("bias", "none") != "none",
-            f"bias={raw.get('bias')!r} is not supported; train with bias='none'",
-        ),
-        (
-            bool(raw.get("modules_to_save")),
-            "modules_to_save is not supported; the base model's modules are shared",
-        ),
-    ]
-    problems = [msg for bad, msg in unsupported if bad]
-    if problems:
-        raise PermanentError("UnsupportedAdapterFeature", f"{adapter_dir}: " + "; ".join(problems))
-    r = int(raw.get("r", 8))
-    alpha = float(raw.get("lora_alpha", r))
-    rslora = bool(raw.get("use_rslora", False))
-    rank_pattern: dict[str, int] = raw.get("rank_pattern") or {}
-    alpha_pattern: dict[str, float] = raw.get("alpha_pattern") or {}
-    layers = raw.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
+    """Read a PEFT LoRA adapter into CPU tensors through validation's reader (adapter.PeftAdapter), so
+    a direct load refuses exactly what validation refuses, with the same reasons and messages.
 
-    def scale(rank: int, a: float) -> float:
-        return a / rank**0.5 if rslora else a / rank
-
-    slot_scaling = scale(r, alpha)
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    modules: dict[tuple[int, str], str] = {}
-    with safe_open(str(w_path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            m = _LORA_KEY.match(key)
-            if m is None or m["proj"] not in PROJECTIONS:
-                raise PermanentError(
-                    "UnsupportedAdapterTensor",
-                    f"tensor {key!r} is not a LoRA A/B weight of {', '.join(PROJECTIONS)}",
-                )
-            layer = int(m["layer"])
-            if layers is not None and layer not in layers:
-                continue
-            parts.setdefault((layer, m["proj"]), {})[m["ab"]] = f.get_tensor(key).float()
-            modules[(layer, m["proj"])] = m["module"]
+    Raises:
+        PermanentError / ValidationFailed: as ``validate.validate_adapter`` (no rank limit here:
+            ``set_slot`` checks the slots' rank).
+    """
+    adapter = PeftAdapter.read(Path(adapter_dir))
+    adapter.check(config)
+    tensors = dict(read_safetensors(adapter.weights))
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    nbytes, max_rank = 0, 0
-    for key, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise PermanentError(
-                "AdapterTensorMissing", f"layer {key[0]} {key[1]} has only lora_{''.join(ab)}"
-            )
-        a, b = ab["A"], ab["B"]
-        rank = int(_pattern_value(rank_pattern, modules[key], r))
-        if a.shape[0] != rank:
-            rank = a.shape[
-                0
-            ]  # the tensor is the truth; a pattern PEFT resolved differently must not scale wrong
-        module_scaling = scale(rank, float(_pattern_value(alpha_pattern, modules[key], alpha)))
-        if module_scaling != slot_scaling:
-            b = b * (module_scaling / slot_scaling)
-        weights[key] = (a.contiguous(), b.contiguous())
+    nbytes = 0
+    for m in adapter.modules:
+        a, b = tensors[m.a.name].float(), tensors[m.b.name].float()
+        module_scaling = adapter.scale(m.rank, m.alpha)
+        if module_scaling != adapter.scaling:  # per-module rank / alpha: folded into B, one scaling per slot
+            b = b * (module_scaling / adapter.scaling)
+        weights[(m.layer, m.proj)] = (a.contiguous(), b.contiguous())
         nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-        max_rank = max(max_rank, rank)
-    if not weights:
-        raise PermanentError("AdapterEmpty", f"{w_path} holds no LoRA weights for this model's layers")
     return AdapterWeights(
-        adapter_id=adapter_id, rank=max_rank, scaling=slot_scaling, weights=weights, nbytes=nbytes
+        adapter_id=adapter_id, rank=adapter.rank, scaling=adapter.scaling, weights=weights, nbytes=nbytes
     )
 
 

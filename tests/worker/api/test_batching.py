@@ -141,5 +141,5 @@ def test_bad_adapter_fails_its_request_without_evicting(
         for _ in range(400):
             t.ensure(9, bad)
             threading.Event().wait(0.01)
-    assert err.value.reason == "AdapterWeightsMissing"
+    assert err.value.reason == "FileMissing"  # the validator's reason: both read through worker/adapter.py
     assert t.slot_of[1] == good and torch.count_nonzero(t.runner.lora.scaling) == 2

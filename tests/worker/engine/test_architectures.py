@@ -1,4 +1,4 @@
-"""Our forward against transformers for the Llama family's variants: Mistral, Qwen2 (qkv bias),
+"""Our forward against transformers for the Llama family's variants: Mistral, Qwen2 (qkv bias), Qwen3,
 Llama with attention/MLP bias, tied embeddings, no GQA, and each supported rope_scaling type.
 
 fp32 on CPU, atol 1e-4. The prompt (40 tokens) is longer than max_position_embeddings (32) where
@@ -23,6 +23,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mistral": dict(arch="mistral"),
     "mistral-sliding-window": dict(arch="mistral", sliding_window=8),
     "qwen2": dict(arch="qwen2"),
+    # Qwen3: per-head q/k RMSNorm before RoPE, head_dim not hidden/heads, bias on q, k, v and o.
+    "qwen3": dict(arch="qwen3", head_dim=32, attention_bias=True),
     "llama-bias-tied-mha": dict(
         attention_bias=True, mlp_bias=True, tie_word_embeddings=True, num_key_value_heads=4
     ),
@@ -72,7 +74,7 @@ def test_variant_matches_transformers(variant: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"model_type": "gpt2"}, "UnsupportedModelType"),
+        ({"model_type": "gpt2"}, "UnsupportedBaseModel"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "UnsupportedRopeScaling"),
     ],
 )

@@ -84,14 +84,24 @@ def _rename_tensor(d: Path) -> None:
     save_file(tensors, str(path))
 
 
+# The loader reads through validation's reader (worker/adapter.py): the same reasons as validation.
 ADAPTER_CASES: list[tuple[str, Callable[[Path], None], str]] = [
-    ("no adapter_config.json", lambda d: (d / "adapter_config.json").unlink(), "AdapterConfigMissing"),
-    ("pickled weights only", lambda d: (d / "adapter_model.safetensors").unlink(), "AdapterWeightsMissing"),
-    ("DoRA", lambda d: _edit_config(d, use_dora=True), "UnsupportedAdapterFeature"),
-    ("bias trained", lambda d: _edit_config(d, bias="all"), "UnsupportedAdapterFeature"),
-    ("modules_to_save", lambda d: _edit_config(d, modules_to_save=["lm_head"]), "UnsupportedAdapterFeature"),
-    ("unknown tensor name", _rename_tensor, "UnsupportedAdapterTensor"),
-    ("layers_to_transform excludes all", lambda d: _edit_config(d, layers_to_transform=[7]), "AdapterEmpty"),
+    ("no adapter_config.json", lambda d: (d / "adapter_config.json").unlink(), "FileMissing"),
+    ("pickled weights only", lambda d: (d / "adapter_model.safetensors").unlink(), "FileMissing"),
+    ("DoRA", lambda d: _edit_config(d, use_dora=True), "DoRANotSupported"),
+    ("bias trained", lambda d: _edit_config(d, bias="all"), "BiasNotSupported"),
+    (
+        "modules_to_save",
+        lambda d: _edit_config(d, modules_to_save=["lm_head"]),
+        "EmbeddingChangeNotSupported",
+    ),
+    ("unknown tensor name", _rename_tensor, "ModulesToSaveNotSupported"),
+    (
+        "layers_to_transform excludes all",
+        lambda d: _edit_config(d, layers_to_transform=[7]),
+        "LayerOutOfRange",
+    ),
+    ("config not JSON", lambda d: (d / "adapter_config.json").write_text("{"), "MalformedConfig"),
 ]
 
 
