@@ -217,3 +217,42 @@ def test_help_needs_no_cluster() -> None:
         env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent"},
     )
     assert proc.returncode == 0 and "--recover-ledger" in proc.stdout and "--ledger-namespace" in proc.stdout
+
+
+def _console(*args: str, env: dict[str, str] | None = None) -> Any:
+    """Run the installed console script, as a user would."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    script = shutil.which("loraplane-operator", path=os.path.dirname(sys.executable))
+    assert script, "the loraplane-operator console script is installed next to the interpreter"
+    return subprocess.run(
+        [script, *args], capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})}
+    )
+
+
+def test_unreadable_kubeconfig_exits_with_one_line_naming_the_fix(tmp_path) -> None:
+    proc = _console("--kubeconfig", str(tmp_path / "nonexistent"), "--metrics-port", "0")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert str(tmp_path / "nonexistent") in lines[0] and "--kubeconfig" in lines[0], lines[0]
+    # No flag, no $KUBECONFIG file and not in a Pod: the same, not a retry loop.
+    proc = _console("--metrics-port", "0", env={"KUBECONFIG": str(tmp_path / "none"), "HOME": str(tmp_path)})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--metrics-port", "--health-port"])
+def test_taken_port_exits_with_one_line(kube, flag) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        other = "--health-port" if flag == "--metrics-port" else "--metrics-port"
+        proc = _console(
+            "--kubeconfig", kube.kubeconfig, "--metrics-address", "127.0.0.1", flag, str(port), other, "0"
+        )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"{flag} {port}" in lines[0] and "pick a free port" in lines[0] and "Traceback" not in proc.stderr
