@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -176,17 +177,27 @@ class _EngineState(Collector):
     def _residency(self, engine: Engine) -> Iterable[Metric]:
         tiers = engine.tiers
         on = {"device": set(_copy(tiers.slot_of)), "cpu": set(_copy(tiers.cpu))}
-        versions = engine.registry.snapshot()
-        on["disk"] = {v.id for v in versions if v.local_dir is not None}
-        names = {v.id: v.served_name for v in versions}
+        known = _known_adapters(engine)
+        on["disk"] = {i for i, (_, path) in known.items() if path is not None and Path(path).is_dir()}
         fam = GaugeMetricFamily(
             PREFIX + "adapter_residency",
             "1 where an adapter version's weights are held: device (a slot), cpu (host memory), disk "
             "(the worker's cache); 0 where they are not.",
             labels=["model", "id", "tier"],
         )
-        for adapter_id in sorted(set(names) | on["device"] | on["cpu"]):
-            model = names.get(adapter_id, "")  # "" : removed from the registry, draining
+        for adapter_id in sorted(set(known) | on["device"] | on["cpu"]):
+            model = known.get(adapter_id, ("", None))[0]  # "": retired, its last requests draining
             for tier in TIERS:
                 fam.add_metric([model, str(adapter_id), tier], 1.0 if adapter_id in on[tier] else 0.0)
         yield fam
+
+
+def _known_adapters(engine: Engine) -> dict[int, tuple[str, Path | None]]:
+    """Adapter ID -> (served name, cache directory) of the versions the engine was given."""
+    known: dict[int, tuple[str, Path | None]] = {}
+    registry = getattr(engine, "registry", None)
+    if registry is not None:
+        known.update({v.id: (v.served_name, v.local_dir) for v in registry.snapshot()})
+    for a in list(getattr(engine, "adapters", {}).values()):
+        known[a.id] = (a.name, a.path)
+    return known
