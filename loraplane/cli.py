@@ -31,16 +31,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def version() -> str:
-    from loraplane.telemetry import package_version
-
-    return package_version()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--version" in argv[:2]:  # `loraplane --version` and `loraplane COMMAND --version`
-        print(f"loraplane {version()}")
+        from loraplane.version import __version__
+
+        print(f"loraplane {__version__}")
         return 0
     parser = argparse.ArgumentParser(
         prog="loraplane",

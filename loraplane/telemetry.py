@@ -14,9 +14,10 @@ import logging
 import platform
 import sys
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 
 import prometheus_client
+
+from loraplane.version import __version__
 
 # Counters and histograms would each get a `_created` series: a timestamp per label set that no
 # dashboard or alert here reads, and that doubles the series count of every labelled counter.
@@ -28,13 +29,6 @@ _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 # kopf's own record attributes: k8s_ref is logged as `object`, the rest are internals.
 _KOPF = {"k8s_ref", "k8s_skip", "settings"}
-
-
-def package_version() -> str:
-    try:
-        return version("loraplane")
-    except PackageNotFoundError:  # a source tree that was never installed
-        return "0+unknown"
 
 
 class JsonFormatter(logging.Formatter):
@@ -90,5 +84,5 @@ def build_info(component: str) -> None:
         "Always 1; the labels say which loraplane version and Python this process runs.",
         ["version", "python"],
     )
-    gauge.labels(version=package_version(), python=platform.python_version()).set(1)
+    gauge.labels(version=__version__, python=platform.python_version()).set(1)
     _BUILD_INFO[component] = gauge

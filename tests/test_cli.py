@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from loraplane.crds import render
-from loraplane.telemetry import package_version
+from loraplane.version import __version__
 
 BIN = Path(sys.executable).parent
 
@@ -37,7 +37,7 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def test_every_command_has_version(command: list[str]) -> None:
     out = run(str(BIN / command[0]), *command[1:], "--version")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().endswith(package_version()), out.stdout
+    assert out.stdout.strip().endswith(__version__), out.stdout
 
 
 def test_crds_to_stdout_apply_as_one_stream() -> None:
