@@ -12,14 +12,9 @@ import socket
 import sys
 
 from loraplane.operator.settings import LEDGER_NAME, OperatorSettings
+from loraplane.version import __version__
 
 log = logging.getLogger("loraplane.operator")
-
-
-def _version() -> str:
-    from loraplane.telemetry import package_version
-
-    return package_version()
 
 
 def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
@@ -79,7 +74,7 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
     )
     p.add_argument("--shard-grace", type=float, default=d.shard_grace, help="seconds before taking over")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logs")
-    p.add_argument("--version", action="version", version=f"loraplane-operator {_version()}")
+    p.add_argument("--version", action="version", version=f"loraplane-operator {__version__}")
     p.add_argument(
         "--log-format",
         choices=("text", "json"),

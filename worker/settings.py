@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from loraplane.crds.models import BASE_MODEL_PATTERN, K8S_NAME_PATTERN
+from loraplane.version import __version__
 
 ENV_PREFIX = "LORAPLANE_"
 
@@ -168,9 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_LORA_RANK) or in the --config YAML file.",
     )
     parser.add_argument("--config", default=None, help="YAML file of settings (keys: flag names, - or _)")
-    from loraplane.telemetry import package_version
-
-    parser.add_argument("--version", action="version", version=f"loraplane-worker {package_version()}")
+    parser.add_argument("--version", action="version", version=f"loraplane-worker {__version__}")
     docs = _field_docs()
     for f in fields(WorkerSettings):
         default = f.default if f.default is not dataclasses.MISSING else None
