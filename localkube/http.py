@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from loraplane.localkube import discovery, proto, reads, status, tables
+from loraplane.localkube import discovery, proto, rbac, reads, status, tables
 from loraplane.localkube.cluster import Cluster
 from loraplane.localkube.resources import ResourceType
 from loraplane.localkube.status import ApiError
@@ -58,6 +58,8 @@ class ApiState:
     cluster: Cluster
     tokens: dict[str, str] | None = None
     audit_log: list[AuditEntry] = field(default_factory=list)
+    # kube-apiserver's --authorization-mode: "AlwaysAllow" (the default here) or "RBAC".
+    authorization: str = "AlwaysAllow"
 
 
 def _plain404() -> web.Response:
@@ -152,6 +154,13 @@ def _verb(method: str, name: str, watch: bool) -> str:
     }.get(method, method.lower())
 
 
+def _selected_name(selector: str) -> str:
+    """X of a field selector `metadata.name=X` (alone), else ""."""
+    key, _, value = selector.partition("=")
+    value = value.removeprefix("=")
+    return value if key.strip() == "metadata.name" and value and "," not in value else ""
+
+
 def _user(state: ApiState, request: web.Request) -> str:
     auth = request.headers.get("Authorization", "")
     if auth.startswith("Bearer ") and state.tokens is not None:
@@ -168,6 +177,7 @@ class Api:
     def __init__(self, state: ApiState) -> None:
         self.state = state
         self.cluster = state.cluster
+        self.authorizer = rbac.Authorizer(state.cluster)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -231,30 +241,52 @@ class Api:
             return _plain404()
         name = rest[1] if len(rest) > 1 else ""
         sub = rest[2] if len(rest) > 2 else ""
-        if sub and not (sub == "status" and rt.status_subresource) and sub != "finalize":
+        token = sub == "token" and rt.plural == "serviceaccounts" and not rt.group
+        if sub and not (sub == "status" and rt.status_subresource) and sub != "finalize" and not token:
             return _plain404()
         if not rt.namespaced and ns is not None:
             return _plain404()
         if rt.namespaced and ns is None and name:
             return _plain404()
         watch = watch or request.query.get("watch") in ("true", "1")
+        verb = _verb(request.method, name, watch)
+        # A list or watch of one object by field selector is authorized (and audited) by that name.
+        selected = _selected_name(request.query.get("fieldSelector", "")) if verb in ("list", "watch") else ""
         entry = AuditEntry(
-            _user(self.state, request),
-            _verb(request.method, name, watch),
-            group,
-            rt.plural,
-            sub,
-            ns or "",
-            name,
+            _user(self.state, request), verb, group, rt.plural, sub, ns or "", name or selected
         )
         self.state.audit_log.append(entry)
         try:
-            resp = await self._resource(request, rt, ns, name, sub, watch)
+            if self.state.authorization == "RBAC":
+                attrs = rbac.Attributes(verb, group, rt.plural, sub, ns or "", name or selected)
+                allowed, _ = self.authorizer.authorize(rbac.User.of(entry.user), attrs)
+                if not allowed:
+                    raise rbac.forbidden(entry.user, attrs)
+            if rt.group in ("authorization.k8s.io", "authentication.k8s.io") or token:
+                resp = await self._create_only(request, rt, ns or "", name, entry.user)
+            else:
+                resp = await self._resource(request, rt, ns, name, sub, watch)
         except ApiError as e:
             entry.code = e.code
             raise
         entry.code = resp.status
         return resp
+
+    async def _create_only(
+        self, request: web.Request, rt: ResourceType, ns: str, name: str, user: str
+    ) -> web.Response:
+        """The reviews and TokenRequest: answered from rbac.py, nothing stored."""
+        if request.method != "POST":
+            raise ApiError(
+                405, "the server does not allow this method on the requested resource", "MethodNotAllowed"
+            )
+        body, _, _ = await self._body(request, rt)
+        if rt.plural == "serviceaccounts":
+            sa = self.cluster.get(rt, ns, name)
+            if self.state.tokens is None:
+                self.state.tokens = {}
+            return self._reply(request, rbac.token_request(self.state.tokens, sa, body), 201)
+        return self._reply(request, rbac.review(self.authorizer, user, rt.plural, ns, body), 201)
 
     def _openapi(self, request: web.Request, parts: list[str]) -> web.Response:
         if parts == ["openapi", "v2"]:

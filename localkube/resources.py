@@ -194,6 +194,28 @@ def builtin_types() -> list[ResourceType]:
             status_subresource=True,
         ),
         _r("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short_names=["netpol"]),
+        *_reviews(),
+    ]
+
+
+def _reviews() -> list[ResourceType]:
+    """The create-only kinds rbac.py answers (never stored)."""
+    create = dict(verbs=["create"])
+    return [
+        _r("authorization.k8s.io", "v1", "subjectaccessreviews", "SubjectAccessReview", False, **create),
+        _r(
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+            "SelfSubjectAccessReview",
+            False,
+            **create,
+        ),
+        _r(
+            "authorization.k8s.io", "v1", "selfsubjectrulesreviews", "SelfSubjectRulesReview", False, **create
+        ),
+        _r("authorization.k8s.io", "v1", "localsubjectaccessreviews", "LocalSubjectAccessReview", **create),
+        _r("authentication.k8s.io", "v1", "selfsubjectreviews", "SelfSubjectReview", False, **create),
     ]
 
 

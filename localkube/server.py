@@ -46,7 +46,10 @@ def write_kubeconfig(
 
 
 class LocalKube:
-    """The server in a background thread. `tokens` maps bearer tokens to user names (for audit)."""
+    """The server in a background thread. `tokens` maps bearer tokens to user names (for audit).
+
+    authorization: "AlwaysAllow" (every request is allowed) or "RBAC" (the stored Roles and bindings
+    decide, as kube-apiserver's --authorization-mode=RBAC; requests without credentials are admin)."""
 
     def __init__(
         self,
@@ -54,9 +57,13 @@ class LocalKube:
         port: int = 0,
         tokens: dict[str, str] | None = None,
         history: int | None = None,
+        authorization: str = "AlwaysAllow",
     ) -> None:
+        if authorization not in ("AlwaysAllow", "RBAC"):
+            raise ValueError(f"authorization must be AlwaysAllow or RBAC, not {authorization!r}")
         self.host, self.port = host, port
         self.tokens = tokens
+        self.authorization = authorization
         self.history = history
         self.url = ""
         self.state: ApiState | None = None
@@ -97,7 +104,7 @@ class LocalKube:
         loop.close()
 
     async def _serve(self) -> str:
-        self.state = ApiState(Cluster(self.history), tokens=self.tokens)
+        self.state = ApiState(Cluster(self.history), tokens=self.tokens, authorization=self.authorization)
         self._runner = web.AppRunner(make_app(self.state), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=0.5)
@@ -120,7 +127,8 @@ class LocalKube:
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
 
     def add_token(self, token: str, user: str) -> None:
-        """Accept `Authorization: Bearer <token>` as `user` (recorded in audit_log; RBAC is not enforced).
+        """Accept `Authorization: Bearer <token>` as `user` (recorded in audit_log; authorized by RBAC
+        when the server runs with authorization="RBAC").
 
         Requests without credentials stay allowed as "admin"; an unknown token gets 401 once any is added.
         """

@@ -117,6 +117,38 @@ class Kube:
         path = Path(self._cache_dir()) / f"kubeconfig-{token[:8]}"
         return str(write_kubeconfig(self.url, path, token=token))
 
+    def kubeconfig_for_service_account(self, namespace: str, name: str) -> str:
+        """A kubeconfig that authenticates as ServiceAccount namespace/name with a TokenRequest token,
+        on a real cluster and on localkube alike (the account must exist)."""
+        import yaml
+        from kubernetes import client
+
+        with self.api_client() as api:
+            answer = client.CoreV1Api(api).create_namespaced_service_account_token(
+                name, namespace, {"spec": {"expirationSeconds": 3600}}
+            )
+        src = Path(self.kubeconfig)
+        cfg = yaml.safe_load(src.read_text())
+        ctx_name = cfg.get("current-context") or cfg["contexts"][0]["name"]
+        ctx = next(c for c in cfg["contexts"] if c["name"] == ctx_name)["context"]
+        cluster = dict(next(c for c in cfg["clusters"] if c["name"] == ctx["cluster"])["cluster"])
+        if cluster.get("certificate-authority"):  # a relative path is relative to the original file
+            cluster["certificate-authority"] = str(src.parent / cluster["certificate-authority"])
+        user = f"{namespace}-{name}"
+        out = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "cluster", "cluster": cluster}],
+            "users": [{"name": user, "user": {"token": answer.status.token}}],
+            "contexts": [
+                {"name": user, "context": {"cluster": "cluster", "user": user, "namespace": namespace}}
+            ],
+            "current-context": user,
+        }
+        path = Path(self._cache_dir()) / f"kubeconfig-{user}-{uuid.uuid4().hex[:6]}"
+        path.write_text(yaml.safe_dump(out))
+        return str(path)
+
     def create_namespace(self, prefix: str = "t") -> str:
         from kubernetes import client
 
