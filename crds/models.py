@@ -73,7 +73,7 @@ class LoRAAdapterSpec(_Model):
     path: str = Field(
         min_length=1,
         max_length=paths.PATH_MAX_LENGTH,
-        pattern=r"^\S+$",
+        pattern=paths.PATH_PATTERN,
         description=f"Where the weights live: {paths.ACCEPTED_FORMS}. The directory holds "
         "adapter_config.json and adapter_model.safetensors in PEFT's format.",
         json_schema_extra={

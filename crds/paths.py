@@ -23,6 +23,8 @@ LOCAL = r"^(file://)?/.*$"
 # S3 bucket naming rules: 3-63 chars, lower case, digits, '.', '-'.
 S3 = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 DOT_DOT = r"(^|/)\.\.(/|$)"
+# The schema's own pattern on spec.path (no spaces anywhere), beside the CEL rules.
+PATH_PATTERN = r"^\S+$"
 
 PATH_MAX_LENGTH = 1024
 
@@ -55,8 +57,11 @@ SourceKind = Literal["hf", "local", "s3"]
 
 
 def path_problems(path: str) -> list[str]:
-    """Messages of every PATH_RULES rule that ``path`` breaks (empty when it is accepted)."""
+    """Messages of every rule on spec.path that ``path`` breaks (empty when it is accepted): what
+    admission answers, so the worker, given a path from anywhere, answers the same."""
     problems = []
+    if not re.fullmatch(r"\S+", path) or len(path) > PATH_MAX_LENGTH:  # PATH_PATTERN ($ in re: before a \n)
+        problems.append(f"path must be 1 to {PATH_MAX_LENGTH} characters without spaces")
     if not any(re.search(p, path) for p in (HF_REPO, LOCAL, S3)):
         problems.append(PATH_RULES[0].message)
     if re.search(DOT_DOT, path):
@@ -71,3 +76,12 @@ def source_kind(path: str) -> SourceKind:
     if path.startswith(("/", "file://")):
         return "local"
     return "hf"
+
+
+def location(path: str) -> str:
+    """An accepted path without its scheme: org/name, /abs/dir, bucket/prefix (no trailing slash)."""
+    for scheme in ("hf://", "file://", "s3://"):
+        if path.startswith(scheme):
+            path = path[len(scheme) :]
+            break
+    return path.rstrip("/") or "/"

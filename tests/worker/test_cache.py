@@ -20,6 +20,7 @@ from support import adapters, servers
 from loraplane.crds.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
+from loraplane.worker.sources import refs
 
 hf_hub = servers.hf_hub
 
@@ -221,7 +222,7 @@ def test_unreachable_s3_gives_up_with_a_clear_error(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     settings = s.SourceSettings(s3_endpoint_url=servers.closed_url(), timeout_s=1)
     r = s.ResolvedSource("s3", "s3://bucket/a", "r1", (s.RemoteFile("adapter_config.json", 10, "e"),),
-                         s.cache_key_for("s3", "s3://bucket/a", "r1"))  # fmt: skip
+                         refs.cache_key_for("s3", "s3://bucket/a", "r1"))  # fmt: skip
     cache = c.AdapterCache(tmp_path / "cache", 1 << 30, retries=1, backoff_s=0.01, sources_settings=settings)
     with pytest.raises(LoraplaneError) as e:
         cache.prefetch(r)

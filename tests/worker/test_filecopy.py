@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from loraplane.worker import filecopy
 from loraplane.worker import sources as s
+from loraplane.worker.sources import filecopy
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, filecopy.STEP + 123])

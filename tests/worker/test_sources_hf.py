@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
+from loraplane.crds.errors import LoraplaneError
+from loraplane.worker import adapter as a
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 
@@ -49,7 +51,7 @@ def test_resolve_main_to_its_commit(tmp_path: Path, repo: tuple[Any, str, Path],
     assert (r.kind, r.uri, r.resolved_revision) == ("hf", f"hf://{REPO}", sha)
     weights = r.file("adapter_model.safetensors")
     assert weights.sha256 == hashlib.sha256((d / "adapter_model.safetensors").read_bytes()).hexdigest()
-    assert [f.name for f in r.files] == list(s.ADAPTER_FILES)
+    assert [f.name for f in r.files] == list(a.ADAPTER_FILES)
 
 
 def test_prefetch_fetches_only_the_adapter_files(tmp_path: Path, repo: tuple[Any, str, Path]) -> None:
@@ -57,9 +59,9 @@ def test_prefetch_fetches_only_the_adapter_files(tmp_path: Path, repo: tuple[Any
     settings = _settings(hub, tmp_path)
     r = s.resolve(REPO, None, settings)
     entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
-    for name in s.ADAPTER_FILES:
+    for name in a.ADAPTER_FILES:
         assert (entry.path / name).read_bytes() == (d / name).read_bytes()
-    assert sorted(hub.file_gets()) == sorted(f"/{REPO}/resolve/{sha}/{n}" for n in s.ADAPTER_FILES)
+    assert sorted(hub.file_gets()) == sorted(f"/{REPO}/resolve/{sha}/{n}" for n in a.ADAPTER_FILES)
 
 
 def test_pinned_revisions_resolve_to_their_commit(tmp_path: Path, hf_hub: Any) -> None:
@@ -142,7 +144,7 @@ def test_repo_deleted_after_registration(tmp_path: Path, repo: tuple[Any, str, P
     r = s.resolve(REPO, None, settings)
     hub.delete_repo(REPO)
     cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, retries=0)
-    with pytest.raises(s.LoraplaneError) as e:
+    with pytest.raises(LoraplaneError) as e:
         cache.prefetch(r)
     assert e.value.reason == s.FILE_MISSING and "disappeared" in e.value.message and cache.entries() == []
 
@@ -175,7 +177,7 @@ def test_offline_mode_from_a_preseeded_hub_cache(tmp_path: Path, repo: tuple[Any
 
     hub, sha, d = repo
     hub_cache = tmp_path / "hf-cache"
-    for name in s.ADAPTER_FILES:
+    for name in a.ADAPTER_FILES:
         hf_hub_download(REPO, name, cache_dir=hub_cache, endpoint=hub.url)
     offline = s.SourceSettings(hf_endpoint=servers.closed_url(), hf_offline=True, hf_cache_dir=hub_cache)
     r = s.resolve(REPO, None, offline)

@@ -54,8 +54,10 @@ PATH_CASES: list[tuple[str, Any, str, str]] = [
     ("dotdot-file-uri", lambda root: f"file://{root}/a/../../etc", s.PATH_NOT_ALLOWED, "'..'"),
     ("relative-file-uri", lambda root: "file://adapters/x", s.INVALID_PATH, "file:///dir"),
     ("unknown-scheme", lambda root: "gs://bucket/x", s.INVALID_PATH, "s3://bucket/prefix"),
-    ("relative-path", lambda root: "adapters/x/y", s.INVALID_PATH, "absolute path"),
-    ("empty", lambda root: "", s.INVALID_PATH, "empty"),
+    ("relative-path", lambda root: "adapters/x/y", s.INVALID_PATH, "absolute local path"),
+    ("empty", lambda root: "", s.INVALID_PATH, "without spaces"),
+    ("space", lambda root: f"{root}/a b", s.INVALID_PATH, "without spaces"),
+    ("trailing-newline", lambda root: "team/adapter\n", s.INVALID_PATH, "without spaces"),
     ("missing-dir", lambda root: f"{root}/nothing-here", s.SOURCE_NOT_FOUND, "not a directory"),
 ]
 
@@ -135,11 +137,43 @@ def test_oversized_files_are_refused_at_resolve(root: Path) -> None:
     assert e.value.reason == s.TOO_LARGE and "adapter_model.safetensors" in e.value.message
 
 
-def test_revision_on_a_local_path_is_refused(root: Path, settings: s.SourceSettings) -> None:
+def test_revision_on_a_local_path_is_an_opaque_label(root: Path, settings: s.SourceSettings) -> None:
+    """The CRD (and examples/) call revision a version label for local and s3:// paths and admission
+    accepts it; the worker refused it ("a local path has no revisions"). Now it is recorded, and the
+    bytes still decide the resolved revision."""
     d = adapters.write_adapter(root / "a")
-    with pytest.raises(s.SourceError) as e:
-        s.resolve(str(d), "main", settings)
-    assert e.value.reason == s.INVALID_PATH and "spec.revision" in e.value.message
+    plain = s.resolve(str(d), None, settings)
+    labelled = s.resolve(str(d), "2026-11-01", settings)
+    assert (
+        labelled.requested_revision == "2026-11-01" and labelled.resolved_revision == plain.resolved_revision
+    )
+
+
+# Whatever admission (the CRD's pydantic model = its CEL rules and pattern) answers, the worker answers.
+GRAMMAR_PATHS = ["team/adapter", "hf://team/adapter", "/srv/a", "file:///srv/a", "s3://bucket/p/q", "s3://bucket",
+                 "", "team", "team/", "team/adapter/x", "-team/adapter", "hf://team/adapter/", "file://srv/a",
+                 "gs://bucket/x", "s3://B/x", "s3://ab/x", "/srv/../etc", "/srv/a b", "team/adapter\n",
+                 "relative/dir/x", "./a", "hf://", "s3://bucket/../x"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", GRAMMAR_PATHS)
+def test_the_worker_accepts_exactly_what_admission_accepts(path: str) -> None:
+    import pydantic
+
+    from loraplane.crds.models import LoRAAdapterSpec
+
+    try:
+        spec: LoRAAdapterSpec | None = LoRAAdapterSpec(baseModel="m", path=path)
+    except pydantic.ValidationError:
+        spec = None
+    try:
+        kind, _ = s.parse_path(path)
+    except s.SourceError as e:
+        assert spec is None, f"admission accepts {path!r}, the worker refuses it: {e}"
+        assert e.reason in (s.INVALID_PATH, s.PATH_NOT_ALLOWED)
+    else:
+        assert spec is not None, f"admission refuses {path!r}, the worker accepts it"
+        assert kind == spec.source_kind
 
 
 def test_source_that_disappears_after_resolving(root: Path, settings: s.SourceSettings) -> None:

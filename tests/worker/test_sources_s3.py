@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
+from loraplane.crds.errors import LoraplaneError
+from loraplane.worker import adapter as a
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 
@@ -32,21 +34,40 @@ def test_resolve_pins_the_etags(uploaded: tuple[str, Path, s.SourceSettings], mo
     weights = r.file("adapter_model.safetensors")
     data = (d / "adapter_model.safetensors").read_bytes()
     assert weights.size == len(data) and weights.etag == hashlib.md5(data).hexdigest()
-    assert [f.name for f in r.files] == list(s.ADAPTER_FILES)
+    assert [f.name for f in r.files] == list(a.ADAPTER_FILES)
     assert s.resolve(uri, None, settings) == r  # stable
     bucket = uri[5:].split("/")[0]
     moto_s3.client.put_object(Bucket=bucket, Key="team-a/sql/adapter_model.safetensors", Body=data + b"\0")
     assert s.resolve(uri, None, settings).resolved_revision != r.resolved_revision
 
 
+def test_the_s3_example_with_its_revision_label_resolves(tmp_path: Path, moto_s3: Any) -> None:
+    """examples/s3-adapter.yaml sets spec.revision on an s3:// path, the CRD calls it an opaque version
+    label and admission accepts it; the worker refused it ("S3 paths have no revisions"). Now it is
+    recorded, and a rewrite in place under a new label is a new version (the bytes decide)."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).parents[2] / "examples" / "s3-adapter.yaml").read_text())["spec"]
+    bucket, _, prefix = spec["path"][5:].partition("/")
+    moto_s3.client.create_bucket(Bucket=bucket)
+    d = adapters.write_adapter(tmp_path / "a")
+    moto_s3.put_dir(bucket, prefix, d)
+    settings = s.SourceSettings(s3_endpoint_url=moto_s3.endpoint_url, timeout_s=5)
+    first = s.resolve(spec["path"], spec["revision"], settings)
+    assert first.requested_revision == spec["revision"] == "2026-11-01"
+    moto_s3.put_dir(bucket, prefix, adapters.write_adapter(tmp_path / "b", seed=9))
+    second = s.resolve(spec["path"], "2026-11-02", settings)
+    assert second.resolved_revision != first.resolved_revision and second.cache_key != first.cache_key
+
+
 def test_prefetch_from_s3(tmp_path: Path, uploaded: tuple[str, Path, s.SourceSettings]) -> None:
     uri, d, settings = uploaded
     r = s.resolve(uri, None, settings)
     entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
-    for name in s.ADAPTER_FILES:
+    for name in a.ADAPTER_FILES:
         assert (entry.path / name).read_bytes() == (d / name).read_bytes()
     assert entry.sha256() == hashlib.sha256((d / "adapter_model.safetensors").read_bytes()).hexdigest()
-    assert sorted(p.name for p in entry.path.iterdir()) == sorted([*s.ADAPTER_FILES, c.MANIFEST])
+    assert sorted(p.name for p in entry.path.iterdir()) == sorted([*a.ADAPTER_FILES, c.MANIFEST])
 
 
 def test_missing_bucket_and_prefix(moto_s3: Any) -> None:
@@ -85,7 +106,7 @@ def test_object_deleted_after_resolving(
     bucket = uri[5:].split("/")[0]
     moto_s3.client.delete_object(Bucket=bucket, Key="team-a/sql/adapter_model.safetensors")
     cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, retries=0)
-    with pytest.raises(s.LoraplaneError) as e:
+    with pytest.raises(LoraplaneError) as e:
         cache.prefetch(r)
     assert e.value.reason == s.FILE_MISSING and "disappeared" in e.value.message
     assert cache.entries() == []

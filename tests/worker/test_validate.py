@@ -359,7 +359,7 @@ def test_the_data_path_stays_free_of_torch() -> None:
     code = (
         "import sys\n"
         "import loraplane.worker.validate, loraplane.worker.cache, loraplane.worker.sources\n"
-        "import loraplane.worker.hub, loraplane.worker.s3, loraplane.worker.basemodel\n"
+        "import loraplane.worker.sources.hub, loraplane.worker.sources.s3, loraplane.worker.basemodel\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from loraplane.crds.errors import LoraplaneError
-from loraplane.worker.sources import (
+from loraplane.worker.sources.refs import (
     ADAPTER_FILES,
     CHUNK,
     FILE_MISSING,
@@ -31,7 +31,6 @@ from loraplane.worker.sources import (
     temporary,
 )
 
-# --- S3 ------------------------------------------------------------------------------------------
 _S3_LOCK = threading.Lock()
 _S3_CLIENTS: dict[tuple[str | None, str | None, float], Any] = {}
 
@@ -97,7 +96,8 @@ class _s3_errors:
         return False
 
 
-def resolve(location: str, settings: SourceSettings) -> ResolvedSource:
+def resolve(location: str, revision: str | None, settings: SourceSettings) -> ResolvedSource:
+    """``revision`` is an opaque label (the CRD's): recorded, never needed to find the objects."""
     bucket, _, prefix = location.partition("/")
     uri = f"s3://{location}"
     client = _s3_client(settings)
@@ -123,7 +123,7 @@ def resolve(location: str, settings: SourceSettings) -> ResolvedSource:
     digest = hashlib.sha256("".join(f"{f.name}\0{f.size}\0{f.etag}\n" for f in files).encode()).hexdigest()[
         :40
     ]
-    return make_resolved("s3", uri, digest, files, None)
+    return make_resolved("s3", uri, digest, files, revision)
 
 
 def chunks(resolved: ResolvedSource, rf: RemoteFile, settings: SourceSettings) -> Iterator[bytes]:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loraplane.crds.errors import LoraplaneError
-from loraplane.worker.sources import (
+from loraplane.worker.sources.refs import (
     ADAPTER_FILES,
     FILE_MISSING,
     OFFLINE_NOT_CACHED,
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-# --- Hugging Face Hub ----------------------------------------------------------------------------
 def _hf_offline(settings: SourceSettings) -> bool:
     if settings.hf_offline is not None:
         return settings.hf_offline
