@@ -3,8 +3,8 @@
 Registered from the installed distribution, so pytest knows the option before it reads any argument as
 a test path. pytest finds its configuration (rootdir, pyproject.toml) before plugins load, so in
 `pytest --kubeconfig ~/.kube/config` the kubeconfig's folder is taken for the rootdir and the checkout's
-settings are never read. When that happened, the command is run again with `--kubeconfig=PATH`, the
-form pytest reads right.
+settings are never read (or a config file above the kubeconfig is). The command is then run again
+with `--kubeconfig=PATH`, the form pytest reads right.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def joined(argv: list[str]) -> list[str]:
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     path = early_config.known_args_namespace.kubeconfig
-    if path is None or early_config.inipath is not None:
-        return  # no switch, or the configuration was found despite it
     args = list(early_config.invocation_params.args)
-    if joined(args) == args:
-        return  # given as --kubeconfig=PATH: the configuration is what the user has
+    if path is None or joined(args) == args:
+        return  # no switch, or given as --kubeconfig=PATH: the configuration is the one the user meant
+    # Given as two arguments, PATH was a test path when pytest looked for its configuration, which may
+    # then be missing or come from a file above PATH: always run again with the joined form.
     if args != sys.argv[1:]:
         raise pytest.UsageError(f"pytest.main(): pass {OPTION}={path} (one argument)")
     capture = early_config.pluginmanager.getplugin("capturemanager")
