@@ -4,6 +4,7 @@ console script in a subprocess, as a user would."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,56 @@ def test_readme_by_hand_steps_create_the_ledger_namespace() -> None:
     assert "loraplane crds | kubectl apply -f -" in steps
     assert f"kubectl create namespace {OperatorSettings().ledger_namespace}" in steps
     assert steps.index("create namespace") < steps.index("loraplane-operator")
+
+
+# --- loraplane validate ------------------------------------------------------------------------------
+def validate(*args: str) -> subprocess.CompletedProcess[str]:
+    return run(str(BIN / "loraplane"), "validate", *args)
+
+
+@pytest.fixture
+def base_and_adapters(tmp_path: Path) -> tuple[Path, Path, Path]:
+    from support import adapters
+
+    base = adapters.write_base_config(tmp_path / "base")
+    good = adapters.write_adapter(tmp_path / "roots" / "team-a" / "good")
+    bad = adapters.write_adapter(tmp_path / "elsewhere" / "bad", r=32, config={"use_dora": True})
+    return base, good, bad
+
+
+def test_validate_json_for_pipelines(base_and_adapters: tuple[Path, Path, Path]) -> None:
+    base, good, bad = base_and_adapters
+    ok = validate(str(good), "--base-model", str(base), "--max-lora-rank", "8", "--output", "json")
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)  # stdout is exactly one JSON object
+    assert (result["valid"], result["exitCode"], result["problems"]) == (True, 0, [])
+    assert result["summary"]["rank"] == 8 and len(result["summary"]["sha256"]) == 64
+    refused = validate(str(bad), "--base-model", str(base), "--max-lora-rank", "16", "--output", "json")
+    assert refused.returncode == 1
+    result = json.loads(refused.stdout)
+    assert (result["valid"], result["exitCode"], result["summary"]) == (False, 1, None)
+    assert {"RankTooLarge", "DoRANotSupported"} <= {p["reason"] for p in result["problems"]}
+    missing = validate(str(good), "--base-model", "/nonexistent", "--output", "json")
+    assert missing.returncode == 2 and json.loads(missing.stdout)["exitCode"] == 2
+
+
+def test_validate_local_roots_as_a_worker_has_them(base_and_adapters: tuple[Path, Path, Path]) -> None:
+    base, good, bad = base_and_adapters
+    roots = str(good.parents[1])
+    inside = validate(f"file://{good}", "--base-model", str(base), "--local-roots", roots)
+    assert inside.returncode == 0, inside.stderr
+    outside = validate(str(bad), "--base-model", str(base), "--local-roots", roots)
+    assert outside.returncode == 1
+    assert (
+        "PathNotAllowed" in outside.stderr and f"outside the allowed local roots ({roots})" in outside.stderr
+    )
+
+
+def test_validate_speaks_to_a_cli_user(base_and_adapters: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, good, _ = base_and_adapters
+    gone = validate(f"file://{tmp_path / 'gone'}", "--base-model", str(base))
+    assert gone.returncode == 2 and f"{tmp_path / 'gone'}: no such directory" in gone.stderr, gone.stderr
+    assert "this worker" not in gone.stdout + gone.stderr
+    relative = run(str(BIN / "loraplane"), "validate", good.name, "--base-model", str(base), timeout=120)
+    assert relative.returncode != 0  # a bare name is a Hub id (org/name required), not a file next to you
+    assert "Traceback" not in relative.stderr

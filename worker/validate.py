@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     """`loraplane validate ADAPTER --base-model MODEL_DIR`: 0 valid, 1 refused, 2 cannot check."""
     ap = argparse.ArgumentParser(
         prog="loraplane validate",
-        description="Check a PEFT LoRA adapter against a base model, as a worker would.",
+        description="Check a PEFT LoRA adapter against a base model, as a worker would. "
+        "Exit 0: valid; 1: a worker would refuse it (every reason listed); 2: it could not be checked.",
     )
     ap.add_argument(
-        "adapter", help="adapter directory, or a path as in spec.path (org/name, hf://, s3://, file://)"
+        "adapter",
+        help="adapter directory, or a path as in spec.path (org/name, hf://, s3://, /abs, file://)",
     )
     ap.add_argument("--base-model", required=True, help="the base model's checkpoint directory (config.json)")
     ap.add_argument("--max-lora-rank", type=int, default=64, help="the worker's maxLoraRank (default 64)")
@@ -134,58 +138,101 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--served-base-name", default=None, help="the base-model name the worker serves")
     ap.add_argument("--revision", default=None, help="Hub revision when ADAPTER is a Hub repo")
     ap.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint when ADAPTER is s3://")
+    ap.add_argument(
+        "--local-roots",
+        default="",
+        metavar="DIR[,DIR]",
+        help="check a local path as a worker with these --local-roots would (refused outside them); "
+        "default: the adapter directory itself is allowed",
+    )
+    ap.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object on stdout (valid, exitCode, problems, warnings, summary) for pipelines",
+    )
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="loraplane-validate-") as tmp:
-        return _run_cli(args, Path(tmp))
+        code, result = _check(args, Path(tmp))
+    if args.output == "json":
+        print(json.dumps({"adapter": args.adapter, "baseModel": args.base_model, "exitCode": code, **result}))
+    return code
 
 
-def _run_cli(args: argparse.Namespace, tmp: Path) -> int:
+def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]:
+    """(exit code, the JSON result); in text mode it also prints as it goes."""
+    text = args.output == "text"
+    result: dict[str, object] = {"valid": False, "problems": [], "warnings": [], "summary": None}
+
+    def say(line: str) -> None:
+        print(line, file=sys.stdout if text else sys.stderr)
+
+    def problems(code: int, found: list[tuple[str, str]], heading: str) -> tuple[int, dict[str, object]]:
+        result["problems"] = [{"reason": r, "message": m} for r, m in found]
+        if text:
+            print(heading, file=sys.stderr)
+            for reason, message in found:
+                print(f"  {reason}: {message}", file=sys.stderr)
+        return code, result
+
     try:
         base = ModelConfig.from_dir(Path(args.base_model), name=args.served_base_name)
-        adapter_dir = _fetch_for_cli(args, tmp)
-    except PermanentError as e:
-        print(f"cannot check: {e.reason}: {e.message}", file=sys.stderr)
-        return 2
+        adapter_dir = _fetch_for_cli(args, tmp, say)
+    except LoraplaneError as e:
+        # A path a worker with these roots would refuse is a refusal; anything else could not be checked.
+        from loraplane.worker.sources import refs
+
+        code = 1 if e.reason in (refs.PATH_NOT_ALLOWED, refs.SYMLINK_ESCAPE, refs.INVALID_PATH) else 2
+        return problems(code, [(e.reason, e.message)], "REFUSED:" if code == 1 else "cannot check:")
     except Exception as e:  # a source failure: name it, do not trace
-        print(
-            f"cannot check: {getattr(e, 'reason', type(e).__name__)}: {getattr(e, 'message', e)}",
-            file=sys.stderr,
-        )
-        return 2
-    print(f"base model {base.name} ({base.model_type}): hidden_size {base.hidden_size}, {base.num_layers} layers, "
-          f"vocab {base.vocab_size}, max length {base.max_length}")  # fmt: skip
-    print(f"checking {adapter_dir}: config, safetensors header, rank <= {args.max_lora_rank}, target modules, "
-          "tensor shapes, layers, dtypes, NaN / Inf, DoRA / bias / modules_to_save / embeddings"
-          + (f", max length {args.max_length}" if args.max_length else ""))  # fmt: skip
+        return problems(2, [(type(e).__name__, str(e))], "cannot check:")
+    say(f"base model {base.name} ({base.model_type}): hidden_size {base.hidden_size}, {base.num_layers} layers, "
+        f"vocab {base.vocab_size}, max length {base.max_length}")  # fmt: skip
+    say(f"checking {adapter_dir}: config, safetensors header, rank <= {args.max_lora_rank}, target modules, "
+        "tensor shapes, layers, dtypes, NaN / Inf, DoRA / bias / modules_to_save / embeddings"
+        + (f", max length {args.max_length}" if args.max_length else ""))  # fmt: skip
     try:
         s = validate_adapter(adapter_dir, base, max_lora_rank=args.max_lora_rank,
                              max_length=args.max_length, served_base_name=args.served_base_name)  # fmt: skip
     except ValidationFailed as e:
-        print(f"REFUSED: {len(e.problems)} problem(s)", file=sys.stderr)
-        for reason, message in e.problems:
-            print(f"  {reason}: {message}", file=sys.stderr)
-        return 1
+        return problems(1, list(e.problems), f"REFUSED: {len(e.problems)} problem(s)")
     except PermanentError as e:
-        print(f"REFUSED: {e.reason}: {e.message}", file=sys.stderr)
-        return 1
-    print(f"OK: rank {s.rank}, alpha {s.alpha:g}, scaling {s.scaling:g}{' (rsLoRA)' if s.use_rslora else ''}, "
-          f"targets {', '.join(s.target_modules)}, {s.num_tensors} tensors, {s.size_bytes} bytes, sha256 {s.sha256}")  # fmt: skip
+        return problems(1, [(e.reason, e.message)], "REFUSED:")
+    result.update(
+        valid=True,
+        warnings=list(s.warnings),
+        summary={
+            "rank": s.rank, "alpha": s.alpha, "scaling": s.scaling, "useRslora": s.use_rslora,
+            "targetModules": list(s.target_modules), "numTensors": s.num_tensors,
+            "sizeBytes": s.size_bytes, "sha256": s.sha256,
+        },
+    )  # fmt: skip
+    say(f"OK: rank {s.rank}, alpha {s.alpha:g}, scaling {s.scaling:g}{' (rsLoRA)' if s.use_rslora else ''}, "
+        f"targets {', '.join(s.target_modules)}, {s.num_tensors} tensors, {s.size_bytes} bytes, sha256 {s.sha256}")  # fmt: skip
     for w in s.warnings:
-        print(f"WARNING: {w}")
-    return 0
+        say(f"WARNING: {w}")
+    return 0, result
 
 
-def _fetch_for_cli(args: argparse.Namespace, tmp: Path) -> Path:
-    """A local directory as is; any other spec.path resolved and downloaded into a temporary cache."""
-    local = Path(args.adapter[7:] if args.adapter.startswith("file://") else args.adapter)
-    if local.is_dir():
-        return local
+def _fetch_for_cli(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -> Path:
+    """A local directory checked against --local-roots (default: itself) and read in place; any other
+    spec.path resolved and downloaded into a temporary cache."""
     from loraplane.worker import cache, sources
 
+    spec = args.adapter
+    local = Path(spec[7:] if spec.startswith("file://") else spec)
+    roots = tuple(Path(r).absolute() for r in args.local_roots.split(",") if r.strip())
+    if local.is_dir() or spec.startswith(("/", "file://")):
+        local = local.absolute()
+        if not local.is_dir():
+            raise PermanentError(sources.SOURCE_NOT_FOUND, f"{local}: no such directory")
+        settings = sources.SourceSettings(local_roots=roots or (local,))
+        sources.resolve(f"file://{local}", args.revision, settings)  # the worker's path rules
+        return local
     settings = sources.SourceSettings(s3_endpoint_url=args.s3_endpoint_url)
-    resolved = sources.resolve(args.adapter, args.revision, settings)
+    resolved = sources.resolve(spec, args.revision, settings)
     entry = cache.AdapterCache(tmp, 1 << 40, sources_settings=settings, retries=1).prefetch(resolved)
-    print(f"fetched {resolved.uri} at {resolved.resolved_revision} into {entry.path}")
+    say(f"fetched {resolved.uri} at {resolved.resolved_revision} into {entry.path}")
     return entry.path
 
 
