@@ -9,6 +9,10 @@ worker killed mid-download therefore leaves only staging debris, which the next 
 The byte budget is enforced with LRU eviction of entries that are not pinned (pinned = being
 served); an adapter that cannot fit without evicting served ones is refused (TooLarge / CacheFull),
 never squeezed in. Downloads are limited by a semaphore and retried with exponential backoff.
+
+Bad files never become entries: the weights' safetensors header is checked (tensorfile, as the
+loader checks it) as soon as its bytes arrive, and a bad one stops the download at once instead of
+after gigabytes. An entry whose adapter then fails validation leaves the cache (``discard``).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from collections import Counter as _Counts
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import sources
+from loraplane.worker import sources, tensorfile
 from loraplane.worker.sources import ResolvedSource, SourceSettings
 
 log = logging.getLogger(__name__)
@@ -412,12 +417,18 @@ class AdapterCache:
             else None
         )
 
-        def on_bytes(done: int, total: int) -> None:
-            self._check_open(resolved)  # close() stops a download at its next chunk
-            if progress is not None:
-                progress(done, total)
+        with open(
+            stage / rf.name, "w+b"
+        ) as out:  # readable: the header check and the local copy read it back
+            header = _HeaderCheck(out, rf) if rf.name == sources.WEIGHTS_FILE else None
 
-        with open(stage / rf.name, "w+b") as out:  # readable: the local fast path hashes what it wrote
+            def on_bytes(done: int, total: int) -> None:
+                self._check_open(resolved)  # close() stops a download at its next chunk
+                if header is not None:
+                    header(done)  # a bad header stops the download here, with its reason
+                if progress is not None:
+                    progress(done, total)
+
             fetched = sources.fetch_file(
                 resolved, rf.name, out, self.settings, progress=on_bytes, max_bytes=self.max_file_bytes
             )
@@ -439,6 +450,15 @@ class AdapterCache:
         self._discard(entry.path)
         return True
 
+    def discard(self, cache_key: str) -> bool:
+        """Unpin once, and remove the entry unless another holder still pins it: for a version that
+        failed validation, whose files nobody can serve. True if it was removed."""
+        with self._lock:
+            self.unpin(cache_key)
+            if self._pins[cache_key] > 0:
+                return False
+            return self.remove(cache_key)
+
     def _discard(self, d: Path) -> None:
         """Rename out of entries/ first (atomic), then delete, so no half-deleted entry is ever visible."""
         trash = self._tmp_dir / f"trash-{d.name}-{uuid.uuid4().hex[:8]}"
@@ -451,6 +471,26 @@ class AdapterCache:
     def _update_gauges(self) -> None:
         CACHE_BYTES.set(sum(e.size_bytes for e in self._lru.values()))
         CACHE_ENTRIES.set(len(self._lru))
+
+
+class _HeaderCheck:
+    """Checks a safetensors file's header once its first bytes are on disk (called with bytes written)."""
+
+    def __init__(self, out: BinaryIO, rf: sources.RemoteFile) -> None:
+        self.out, self.fd, self.rf = out, out.fileno(), rf
+        self.need: int | None = None  # bytes the header needs, once its length is known
+        self.done = False
+
+    def __call__(self, written: int) -> None:
+        if self.done or written < 8:
+            return
+        self.out.flush()  # streamed chunks may still sit in the file object's buffer
+        if self.need is None:
+            self.need = tensorfile.header_length(os.pread(self.fd, 8, 0), self.rf.name)
+        if written >= self.need or written >= self.rf.size:
+            prefix = os.pread(self.fd, min(self.need, written), 0)
+            tensorfile.parse_header(prefix, self.rf.name, self.rf.size)
+            self.done = True
 
 
 def _fsync_dir(d: Path) -> None:

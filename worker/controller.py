@@ -169,7 +169,7 @@ class Controller:
                     FAILURES.labels(e.reason).inc()
                     self._set(known, "Failed", e.reason, e.message)
                     log.warning("adapter %s id %d failed: %s", want.adapter, want.id, e)
-                    self._release(known)
+                    self._release(known, discard=True)
                     return
                 message = f"{e.message} (retrying in {delay:.0f}s)"
                 self._set(known, known.state, e.reason, message)
@@ -261,9 +261,14 @@ class Controller:
             )
             return recorded
 
-    def _release(self, known: _Known) -> None:
+    def _release(self, known: _Known, *, discard: bool = False) -> None:
+        """Unpin this version's cache entry; ``discard``: a refused version's files, which serve no one,
+        also leave the cache (unless another version pins the same files)."""
         if known.cache_key is not None:
-            self.cache.unpin(known.cache_key)
+            if discard:
+                self.cache.discard(known.cache_key)
+            else:
+                self.cache.unpin(known.cache_key)
             known.cache_key = None
 
     def _retire_older(self, ready: _Known) -> None:

@@ -112,6 +112,7 @@ class FakeHub:
     fail_next: int = 0  # answer the next N file downloads with HTTP 503
     active: int = 0  # file downloads in flight now
     max_active: int = 0  # the most file downloads ever in flight at once
+    bytes_sent: int = 0  # file bytes written to clients (a download stopped early sends few)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_commit(
@@ -255,6 +256,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with open(f.path, "rb") as src:
                 while chunk := src.read(self.hub.chunk_bytes):
                     self.wfile.write(chunk)
+                    with self.hub._lock:
+                        self.hub.bytes_sent += len(chunk)
                     if self.hub.chunk_delay_s:
                         self.wfile.flush()
                         time.sleep(self.hub.chunk_delay_s)

@@ -180,6 +180,51 @@ def test_concurrent_downloads_are_limited(tmp_path: Path, hf_hub: Any, limit: in
     assert len(cache.entries()) == 4 and hf_hub.max_active == limit
 
 
+@pytest.mark.parametrize(
+    ("damage", "reason", "fragment"),
+    [
+        (lambda w: w.write_bytes(w.read_bytes() + bytes(64 << 20)), "MalformedWeights", "file not fully covered"),
+        (lambda w: w.write_bytes((1 << 40).to_bytes(8, "little") + bytes(64 << 20)), "HeaderTooLarge", "limit"),
+        (lambda w: w.write_bytes((4).to_bytes(8, "little") + b"[1]}" + bytes(64 << 20)), "MalformedWeights",
+         "not a JSON object"),
+    ],
+    ids=["bytes-after-the-last-tensor", "enormous-header", "header-not-an-object"],
+)  # fmt: skip
+def test_a_bad_header_stops_the_download_and_leaves_nothing(
+    tmp_path: Path, hf_hub: Any, damage, reason: str, fragment: str
+) -> None:
+    """The issue's case: a bad safetensors header was found only after the whole file was downloaded
+    (2 GB: 40 s and 2 GB of cache). Now the download stops once the header's bytes are in."""
+    src = adapters.write_adapter(tmp_path / "src")
+    damage(src / "adapter_model.safetensors")
+    size = (src / "adapter_model.safetensors").stat().st_size
+    hf_hub.add_commit("team/bad", src)
+    settings = _hub_settings(hf_hub)
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, retries=2, backoff_s=0.01, sources_settings=settings)
+    with pytest.raises(LoraplaneError) as e:
+        cache.prefetch(s.resolve("team/bad", None, settings))
+    assert (e.value.reason, e.value.retry) == (reason, False) and fragment in e.value.message, e.value
+    for _ in range(500):  # bounded: the server notices the closed connection
+        if hf_hub.active == 0:
+            break
+        time.sleep(0.01)
+    print(f"bad header: {hf_hub.bytes_sent} of {size} bytes sent before the download stopped")
+    assert hf_hub.bytes_sent < size // 4, (hf_hub.bytes_sent, size)  # stopped early, and not retried
+    assert len(hf_hub.file_gets()) == 2 and cache.entries() == []
+    assert list((tmp_path / "cache" / "tmp").iterdir()) == []  # no staging left behind
+
+
+def test_discard_removes_a_failed_entry_unless_another_holder_pins_it(
+    tmp_path: Path, root: Path, settings: s.SourceSettings
+) -> None:
+    r = _local(root, "a", settings)
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    entry = cache.prefetch(r, pin=True)
+    cache.pin(entry.cache_key)  # a second version with the same files, still served
+    assert not cache.discard(entry.cache_key) and cache.lookup(entry.cache_key) == entry
+    assert cache.discard(entry.cache_key) and cache.entries() == [] and not entry.path.exists()
+
+
 def test_retries_with_backoff_then_success(tmp_path: Path, hf_hub: Any) -> None:
     settings = _hub_settings(hf_hub)
     r = s.resolve(_hub_repo(hf_hub, tmp_path, "a"), None, settings)

@@ -78,6 +78,7 @@ def test_versions_names_and_failures(world):
         await _until(lambda: c.states() == {2: "Ready", 22: "Failed"})
         assert registry.lookup("sql").id == 2
         assert [r.reason for r in c.reports()] == [None, "RankTooLarge"]
+        assert len(cache.entries()) == 1  # the refused version's files left the cache; the served one stays
 
         # A good one replaces it; the old one is dropped once it is Ready.
         c.reconcile({23: _want(23, v2)})
