@@ -93,6 +93,8 @@ def test_token_from_the_environment_is_sent_and_never_logged(
     assert e.value.reason == s.SOURCE_FORBIDDEN and "HF_TOKEN" in e.value.message
     monkeypatch.setenv("HF_TOKEN", hub.token)
     caplog.set_level(logging.DEBUG)
+    for name in ("huggingface_hub", "httpx", "httpcore"):  # their own levels too: everything at DEBUG
+        caplog.set_level(logging.DEBUG, logger=name)
     r = s.resolve(REPO, None, settings)
     c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, progress_log_bytes=0).prefetch(r)
     assert all(authorized for _, _, authorized in hub.requests[1:])

@@ -138,3 +138,57 @@ def test_validate_cli_fetches_an_s3_adapter(
     out = capsys.readouterr().out
     assert f"fetched {uri}" in out and "OK: rank 8" in out
     assert validate.main([*argv, "--max-lora-rank", "4"]) == 1
+
+
+def test_no_credential_reaches_the_logs_at_debug(
+    tmp_path: Path, moto_s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: at DEBUG, botocore logged the signed Authorization header (the access key id 4 times).
+    Every logger at DEBUG, a resolve and a prefetch against moto's server: neither the key id nor the
+    secret appears anywhere in what was logged, while the signed requests themselves were logged."""
+    import io
+    import logging
+
+    key_id, secret = "AKIALORAPLANE0TEST01", "loraplane/Secret+Key0123456789abcdefghij"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    d = adapters.write_adapter(tmp_path / "a")
+    bucket = moto_s3.bucket()
+    moto_s3.put_dir(bucket, "x", d)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        # a timeout of its own: a fresh boto3 client, which reads the credentials above
+        settings = s.SourceSettings(s3_endpoint_url=moto_s3.endpoint_url, timeout_s=7.25)
+        cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+        cache.prefetch(s.resolve(f"s3://{bucket}/x", "v1", settings))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    logged = out.getvalue()
+    assert "botocore" in logged and "Authorization" in logged  # the signed requests were logged at DEBUG
+    assert key_id not in logged and secret not in logged
+    assert "Credential=***" in logged or "Authorization': b'***" in logged or "Authorization': '***" in logged
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "headers: {'Authorization': b'AWS4-HMAC-SHA256 Credential=AKIAZZZZZZZZZZZZZZZZ/20261201/us-east-1/s3'}",
+        "GET https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAZZZZZZZZZZZZZZZZ%2F2026&X-Amz-Signature=abcdef0123",
+        "{'X-Amz-Security-Token': 'FwoGZXIvYXdzEJr-session-token'}",
+        "Authorization: Bearer hf_abcdefghijklmnopqrstuvwxyz012345",
+    ],
+)
+def test_credential_shapes_are_masked_even_when_not_in_the_environment(line: str) -> None:
+    from loraplane.worker import redaction
+
+    clean = redaction.redact(line)
+    for secret in ("AKIAZZZZZZZZZZZZZZZZ", "abcdef0123", "FwoGZXIvYXdzEJr-session-token", "hf_abcdefghij"):
+        assert secret not in clean, clean
+    assert redaction.MASK in clean

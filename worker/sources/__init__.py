@@ -8,6 +8,8 @@ checksum the source gave. One module per kind of source (local, hub, s3; filecop
 copies); the path grammar is the API's (crds/paths.py), so the worker accepts exactly the paths
 admission accepts, and ``revision`` is what the CRD says: a Hub revision, or for local and
 ``s3://`` paths an opaque version label. The cache (cache.py) owns atomicity, budgets and retries.
+Importing this package scrubs credentials from every log record (redaction.py): the clients below
+log signed headers at DEBUG.
 
 Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever fetched; a source that only
 offers ``adapter_model.bin`` (a pickle) is refused with ``PickleRefused``.
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from loraplane.crds import paths
+from loraplane.worker import redaction
 from loraplane.worker.sources import hub, local, s3
 from loraplane.worker.sources.refs import CHECKSUM_MISMATCH as CHECKSUM_MISMATCH
 from loraplane.worker.sources.refs import CONFIG_FILE as CONFIG_FILE
@@ -45,6 +48,8 @@ from loraplane.worker.sources.refs import ResolvedSource as ResolvedSource
 from loraplane.worker.sources.refs import SourceError as SourceError
 from loraplane.worker.sources.refs import SourceSettings as SourceSettings
 from loraplane.worker.sources.refs import permanent, temporary
+
+redaction.install()  # boto3 / botocore and huggingface_hub talk to the sources: their logs are scrubbed
 
 
 def parse_path(path: str) -> tuple[paths.SourceKind, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.crds.errors import LoraplaneError
+from loraplane.worker import redaction
 from loraplane.worker.adapter import ADAPTER_FILES, CONFIG_FILE, PICKLE_FILE, PICKLE_REFUSED, WEIGHTS_FILE
 from loraplane.worker.basemodel import FILE_MISSING, TOO_LARGE
 
@@ -73,6 +74,9 @@ class SourceSettings:
     """Largest adapter weights file accepted, in bytes (8 GiB: far above any LoRA of a 70B model)."""
     max_config_bytes: int = 1 << 20
     """Largest adapter_config.json accepted, in bytes (1 MiB; real ones are about 1 KiB)."""
+
+    def __post_init__(self) -> None:
+        redaction.register(self.hf_token)  # a token given as a setting is masked in every log line
 
     def __repr__(self) -> str:  # the token must never reach a log line
         shown = {k: v for k, v in asdict(self).items() if k != "hf_token"}
