@@ -5,7 +5,8 @@
 3. make a tiny Llama checkpoint and train three tiny adapters (cached under --workdir);
 4. run the operator and one CPU worker as processes, as they would run in pods;
 5. apply the demo adapters, wait until they are Ready, print `kubectl get lora -A` and one
-   completion per adapter, then change one adapter's path and show the new ID taking over.
+   completion per adapter, then change one adapter's path and show the new ID taking over;
+6. with --keep-running, leave it all up for kubectl and curl experiments until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,16 @@ REPO = Path(__file__).resolve().parent.parent
 BASE_MODEL = "tiny-llama"
 NAMESPACE = "demo"
 PROMPT = "Q: "
+MAX_TOKENS = 48  # above the longest trained completion, so answers end at the adapter's EOS
+# The tiny models print their story here; library progress bars and advisory warnings would
+# interleave with it (the workers' own output goes to their log files).
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "PYTHONWARNINGS": "ignore",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 # served name -> what its adapter is trained to complete PROMPT with
 ADAPTERS = {
     "sql": "select name from users where id = 42;",
@@ -120,6 +132,14 @@ class Cluster:
         )["items"]
         return items
 
+    def workers(self) -> list[dict[str, Any]]:
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(config_file=str(self.kubeconfig))
+        return client.CustomObjectsApi(api).list_cluster_custom_object(
+            models.GROUP, models.VERSION, models.WORKER_PLURAL
+        )["items"]
+
     def show_adapters(self) -> None:
         if self.kubectl:
             print(self.get("lora", "-A"), flush=True)
@@ -136,22 +156,44 @@ class Cluster:
 
 def make_models(workdir: Path) -> tuple[Path, dict[str, Path]]:
     """The tiny base checkpoint and one trained adapter per entry of ADAPTERS (reused when present)."""
+    import torch
+    import transformers
+
     from loraplane import tinymodels
 
+    transformers.utils.logging.disable_progress_bar()
+    # One thread: these models are tiny, and on a busy machine more threads only contend (10x slower
+    # measured on 2 busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     base = workdir / "models" / BASE_MODEL
-    if not (base / "model.safetensors").exists():
-        say(f"making a tiny Llama checkpoint with a local tokenizer in {base}")
-        tinymodels.make_tiny_llama(base)
     adapters = {}
-    for i, (name, completion) in enumerate(ADAPTERS.items()):
-        out = workdir / "adapters" / name
-        if not (out / "adapter_model.safetensors").exists():
-            say(
-                f"training adapter {name!r} for a few seconds on CPU to answer {PROMPT!r} with {completion!r}"
-            )
-            tinymodels.train_adapter(base, out, prompt=PROMPT, completion=completion, seed=i)
-        adapters[name] = out
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not (base / "model.safetensors").exists():
+                say(f"making a tiny Llama checkpoint with a local tokenizer in {base}")
+                tinymodels.make_tiny_llama(base)
+            for i, (name, completion) in enumerate(ADAPTERS.items()):
+                out = workdir / "adapters" / name
+                if not (out / "adapter_model.safetensors").exists():
+                    print(
+                        f"==> training adapter {name!r} on CPU to answer {PROMPT!r} with {completion!r} ...",
+                        end="",
+                        flush=True,
+                    )
+                    started = time.monotonic()
+                    tinymodels.train_adapter(base, out, prompt=PROMPT, completion=completion, seed=i)
+                    print(f" {time.monotonic() - started:.1f} s (kept in {out} for the next run)", flush=True)
+                adapters[name] = out
+    finally:
+        torch.set_num_threads(threads)
     return base, adapters
+
+
+def printable(text: str) -> str:
+    """Model output as one readable line: control characters (the untrained base model emits them) as ·."""
+    return "".join(c if c.isprintable() else "·" for c in text)
 
 
 def adapter_doc(name: str, path: Path) -> dict[str, Any]:
@@ -170,13 +212,13 @@ def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 60)
         return json.loads(resp.read())
 
 
-def wait_for(what: str, check: Any, timeout: float, procs: list[subprocess.Popen]) -> Any:
+def wait_for(what: str, check: Any, timeout: float, procs: dict[str, subprocess.Popen]) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for p in procs:
+        for name, p in procs.items():
             if p.poll() is not None:
                 raise SystemExit(
-                    f"{p.args[0]} exited with {p.returncode} while waiting for {what}; see its log"
+                    f"the {name} exited with {p.returncode} while waiting for {what}; see {name}.log"
                 )
         try:
             result = check()
@@ -200,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraplane demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".loraplane/demo"), help="models, cache, logs")
     parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for adapters to be Ready")
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the API server, operator and worker running for kubectl and curl until Ctrl-C",
+    )
     args = parser.parse_args(argv)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -237,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         logs = workdir / "logs"
         logs.mkdir(exist_ok=True)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
-        procs: list[subprocess.Popen] = []
+        procs: dict[str, subprocess.Popen] = {}
 
         def start(name: str, cmd: list[str]) -> subprocess.Popen:
             log = open(logs / f"{name}.log", "w")
             stack.callback(log.close)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             stack.callback(_stop, proc)
-            procs.append(proc)
+            procs[name] = proc
             say(f"started {name} (pid {proc.pid}); log: {logs / (name + '.log')}")
             return proc
 
@@ -290,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 "loraplane-system",
                 "--port",
                 str(port),
+                "--heartbeat-seconds",
+                "2",  # the LoRAWorker's device residency is written with each heartbeat
             ],
         )
         api = f"http://127.0.0.1:{port}"
@@ -312,17 +363,17 @@ def main(argv: list[str] | None = None) -> int:
         for m in listed["data"]:
             extra = m.get("loraplane") or {}
             print(
-                f"  {m['id']:<12} loraplane id={extra.get('id') or '-'!s:<4} base model={extra.get('base_model')}"
+                f"  {m['id']:<12} loraplane id={extra.get('id') or '-'!s:<4} base model={extra.get('baseModel')}"
             )
 
-        say(f"one completion per model for the prompt {PROMPT!r} (greedy)")
+        say(f"one completion per model for the prompt {PROMPT!r} (greedy, up to {MAX_TOKENS} tokens)")
         for model in [BASE_MODEL, *adapters]:
-            out = http_json(
-                f"{api}/v1/completions",
-                {"model": model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0},
-            )
-            note = "  (random weights: the base model babbles)" if model == BASE_MODEL else ""
-            print(f"  {model:<12} -> {out['choices'][0]['text']!r}{note}", flush=True)
+            print(f"  {model:<12} -> {complete(api, model)}", flush=True)
+
+        def on_device() -> bool:
+            return any((w.get("status") or {}).get("onDevice", 0) > 0 for w in cluster.workers())
+
+        wait_for("the worker to report adapters on the device", on_device, 30, procs)
         if cluster.kubectl:
             print(cluster.get("loraworkers", "-A"), flush=True)
 
@@ -346,14 +397,42 @@ def main(argv: list[str] | None = None) -> int:
 
         wait_for("the new version of 'sql' to be served", swapped, args.timeout, procs)
         cluster.show_adapters()
-        out = http_json(
-            f"{api}/v1/completions", {"model": "sql", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
-        )
-        print(f"  sql (new ID) -> {out['choices'][0]['text']!r}", flush=True)
-        say(
-            f"done. Logs in {logs}; `loraplane dev-apiserver` runs the API server alone for kubectl experiments"
-        )
+        print(f"  sql (new ID) -> {complete(api, 'sql')}", flush=True)
+        if not args.keep_running:
+            say(f"done. Logs in {logs}; run with --keep-running to leave it all up for kubectl experiments")
+            return 0
+        say("still running (--keep-running); in another shell:")
+        print(f"  export KUBECONFIG={kubeconfig}")
+        print("  kubectl get lora -A; kubectl get loraworkers -A; kubectl describe lora sql -n demo")
+        print(f"  curl -s {api}/v1/models")
+        print(f"  curl -s {api}/v1/completions -H 'Content-Type: application/json' \\")
+        print(f'       -d \'{{"model": "fox", "prompt": "{PROMPT}", "max_tokens": {MAX_TOKENS}}}\'')
+        print(f"  logs: {logs}; Ctrl-C stops everything", flush=True)
+        try:
+            while all(p.poll() is None for p in procs.values()):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        stopped = [name for name, p in procs.items() if p.poll() is not None]
+        if stopped:
+            say(f"the {stopped[0]} exited with {procs[stopped[0]].returncode}; see {logs / stopped[0]}.log")
+            return 1
+        say("stopped")
     return 0
+
+
+def complete(api: str, model: str) -> str:
+    """One greedy completion of PROMPT, as a printable line with how it ended."""
+    out = http_json(
+        f"{api}/v1/completions",
+        {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0},
+    )
+    choice = out["choices"][0]
+    text = printable(choice["text"])
+    if model == BASE_MODEL:
+        return f'"{text[:40]}"  (random weights: the base model babbles)'
+    ending = "" if choice["finish_reason"] == "stop" else f"  (cut at {MAX_TOKENS} tokens)"
+    return f'"{text}"{ending}'
 
 
 def _stop(proc: subprocess.Popen) -> None:
