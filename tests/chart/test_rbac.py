@@ -1,7 +1,13 @@
-"""RBAC proven, not asserted: the operator and a worker run as real processes against an API server that
-records every call with the caller's identity (a bearer token per service account), through an
-end-to-end flow; then each identity's calls are compared with the rules the chart renders for its
-service account. A call no rule allows fails the test, and so does a rule nothing used (surplus).
+"""RBAC proven, not asserted: the operator and a worker run as real processes with their service
+accounts' tokens (TokenRequest), through an end-to-end flow, against an API server that enforces
+RBAC: a call no rule allows fails the flow (403). The other direction, no surplus:
+
+- on localkube (RBAC enforced, every call recorded with the caller's identity) each identity's calls are
+  compared with the rules the chart renders for its service account: a rule nothing used fails;
+- on any server, a real cluster too (--kubeconfig), each account's effective rules as the server
+  reports them (SelfSubjectRulesReview, less what a bare service account has) must be exactly the
+  chart's rules in every namespace, and SubjectAccessReview must deny the calls the components must
+  never make.
 
 Both modes are checked: cluster-wide (ClusterRoles) and namespaced (Roles in the watched namespaces).
 The processes run with the arguments the chart's Deployments give them; only paths, ports and the
@@ -15,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +32,27 @@ from support import chartkit, fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-NS = chartkit.NAMESPACE  # the release namespace: operator, workers, ledger, LoRAWorker objects
-TEAM = "team-a"  # where users put their adapters
+NS = chartkit.NAMESPACE  # the release namespace on localkube: operator, workers, ledger, LoRAWorker objects
+TEAM = "team-a"  # where users put their adapters (on localkube)
 SERVED = "tiny-llama"
-OPERATOR_SA = f"system:serviceaccount:{NS}:lp-loraplane-operator"
-WORKER_SA = f"system:serviceaccount:{NS}:lp-loraplane-worker"
-TOKENS = {"operator-token": OPERATOR_SA, "worker-token": WORKER_SA}
+OPERATOR = f"{chartkit.RELEASE}-loraplane-operator"  # service account names
+WORKER = f"{chartkit.RELEASE}-loraplane-worker"
+# On a real cluster only these kinds are created (the chart's Deployments would start real pods).
+RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 
-MODES: dict[str, dict[str, Any]] = {
-    "cluster-wide": {"watch": {"clusterWide": True}},
-    "namespaced": {"watch": {"clusterWide": False, "namespaces": [TEAM]}},
-}
+
+def modes(team: str) -> dict[str, dict[str, Any]]:
+    return {
+        "cluster-wide": {"watch": {"clusterWide": True}},
+        "namespaced": {"watch": {"clusterWide": False, "namespaces": [team]}},
+    }
+
+
+MODES = modes(TEAM)
+
+
+def sa_user(namespace: str, name: str) -> str:
+    return f"system:serviceaccount:{namespace}:{name}"
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,7 @@ class Call:
     group: str
     resource: str  # "resource" or "resource/subresource"
     namespace: str
+    name: str = ""  # the object's name where the request names one (get, update, ...; list by name)
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,7 @@ class Grant:
     resource: str
     scope: str | None
     source: str  # Kind/name of the role, for messages
+    names: tuple[str, ...] = ()  # resourceNames; empty: any object
 
     def allows(self, call: Call) -> bool:
         return (
@@ -64,6 +83,7 @@ class Grant:
             and self.group == call.group
             and self.resource == call.resource
             and (self.scope is None or self.scope == call.namespace)
+            and (not self.names or call.name in self.names)
         )
 
 
@@ -85,21 +105,52 @@ def grants_for(objs: list[dict[str, Any]], service_account: str, namespace: str)
         scope = None if binding["kind"] == "ClusterRoleBinding" else binding["metadata"]["namespace"]
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], f"wildcard in {ref['name']}"
-            assert not rule.get("resourceNames"), "resourceNames are not modelled by this test"
+            names = tuple(sorted(rule.get("resourceNames") or ()))
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
                     for verb in rule["verbs"]:
-                        out.append(Grant(verb, group, resource, scope, f"{ref['kind']}/{ref['name']}"))
+                        out.append(Grant(verb, group, resource, scope, f"{ref['kind']}/{ref['name']}", names))
     return out
 
 
 def calls_by(server: Any, user: str) -> set[Call]:
     return {
         Call(
-            e.verb, e.api_group, f"{e.resource}/{e.subresource}" if e.subresource else e.resource, e.namespace
+            e.verb,
+            e.api_group,
+            f"{e.resource}/{e.subresource}" if e.subresource else e.resource,
+            e.namespace,
+            e.name,
         )
         for e in list(server.audit_log)
         if e.user == user
+    }
+
+
+Permission = tuple[str, str, str, tuple[str, ...]]  # verb, group, resource, resourceNames
+
+
+def expected_in(grants: list[Grant], namespace: str) -> set[Permission]:
+    """What the chart grants in one namespace (its ClusterRoles apply in every namespace)."""
+    return {(g.verb, g.group, g.resource, g.names) for g in grants if g.scope in (None, namespace)}
+
+
+def effective_in(http: Any, url: str, namespace: str) -> set[Permission]:
+    """The caller's rules in `namespace` as the server reports them (SelfSubjectRulesReview)."""
+    body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview"}
+    r = http.post(
+        url + "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+        json={**body, "spec": {"namespace": namespace}},
+    )
+    assert r.status_code == 201, r.text
+    status = r.json()["status"]
+    assert not status.get("incomplete"), status
+    return {
+        (verb, group, resource, tuple(sorted(rule.get("resourceNames") or ())))
+        for rule in status.get("resourceRules") or []
+        for verb in rule.get("verbs") or []
+        for group in rule.get("apiGroups") or []
+        for resource in rule.get("resources") or []
     }
 
 
@@ -167,65 +218,95 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": base, "adapters": adapters}
 
 
+@dataclass
+class Cluster:
+    """Where the flow runs: `kube` (the admin's view), `server` (the LocalKube, for its audit log; None on
+    a real cluster), the release namespace, the team namespace and a namespace the chart has no part in."""
+
+    kube: Any
+    server: Any
+    ns: str
+    team: str
+    elsewhere: str
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Any, str, dict[str, str]]]:
+def cluster(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Cluster]:
+    """localkube: a server of its own that enforces RBAC (the session's allows everything). A real
+    cluster: fresh namespaces, removed afterwards with the chart's cluster-scoped objects."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+    from support.kube import Kube
+
     from loraplane.localkube import LocalKube, write_kubeconfig
 
-    srv = LocalKube(tokens=TOKENS)
-    url = srv.start()
-    admin = str(write_kubeconfig(url, tmp_path / "admin.kubeconfig"))
-    per_user = {
-        user: str(write_kubeconfig(url, tmp_path / f"{user.rsplit(':', 1)[-1]}.kubeconfig", token=token))
-        for token, user in TOKENS.items()
-    }
+    if kube.is_local:
+        srv = LocalKube(authorization="RBAC")
+        url = srv.start()
+        admin = Kube(str(write_kubeconfig(url, tmp_path / "admin.kubeconfig")), url, True, srv)
+        try:
+            yield Cluster(admin, srv, NS, TEAM, namespace)
+        finally:
+            srv.stop()
+        return
+    suffix = uuid.uuid4().hex[:6]
+    here = Cluster(kube, None, f"lp-rbac-{suffix}", f"team-{suffix}", namespace)
     try:
-        yield srv, admin, per_user
+        yield here
     finally:
-        srv.stop()
+        with kube.api_client() as api:
+            rbac = client.RbacAuthorizationV1Api(api)
+            for mode in MODES:
+                for obj in chartkit.manifests(modes(here.team)[mode], namespace=here.ns):
+                    try:
+                        if obj["kind"] == "ClusterRoleBinding":
+                            rbac.delete_cluster_role_binding(obj["metadata"]["name"])
+                        elif obj["kind"] == "ClusterRole":
+                            rbac.delete_cluster_role(obj["metadata"]["name"])
+                    except ApiException as e:
+                        if e.status != 404:
+                            raise
+        for ns in (here.ns, here.team):
+            kube.delete_namespace(ns, wait=60)
 
 
-def _admin_setup(admin_kubeconfig: str, objs: list[dict[str, Any]], pod_name: str) -> None:
-    """As the cluster admin: CRDs, namespaces, the chart's objects, and the worker's Pod (no kubelet here)."""
-    from kubernetes import client, config, dynamic
+def _admin_setup(c: Cluster, objs: list[dict[str, Any]], pod_name: str) -> None:
+    """As the cluster admin: CRDs, namespaces, service accounts and RBAC (all of the chart's objects on
+    localkube, where nothing runs), and the worker's Pod, held unscheduled so no kubelet runs it."""
+    from kubernetes import client, dynamic
 
-    api = config.new_client_from_config(config_file=admin_kubeconfig)
-    with api:
-        ext = client.ApiextensionsV1Api(api)
-        for crd in chartkit.chart_crds():
-            ext.create_custom_resource_definition(crd)
-        deadline = time.monotonic() + 30
-        for crd in chartkit.chart_crds():
-            while True:
-                conds = (ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions) or []
-                if any(c.type == "Established" and c.status == "True" for c in conds):
-                    break
-                assert time.monotonic() < deadline, "CRDs not Established"
-                time.sleep(0.1)
+    c.kube.apply_crds(
+        [chartkit.CHART / "crds" / p.name for p in sorted((chartkit.CHART / "crds").glob("*.yaml"))]
+    )
+    with c.kube.api_client() as api:
         core = client.CoreV1Api(api)
-        for ns in (NS, TEAM):
+        for ns in (c.ns, c.team):
             core.create_namespace({"metadata": {"name": ns}})
+        core.create_namespaced_service_account(c.ns, {"metadata": {"name": "bare"}})  # the baseline
         dyn = dynamic.DynamicClient(api)
         for obj in objs:
+            if c.server is None and obj["kind"] not in RBAC_KINDS:
+                continue
             resource = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
             resource.create(body=obj, namespace=obj["metadata"].get("namespace"))
         (worker,) = [o for o in objs if o["kind"] == "Deployment" and "-worker-" in o["metadata"]["name"]]
         template = worker["spec"]["template"]
         dyn.resources.get(api_version="v1", kind="Pod").create(
-            namespace=NS,
+            namespace=c.ns,
             body={
                 "metadata": {"name": pod_name, "labels": template["metadata"]["labels"]},
-                "spec": {**template["spec"], "nodeName": "node-1"},
+                "spec": {**template["spec"], "schedulingGates": [{"name": "loraplane.io/rbac-test"}]},
             },
         )
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_chart_rbac_is_exactly_what_the_components_use(
-    mode: str, server: tuple[Any, str, dict[str, str]], tiny: dict[str, Path], tmp_path: Path
+    mode: str, cluster: Cluster, tiny: dict[str, Path], tmp_path: Path
 ) -> None:
-    srv, admin, kubeconfigs = server
+    c = cluster
     values = {
-        **MODES[mode],
+        **modes(c.team)[mode],
         # Small ID blocks, so that the flow reserves a second block (the ledger's CAS update) too.
         # Frequent liveness ticks, so that the pod check of each worker report happens within the flow.
         "operator": {"extraArgs": ["--block-size=2", "--liveness-interval=0.5"]},
@@ -233,10 +314,13 @@ def test_chart_rbac_is_exactly_what_the_components_use(
             {"name": "tiny", "baseModel": {"source": "/models/tiny", "servedName": SERVED}, "device": "cpu"}
         ],
     }
-    objs = chartkit.manifests(values)
-    pod_name = "lp-loraplane-worker-tiny-0"
-    _admin_setup(admin, objs, pod_name)
-    flow_start = len(srv.audit_log)
+    objs = chartkit.manifests(values, namespace=c.ns)
+    pod_name = f"{WORKER}-tiny-0"
+    _admin_setup(c, objs, pod_name)
+    if mode == "cluster-wide" and c.server is None:
+        _wait_alone(c)
+    kubeconfigs = {sa: c.kube.kubeconfig_for_service_account(c.ns, sa) for sa in (OPERATOR, WORKER, "bare")}
+    flow_start = len(c.server.audit_log) if c.server else 0
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBECONFIG", "LORAPLANE_"))}
     bin_dir = Path(sys.executable).parent
@@ -248,8 +332,8 @@ def test_chart_rbac_is_exactly_what_the_components_use(
         {"--metrics-port": str(op_port), "--health-port": str(health_port), "--metrics-address": "127.0.0.1"},
     )
     operator = Proc(
-        [str(bin_dir / "loraplane-operator"), *op_args, "--kubeconfig", kubeconfigs[OPERATOR_SA]],
-        {**base_env, "POD_NAME": "lp-loraplane-operator-0", "POD_NAMESPACE": NS},
+        [str(bin_dir / "loraplane-operator"), *op_args, "--kubeconfig", kubeconfigs[OPERATOR]],
+        {**base_env, "POD_NAME": f"{OPERATOR}-0", "POD_NAMESPACE": c.ns},
         tmp_path / "operator.log",
     )
     port = fleet.free_port()
@@ -267,11 +351,11 @@ def test_chart_rbac_is_exactly_what_the_components_use(
         },
     )
     worker = Proc(
-        [str(bin_dir / "loraplane-worker"), *wk_args, "--kubeconfig", kubeconfigs[WORKER_SA]],
+        [str(bin_dir / "loraplane-worker"), *wk_args, "--kubeconfig", kubeconfigs[WORKER]],
         {
             **base_env,
             "POD_NAME": pod_name,
-            "POD_NAMESPACE": NS,
+            "POD_NAMESPACE": c.ns,
             "NODE_NAME": "node-1",
             "HF_HOME": str(tmp_path / "hf"),
             "HF_HUB_OFFLINE": "1",
@@ -279,7 +363,7 @@ def test_chart_rbac_is_exactly_what_the_components_use(
         tmp_path / "worker.log",
     )
     logs = lambda: f"operator log:\n{operator.log()}\nworker log:\n{worker.log()}"  # noqa: E731
-    adapters = fleet.Adapters(_AdminKube(admin), TEAM)
+    adapters = fleet.Adapters(c.kube, c.team)
     try:
         root = tiny["adapters"]
         adapters.create(fleet.adapter_obj("alpha", str(root / "a")))
@@ -300,7 +384,9 @@ def test_chart_rbac_is_exactly_what_the_components_use(
         )
         time.sleep(1.5)  # a few operator ticks: each checks the worker's pod
         adapters.delete("alpha")
-        fleet.wait_for(lambda: "alpha" not in {a["metadata"]["name"] for a in _list(adapters)}, 30, logs)
+        fleet.wait_for(
+            lambda: "alpha" not in {a["metadata"]["name"] for a in _list(adapters, c.team)}, 30, logs
+        )
         # A container restart in the same pod: its LoRAWorker object is still there.
         worker.kill()
         worker.start()
@@ -313,8 +399,49 @@ def test_chart_rbac_is_exactly_what_the_components_use(
         operator.stop()
         adapters.close()
 
-    # The test's own admin calls touch only adapters in TEAM; any other call without credentials comes from
-    # a component that does not send its service-account token (it would get 403 on a real cluster).
+    # Denied calls surface as 403 / Forbidden in the components' logs even where they retry and go on.
+    problems: list[str] = [
+        f"{who} was refused a call:\n{proc.log()}"
+        for who, proc in (("operator", operator), ("worker", worker))
+        if "forbidden" in proc.log().lower()
+    ]
+    grants = {sa: grants_for(objs, sa, c.ns) for sa in (OPERATOR, WORKER)}
+    if c.server is not None:
+        problems += _compare_audit(c, flow_start, grants)
+    problems += _compare_effective(c, kubeconfigs, grants)
+    problems += _denied(c)
+    assert not problems, "\n".join(problems) + "\n\n" + logs()
+
+
+def _wait_alone(c: Cluster) -> None:
+    """A cluster-wide operator counts every adapter and worker report in the cluster: wait until other
+    tests' namespaces (Terminating for seconds on a real cluster) have taken theirs away; skip when
+    others stay (a live installation)."""
+    from kubernetes import client
+
+    def others() -> list[str]:
+        with c.kube.api_client() as api:
+            custom = client.CustomObjectsApi(api)
+            items = [
+                o
+                for plural in ("loraadapters", "loraworkers")
+                for o in custom.list_cluster_custom_object("loraplane.io", "v1alpha1", plural)["items"]
+            ]
+        return [f"{o['kind']} {o['metadata']['namespace']}/{o['metadata']['name']}" for o in items]
+
+    deadline = time.monotonic() + 60
+    while (found := others()) and time.monotonic() < deadline:
+        time.sleep(1)
+    if found:
+        pytest.skip(
+            f"cluster-wide mode needs a cluster without other LoRAAdapters or LoRAWorkers: {found[:5]}"
+        )
+
+
+def _compare_audit(c: Cluster, flow_start: int, grants: dict[str, list[Grant]]) -> list[str]:
+    """localkube: the calls each identity made against the chart's rules, both ways."""
+    # The test's own admin calls touch only adapters in the team namespace; any other call without
+    # credentials comes from a component that does not send its service-account token.
     anonymous = sorted(
         {
             str(
@@ -325,20 +452,85 @@ def test_chart_rbac_is_exactly_what_the_components_use(
                     e.namespace,
                 )
             )
-            for e in list(srv.audit_log)[flow_start:]
+            for e in list(c.server.audit_log)[flow_start:]
             if e.user == "admin"
-            and not (e.resource == "loraadapters" and e.namespace == TEAM and not e.subresource)
+            and not (e.resource == "loraadapters" and e.namespace == c.team and not e.subresource)
         }
     )
-    problems: list[str] = [f"sent without the component's token: {c}" for c in anonymous]
-    problems += compare(calls_by(srv, OPERATOR_SA), grants_for(objs, "lp-loraplane-operator", NS), "operator")
-    problems += compare(calls_by(srv, WORKER_SA), grants_for(objs, "lp-loraplane-worker", NS), "worker")
-    used = "\n".join(
-        f"{who} used: {c}"
-        for who, user in (("operator", OPERATOR_SA), ("worker", WORKER_SA))
-        for c in sorted(calls_by(srv, user), key=str)
-    )
-    assert not problems, "\n".join(problems) + "\n\n" + used + "\n\n" + logs()
+    problems = [f"sent without the component's token: {call}" for call in anonymous]
+    for who, sa in (("operator", OPERATOR), ("worker", WORKER)):
+        problems += compare(calls_by(c.server, sa_user(c.ns, sa)), grants[sa], who)
+    if problems:
+        problems.append(
+            "\n".join(
+                f"{who} used: {call}"
+                for who, sa in (("operator", OPERATOR), ("worker", WORKER))
+                for call in sorted(calls_by(c.server, sa_user(c.ns, sa)), key=str)
+            )
+        )
+    return problems
+
+
+def _compare_effective(c: Cluster, kubeconfigs: dict[str, str], grants: dict[str, list[Grant]]) -> list[str]:
+    """The server's view of each account (SelfSubjectRulesReview, less a bare account's) is the chart's
+    rules exactly, in the release namespace, the team namespace and one the chart has no part in."""
+    from support.kube import Kube
+
+    def rules(sa: str, ns: str) -> set[Permission]:
+        with Kube(kubeconfigs[sa], c.kube.url, c.kube.is_local).http() as http:
+            return effective_in(http, c.kube.url, ns)
+
+    problems = []
+    for ns in (c.ns, c.team, c.elsewhere):
+        baseline = rules("bare", ns)
+        for who, sa in (("operator", OPERATOR), ("worker", WORKER)):
+            got, want = rules(sa, ns) - baseline, expected_in(grants[sa], ns)
+            problems += [
+                f"{who} in {ns}: the server grants {p} beyond the chart's rules" for p in sorted(got - want)
+            ]
+            problems += [f"{who} in {ns}: the chart's {p} is not in effect" for p in sorted(want - got)]
+    return problems
+
+
+def _denied(c: Cluster) -> list[str]:
+    """SubjectAccessReview: what neither component may ever do."""
+    from kubernetes import client
+
+    must_not = [
+        (OPERATOR, "create", "loraplane.io", "loraadapters", "", c.team),
+        (OPERATOR, "update", "loraplane.io", "loraadapters", "", c.team),
+        (OPERATOR, "delete", "loraplane.io", "loraadapters", "", c.team),
+        (OPERATOR, "get", "", "secrets", "", c.ns),
+        (OPERATOR, "delete", "", "pods", "", c.ns),
+        (WORKER, "update", "loraplane.io", "loraadapters", "status", c.team),
+        (WORKER, "patch", "loraplane.io", "loraadapters", "", c.team),
+        (WORKER, "create", "loraplane.io", "loraworkers", "", c.team),
+        (WORKER, "get", "", "secrets", "", c.ns),
+        (WORKER, "update", "", "configmaps", "", c.ns),
+    ]
+    problems = []
+    with c.kube.api_client() as api:
+        authz = client.AuthorizationV1Api(api)
+        for sa, verb, group, resource, sub, ns in must_not:
+            attrs = {"verb": verb, "group": group, "resource": resource, "subresource": sub, "namespace": ns}
+            review = authz.create_subject_access_review(
+                {
+                    "spec": {
+                        "user": sa_user(c.ns, sa),
+                        "groups": [
+                            "system:serviceaccounts",
+                            f"system:serviceaccounts:{c.ns}",
+                            "system:authenticated",
+                        ],
+                        "resourceAttributes": attrs,
+                    }
+                }
+            )
+            if review.status.allowed:
+                problems.append(
+                    f"{sa} may {verb} {resource}{'/' + sub if sub else ''} in {ns}: {review.status.reason}"
+                )
+    return problems
 
 
 def _probes_answer(container: dict[str, Any], local_ports: dict[str, int]) -> None:
@@ -357,28 +549,16 @@ def _probes_answer(container: dict[str, Any], local_ports: dict[str, int]) -> No
             assert resp.status == 200, f"{kind} {url}: {resp.status}"
 
 
-def _list(adapters: Any) -> list[dict[str, Any]]:
-    return adapters.api.list_namespaced_custom_object("loraplane.io", "v1alpha1", TEAM, "loraadapters")[
+def _list(adapters: Any, namespace: str) -> list[dict[str, Any]]:
+    return adapters.api.list_namespaced_custom_object("loraplane.io", "v1alpha1", namespace, "loraadapters")[
         "items"
     ]
-
-
-class _AdminKube:
-    """The slice of support.kube.Kube that fleet.Adapters needs, for this test's own server."""
-
-    def __init__(self, kubeconfig: str) -> None:
-        self.kubeconfig = kubeconfig
-
-    def api_client(self) -> Any:
-        from kubernetes import config
-
-        return config.new_client_from_config(config_file=self.kubeconfig)
 
 
 def test_grants_and_compare_catch_missing_and_surplus() -> None:
     """The comparison itself: a call outside the rules and a rule never used are both reported."""
     objs = chartkit.manifests(MODES["cluster-wide"])
-    grants = grants_for(objs, "lp-loraplane-worker", NS)
+    grants = grants_for(objs, WORKER, NS)
     used = {Call(g.verb, g.group, g.resource, g.scope or "anywhere") for g in grants}
     assert compare(used, grants, "w") == []
     missing = compare(used | {Call("delete", "", "pods", NS)}, grants, "w")
