@@ -1,8 +1,10 @@
-"""Condition types and reasons, and the one function that sets a condition.
+"""Condition types and reasons, the one function that sets a condition, and one setter per type.
 
 Conditions follow the Kubernetes shape (type, status, reason, message, lastTransitionTime,
-observedGeneration). They change only through ``set_condition``, which reports whether anything
-changed so callers patch (and emit an Event) only on a real transition.
+observedGeneration). They change only through ``set_condition`` (kueue's habit: it sets
+observedGeneration, truncates the message and reports whether anything changed, so callers write and
+post an Event only on a real transition). The per-type setters below hold the reasons and the
+wording, so the operator's status computation and its Events say the same thing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,39 @@ VALIDATED = "Validated"
 READY = "Ready"
 
 ConditionStatus = Literal["True", "False", "Unknown"]
+
+# Reasons the operator sets itself. Other reasons come from elsewhere and are passed through as they
+# are: the ledger's (LedgerMissing, ...), a worker's (RankTooLarge, CacheFull, ...), InvalidSpec.
+ASSIGNED = "Assigned"
+NAME_CLAIMED = "NameClaimed"
+NAME_TAKEN = "NameTaken"
+WORKER_VALIDATED = "WorkerValidated"
+WORKER_FAILED = "WorkerFailed"
+NOT_YET_VALIDATED = "NotYetValidated"
+READY_REASON = "Ready"
+LOADING = "Loading"  # Workers are prefetching and validating it.
+NO_WORKERS = "NoWorkers"  # No live worker serves its base model (yet).
+WAITING_FOR_ENGINE = "WaitingForEngine"  # Validated; the worker's engine is still loading the base model.
+
+# Reasons of a normal course of events; any other reason on a False condition is a problem to act on
+# (an Event of type Warning).
+NORMAL_REASONS = frozenset(
+    {
+        ASSIGNED,
+        NAME_CLAIMED,
+        WORKER_VALIDATED,
+        NOT_YET_VALIDATED,
+        READY_REASON,
+        LOADING,
+        NO_WORKERS,
+        WAITING_FOR_ENGINE,
+    }
+)
+
+
+def is_warning(reason: str) -> bool:
+    return reason not in NORMAL_REASONS
+
 
 MESSAGE_MAX = 1024  # Kubernetes allows 32 KiB; a condition message should stay readable in kubectl.
 
@@ -81,3 +116,47 @@ def get_condition(conditions: list[dict] | None, type_: str) -> dict | None:
 def is_true(conditions: list[dict] | None, type_: str) -> bool:
     cond = get_condition(conditions, type_)
     return cond is not None and cond.get("status") == "True"
+
+
+# ---- one setter per condition type ------------------------------------------------------------------
+
+
+def set_id_assigned(conditions: list[dict], adapter_id: int, version: str, generation: int | None) -> bool:
+    return set_condition(
+        conditions,
+        ID_ASSIGNED,
+        "True",
+        ASSIGNED,
+        f"ID {adapter_id} for version {version}",
+        generation=generation,
+    )
+
+
+def set_id_not_assigned(conditions: list[dict], reason: str, message: str, generation: int | None) -> bool:
+    return set_condition(conditions, ID_ASSIGNED, "False", reason, message, generation=generation)
+
+
+def set_name_available(
+    conditions: list[dict], served: str, base_model: str, holder: str | None, generation: int | None
+) -> bool:
+    """``holder``: the adapter (namespace/name) that holds the served name, None when this one does."""
+    if holder is None:
+        message = f"served name {served!r} for base model {base_model} belongs to this adapter"
+        return set_condition(conditions, NAME_AVAILABLE, "True", NAME_CLAIMED, message, generation=generation)
+    message = (
+        f"served name {served!r} for base model {base_model} is held by {holder} (the oldest claimant); "
+        f"set spec.name to another name, or delete {holder}"
+    )
+    return set_condition(conditions, NAME_AVAILABLE, "False", NAME_TAKEN, message, generation=generation)
+
+
+def set_validated(
+    conditions: list[dict], status: ConditionStatus, reason: str, message: str, generation: int | None
+) -> bool:
+    return set_condition(conditions, VALIDATED, status, reason, message, generation=generation)
+
+
+def set_ready(
+    conditions: list[dict], status: ConditionStatus, reason: str, message: str, generation: int | None
+) -> bool:
+    return set_condition(conditions, READY, status, reason, message, generation=generation)

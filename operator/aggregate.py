@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from loraplane.crds import conditions as cond
 from loraplane.crds.models import LoRAWorker, describe_errors
 
 log = logging.getLogger("loraplane.operator.aggregate")
@@ -80,6 +81,9 @@ class Aggregate:
     total: int = 0
     failure: str | None = None  # "worker ns/name: Reason: message" of the first failing worker.
     failure_reason: str | None = None
+    waiting: int = 0  # Workers still preparing it that report why they wait (CacheFull, WaitingForEngine).
+    wait: str | None = None  # "worker ns/name: Reason: message" of the first of them.
+    wait_reason: str | None = None
     info: dict[str, Any] | None = None
     previous_in_use: bool = False
     all_switched: bool = False
@@ -117,22 +121,37 @@ def aggregate(
         elif report.get("state") == "Failed":
             agg.failed += 1
             if agg.failure is None:
-                agg.failure_reason = report.get("reason") or "WorkerFailed"
-                agg.failure = f"worker {w.ref}: {agg.failure_reason}: {report.get('message', '')}".rstrip(
-                    ": "
-                )
+                agg.failure_reason = report.get("reason") or cond.WORKER_FAILED
+                agg.failure = _why(w, agg.failure_reason, report)
+        elif report.get("reason"):
+            agg.waiting += 1
+            if agg.wait is None:
+                agg.wait_reason = report["reason"]
+                agg.wait = _why(w, agg.wait_reason, report)
     agg.all_switched = agg.total > 0 and switched == agg.total and not agg.previous_in_use
     return agg
 
 
-def phase_of(agg: Aggregate) -> tuple[str, str | None]:
-    """Phase and message from the counts: Failed (all reporting failed), Degraded (some), Ready, Registered."""
+def _why(worker: WorkerView, reason: str, report: dict[str, Any]) -> str:
+    return f"worker {worker.ref}: {reason}: {report.get('message', '')}".rstrip(": ")
+
+
+def phase_of(agg: Aggregate) -> tuple[str, str, str | None]:
+    """Phase, the Ready condition's reason, and the message, from the counts: Failed (all reporting
+    failed), Degraded (some), Ready, or Registered (no worker yet, loading, or waiting on a worker)."""
     if agg.failed and not agg.ready:
-        return "Failed", agg.failure
+        return "Failed", agg.failure_reason or cond.WORKER_FAILED, agg.failure
     if agg.failed:
-        return "Degraded", f"{agg.failed} of {agg.total} workers failed; first: {agg.failure}"
+        message = f"{agg.failed} of {agg.total} workers failed; first: {agg.failure}"
+        return "Degraded", agg.failure_reason or cond.WORKER_FAILED, message
     if agg.ready:
-        return "Ready", None
+        return "Ready", cond.READY_REASON, None
     if agg.total == 0:
-        return "Registered", "no live worker serves this base model yet"
-    return "Registered", f"loading on {agg.total} workers"
+        return "Registered", cond.NO_WORKERS, "no live worker serves this base model yet"
+    if agg.waiting:
+        return (
+            "Registered",
+            agg.wait_reason or cond.LOADING,
+            f"waiting on {agg.waiting} of {agg.total} workers; first: {agg.wait}",
+        )
+    return "Registered", cond.LOADING, f"loading on {agg.total} workers"

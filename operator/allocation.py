@@ -25,7 +25,7 @@ from typing import Any
 
 from loraplane.crds.errors import APIConflictError, APINotFoundError, PermanentError
 from loraplane.crds.kube import KubeClient
-from loraplane.crds.models import ID_MAX
+from loraplane.crds.models import ID_MAX, LoRAAdapterStatus
 from loraplane.operator import metrics
 from loraplane.operator.settings import RECOVER_ANNOTATION, OperatorSettings
 
@@ -52,14 +52,12 @@ class IdDecision:
     previous_id: int | None = None
 
 
-def decide(status: dict[str, Any] | None, version: str) -> IdDecision:
+def decide(status: LoRAAdapterStatus | None, version: str) -> IdDecision:
     """Same version and an ID already there: keep it (re-running never gives a second ID)."""
-    status = status or {}
-    current = status.get("id")
-    if isinstance(current, int) and current > 0 and status.get("version") == version:
+    current = status.id if status is not None else None
+    if current is not None and status is not None and status.version == version:
         return IdDecision(keep=True)
-    previous = current if isinstance(current, int) and current > 0 else None
-    return IdDecision(keep=False, previous_id=previous)
+    return IdDecision(keep=False, previous_id=current)
 
 
 def check_ledger(raw: Any, visible_max: int) -> int:

@@ -1,10 +1,12 @@
-"""One adapter's desired status, computed from the caches, and the resourceVersion-checked write of it.
+"""The operator's caches and the one path that writes adapter status (resourceVersion-checked).
 
 The operator keeps every adapter and LoRAWorker it watches in memory (fed by kopf's watch events, primed
-by a LIST at startup), so name ownership and worker aggregation are computed without extra reads. Every
-status write is a PUT to /status carrying the resourceVersion the status was computed from: a 409 means
-the view was stale (another replica, a spec change), so it re-reads and recomputes. The ID, its version
-digest, servedName, conditions and phase travel in that one write.
+by a LIST at startup), so name ownership and worker aggregation are computed without extra reads. It
+gathers the inputs of an adapter's status (ID decision, name holder, workers' aggregate) and status.py
+computes it; every write is a PUT to /status carrying the resourceVersion the status was computed
+from: a 409 means the view was stale (another replica, a spec change), so it re-reads and recomputes.
+The ID, its version digest, servedName, conditions and phase travel in that one write; events.py says
+what changed.
 """
 
 from __future__ import annotations
@@ -18,29 +20,23 @@ import zlib
 from typing import Any
 
 from loraplane.crds import conditions as cond
-from loraplane.crds.errors import APIConflictError, APIError, APINotFoundError, LoraplaneError, PermanentError
+from loraplane.crds.errors import APIConflictError, APIError, APINotFoundError, PermanentError
 from loraplane.crds.kube import KubeClient, rv_behind
 from loraplane.crds.models import (
-    ADAPTER_KIND,
     ADAPTER_PLURAL,
-    API_VERSION,
     GROUP,
-    INVALID_SPEC,
     VERSION,
     WORKER_PLURAL,
     parse_adapter,
     version_of,
 )
 from loraplane.operator import aggregate as agg_mod
-from loraplane.operator import allocation, metrics
+from loraplane.operator import allocation, events, metrics
+from loraplane.operator import status as status_mod
 from loraplane.operator.names import Claim, Key, NameIndex
 from loraplane.operator.settings import OperatorSettings
 
 log = logging.getLogger("loraplane.operator")
-
-NAME_TAKEN = "NameTaken"
-NAME_CLAIMED = "NameClaimed"
-ASSIGNED = "Assigned"
 
 
 def ref_of(obj: dict[str, Any]) -> str:
@@ -85,11 +81,9 @@ class Reconciler:
         self.allocator = allocation.Allocator(api, settings, lambda: self._seen_max)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._events: asyncio.Queue[tuple[dict[str, Any], str, str, bool]] = asyncio.Queue()
-        self._poster: asyncio.Task[None] | None = None
+        self.events = events.EventPoster(api, os.environ.get("HOSTNAME") or f"pid-{os.getpid()}")
         self._deferred: set[str] = set()
         self._worker_sig: dict[str, tuple[Any, ...]] = {}
-        self.instance = os.environ.get("HOSTNAME") or f"pid-{os.getpid()}"
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -341,7 +335,10 @@ class Reconciler:
                 self._observe(result)
                 if taken is not None:
                     metrics.IDS_ASSIGNED.inc()
-                self._announce(result, old, new)
+                note = events.transition(old, new)
+                if note is not None:
+                    log.info("adapter %s: %s (%s)", ref, note.message, note.reason)
+                    self.events.post(result, note)
                 return
             log.warning("adapter %s: status kept changing under this operator; will retry", ref)
 
@@ -365,210 +362,38 @@ class Reconciler:
 
     async def desired(self, obj: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         """The status this adapter should have, and the fresh ID taken for it (None if none was taken)."""
-        status = copy.deepcopy(obj.get("status") or {})
-        conds: list[dict[str, Any]] = status.get("conditions") or []
-        gen = (obj.get("metadata") or {}).get("generation")
-        ref = ref_of(obj)
-        status["observedGeneration"] = gen
-        status["conditions"] = conds
         try:
             adapter = parse_adapter(obj)
         except PermanentError as exc:
-            message = f"invalid spec: {exc.message}"
-            cond.set_condition(conds, cond.VALIDATED, "False", INVALID_SPEC, message, generation=gen)
-            cond.set_condition(conds, cond.READY, "False", INVALID_SPEC, message, generation=gen)
-            if not status.get("id"):
-                cond.set_condition(conds, cond.ID_ASSIGNED, "False", INVALID_SPEC, message, generation=gen)
-            status.update(phase="Failed", message=cond.truncate(message, 4096))
-            return status, None
-        spec = adapter.spec
+            return status_mod.invalid(obj, exc), None
+        spec, current = adapter.spec, adapter.status
         version = version_of(spec.path, spec.revision)
-        decision = allocation.decide(status, version)
+        decision = allocation.decide(current, version)
+        ids = status_mod.IdState(current.id if current else None, version, decision.previous_id)
         taken: int | None = None
-        waiting: LoraplaneError | None = None
         if not decision.keep:
             try:
                 taken = await self.allocator.take()
             except allocation.LedgerError as exc:
-                waiting = exc
+                ids = status_mod.IdState(None, version, waiting=exc)
             else:
-                status["id"], status["version"] = taken, version
-                if decision.previous_id is not None:
-                    status["previousId"] = decision.previous_id
-        if waiting is not None:
-            message = f"waiting for an ID: {waiting.message}"
-            cond.set_condition(conds, cond.ID_ASSIGNED, "False", waiting.reason, message, generation=gen)
-        else:
-            cond.set_condition(
-                conds,
-                cond.ID_ASSIGNED,
-                "True",
-                ASSIGNED,
-                f"ID {status['id']} for version {version}",
-                generation=gen,
-            )
-        served = adapter.served_name
-        status["servedName"] = served
-        holder = self.names.holder((spec.baseModel, served))
-        name_message = None
-        if holder is None or holder.ref == ref:
-            cond.set_condition(
-                conds,
-                cond.NAME_AVAILABLE,
-                "True",
-                NAME_CLAIMED,
-                f"served name {served!r} for base model {spec.baseModel} belongs to this adapter",
-                generation=gen,
-            )
-        else:
-            name_message = (
-                f"served name {served!r} for base model {spec.baseModel} is held by {holder.ref} (the oldest "
-                f"claimant); set spec.name to another name, or delete {holder.ref}"
-            )
-            cond.set_condition(conds, cond.NAME_AVAILABLE, "False", NAME_TAKEN, name_message, generation=gen)
-        if waiting is None:
+                ids = status_mod.IdState(taken, version, decision.previous_id)
+        holder = self.names.holder((spec.baseModel, adapter.served_name))
+        agg = None
+        if ids.id is not None:
+            prior = current.previousId if current else None
+            if taken is not None and decision.previous_id is not None:
+                prior = decision.previous_id
             agg = agg_mod.aggregate(
-                status["id"],
-                status.get("previousId"),
+                ids.id,
+                prior,
                 spec.baseModel,
                 list(self.workers.values()),
                 time.time(),
                 self.settings.heartbeat_window,
             )
-        else:
-            agg = agg_mod.Aggregate()
-        status["workers"] = agg.counts
-        if agg.info:
-            status["adapter"] = agg.info
-        if status.get("previousId") is not None and agg.all_switched:
-            status.pop("previousId")
-        phase, message = agg_mod.phase_of(agg)
-        if agg.ready:
-            cond.set_condition(
-                conds,
-                cond.VALIDATED,
-                "True",
-                "WorkerValidated",
-                f"validated by {agg.ready} of {agg.total} workers",
-                generation=gen,
-            )
-        elif agg.failed:
-            cond.set_condition(
-                conds,
-                cond.VALIDATED,
-                "False",
-                agg.failure_reason or "WorkerFailed",
-                agg.failure or "",
-                generation=gen,
-            )
-        else:
-            cond.set_condition(
-                conds,
-                cond.VALIDATED,
-                "Unknown",
-                "NotYetValidated",
-                "no worker has validated the weights yet",
-                generation=gen,
-            )
-        if waiting is not None:
-            phase, message = "Pending", f"waiting for an ID: {waiting.message}"
-        elif name_message is not None:
-            phase, message = "Pending", name_message
-        if phase == "Ready":
-            cond.set_condition(
-                conds,
-                cond.READY,
-                "True",
-                "Ready",
-                f"ready on {agg.ready} of {agg.total} workers",
-                generation=gen,
-            )
-        else:
-            reason = (
-                NAME_TAKEN if name_message and waiting is None else (waiting.reason if waiting else phase)
-            )
-            cond.set_condition(conds, cond.READY, "False", reason, message or phase, generation=gen)
-        status["phase"] = phase
-        if message:
-            status["message"] = cond.truncate(message, 4096)
-        else:
-            status.pop("message", None)
-        return status, taken
-
-    # ---- events and logs -------------------------------------------------------------------------
-
-    def _announce(self, obj: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
-        ref = ref_of(obj)
-        notes: list[tuple[str, str]] = []
-        if new.get("id") != old.get("id") and new.get("id"):
-            extra = (
-                f", replacing ID {new['previousId']}"
-                if new.get("previousId") and new.get("previousId") == old.get("id")
-                else ""
-            )
-            notes.append(("IDAssigned", f"assigned ID {new['id']} to version {new.get('version')}{extra}"))
-        old_name = cond.get_condition(old.get("conditions"), cond.NAME_AVAILABLE)
-        new_name = cond.get_condition(new.get("conditions"), cond.NAME_AVAILABLE)
-        if new_name and (old_name or {}).get("status") != new_name.get("status"):
-            notes.append((new_name["reason"], new_name["message"]))
-        if old.get("phase") != new.get("phase"):
-            why = f": {new['message']}" if new.get("message") else ""
-            notes.append(
-                (
-                    "PhaseChanged",
-                    (
-                        f"phase {old['phase']} -> {new.get('phase')}{why}"
-                        if old.get("phase")
-                        else f"phase {new.get('phase')}{why}"
-                    ),
-                )
-            )
-        if not notes:
-            return
-        warn = new.get("phase") in ("Failed", "Degraded") or (new_name or {}).get("status") == "False"
-        # One Event per write (Events are API writes too); its reason is the most telling transition.
-        rank = {NAME_TAKEN: 0, "PhaseChanged": 1 if warn else 4, "IDAssigned": 2, NAME_CLAIMED: 3}
-        reason = min(notes, key=lambda n: rank.get(n[0], 5))[0]
-        message = "; ".join(m for _, m in notes)
-        log.info("adapter %s: %s (%s)", ref, message, reason)
-        # Events go through one background poster, so status writes (the IDs) never queue behind them.
-        self._events.put_nowait((obj, reason, message, warn))
-        if self._poster is None or self._poster.done():
-            self._poster = asyncio.get_running_loop().create_task(self._post_events())
-
-    async def _post_events(self) -> None:
-        while not self._events.empty():
-            await self._post_event(*self._events.get_nowait())
-
-    async def _post_event(self, obj: dict[str, Any], reason: str, message: str, warn: bool) -> None:
-        meta = obj["metadata"]
-        now = cond.now()
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": API_VERSION,
-                "kind": ADAPTER_KIND,
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "reason": reason,
-            "message": cond.truncate(message),
-            "type": "Warning" if warn else "Normal",
-            "source": {"component": "loraplane-operator"},
-            "reportingComponent": "loraplane-operator",
-            "reportingInstance": self.instance,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            await self.api.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body=event)
-        except APIError as exc:
-            log.debug("event for %s not posted: %s", ref_of(obj), exc)
+        other = holder.ref if holder is not None and holder.ref != ref_of(obj) else None
+        return status_mod.desired(obj, adapter, ids, other, agg), taken
 
 
 def adapter_path(namespace: str, name: str = "", subresource: str = "") -> str:

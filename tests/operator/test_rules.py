@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraplane.crds.models import ID_MAX, version_of
+from loraplane.crds.models import ID_MAX, LoRAAdapterStatus, version_of
 from loraplane.operator import aggregate, allocation
 from loraplane.operator.names import Claim, NameIndex
 from loraplane.operator.settings import OperatorSettings
@@ -35,8 +35,9 @@ def test_check_ledger_accepts_above_visible() -> None:
 
 def test_decide_keeps_same_version_and_records_previous_on_change() -> None:
     v = version_of("/m/a", None)
-    assert allocation.decide({"id": 5, "version": v}, v) == allocation.IdDecision(keep=True)
-    assert allocation.decide({"id": 5, "version": v}, version_of("/m/a", "r2")) == allocation.IdDecision(
+    five = LoRAAdapterStatus(id=5, version=v)
+    assert allocation.decide(five, v) == allocation.IdDecision(keep=True)
+    assert allocation.decide(five, version_of("/m/a", "r2")) == allocation.IdDecision(
         keep=False, previous_id=5
     )
     assert allocation.decide(None, v) == allocation.IdDecision(keep=False)

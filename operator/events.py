@@ -1,0 +1,115 @@
+"""Kubernetes Events for an adapter's status transitions: what to say (pure) and posting it (background).
+
+One Event per status write that changes the ID, the served name's availability, the phase or the
+Ready condition's reason: Events are API writes too, so the notes of one write are joined into one.
+Its reason is the most telling note's: a failure's own reason (RankTooLarge, LedgerMissing, NameTaken,
+CacheFull, ...) with type Warning; otherwise IDAssigned, NameClaimed or the new Ready reason, Normal.
+A note never repeats what another note of the same Event already says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from loraplane.crds import conditions as cond
+from loraplane.crds.errors import APIError
+from loraplane.crds.kube import KubeClient
+from loraplane.crds.models import ADAPTER_KIND, API_VERSION
+
+log = logging.getLogger("loraplane.operator.events")
+
+ID_ASSIGNED = "IDAssigned"
+
+
+@dataclass(frozen=True)
+class Note:
+    reason: str
+    message: str
+    warning: bool = False
+
+
+def transition(old: dict[str, Any], new: dict[str, Any]) -> Note | None:
+    """The one Event (reason, message, Warning or not) for a status change from ``old`` to ``new``."""
+    notes: list[Note] = []
+    if new.get("id") and new.get("id") != old.get("id"):
+        replacing = new.get("previousId") and new.get("previousId") == old.get("id")
+        extra = f", replacing ID {new['previousId']}" if replacing else ""
+        notes.append(Note(ID_ASSIGNED, f"assigned ID {new['id']} to version {new.get('version')}{extra}"))
+    old_name = cond.get_condition(old.get("conditions"), cond.NAME_AVAILABLE) or {}
+    new_name = cond.get_condition(new.get("conditions"), cond.NAME_AVAILABLE)
+    if new_name and old_name.get("status") != new_name.get("status"):
+        notes.append(Note(new_name["reason"], new_name["message"], new_name["status"] != "True"))
+    old_ready = cond.get_condition(old.get("conditions"), cond.READY) or {}
+    new_ready = cond.get_condition(new.get("conditions"), cond.READY) or {}
+    if old.get("phase") != new.get("phase") or old_ready.get("reason") != new_ready.get("reason"):
+        reason = new_ready.get("reason") or str(new.get("phase"))
+        said = {n.message for n in notes}
+        why = f": {new['message']}" if new.get("message") and new["message"] not in said else ""
+        moved = (
+            f"phase {old['phase']} -> {new.get('phase')}" if old.get("phase") else f"phase {new.get('phase')}"
+        )
+        failing = new.get("phase") in ("Failed", "Degraded")
+        notes.append(
+            Note(
+                reason,
+                moved + why,
+                failing or (new_ready.get("status") == "False" and cond.is_warning(reason)),
+            )
+        )
+    if not notes:
+        return None
+    # The most telling note names the Event: a warning first, then the ID, then the rest in order.
+    first = min(range(len(notes)), key=lambda i: (not notes[i].warning, notes[i].reason != ID_ASSIGNED, i))
+    return Note(notes[first].reason, "; ".join(n.message for n in notes), any(n.warning for n in notes))
+
+
+class EventPoster:
+    """Posts Events in the background, in order, so status writes (the IDs) never queue behind them."""
+
+    def __init__(self, api: KubeClient, instance: str) -> None:
+        self.api = api
+        self.instance = instance
+        self._queue: asyncio.Queue[tuple[dict[str, Any], Note]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def post(self, obj: dict[str, Any], note: Note) -> None:
+        self._queue.put_nowait((obj, note))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while not self._queue.empty():
+            await self._post(*self._queue.get_nowait())
+
+    async def _post(self, obj: dict[str, Any], note: Note) -> None:
+        meta = obj["metadata"]
+        now = cond.now()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": ADAPTER_KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": note.reason,
+            "message": cond.truncate(note.message),
+            "type": "Warning" if note.warning else "Normal",
+            "source": {"component": "loraplane-operator"},
+            "reportingComponent": "loraplane-operator",
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.api.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body=event)
+        except APIError as exc:
+            log.debug("event for %s/%s not posted: %s", meta["namespace"], meta["name"], exc)
