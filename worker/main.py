@@ -3,8 +3,10 @@
 ``WorkerApp`` holds the pieces (settings, base model info, registry, cache, watch, controller, report)
 and runs them on one event loop. The HTTP side is a hook: ``app.serve`` (a coroutine function taking
 the app) is started with the rest, so the OpenAI API server can run inside this process and read the
-same registry; without one, a small server answers /metrics, /healthz and /readyz. SIGTERM and
-SIGINT stop it cleanly: tasks are cancelled, the LoRAWorker object is deleted, the exit code is 0.
+same registry. One HTTP server (``loraplane.worker.api.server``) answers /health, /ready, /metrics and
+/adapters in both modes, and the OpenAI API when serving. SIGTERM and SIGINT stop it cleanly: the
+server drains (no new requests; those in flight finish within --drain-seconds), tasks are cancelled,
+the LoRAWorker object is deleted, the exit code is 0.
 
 Nothing heavy is imported at module level, so ``loraplane-worker --help`` is fast.
 """
@@ -67,6 +69,7 @@ class WorkerApp:
         self.report: WorkerReport | None = None
         self.kube_configuration: object | None = None  # loaded at start by main(); else in build()
         self.port: int | None = None  # the HTTP port actually bound (settings.port may be 0)
+        self.web: web.Application | None = None  # the HTTP app (the serve hook attaches the engine)
         self.ready = asyncio.Event()
         # With a serve hook, adapters become Ready only once the hook sets this (the engine can serve).
         self.engine_ready: asyncio.Event | None = asyncio.Event() if serve is not None else None
@@ -194,6 +197,10 @@ class WorkerApp:
                     log.error("%s ended unexpectedly", task.get_name(), exc_info=error)
                     raise error or RuntimeError(f"{task.get_name()} ended unexpectedly")
         finally:
+            if stopper.done() and self.web is not None:  # a stop, not a crash: let requests finish
+                from loraplane.worker.api.server import drain
+
+                await drain(self.web, self.settings.drain_seconds)
             for task in [stopper, *tasks, *helpers]:
                 task.cancel()
             await asyncio.gather(stopper, *tasks, *helpers, return_exceptions=True)
@@ -208,58 +215,48 @@ class WorkerApp:
         log.info("first adapter list applied; worker ready")
 
     async def _http(self) -> None:
-        if self.serve is not None:
-            await self.serve(self)
-            return
-        from aiohttp import web
+        """The HTTP server; with a serve hook, the hook then loads the engine and attaches it."""
+        from loraplane.worker.api.server import start
 
-        runner = web.AppRunner(self.http_app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.host, self.settings.port, shutdown_timeout=0.5)
-        await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
-        log.info("serving /metrics, /health, /ready, /adapters on %s:%d", self.settings.host, self.port)
+        self.web = self.http_app()
+        runner, self.port = await start(self.web, self.settings.host, self.settings.port)
+        log.info(
+            "HTTP on %s:%d (/health, /ready, /metrics, /adapters%s)",
+            self.settings.host,
+            self.port,
+            ", /v1" if self.serve is not None else "",
+        )
         try:
-            await asyncio.Event().wait()
+            if self.serve is not None:
+                await self.serve(self)
+            else:
+                await asyncio.Event().wait()
         finally:
             await runner.cleanup()
 
     def http_app(self) -> web.Application:
-        """The control path's own server (used when no serve hook is given): /metrics, /health(z),
-        /ready(z) and /adapters. Probe paths answer under both spellings so a chart works either way."""
-        from aiohttp import web
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        """The worker's HTTP app: probes, /metrics, /adapters, and the OpenAI API when serving.
+        /ready also waits for the first adapter list, so a pod joins its Service only when it serves
+        what the cluster asks of it."""
+        from loraplane.worker.api.server import HEALTH, ServeSettings, build_app
 
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        def reports() -> list[dict[str, object]]:
+            return [
+                r.model_dump(exclude_none=True)
+                for r in (self.controller.reports() if self.controller else [])
+            ]
 
-        async def health(_: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        async def ready(_: web.Request) -> web.Response:
-            is_ready = self.ready.is_set()
-            return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        for path in ("/health", "/healthz"):
-            app.router.add_get(path, health)
-        for path in ("/ready", "/readyz"):
-            app.router.add_get(path, ready)
-        self.add_control_routes(app)
+        app = build_app(
+            None,
+            self.registry,
+            ServeSettings.from_worker(self.settings),
+            openai=self.serve is not None,
+            reports=reports,
+        )
+        app[HEALTH].ready.append(
+            lambda: None if self.ready.is_set() else "the first adapter list is not applied yet"
+        )
         return app
-
-    def add_control_routes(self, app: web.Application) -> None:
-        """Add ``GET /adapters`` (this worker's per-adapter states, as in its LoRAWorker report) to an
-        aiohttp app, e.g. the OpenAI API server's."""
-        from aiohttp import web
-
-        async def adapters(_: web.Request) -> web.Response:
-            reports = self.controller.reports() if self.controller else []
-            return web.json_response([r.model_dump(exclude_none=True) for r in reports])
-
-        app.router.add_get("/adapters", adapters)
 
 
 def _configure_logging(level: str, log_format: str = "text") -> None:

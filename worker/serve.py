@@ -1,9 +1,9 @@
-"""The worker's default HTTP side: the OpenAI API and the control routes on one port.
+"""The worker's serving side: load the engine and attach it to the worker's HTTP server.
 
-The port opens at once (``/health`` answers, ``/ready`` and ``/v1`` say 503 while loading); the base
-model's weights load in a thread next to the control path, and the engine starts serving once they
-are in memory. ``/ready`` then waits for the first adapter list too, so a pod joins its Service only
-when it serves what the cluster asks of it.
+The server (``WorkerApp.http_app``: probes, /metrics, /adapters, /v1) is already listening when this
+hook starts (``/health`` answers, ``/ready`` and ``/v1`` say 503 while loading); the base model's
+weights load in a thread next to the control path, and the engine starts serving once they are in
+memory.
 """
 
 from __future__ import annotations
@@ -20,16 +20,12 @@ log = logging.getLogger("loraplane.worker")
 
 async def serve_openai(app: WorkerApp) -> None:
     """The ServeHook of ``loraplane-worker``: runs until cancelled."""
-    from loraplane.worker.api.server import ServeSettings, build_app, set_engine, start
+    from loraplane.worker.api.server import set_engine
     from loraplane.worker.engine.service import Engine, EngineSettings
 
     s = app.settings
-    web_app = build_app(
-        None, app.registry, ServeSettings(host=s.host, port=s.port, access_log=s.access_log_on)
-    )
-    app.add_control_routes(web_app)
-    runner, app.port = await start(web_app, s.host, s.port)
-    log.info("OpenAI API on %s:%d (loading the base model)", s.host, app.port)
+    assert app.web is not None, "WorkerApp starts its HTTP server before the serve hook"
+    log.info("loading the base model into the engine")
     engine = None
     try:
         assert app.model_dir is not None, "load_base_model() runs before the HTTP side"
@@ -40,7 +36,7 @@ async def serve_openai(app: WorkerApp) -> None:
             tiers = engine.tiers
             app.report.on_device = lambda: set(tiers.slot_of)  # one C-level copy: safe across threads
             app.report.mark_dirty()
-        set_engine(web_app, engine)
+        set_engine(app.web, engine)
         if app.engine_ready is not None:
             app.engine_ready.set()
         log.info("engine ready: serving %r and its adapters", engine.model_name)
@@ -48,4 +44,3 @@ async def serve_openai(app: WorkerApp) -> None:
     finally:
         if engine is not None:
             await asyncio.to_thread(engine.stop)
-        await runner.cleanup()

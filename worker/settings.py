@@ -104,6 +104,19 @@ class WorkerSettings:
     """Log line format: text, or json (one object per line, the same fields as the operator's)."""
     access_log: str = "on"
     """One log line per /v1 completion (model, adapter ID, status, tokens, latency): on or off."""
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    """API keys (comma-separated) required on every path but --public-paths; prefer --api-key-file or
+    the env var, since flags show in the process list. Several keys at once allow rotation."""
+    api_key_file: str = ""
+    """File of API keys, one per line (a mounted Secret); re-read when it changes. Empty: none."""
+    public_paths: tuple[str, ...] = ("/health", "/ready", "/metrics")
+    """Paths answered without an API key when keys are configured (probes and scrapes)."""
+    drain_seconds: float = 45.0
+    """On SIGTERM: seconds requests in flight may take to finish; keep below terminationGracePeriodSeconds."""
+    client_timeout_seconds: float = 30.0
+    """Seconds a client may take to send its request body (then 408) or to take a stream's next chunk."""
+    engine_stall_seconds: float = 60.0
+    """/health fails (and Kubernetes restarts the pod) when the engine loop is dead or stuck this long."""
     mode: str = "serve"
     """serve: load the base model's weights and serve the OpenAI API next to the control path.
     control: only watch, prefetch, validate and report (no weights loaded: dry runs and tests)."""
@@ -124,7 +137,7 @@ class WorkerSettings:
 
 
 # Flags whose meaning is a list; environment and flags take comma-separated values.
-_LISTS = {"local_roots", "namespaces"}
+_LISTS = {"local_roots", "namespaces", "api_keys", "public_paths"}
 _ENV_ALIASES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "node_name": "NODE_NAME"}
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
@@ -336,6 +349,27 @@ def check(s: WorkerSettings) -> WorkerSettings:
         raise ConfigError(
             f"--kv-cache-bytes must be 0 (sized from free memory) or a byte count (e.g. 8Gi), got {s.kv_cache_bytes}"
         )
+    if s.drain_seconds < 0:
+        raise ConfigError(
+            f"--drain-seconds must be zero or a positive number of seconds, got {s.drain_seconds}"
+        )
+    if not s.client_timeout_seconds > 0:
+        raise ConfigError(
+            f"--client-timeout-seconds must be a positive number of seconds, got {s.client_timeout_seconds}"
+        )
+    if not s.engine_stall_seconds > 0:
+        raise ConfigError(
+            f"--engine-stall-seconds must be a positive number of seconds, got {s.engine_stall_seconds}"
+        )
+    for path in s.public_paths:
+        if not path.startswith("/"):
+            raise ConfigError(f"--public-paths {path!r} must be a path starting with /")
+    from loraplane.worker.api.auth import ApiKeyError, ApiKeys
+
+    try:
+        ApiKeys(s.api_keys, s.api_key_file)
+    except ApiKeyError as e:
+        raise ConfigError(str(e)) from None
     if s.mode not in _MODES:
         raise ConfigError(f"--mode must be one of {sorted(_MODES)}, got {s.mode!r}")
     if s.log_format not in ("text", "json"):

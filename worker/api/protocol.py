@@ -1,21 +1,34 @@
 """The OpenAI wire format: pydantic request and response models, and the error shape.
 
 Request models own their conversion to the engine's ``SamplingParams`` and to prompt token IDs,
-so routes stay thin. Fields we do not implement (n > 1, logprobs, echo, tools) are refused with a
-400 that names them rather than silently ignored; unknown extra fields are ignored, as OpenAI does.
+so routes stay thin. Every field is typed strictly and bounded to what an engine can take (seeds are
+int64, counts int32, stop lists short): a value outside gets a 400 naming the field before anything
+reaches the engine thread. Fields we do not implement (n > 1, logprobs, echo, tools) are refused with
+a 400 that names them, and so are unknown fields (as OpenAI does): nothing a client sends is ignored.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraplane.crds.errors import PermanentError
 
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingParams
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: what torch and vLLM take (OpenAI's int64)
+MAX_N = 16
+"""Most choices one request may ask for: one tenant's request must not fill a shared batch."""
+MAX_LOGPROBS = 20
+"""Most alternatives per token (vLLM's default max_logprobs)."""
+MAX_USER_CHARS = 256
+
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class ErrorInfo(BaseModel):
@@ -30,27 +43,33 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _Request(BaseModel):
+    """Strict types (no "10" for 10, no 1 for true) and no unknown fields: OpenAI's own behaviour."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Common(_Request):
     """Fields completions and chat share."""
 
-    model_config = ConfigDict(extra="ignore")
-
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int = Field(default=-1, ge=-1, le=INT32_MAX)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    logprobs: Any = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    logprobs: bool | Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     ignore_eos: bool = False
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, message) for each field set to something we do not implement."""
@@ -79,7 +98,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: bool = False
     suffix: str | None = None
 
@@ -97,23 +116,21 @@ class CompletionRequest(_Common):
     def to_sampling_params(self) -> SamplingParams:
         return self.sampling_params(16 if self.max_tokens is None else self.max_tokens)  # OpenAI's default
 
-    def prompt_ids(self, tokenizer: Any) -> list[int]:
+    def prompt_ids(self, tokenizer: Any, limit: int) -> list[int]:
         prompt: Any = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return list(tokenizer.encode(prompt))
+            return encode(tokenizer, prompt, limit)
         return [int(t) for t in prompt]
 
 
-class TextPart(BaseModel):
+class TextPart(_Request):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
@@ -125,7 +142,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     tools: list[Any] | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
@@ -138,7 +155,7 @@ class ChatCompletionRequest(_Common):
         # No max given: up to the length limit (the scheduler stops there with finish_reason "length").
         return self.sampling_params(self.max_completion_tokens or self.max_tokens)
 
-    def prompt_ids(self, tokenizer: Any) -> list[int]:
+    def prompt_ids(self, tokenizer: Any, limit: int) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise PermanentError(
                 "ChatTemplateMissing",
@@ -146,7 +163,30 @@ class ChatCompletionRequest(_Common):
             )
         messages = [{"role": m.role, "content": m.text()} for m in self.messages]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return encode(tokenizer, text, limit, add_special_tokens=False)
+
+
+PROBE_CHARS_PER_TOKEN = 8
+"""A text longer than this many characters per allowed token is measured on a prefix first."""
+
+
+def encode(tokenizer: Any, text: str, limit: int, **kw: Any) -> list[int]:
+    """``text``'s token IDs; a text far above ``limit`` tokens is refused after encoding a prefix.
+
+    Encoding a 1 MiB prompt takes seconds of CPU; typical text is about 4 characters a token, so
+    when the first ``limit * 8`` characters alone are already over the limit, the rest is never
+    encoded. (Text that packs more characters into a token is encoded whole; the body cap bounds it.)
+    """
+    probe = limit * PROBE_CHARS_PER_TOKEN
+    if len(text) > probe:
+        n = len(tokenizer.encode(text[:probe], **kw))
+        if n > limit + 8:  # + 8: the cut may split a word into a few extra tokens
+            raise PermanentError(
+                "PromptTooLong",
+                f"the prompt is over {limit} tokens, the limit for this model (its first {probe} "
+                f"characters alone are {n} tokens); shorten the prompt",
+            )
+    return list(tokenizer.encode(text, **kw))
 
 
 class Usage(BaseModel):

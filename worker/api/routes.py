@@ -1,15 +1,16 @@
-"""Thin aiohttp routes: parse, hand to ``Serving``, write JSON or SSE; errors in OpenAI's shape.
+"""Thin aiohttp routes of the OpenAI API: parse, hand to ``Serving``, write JSON or SSE.
 
-The middleware turns every ``ApiError`` (and aiohttp's own HTTP errors: 404 route, 405, 413 body
-too large) into ``{"error": {message, type, param, code}}``, checks the optional bearer token, and
-counts each /v1 generation request by model and final status (499: the client went away).
+``add_openai(app, engine, registry)`` adds them to the server ``server.build_app`` made (which owns
+auth, probes and the drain). The middleware turns every ``ApiError`` (and aiohttp's own HTTP errors:
+404 route, 405, 413 body too large) into ``{"error": {message, type, param, code}}`` and counts each
+/v1 generation request by model and final status (499: the client went away). The body is parsed
+defensively: no NaN/Infinity, no lone surrogates, no nesting that would recurse, a read deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import hmac
 import json
 import logging
 import time
@@ -17,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from .errors import ApiError
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -36,15 +37,15 @@ from .protocol import (
     ModelList,
     Usage,
 )
-from .serving import ApiError, Generation, Serving, model_label
+from .server import GENERATION_PATHS, HEALTH, SETTINGS
+from .serving import Generation, Serving, model_label
 
 log = logging.getLogger(__name__)
 
 SERVING = web.AppKey("serving", Serving)
-API_KEY = web.AppKey("api_key", str)
-MAX_BODY = web.AppKey("max_body_bytes", int)
 _M = TypeVar("_M", bound=BaseModel)
-_GENERATION_PATHS = {"/v1/completions", "/v1/chat/completions"}
+MAX_JSON_DEPTH = 32
+"""Deepest nesting a request body may have (OpenAI's requests need 5)."""
 # Per request (the middleware and its handler share one task): the model label, final status and
 # the Generation (for the access log).
 _STATE: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("loraplane_request")
@@ -73,16 +74,6 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     state: dict[str, Any] = {"model": "unknown"}
     _STATE.set(state)
     try:
-        key = request.app[API_KEY]
-        if key and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                raise ApiError(
-                    401,
-                    "InvalidApiKey",
-                    "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
         response = await handler(request)
         status = state.get("outcome", response.status)
         return response
@@ -102,36 +93,92 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         log.exception("request %s %s failed", request.method, request.path)
         return _error_response(ApiError(500, "InternalError", "internal error; see the worker's log"))
     finally:
-        if request.path in _GENERATION_PATHS and request.method == "POST":
+        if request.path in GENERATION_PATHS and request.method == "POST":
             request.app[SERVING].finished(
                 request.path, str(state["model"]), status, state.get("generation"), time.monotonic() - started
             )
 
 
 async def _parse(request: web.Request, model: type[_M]) -> _M:
+    settings = request.app[SETTINGS]
     try:
-        raw = await request.read()
+        async with asyncio.timeout(settings.client_timeout_seconds):
+            raw = await request.read()
+    except TimeoutError as exc:
+        raise ApiError(
+            408,
+            "RequestTimeout",
+            f"the request body did not arrive within {settings.client_timeout_seconds:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from exc
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(
             413,
             "RequestTooLarge",
-            f"the request body is above {request.app[MAX_BODY]} bytes; shorten the prompt",
+            f"the request body is above {settings.max_body_bytes} bytes; shorten the prompt",
             code="request_too_large",
         ) from exc
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "InvalidJson", f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    data = _loads(raw)
     if isinstance(data, dict):
         _STATE.get()["model"] = model_label(request.app[SERVING], data.get("model"))
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        where = ".".join(str(p) for p in first["loc"])
+        param = str(first["loc"][0]) if first["loc"] else None
+        if first["type"] == "extra_forbidden":
+            raise ApiError(
+                400,
+                "UnknownParameter",
+                f"unknown parameter {where!r}: this worker does not implement it; remove it",
+                param=param,
+                code="unsupported",
+            ) from exc
         raise ApiError(
-            400, "InvalidRequest", f"{param}: {first['msg']}", param=param, code="invalid_value"
+            400, "InvalidRequest", f"{where}: {first['msg']}", param=param, code="invalid_value"
         ) from exc
+
+
+def _invalid_json(message: str) -> ApiError:
+    return ApiError(400, "InvalidJson", f"the body is not valid JSON: {message}", code="invalid_json")
+
+
+def _no_constant(name: str) -> Any:
+    raise _invalid_json(f"{name} is not a JSON number")
+
+
+def _loads(raw: bytes) -> Any:
+    """Strict JSON (RFC 8259): no NaN/Infinity, UTF-8 only, no lone surrogates, bounded nesting."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _invalid_json(str(exc)) from exc
+    except RecursionError as exc:
+        raise _invalid_json(f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
+    _check_tree(data, "", 0)
+    return data
+
+
+def _check_tree(value: Any, where: str, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise _invalid_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _invalid_json(
+                f"{where or 'a string'} holds an unpaired UTF-16 surrogate ({value[exc.start]!a}); "
+                "send text as valid UTF-8"
+            ) from exc
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_tree(k, where, depth + 1)
+            _check_tree(v, f"{where}.{k}" if where else str(k), depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_tree(v, f"{where}.{i}", depth + 1)
 
 
 def _sse(body: BaseModel) -> bytes:
@@ -141,28 +188,42 @@ def _sse(body: BaseModel) -> bytes:
 async def _stream(
     request: web.Request, generation: Generation, chunks: Callable[[str, str | None], BaseModel | None]
 ) -> web.StreamResponse:
-    """Write each output as an SSE event (``chunks`` builds it, or None to skip), then [DONE]."""
+    """Write each output as an SSE event (``chunks`` builds it, or None to skip), then [DONE].
+
+    A client that stops reading holds the stream at most ``client_timeout_seconds`` per chunk: then the
+    connection is closed and its request cancelled, so it cannot hold a batch row or a drain."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    timeout = request.app[SETTINGS].client_timeout_seconds
+
+    async def write(data: bytes) -> None:
+        async with asyncio.timeout(timeout):
+            await response.write(data)
+
     try:
         try:
             async for out in generation.outputs():
                 chunk = chunks(out.text, out.finish_reason)
                 if chunk is not None:
-                    await response.write(_sse(chunk))
+                    await write(_sse(chunk))
         except ApiError as err:
             _STATE.get()["outcome"] = err.status
-            await response.write(_sse(err.body()))
+            await write(_sse(err.body()))
         usage = chunks("", "__usage__")
         if usage is not None:
-            await response.write(_sse(usage))
-        await response.write(b"data: [DONE]\n\n")
+            await write(_sse(usage))
+        await write(b"data: [DONE]\n\n")
         await response.write_eof()
     except asyncio.CancelledError:
         _STATE.get()["outcome"] = 499
         raise
     except ConnectionResetError:  # the client went away mid-stream
         _STATE.get()["outcome"] = 499
+    except TimeoutError:
+        log.warning("stream %s: the client took no data for %g s; closing it", generation.request_id, timeout)
+        _STATE.get()["outcome"] = 408
+        if request.transport is not None:
+            request.transport.abort()
     finally:
         generation.cancel()
     return response
@@ -183,7 +244,7 @@ async def _collect(generation: Generation) -> tuple[str, str]:
 async def completions(request: web.Request) -> web.StreamResponse:
     serving = request.app[SERVING]
     body = await _parse(request, CompletionRequest)
-    generation, rid = serving.submit(body)
+    generation, rid = await serving.submit(body)
     _STATE.get()["generation"] = generation
     if body.stream:
 
@@ -208,7 +269,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     serving = request.app[SERVING]
     body = await _parse(request, ChatCompletionRequest)
-    generation, rid = serving.submit(body)
+    generation, rid = await serving.submit(body)
     _STATE.get()["generation"] = generation
     if body.stream:
         first = True
@@ -246,29 +307,24 @@ async def models(request: web.Request) -> web.StreamResponse:
     return json_response(ModelList(data=cards))
 
 
-async def health(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"status": "ok"})
+def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
+    """The OpenAI routes, their error middleware, and what they tell the probes and /metrics."""
+    settings = app[SETTINGS]
+    serving = Serving(registry, retry_after_s=settings.retry_after_s, access_log=settings.access_log)
+    serving.engine = engine
+    app[SERVING] = serving
+    app.middlewares.append(middleware)
 
+    async def close(_: web.Application) -> None:
+        serving.tokenizing.shutdown(wait=False, cancel_futures=True)
 
-async def ready(request: web.Request) -> web.StreamResponse:
-    if request.app[SERVING].engine is None:
-        return web.json_response(
-            {"status": "loading", "reason": "the base model is still loading"}, status=503
-        )
-    return web.json_response({"status": "ready"})
-
-
-async def metrics(request: web.Request) -> web.StreamResponse:
-    # The process-wide registry (the control path: prefetch, cache, watch, report) and the engine's own.
-    engine = request.app[SERVING].engine
-    body = generate_latest(REGISTRY) + (engine.metrics.render() if engine is not None else b"")
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def add_routes(app: web.Application) -> None:
+    app.on_cleanup.append(close)
+    health = app[HEALTH]
+    health.ready.append(lambda: None if serving.engine is not None else "the base model is still loading")
+    health.live.append(
+        lambda: serving.engine.problem(settings.engine_stall_seconds) if serving.engine else None
+    )
+    health.metrics.append(lambda: serving.engine.metrics.render() if serving.engine is not None else b"")
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)

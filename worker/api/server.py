@@ -1,68 +1,236 @@
-"""The worker's HTTP server: builds the aiohttp app and runs it (blocking, in a thread, or on a loop).
+"""The worker's one HTTP server: probes, /metrics and /adapters always; the OpenAI API when serving.
 
-``build_app(engine, registry, settings)`` may get ``engine=None`` while the base model loads;
-/health answers at once, /ready and the /v1 routes answer 503 until ``set_engine`` is called. No
-route loads an adapter from a path: adapters reach the engine only through the registry, which the
-control path fills from LoRAAdapter objects.
+``build_app(engine, registry, settings)`` builds it; ``engine`` may be None while the base model loads
+(/health answers at once, /ready and the /v1 routes answer 503 until ``set_engine``). A control-mode
+worker builds it with ``openai=False``: the same probes, auth and /adapters, no /v1 routes and no
+engine imported. No route loads an adapter from a path: adapters reach the engine only through the
+registry, which the control path fills from LoRAAdapter objects.
+
+Probes (the chart calls these; no other spelling):
+- ``/health`` (liveness) fails when a part of the process that cannot recover is stuck or dead
+  (the engine thread died, or has not come round its loop in ``engine_stall_seconds``), so the
+  kubelet restarts the pod.
+- ``/ready`` (readiness) fails while the worker cannot take work: loading, not yet synced, unhealthy,
+  or draining.
+
+``drain(app, seconds)`` is the SIGTERM path: /ready and new generation requests answer 503 at once,
+requests and streams in flight run to their end, for at most ``seconds``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from ..engine.service import Engine
-from ..registry import Registry
-from .routes import API_KEY, MAX_BODY, SERVING, add_routes, middleware
-from .serving import Serving
+from .auth import ApiKeys
+from .errors import ApiError
+
+if TYPE_CHECKING:
+    from ..engine.service import Engine
+    from ..registry import Registry
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], "str | None"]
+"""A probe check: what is wrong (a sentence), or None."""
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 @dataclass
 class ServeSettings:
-    """HTTP-side settings."""
+    """HTTP-side settings. Build from the worker's settings with ``from_worker``."""
 
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = 8000
     """TCP port; 0 picks a free one."""
-    api_key: str = ""
-    """Bearer token the /v1 routes require; empty: no authentication."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Bearer tokens accepted on every path but ``public_paths``; none (and no file): no authentication."""
+    api_key_file: str = ""
+    """A file of API keys, one per line, re-read when it changes (a mounted Secret)."""
+    public_paths: tuple[str, ...] = ("/health", "/ready", "/metrics")
+    """Paths answered without an API key (probes and scrapes)."""
     max_body_bytes: int = 1 << 20
     """Largest request body in bytes; larger ones get 413."""
+    client_timeout_seconds: float = 30.0
+    """Seconds a client may take to send its body (then 408) or to take a stream's next chunk (then
+    the stream is cut off): a client that stalls holds no connection, request or drain for longer."""
     retry_after_s: int = 5
-    """Seconds in Retry-After when an adapter is not ready yet or the model is loading."""
+    """Seconds in Retry-After when an adapter is not ready yet, the model is loading, or draining."""
     access_log: bool = True
     """One log line per /v1 completion (logger loraplane.worker.access)."""
+    drain_seconds: float = 45.0
+    """On SIGTERM: seconds requests in flight may take to finish (below the pod's grace period)."""
+    engine_stall_seconds: float = 60.0
+    """/health fails when the engine loop has not come round for this many seconds."""
+
+    @classmethod
+    def from_worker(cls, worker: Any, **overrides: Any) -> ServeSettings:
+        """From ``loraplane.worker.settings.WorkerSettings`` (fields of the same name are copied)."""
+        values = {f.name: getattr(worker, f.name) for f in fields(cls) if hasattr(worker, f.name)}
+        values["access_log"] = getattr(worker, "access_log_on", True)
+        values.update(overrides)
+        return cls(**values)
+
+
+class Health:
+    """What the probes answer: checks the process's parts register, the drain, requests in flight."""
+
+    def __init__(self) -> None:
+        self.live: list[Check] = []
+        self.ready: list[Check] = []
+        self.metrics: list[Callable[[], bytes]] = []
+        self.draining = False
+        self.in_flight = 0
+
+    @staticmethod
+    def problems(checks: list[Check]) -> list[str]:
+        return [p for p in (check() for check in checks) if p]
+
+
+SETTINGS = web.AppKey("serve_settings", ServeSettings)
+HEALTH = web.AppKey("health", Health)
+KEYS = web.AppKey("api_keys", ApiKeys)
+
+
+def _error(err: ApiError) -> web.Response:
+    return web.Response(
+        text=err.body().model_dump_json(),
+        status=err.status,
+        headers=err.headers,
+        content_type="application/json",
+    )
+
+
+@web.middleware
+async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Auth on every non-public path; while draining, new generation requests get 503; count the rest."""
+    app = request.app
+    keys = app[KEYS]
+    if keys.enabled and request.path not in app[SETTINGS].public_paths:
+        if not keys.allows(request.headers.get("Authorization", "")):
+            return _error(
+                ApiError(
+                    401,
+                    "InvalidApiKey",
+                    "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            )
+    if request.path not in GENERATION_PATHS or request.method != "POST":
+        return await handler(request)
+    health = app[HEALTH]
+    if health.draining:
+        return _error(
+            ApiError(
+                503,
+                "ShuttingDown",
+                "this worker is shutting down and takes no new requests; retry (another replica serves it)",
+                code="unavailable",
+                headers={"Retry-After": str(app[SETTINGS].retry_after_s), "Connection": "close"},
+            )
+        )
+    health.in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        health.in_flight -= 1
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    problems = Health.problems(request.app[HEALTH].live)
+    if problems:
+        return web.json_response({"status": "unhealthy", "problems": problems}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.StreamResponse:
+    h = request.app[HEALTH]
+    if h.draining:
+        return web.json_response({"status": "draining", "inFlight": h.in_flight}, status=503)
+    problems = Health.problems(h.live + h.ready)
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    # The process-wide registry (the control path) and whatever else registered (the engine's own).
+    body = generate_latest(REGISTRY) + b"".join(render() for render in request.app[HEALTH].metrics)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def build_app(
-    engine: Engine | None, registry: Registry, settings: ServeSettings | None = None
+    engine: Engine | None,
+    registry: Registry | None,
+    settings: ServeSettings | None = None,
+    *,
+    openai: bool = True,
+    reports: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> web.Application:
+    """The app: probes, /metrics, /adapters (when ``reports`` is given) and, with ``openai``, /v1."""
     settings = settings or ServeSettings()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[middleware])
-    serving = Serving(registry, retry_after_s=settings.retry_after_s, access_log=settings.access_log)
-    serving.engine = engine
-    app[SERVING] = serving
-    app[API_KEY] = settings.api_key
-    app[MAX_BODY] = settings.max_body_bytes
-    add_routes(app)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[gate])
+    app[SETTINGS] = settings
+    app[HEALTH] = Health()
+    app[KEYS] = ApiKeys(settings.api_keys, settings.api_key_file)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    if reports is not None:
+
+        async def adapters(_: web.Request) -> web.StreamResponse:
+            # Source URIs and failure messages: behind the API key like /v1 (not in public_paths).
+            return web.json_response(reports())
+
+        app.router.add_get("/adapters", adapters)
+    if openai:
+        from .routes import add_openai  # the engine side (torch) only where it serves
+
+        assert registry is not None, "the OpenAI API reads the registry"
+        add_openai(app, engine, registry)
     return app
 
 
 def set_engine(app: web.Application, engine: Engine) -> None:
     """The base model finished loading: start serving (and answering /ready)."""
+    from .routes import SERVING
+
     app[SERVING].engine = engine
+
+
+async def drain(app: web.Application, seconds: float) -> int:
+    """Stop taking generation requests, wait up to ``seconds`` for those in flight; returns how many
+    were still running at the deadline (they then end with ShuttingDown when the engine stops)."""
+    h = app[HEALTH]
+    h.draining = True
+    log.info("draining: %d requests in flight, up to %.0f s", h.in_flight, seconds)
+    deadline = time.monotonic() + seconds
+    while h.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if h.in_flight:
+        log.warning("drain deadline reached with %d requests still in flight", h.in_flight)
+    else:
+        log.info("drained: no requests in flight")
+    return h.in_flight
 
 
 async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start listening on the running loop; returns the runner (``await runner.cleanup()``) and the port."""
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its request.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # shutdown_timeout: cleanup() comes after the drain, so what is left is cut off quickly.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -102,14 +270,3 @@ def serve_in_thread(app: web.Application, host: str = "127.0.0.1", port: int = 0
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
         loop.close()
-
-
-def serve(engine: Engine, registry: Registry, settings: ServeSettings) -> None:
-    """Blocking: serve until interrupted."""
-    web.run_app(
-        build_app(engine, registry, settings),
-        host=settings.host,
-        port=settings.port,
-        handler_cancellation=True,
-        access_log=None,
-    )

@@ -9,59 +9,23 @@ becomes an ``ApiError`` carrying the HTTP status and the loraplane reason code a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loraplane.crds.errors import LoraplaneError, TemporaryError
+from loraplane.crds.errors import LoraplaneError
 
-from ..engine.scheduler import Output
-from ..engine.service import Engine
-from ..registry import AdapterVersion, Registry
-from .protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse, new_id
+from .errors import ApiError
+from .protocol import ChatCompletionRequest, CompletionRequest, new_id
+
+if TYPE_CHECKING:
+    from ..engine.scheduler import Output
+    from ..engine.service import Engine
+    from ..registry import AdapterVersion, Registry
 
 access_log = logging.getLogger("loraplane.worker.access")
-
-# reason -> (HTTP status, OpenAI-style code)
-_STATUS: dict[str, tuple[int, str]] = {
-    "QueueFull": (429, "rate_limit_exceeded"),
-    "PromptTooLong": (400, "context_length_exceeded"),
-    "ShuttingDown": (503, "unavailable"),
-    "EngineLoading": (503, "unavailable"),
-    "EngineError": (500, "internal_error"),
-}
-
-
-class ApiError(Exception):
-    """An error response: status, reason code (the ``type``), message, and optional param/code/headers."""
-
-    def __init__(
-        self,
-        status: int,
-        reason: str,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
-        self.param, self.code, self.headers = param, code, headers or {}
-
-    def body(self) -> ErrorResponse:
-        return ErrorResponse(
-            error=ErrorInfo(message=self.message, type=self.reason, param=self.param, code=self.code)
-        )
-
-    @classmethod
-    def of(cls, exc: LoraplaneError, *, param: str | None = None) -> ApiError:
-        status, code = _STATUS.get(exc.reason, (503 if exc.retry else 400, "invalid_value"))
-        headers = {}
-        if isinstance(exc, TemporaryError):
-            headers["Retry-After"] = str(max(1, round(exc.delay)))
-        return cls(status, exc.reason, exc.message, param=param, code=code, headers=headers)
 
 
 class Generation:
@@ -108,6 +72,9 @@ class Serving:
         self.engine: Engine | None = None
         self.retry_after_s = retry_after_s
         self.access_log = access_log
+        # Tokenizing runs off the event loop (a long prompt takes seconds of CPU; streams and probes
+        # keep answering meanwhile), on one thread: fast tokenizers are not safe to share across threads.
+        self.tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplane-tokenize")
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -154,18 +121,22 @@ class Serving:
             )
         return version
 
-    def submit(self, request: CompletionRequest | ChatCompletionRequest) -> tuple[Generation, str]:
+    async def submit(self, request: CompletionRequest | ChatCompletionRequest) -> tuple[Generation, str]:
         """Check, tokenize and queue a request; returns its Generation and the response id."""
         engine = self.require_engine()
         for param, message in request.unsupported():
             raise ApiError(400, "UnsupportedParameter", message, param=param, code="unsupported")
         version = self.resolve(request.model)
         param = "prompt" if isinstance(request, CompletionRequest) else "messages"
+        limit, _ = engine.limit_for(version)
+        loop = asyncio.get_running_loop()
         try:
             params = request.to_sampling_params()
-            prompt_ids = request.prompt_ids(engine.tokenizer)
+            prompt_ids = await loop.run_in_executor(
+                self.tokenizing, request.prompt_ids, engine.tokenizer, limit
+            )
         except LoraplaneError as exc:
-            raise ApiError.of(exc) from exc
+            raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         vocab = engine.runner.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ApiError(
@@ -176,7 +147,7 @@ class Serving:
                 code="invalid_value",
             )
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
-        generation = Generation(engine, asyncio.get_running_loop(), request_id)
+        generation = Generation(engine, loop, request_id)
         generation.adapter_id = None if version is None else version.id
         try:
             engine.submit(

@@ -10,6 +10,7 @@ max_position_embeddings, never above the KV cache's max_model_len.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,16 @@ class Engine:
         )
         self.scheduler.submit(request)
         return request
+
+    def problem(self, stall_s: float) -> str | None:
+        """Why this engine cannot serve, or None: its thread ended, or its loop has not come round in
+        ``stall_s`` seconds (a hung step). /health reports it so that Kubernetes restarts the pod."""
+        if not self._thread.is_alive():
+            return "the engine thread is not running"
+        age = time.monotonic() - self.scheduler.beat
+        if age > stall_s:
+            return f"the engine loop has not come round for {age:.0f} s (limit {stall_s:g} s)"
+        return None
 
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)

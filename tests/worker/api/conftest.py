@@ -48,10 +48,11 @@ def peft_model(tiny_llama: Path, adapters: dict[str, Path]) -> Any:
 
 @pytest.fixture
 def make_server(tiny_llama: Path) -> Iterator[MakeServer]:
-    """make_server(start=True, api_key="", max_body_bytes=..., **engine settings) -> Served."""
+    """make_server(start=True, **ServeSettings, **SchedulerSettings, **EngineSettings) -> Served."""
     stack: list[Any] = []
 
-    def make(*, start: bool = True, api_key: str = "", max_body_bytes: int = 1 << 20, **kw: Any) -> Served:
+    def make(*, start: bool = True, **kw: Any) -> Served:
+        serve = {k: kw.pop(k) for k in list(kw) if k in ServeSettings.__dataclass_fields__}
         sched = {k: kw.pop(k) for k in list(kw) if k in SchedulerSettings.__dataclass_fields__}
         settings = EngineSettings(
             served_model_name=BASE,
@@ -66,7 +67,7 @@ def make_server(tiny_llama: Path) -> Iterator[MakeServer]:
             engine.run()
         stack.append(engine.stop)
         server = serve_in_thread(
-            build_app(engine, registry, ServeSettings(api_key=api_key, max_body_bytes=max_body_bytes))
+            build_app(engine, registry, ServeSettings(**serve))
         )
         url = server.__enter__()
         stack.append(lambda: server.__exit__(None, None, None))

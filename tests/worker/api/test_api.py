@@ -205,7 +205,7 @@ ERROR_CASES = [
         "/v1/completions",
         {"model": "sql", "prompt": "x", "stop": [""]},
         400,
-        "InvalidSamplingParams",
+        "InvalidRequest",
         "invalid_value",
         "stop",
     ),
@@ -300,11 +300,11 @@ def test_full_queue_answers_429(make_server: MakeServer) -> None:
 
 
 def test_api_key_required_when_configured(make_server: MakeServer) -> None:
-    s = make_server(api_key="sekret")
+    s = make_server(api_keys=("sekret-1",))
     r = httpx.get(s.url + "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert [m.id for m in client(s, "sekret").models.list()] == [BASE]
+    assert [m.id for m in client(s, "sekret-1").models.list()] == [BASE]
     assert httpx.get(s.url + "/health").status_code == 200  # probes need no key
 
 
