@@ -43,16 +43,18 @@ class SeqStep:
     slot: int  # device slot of its adapter, -1 for the base model
 
 
-def load_adapter_weights(adapter_dir: Path, config: ModelConfig, *, adapter_id: int) -> AdapterWeights:
+def load_adapter_weights(
+    adapter_dir: Path, config: ModelConfig, *, adapter_id: int, max_lora_rank: int | None = None
+) -> AdapterWeights:
     """Read a PEFT LoRA adapter into CPU tensors through validation's reader (adapter.PeftAdapter), so
     a direct load refuses exactly what validation refuses, with the same reasons and messages.
 
     Raises:
-        PermanentError / ValidationFailed: as ``validate.validate_adapter`` (no rank limit here:
-            ``set_slot`` checks the slots' rank).
+        PermanentError / ValidationFailed: as ``validate.validate_adapter`` (RankTooLarge only when
+            ``max_lora_rank`` is given; ``set_slot`` checks the slots' rank anyway).
     """
     adapter = PeftAdapter.read(Path(adapter_dir))
-    adapter.check(config)
+    adapter.check(config, max_lora_rank=max_lora_rank)
     tensors = dict(read_safetensors(adapter.weights))
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     nbytes = 0

@@ -151,26 +151,11 @@ class AdapterTiers:
         return weights
 
     def _load(self, adapter_id: int, local_dir: Path) -> AdapterWeights:
-        """Loader thread: read and check the weights, so a bad adapter never evicts a good one."""
-        weights = load_adapter_weights(local_dir, self.runner.config, adapter_id=adapter_id)
-        max_rank = self.runner.lora.max_rank
-        if weights.rank > max_rank:
-            raise PermanentError(
-                "RankTooLarge",
-                f"adapter rank {weights.rank} exceeds max_lora_rank {max_rank}; raise maxLoraRank",
-            )
-        problems = []
-        for (layer, proj), (a, b) in weights.weights.items():
-            fan_in, fan_out = self.runner.config.proj_shape(proj)
-            if (
-                not 0 <= layer < self.runner.config.num_layers
-                or a.shape[1] != fan_in
-                or b.shape[0] != fan_out
-            ):
-                problems.append(f"layer {layer} {proj}: A {tuple(a.shape)} / B {tuple(b.shape)}")
-        if problems:
-            raise PermanentError("AdapterShapeMismatch", "do not fit the base model: " + "; ".join(problems))
-        return weights
+        """Loader thread: read and check the weights (the validator's reader and checks, rank included),
+        so a bad adapter never evicts a good one."""
+        return load_adapter_weights(
+            local_dir, self.runner.config, adapter_id=adapter_id, max_lora_rank=self.runner.lora.max_rank
+        )
 
     def _take_slot(self) -> int | None:
         if self.free_slots:
