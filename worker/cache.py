@@ -18,7 +18,6 @@ after gigabytes. An entry whose adapter then fails validation leaves the cache (
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -527,12 +526,3 @@ class _Progress:
         log.info(
             "prefetch %s: %.1f MB in %.1fs (%.1f MB/s)", self.what, total / 1e6, secs, total / secs / 1e6
         )
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, streamed (for verifying an entry after the fact)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
