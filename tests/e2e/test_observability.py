@@ -180,3 +180,59 @@ def test_dashboard_configmap_carries_the_dashboard() -> None:
     assert cm["metadata"]["namespace"] == "monitoring"
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["loraplane.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def gauges(port: int) -> dict[str, float]:
+    """'name{labels}' -> value of every sample on /metrics (label order as exposed)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_alert_gauges_see_stuck_allocation_and_stale_workers(kube, namespace: str, tmp_path: Path) -> None:
+    """The series the alerts read move as the alerts assume: an adapter that cannot get an ID (no ledger
+    namespace) is counted as waiting while no ID is assigned, and a killed worker turns stale."""
+    from support import adapters
+
+    kube.apply_crds()
+    base = adapters.write_base_config(tmp_path / "base")
+    port = fleet.free_port()
+    args = [
+        "--namespace", namespace, "--ledger-namespace", "no-such-namespace", "--liveness-interval", "0.5",
+        "--heartbeat-window", "3", "--metrics-port", str(port), "--metrics-address", "127.0.0.1",
+    ]  # fmt: skip
+    worker = fleet.WorkerProc(
+        kube.kubeconfig, tmp_path, name="obs-control", namespace=namespace, base_dir=base, local_root=tmp_path
+    )
+    ads = fleet.Adapters(kube, namespace)
+    with fleet.OperatorProc(kube.kubeconfig, None, tmp_path / "operator.log", args=args) as op, worker:
+        ads.create(fleet.adapter_obj("stuck", "org/stuck"))
+        live = f'loraplane_operator_workers{{base_model="{BASE}",state="live"}}'
+        stale = f'loraplane_operator_workers{{base_model="{BASE}",state="stale"}}'
+
+        def state() -> dict[str, float]:
+            try:
+                return gauges(port)
+            except OSError:
+                return {}
+
+        seen = fleet.wait_for(
+            lambda: (
+                (g := state()).get("loraplane_operator_adapters_waiting_for_id") == 1
+                and g.get(live) == 1
+                and g
+            ),
+            60,
+            lambda: op.log()[-3000:],
+        )
+        assert seen.get("loraplane_operator_ids_assigned_total") == 0  # the AllocationStopped condition
+        assert seen["loraplane_operator_last_tick_timestamp_seconds"] > 0
+        worker.kill()  # no clean stop: its LoRAWorker stays, its heartbeat ages
+        fleet.wait_for(
+            lambda: state().get(stale) == 1 and state().get(live) == 0, 30, lambda: op.log()[-3000:]
+        )
+    ads.close()
