@@ -114,7 +114,8 @@ def _error(err: ApiError) -> web.Response:
 
 @web.middleware
 async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Auth on every non-public path; while draining, new generation requests get 503; count the rest."""
+    """Auth on every non-public path; while draining or while the engine is dead or stuck, new
+    generation requests get 503; count the rest (the drain waits for them)."""
     app = request.app
     keys = app[KEYS]
     if keys.enabled and request.path not in app[SETTINGS].public_paths:
@@ -139,6 +140,17 @@ async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
                 "this worker is shutting down and takes no new requests; retry (another replica serves it)",
                 code="unavailable",
                 headers={"Retry-After": str(app[SETTINGS].retry_after_s), "Connection": "close"},
+            )
+        )
+    problems = Health.problems(health.live)
+    if problems:  # refuse at once rather than queue work for an engine that cannot take it
+        return _error(
+            ApiError(
+                503,
+                "EngineUnavailable",
+                f"this worker cannot serve now: {problems[0]}; retry (another replica serves it)",
+                code="unavailable",
+                headers={"Retry-After": str(app[SETTINGS].retry_after_s)},
             )
         )
     health.in_flight += 1
