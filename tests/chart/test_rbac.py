@@ -507,12 +507,16 @@ def _denied(c: Cluster) -> list[str]:
         (WORKER, "create", "loraplane.io", "loraworkers", "", c.team),
         (WORKER, "get", "", "secrets", "", c.ns),
         (WORKER, "update", "", "configmaps", "", c.ns),
+        # The operator's ConfigMap rights name the ledger: no other ConfigMap is readable or writable.
+        (OPERATOR, "get", "", "configmaps", "", c.ns, "kube-root-ca.crt"),
+        (OPERATOR, "update", "", "configmaps", "", c.ns, "someone-elses"),
     ]
     problems = []
     with c.kube.api_client() as api:
         authz = client.AuthorizationV1Api(api)
-        for sa, verb, group, resource, sub, ns in must_not:
+        for sa, verb, group, resource, sub, ns, *name in must_not:
             attrs = {"verb": verb, "group": group, "resource": resource, "subresource": sub, "namespace": ns}
+            attrs |= {"name": name[0]} if name else {}
             review = authz.create_subject_access_review(
                 {
                     "spec": {

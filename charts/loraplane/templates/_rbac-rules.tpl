@@ -21,15 +21,24 @@ patch could not carry the precondition); an Event on each transition.
   verbs: [create]
 {{- end -}}
 
+{{/* The ID ledger's name: the operator's --ledger-name and the one ConfigMap its rules name. */}}
+{{- define "loraplane.ledgerName" -}}loraplane-id-ledger{{- end -}}
+
 {{/*
 Operator, in the release namespace: the ID ledger ConfigMap (read, created once, CAS-updated per block),
-and the worker pods (a report whose pod is gone stops counting). In namespaced mode the operator also watches the release namespace, where the workers' LoRAWorker
+and the worker pods (a report whose pod is gone stops counting). Reads and updates are limited to the
+ledger by resourceNames; create cannot be (Kubernetes does not restrict create by name). In namespaced
+mode the operator also watches the release namespace, where the workers' LoRAWorker
 reports live (unless that namespace is a watched one, whose Role already covers it).
 */}}
 {{- define "loraplane.operator.homeRules" -}}
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create, update]
+  resourceNames: [{{ include "loraplane.ledgerName" . }}]
+  verbs: [get, update]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get]
