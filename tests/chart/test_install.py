@@ -12,38 +12,45 @@ import pytest
 import yaml
 from support import chartkit
 
-# The Prometheus Operator's CRD is not ours to ship; a stand-in lets ServiceMonitors be applied.
-SERVICEMONITOR_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "scope": "Namespaced",
-        "names": {
-            "kind": "ServiceMonitor",
-            "listKind": "ServiceMonitorList",
-            "plural": "servicemonitors",
-            "singular": "servicemonitor",
+
+def _standin_crd(group: str, kind: str, plural: str, version: str = "v1") -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": version,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                    },
+                }
+            ],
         },
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-                },
-            }
-        ],
-    },
-}
+    }
+
+
+# The Prometheus Operator's and the Gateway API Inference Extension's CRDs are not ours to ship;
+# stand-ins let ServiceMonitors, PrometheusRules and InferencePools be applied (test_platform.py checks
+# the InferencePool against the real CRD's schema).
+STANDIN_CRDS: list[dict[str, Any]] = [
+    _standin_crd("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
+    _standin_crd("monitoring.coreos.com", "PrometheusRule", "prometheusrules"),
+    _standin_crd("inference.networking.k8s.io", "InferencePool", "inferencepools"),
+]
 
 
 @pytest.fixture(scope="module")
 def cluster_prereqs(kube: Any) -> Iterator[None]:
-    """What a value set needs besides the chart: the namespaces it watches and a ServiceMonitor CRD.
-    Only what is missing is created, and removed again afterwards: the cluster is left as it was."""
+    """What a value set needs besides the chart: the namespaces it watches and the CRDs of the kinds it
+    renders that are not ours. Only what is missing is created, and removed again afterwards: the
+    cluster is left as it was."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
@@ -51,8 +58,9 @@ def cluster_prereqs(kube: Any) -> Iterator[None]:
         {ns for v in chartkit.VALUE_SETS.values() for ns in v.get("watch", {}).get("namespaces", [])}
     )
     created: list[str] = []
-    crd_name = SERVICEMONITOR_CRD["metadata"]["name"]
-    own_crd = not _has_crd(kube, crd_name)  # never replace a real Prometheus Operator CRD
+    own_crds = [
+        c for c in STANDIN_CRDS if not _has_crd(kube, c["metadata"]["name"])
+    ]  # never replace real ones
     with kube.api_client() as api:
         core, ext = client.CoreV1Api(api), client.ApiextensionsV1Api(api)
         try:
@@ -63,16 +71,18 @@ def cluster_prereqs(kube: Any) -> Iterator[None]:
                 except ApiException as e:
                     if e.status != 409:
                         raise
-            if own_crd:
-                crd_file = Path(kube._cache_dir()) / "servicemonitor-crd.yaml"
-                crd_file.write_text(yaml.safe_dump(SERVICEMONITOR_CRD))
-                kube.apply_crds([crd_file])
+            files = []
+            for crd in own_crds:
+                files.append(Path(kube._cache_dir()) / f"{crd['metadata']['name']}.yaml")
+                files[-1].write_text(yaml.safe_dump(crd))
+            if files:
+                kube.apply_crds(files)
             yield
         finally:
             for name in created:
                 kube.delete_namespace(name, wait=60)
-            if own_crd:
-                ext.delete_custom_resource_definition(crd_name)
+            for crd in own_crds:
+                ext.delete_custom_resource_definition(crd["metadata"]["name"])
 
 
 def _has_crd(kube: Any, name: str) -> bool:
