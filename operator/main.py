@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         load_configuration(settings.kubeconfig)  # Fail now, naming the fix, rather than retry forever.
     except CredentialsError as exc:
         return _fail(
-            f"{exc.message}; pass a readable kubeconfig with --kubeconfig (or $KUBECONFIG), "
+            f"{exc.message.rstrip('.')}; pass a readable kubeconfig with --kubeconfig (or $KUBECONFIG), "
             "or run in a Pod with a service account"
         )
     for flag, port in (("--metrics-port", settings.metrics_port), ("--health-port", settings.health_port)):
