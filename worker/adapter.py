@@ -205,9 +205,16 @@ class PeftAdapter:
             if not isinstance(value, dict):
                 p.add(MALFORMED_CONFIG, f"{CONFIG_FILE}: {key} must be an object")
                 value = {}
-            for k, v in value.items():
+            for k, v in list(value.items()):
                 re.compile(k)  # a broken regex is a malformed config, not a crash later
-                int(v) if key == "rank_pattern" else float(v)
+                if isinstance(v, bool) or not (
+                    isinstance(v, int) and v > 0
+                    if key == "rank_pattern"
+                    else isinstance(v, (int, float)) and math.isfinite(v)
+                ):
+                    kind = "a positive integer" if key == "rank_pattern" else "a finite number"
+                    p.add(MALFORMED_CONFIG, f"{CONFIG_FILE}: {key}[{k!r}] must be {kind}, got {v!r}")
+                    value = {x: y for x, y in value.items() if x != k}
             patterns[key] = value
         for key, reason, message in UNSUPPORTED_FEATURES:
             if cfg.get(key):

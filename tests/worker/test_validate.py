@@ -327,6 +327,9 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     {"r": "eight"},
     {"lora_alpha": None},
     {"rank_pattern": ["q_proj"]},
+    {"rank_pattern": {"q_proj": 0}},
+    {"alpha_pattern": {"q_proj": "NaN"}},
+    {"rank_pattern": {"(q_proj": 8}},
 ], ids=lambda f: "-".join(f"{k}={v!r}" for k, v in f.items()))  # fmt: skip
 def test_fields_of_the_wrong_type_are_a_named_failure_not_a_crash(
     tmp_path: Path, base: ModelConfig, fields
