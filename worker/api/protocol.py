@@ -3,8 +3,9 @@
 Request models own their conversion to the engine's ``SamplingParams`` and to prompt token IDs,
 so routes stay thin. Every field is typed strictly and bounded to what an engine can take (seeds are
 int64, counts int32, stop lists short): a value outside gets a 400 naming the field before anything
-reaches the engine thread. Fields we do not implement (n > 1, logprobs, echo, tools) are refused with
-a 400 that names them, and so are unknown fields (as OpenAI does): nothing a client sends is ignored.
+reaches the engine thread. Engine features (n > 1, logprobs, penalties, logit_bias, min_p,
+response_format) go to the engine as ``extras()``; an engine that lacks one refuses it by name. Fields
+no engine implements (echo, suffix, tools) are refused with a 400 that names them, and so are unknown fields (as OpenAI does): nothing a client sends is ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraplane.crds.errors import PermanentError
 
@@ -54,6 +55,26 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class JsonSchema(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: text, json_object (any JSON), json_schema (JSON matching a schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+
 class _Common(_Request):
     """Fields completions and chat share."""
 
@@ -70,15 +91,50 @@ class _Common(_Request):
     logprobs: bool | Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     ignore_eos: bool = False
     user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
+    # Engine features (engines.FEATURES): an engine that lacks one refuses it by name (see extras()).
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None
+    ) = None
+    response_format: ResponseFormat | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
-        """(field, message) for each field set to something we do not implement."""
-        found = []
+        """(field, message) for each field set to something no engine implements."""
+        return []
+
+    def extras(self) -> dict[str, Any]:
+        """The engine features this request uses (name -> engine-ready value); defaults are left out."""
+        out: dict[str, Any] = {}
         if self.n != 1:
-            found.append(("n", "only n=1 is supported; send several requests instead"))
-        if self.logprobs not in (None, False, 0):
-            found.append(("logprobs", "logprobs are not supported"))
-        return found
+            out["n"] = self.n
+        logprobs = self.top_logprobs_wanted()
+        if logprobs is not None:
+            out["logprobs"] = logprobs
+        for name, neutral in (
+            ("presence_penalty", 0.0),
+            ("frequency_penalty", 0.0),
+            ("repetition_penalty", 1.0),
+            ("min_p", 0.0),
+        ):
+            if getattr(self, name) != neutral:
+                out[name] = getattr(self, name)
+        if self.logit_bias:
+            try:
+                out["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise PermanentError("InvalidRequest", "logit_bias keys must be token IDs") from None
+        if self.response_format is not None and self.response_format.type != "text":
+            out["response_format"] = self.response_format.model_dump(by_alias=True, exclude_none=True)
+        return out
+
+    def top_logprobs_wanted(self) -> int | None:
+        """None: no logprobs; k: the chosen token's logprob and the k most likely alternatives."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        return 0 if self.logprobs is True else int(self.logprobs)
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -144,12 +200,20 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     tools: list[Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
         if self.tools:
             found.append(("tools", "tools are not supported"))
+        if self.top_logprobs is not None and self.logprobs is not True:
+            found.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         return found
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        return self.top_logprobs or 0
 
     def to_sampling_params(self) -> SamplingParams:
         # No max given: up to the length limit (the scheduler stops there with finish_reason "length").
@@ -207,11 +271,52 @@ def now() -> int:
     return int(time.time())
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+    def add(self, entries: list[Any], offset: int) -> None:
+        """Append engine TokenLogprob entries; ``offset``: characters of text before the first."""
+        for e in entries:
+            self.tokens.append(e.token)
+            self.token_logprobs.append(e.logprob)
+            self.top_logprobs.append(dict(e.top))
+            self.text_offset.append(offset)
+            offset += len(e.token)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] = Field(default_factory=list)
+
+    def add(self, entries: list[Any]) -> None:
+        for e in entries:
+            top = [TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in e.top]
+            self.content.append(
+                ChatTokenLogprob(
+                    token=e.token, logprob=e.logprob, bytes=list(e.token.encode()), top_logprobs=top
+                )
+            )
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -232,7 +337,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -253,7 +358,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

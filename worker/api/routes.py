@@ -15,7 +15,8 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -28,7 +29,9 @@ from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Delta,
@@ -39,6 +42,9 @@ from .protocol import (
 )
 from .server import GENERATION_PATHS, HEALTH, SETTINGS
 from .serving import Generation, Serving, model_label
+
+if TYPE_CHECKING:
+    from ..engines import Output
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +192,10 @@ def _sse(body: BaseModel) -> bytes:
 
 
 async def _stream(
-    request: web.Request, generation: Generation, chunks: Callable[[str, str | None], BaseModel | None]
+    request: web.Request, generation: Generation, chunks: Callable[[Output | None], BaseModel | None]
 ) -> web.StreamResponse:
-    """Write each output as an SSE event (``chunks`` builds it, or None to skip), then [DONE].
+    """Write each output as an SSE event (``chunks`` builds it, or None to skip; ``chunks(None)``: the
+    usage chunk), then [DONE].
 
     A client that stops reading holds the stream at most ``client_timeout_seconds`` per chunk: then the
     connection is closed and its request cancelled, so it cannot hold a batch row or a drain."""
@@ -203,13 +210,13 @@ async def _stream(
     try:
         try:
             async for out in generation.outputs():
-                chunk = chunks(out.text, out.finish_reason)
+                chunk = chunks(out)
                 if chunk is not None:
                     await write(_sse(chunk))
         except ApiError as err:
             _STATE.get()["outcome"] = err.status
             await write(_sse(err.body()))
-        usage = chunks("", "__usage__")
+        usage = chunks(None)
         if usage is not None:
             await write(_sse(usage))
         await write(b"data: [DONE]\n\n")
@@ -229,16 +236,43 @@ async def _stream(
     return response
 
 
-async def _collect(generation: Generation) -> tuple[str, str]:
-    parts: list[str] = []
-    reason = "stop"
+@dataclass
+class _Choice:
+    text: str = ""
+    finish_reason: str = "stop"
+    logprobs: list[Any] | None = None
+
+
+async def _collect(generation: Generation) -> list[_Choice]:
+    """The whole output, one entry per choice (index order)."""
+    choices = [_Choice() for _ in range(generation.n)]
     try:
         async for out in generation.outputs():
-            parts.append(out.text)
-            reason = out.finish_reason or reason
+            c = choices[getattr(out, "index", 0)]
+            c.text += out.text
+            c.finish_reason = out.finish_reason or c.finish_reason
+            entries = getattr(out, "logprobs", None)
+            if entries is not None:
+                c.logprobs = (c.logprobs or []) + entries
     finally:
         generation.cancel()
-    return "".join(parts), reason
+    return choices
+
+
+def _completion_logprobs(entries: list[Any] | None, offset: int = 0) -> CompletionLogprobs | None:
+    if entries is None:
+        return None
+    lp = CompletionLogprobs()
+    lp.add(entries, offset)
+    return lp
+
+
+def _chat_logprobs(entries: list[Any] | None) -> ChatLogprobs | None:
+    if entries is None:
+        return None
+    lp = ChatLogprobs()
+    lp.add(entries)
+    return lp
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -247,23 +281,34 @@ async def completions(request: web.Request) -> web.StreamResponse:
     generation, rid = await serving.submit(body)
     _STATE.get()["generation"] = generation
     if body.stream:
+        offsets: dict[int, int] = {}  # choice -> characters streamed so far (logprobs text_offset)
 
-        def chunk(text: str, reason: str | None) -> BaseModel | None:
-            if reason == "__usage__":
+        def chunk(out: Output | None) -> BaseModel | None:
+            if out is None:
                 if not body.include_usage:
                     return None
                 usage = Usage.of(generation.prompt_tokens, generation.completion_tokens)
                 return CompletionResponse(id=rid, model=body.model, choices=[], usage=usage)
-            if not text and reason is None:
+            if not out.text and out.finish_reason is None:
                 return None
-            choice = CompletionChoice(text=text, finish_reason=reason)
+            index = getattr(out, "index", 0)
+            logprobs = _completion_logprobs(getattr(out, "logprobs", None), offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(out.text)
+            choice = CompletionChoice(
+                index=index, text=out.text, finish_reason=out.finish_reason, logprobs=logprobs
+            )
             return CompletionResponse(id=rid, model=body.model, choices=[choice])
 
         return await _stream(request, generation, chunk)
-    text, reason = await _collect(generation)
+    collected = await _collect(generation)
     usage = Usage.of(generation.prompt_tokens, generation.completion_tokens)
-    choice = CompletionChoice(text=text, finish_reason=reason)
-    return json_response(CompletionResponse(id=rid, model=body.model, choices=[choice], usage=usage))
+    choices = [
+        CompletionChoice(
+            index=i, text=c.text, finish_reason=c.finish_reason, logprobs=_completion_logprobs(c.logprobs)
+        )
+        for i, c in enumerate(collected)
+    ]
+    return json_response(CompletionResponse(id=rid, model=body.model, choices=choices, usage=usage))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -272,28 +317,41 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     generation, rid = await serving.submit(body)
     _STATE.get()["generation"] = generation
     if body.stream:
-        first = True
+        started: set[int] = set()  # choices whose first chunk (with the role) went out
 
-        def chunk(text: str, reason: str | None) -> BaseModel | None:
-            nonlocal first
-            if reason == "__usage__":
+        def chunk(out: Output | None) -> BaseModel | None:
+            if out is None:
                 if not body.include_usage:
                     return None
                 usage = Usage.of(generation.prompt_tokens, generation.completion_tokens)
                 return ChatCompletionChunk(id=rid, model=body.model, choices=[], usage=usage)
-            if not text and reason is None and not first:
+            index = getattr(out, "index", 0)
+            first = index not in started
+            if not out.text and out.finish_reason is None and not first:
                 return None
-            delta = Delta(role="assistant" if first else None, content=text)
-            first = False
-            return ChatCompletionChunk(
-                id=rid, model=body.model, choices=[ChatChunkChoice(delta=delta, finish_reason=reason)]
+            started.add(index)
+            delta = Delta(role="assistant" if first else None, content=out.text)
+            choice = ChatChunkChoice(
+                index=index,
+                delta=delta,
+                finish_reason=out.finish_reason,
+                logprobs=_chat_logprobs(getattr(out, "logprobs", None)),
             )
+            return ChatCompletionChunk(id=rid, model=body.model, choices=[choice])
 
         return await _stream(request, generation, chunk)
-    text, reason = await _collect(generation)
+    collected = await _collect(generation)
     usage = Usage.of(generation.prompt_tokens, generation.completion_tokens)
-    choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)
-    return json_response(ChatCompletionResponse(id=rid, model=body.model, choices=[choice], usage=usage))
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=c.text),
+            finish_reason=c.finish_reason,
+            logprobs=_chat_logprobs(c.logprobs),
+        )
+        for i, c in enumerate(collected)
+    ]
+    return json_response(ChatCompletionResponse(id=rid, model=body.model, choices=choices, usage=usage))
 
 
 async def models(request: web.Request) -> web.StreamResponse:
@@ -305,6 +363,28 @@ async def models(request: web.Request) -> web.StreamResponse:
         info = LoraplaneModelInfo(id=v.id, base_model=v.base_model, adapter=v.adapter)
         cards.append(ModelCard(id=v.served_name, root=base, parent=base, loraplane=info))
     return json_response(ModelList(data=cards))
+
+
+async def engine_state(request: web.Request) -> web.StreamResponse:
+    """Which engine serves, and the adapter IDs it holds as the engine itself reports them, next to the
+    IDs this worker serves as Ready: the two sets loraplane keeps equal (tests and operators compare)."""
+    serving = request.app[SERVING]
+    engine = serving.require_engine()
+    ready_before = {v.id for v in serving.registry.ready()}
+    held = await engine.adapter_ids()
+    ready_after = {v.id for v in serving.registry.ready()}
+    draining = getattr(engine, "draining", lambda: set())()
+    pending = {v.id for v in serving.registry.snapshot() if v.state not in ("Ready", "Failed")}
+    return web.json_response(
+        {
+            "kind": engine.kind,
+            "adapterIds": sorted(held),
+            "readyIds": sorted(ready_after),
+            "readyIdsBefore": sorted(ready_before),
+            "drainingIds": sorted(draining),
+            "pendingIds": sorted(pending),
+        }
+    )
 
 
 def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
@@ -326,5 +406,6 @@ def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
     )
     health.metrics.append(lambda: serving.engine.metrics.render() if serving.engine is not None else b"")
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/engine", engine_state)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -21,8 +21,7 @@ from .errors import ApiError
 from .protocol import ChatCompletionRequest, CompletionRequest, new_id
 
 if TYPE_CHECKING:
-    from ..engine.scheduler import Output
-    from ..engine.service import Engine
+    from ..engines import Engine, Output
     from ..registry import AdapterVersion, Registry
 
 access_log = logging.getLogger("loraplane.worker.access")
@@ -38,8 +37,13 @@ class Generation:
         self.adapter_id: int | None = None  # the adapter version it runs on (None: the base model)
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
         self.finished = False
+        self.n = 1  # choices: the request ends when all n have a finish_reason
         self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self._tokens: dict[int, int] = {}  # choice -> completion tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._tokens.values())
 
     def on_output(self, out: Output) -> None:
         """Engine thread: hand the output to the event loop."""
@@ -48,13 +52,17 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[Output]:
         """Outputs until the last one; raises ApiError if the engine failed the request."""
+        done: set[int] = set()
         while not self.finished:
             out = await self.queue.get()
-            self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+            index = getattr(out, "index", 0)  # the built-in engine's outputs are all choice 0
+            self.prompt_tokens, self._tokens[index] = out.prompt_tokens, out.completion_tokens
             if out.finish_reason is not None:
-                self.finished = True
+                done.add(index)
                 if out.error is not None:
+                    self.finished = True
                     raise ApiError.of(out.error)
+                self.finished = len(done) >= self.n
             yield out
 
     def cancel(self) -> None:
@@ -69,12 +77,23 @@ class Serving:
 
     def __init__(self, registry: Registry, *, retry_after_s: int, access_log: bool = True) -> None:
         self.registry = registry
-        self.engine: Engine | None = None
+        self._engine: Engine | None = None
         self.retry_after_s = retry_after_s
         self.access_log = access_log
         # Tokenizing runs off the event loop (a long prompt takes seconds of CPU; streams and probes
         # keep answering meanwhile), on one thread: fast tokenizers are not safe to share across threads.
         self.tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplane-tokenize")
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine | None) -> None:
+        """Attach the engine; from then on a version that gets no new requests is retired in it."""
+        if engine is not None and self._engine is None:
+            self.registry.on_retired(engine.retire_adapter)
+        self._engine = engine
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -126,9 +145,24 @@ class Serving:
         engine = self.require_engine()
         for param, message in request.unsupported():
             raise ApiError(400, "UnsupportedParameter", message, param=param, code="unsupported")
+        try:
+            extras = request.extras()
+        except LoraplaneError as exc:
+            raise ApiError.of(exc, param="logit_bias") from exc
+        lacking = [name for name in extras if name not in engine.features]
+        if lacking:
+            raise ApiError(
+                400,
+                "UnsupportedParameter",
+                f"the {engine.kind} engine of this worker does not implement {', '.join(lacking)}; "
+                "leave them out, or use a worker pool with the vllm engine",
+                param=lacking[0],
+                code="unsupported",
+            )
         version = self.resolve(request.model)
+        adapter = None if version is None else version.engine_adapter()
         param = "prompt" if isinstance(request, CompletionRequest) else "messages"
-        limit, _ = engine.limit_for(version)
+        limit, _ = engine.limit_for(adapter)
         loop = asyncio.get_running_loop()
         try:
             params = request.to_sampling_params()
@@ -137,7 +171,7 @@ class Serving:
             )
         except LoraplaneError as exc:
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
-        vocab = engine.runner.config.vocab_size
+        vocab = engine.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ApiError(
                 400,
@@ -149,13 +183,15 @@ class Serving:
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, loop, request_id)
         generation.adapter_id = None if version is None else version.id
+        generation.n = extras.get("n", 1)
         try:
             engine.submit(
                 request_id=request_id,
                 model=request.model,
-                version=version,
+                adapter=adapter,
                 prompt_ids=prompt_ids,
                 params=params,
+                extras=extras,
                 on_output=generation.on_output,
             )
         except LoraplaneError as exc:

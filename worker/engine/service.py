@@ -1,10 +1,11 @@
 """The engine as one object the worker process starts: runner + adapter tiers + the scheduler thread.
 
-``Engine.start(model_dir, settings, registry)`` loads the base model, subscribes to the registry
-(a removed ID's CPU and device copies are dropped once no admitted request uses it) and starts the
-engine thread. The HTTP side calls ``submit`` from its event loop; ``limit_for`` gives the length
-bound a request is checked against: the adapter's longContext.maxLength, else the base model's
-max_position_embeddings, never above the KV cache's max_model_len.
+``Engine.start(model_dir, settings)`` loads the base model and starts the engine thread. It implements
+``loraplane.worker.engines.Engine`` and knows nothing of the registry: the worker calls
+``retire_adapter`` when a version will get no new requests (its CPU and device copies are dropped
+once no admitted request uses it). The HTTP side calls ``submit`` from its event loop; ``limit_for``
+gives the length bound a request is checked against: the adapter's longContext.maxLength, else the
+base model's max_position_embeddings, never above the KV cache's max_model_len.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 from loraplane.crds.errors import PermanentError
 
-from ..registry import AdapterVersion, Registry
+from .. import engines
+from ..engines import Adapter
 from .metrics import Metrics
 from .runner import ModelRunner
 from .sampling import SamplingParams
@@ -70,22 +72,19 @@ class EngineSettings:
 class Engine:
     """Owns the model runner, the adapter tiers and the engine thread."""
 
-    def __init__(
-        self, runner: ModelRunner, settings: EngineSettings, registry: Registry, *, model_name: str
-    ) -> None:
+    def __init__(self, runner: ModelRunner, settings: EngineSettings, *, model_name: str) -> None:
         self.runner = runner
         self.settings = settings
-        self.registry = registry
         self.model_name = model_name
+        self.adapters: dict[int, Adapter] = {}  # the versions handed over by add_adapter, by ID
         self.metrics = Metrics()
         self.tiers = AdapterTiers(runner, max_cpu_loras=settings.max_cpu_loras, metrics=self.metrics)
         self.scheduler = Scheduler(runner, self.tiers, self.metrics, settings.scheduler)
         self.metrics.watch(self)
         self._thread = threading.Thread(target=self.scheduler.run, name="loraplane-engine", daemon=True)
-        registry.subscribe(self._on_registry_change)
 
     @classmethod
-    def load(cls, model_dir: Path, settings: EngineSettings, registry: Registry) -> Engine:
+    def load(cls, model_dir: Path, settings: EngineSettings) -> Engine:
         """Load the base model; the engine thread is not started yet (see ``run``)."""
         device = settings.device
         if device == "auto":
@@ -104,15 +103,13 @@ class Engine:
             max_model_len=settings.max_model_len,
             kv_cache_bytes=settings.kv_cache_bytes,
         )
-        engine = cls(
-            runner, settings, registry, model_name=settings.served_model_name or Path(model_dir).name
-        )
+        engine = cls(runner, settings, model_name=settings.served_model_name or Path(model_dir).name)
         return engine
 
     @classmethod
-    def start(cls, model_dir: Path, settings: EngineSettings, registry: Registry) -> Engine:
+    def start(cls, model_dir: Path, settings: EngineSettings) -> Engine:
         """Load the base model and start the engine thread."""
-        engine = cls.load(model_dir, settings, registry)
+        engine = cls.load(model_dir, settings)
         engine.run()
         return engine
 
@@ -133,33 +130,40 @@ class Engine:
     def tokenizer(self) -> Any:
         return self.runner.tokenizer
 
-    def limit_for(self, version: AdapterVersion | None) -> tuple[int, str]:
-        """(max prompt + output tokens, what sets it) for the base model (None) or an adapter version."""
-        kv = self.runner.max_model_len
-        if version is not None and version.max_length:
-            if version.max_length <= kv:
-                return version.max_length, f"adapter {version.served_name!r} longContext.maxLength"
-            return kv, "the worker's max_model_len (below the adapter's longContext.maxLength)"
-        base = self.runner.config.max_position_embeddings
-        if base <= kv:
-            return base, "the base model's max_position_embeddings"
-        return kv, "the worker's max_model_len"
+    kind: engines.Kind = "builtin"
+    features: frozenset[str] = frozenset()  # none of engines.FEATURES: the API refuses them by name
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.runner.config.vocab_size)
+
+    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+        """(max prompt + output tokens, what sets it) for the base model (None) or an adapter."""
+        return engines.limit_for(
+            adapter,
+            max_model_len=self.runner.max_model_len,
+            max_position_embeddings=self.runner.config.max_position_embeddings,
+        )
 
     def submit(
         self,
         *,
         request_id: str,
         model: str,
-        version: AdapterVersion | None,
+        adapter: Adapter | None,
         prompt_ids: list[int],
         params: SamplingParams,
         on_output: Callable[[Output], None],
+        extras: dict[str, Any] | None = None,
     ) -> Request:
-        """Queue a request for the base model (version None) or an adapter version (kept by its ID).
+        """Queue a request for the base model (adapter None) or an adapter version (kept by its ID).
+        ``extras`` must be empty: this engine implements none of ``engines.FEATURES``.
 
         Raises PermanentError PromptTooLong (the limit named), TemporaryError QueueFull.
         """
-        limit, source = self.limit_for(version)
+        if extras:
+            raise PermanentError("UnsupportedParameter", f"not implemented here: {', '.join(extras)}")
+        limit, source = self.limit_for(adapter)
         if self.runner.kv.total_tokens < limit:  # a KV budget smaller than one max-length sequence
             limit, source = self.runner.kv.total_tokens, "the size of this worker's KV cache"
         if not prompt_ids:
@@ -175,8 +179,8 @@ class Engine:
         request = Request(
             request_id=request_id,
             model=model,
-            adapter_id=None if version is None else version.id,
-            local_dir=None if version is None else version.local_dir,
+            adapter_id=None if adapter is None else adapter.id,
+            local_dir=None if adapter is None else adapter.path,
             prompt_ids=list(prompt_ids),
             params=params,
             max_len=limit,
@@ -198,7 +202,18 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
 
-    def _on_registry_change(self, old: AdapterVersion | None, new: AdapterVersion | None) -> None:
-        # A version that is gone or failed will get no new requests; free its copies after the last one.
-        if old is not None and (new is None or new.state == "Failed"):
-            self.scheduler.drop_adapter(old.id)
+    async def add_adapter(self, adapter: Adapter) -> None:
+        """Record the version (metrics show where its weights are). The validator read the weights; the
+        engine thread loads them into CPU memory and a device slot at the first request (tiers.py)."""
+        self.adapters[adapter.id] = adapter
+
+    def retire_adapter(self, adapter_id: int) -> None:
+        # No new requests: free its CPU and device copies after the last admitted one.
+        self.adapters.pop(adapter_id, None)
+        self.scheduler.drop_adapter(adapter_id)
+
+    async def adapter_ids(self) -> set[int]:
+        return self.on_device()
+
+    def on_device(self) -> set[int]:
+        return set(self.tiers.slot_of)  # one C-level copy: safe across threads

@@ -62,13 +62,11 @@ def make_server(tiny_llama: Path) -> Iterator[MakeServer]:
             **kw,
         )
         registry = Registry()
-        engine = Engine.load(tiny_llama, settings, registry)
+        engine = Engine.load(tiny_llama, settings)
         if start:
             engine.run()
         stack.append(engine.stop)
-        server = serve_in_thread(
-            build_app(engine, registry, ServeSettings(**serve))
-        )
+        server = serve_in_thread(build_app(engine, registry, ServeSettings(**serve)))
         url = server.__enter__()
         stack.append(lambda: server.__exit__(None, None, None))
         return Served(url, engine, registry)

@@ -180,7 +180,30 @@ ERROR_CASES = [
         400,
         "UnsupportedParameter",
         "unsupported",
-        "n=1",
+        "does not implement n",
+    ),
+    *(
+        (
+            f"builtin lacks {field}",
+            "/v1/chat/completions" if field == "top_logprobs" else "/v1/completions",
+            {"model": "sql", "prompt": "x", **extra}
+            if field != "top_logprobs"
+            else {"model": "sql", "messages": [{"role": "user", "content": "x"}], **extra},
+            400,
+            "UnsupportedParameter",
+            "unsupported",
+            f"does not implement {field.replace('top_', '')}",
+        )
+        for field, extra in (
+            ("response_format", {"response_format": {"type": "json_object"}}),
+            ("presence_penalty", {"presence_penalty": 0.5}),
+            ("frequency_penalty", {"frequency_penalty": -0.5}),
+            ("repetition_penalty", {"repetition_penalty": 1.2}),
+            ("min_p", {"min_p": 0.1}),
+            ("logit_bias", {"logit_bias": {"5": 10}}),
+            ("logprobs", {"logprobs": 2}),
+            ("top_logprobs", {"logprobs": True, "top_logprobs": 2}),
+        )
     ),
     (
         "token range",
@@ -286,7 +309,7 @@ def test_full_queue_answers_429(make_server: MakeServer) -> None:
         s.engine.submit(
             request_id=f"held-{i}",
             model=BASE,
-            version=None,
+            adapter=None,
             prompt_ids=[1, 2],
             params=SamplingParams(max_tokens=2),
             on_output=lambda out: None,
@@ -339,7 +362,7 @@ def test_ready_waits_for_the_base_model(tiny_llama: Path) -> None:
         assert httpx.get(url + "/ready").status_code == 503
         r = httpx.post(url + "/v1/completions", json={"model": BASE, "prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["type"] == "EngineLoading"
-        engine = Engine.start(tiny_llama, EngineSettings(served_model_name=BASE), registry)
+        engine = Engine.start(tiny_llama, EngineSettings(served_model_name=BASE))
         try:
             set_engine(app, engine)
             assert httpx.get(url + "/ready").status_code == 200

