@@ -64,11 +64,12 @@ def _entrypoint(path: Path) -> str:
     return re.findall(r'"([^"]+)"', args)[0]
 
 
-def test_three_dockerfiles() -> None:
+def test_four_dockerfiles() -> None:
     assert [p.name for p in DOCKERFILES] == [
         "operator.Dockerfile",
         "worker-cpu.Dockerfile",
         "worker-cuda.Dockerfile",
+        "worker-vllm.Dockerfile",
     ]
 
 
@@ -93,7 +94,9 @@ def test_images_are_multistage_and_non_root(dockerfile: Path) -> None:
     runtime_copies = [a for w, a in instructions[final:] if w == "COPY"]
     assert all("--from=" in a for a in runtime_copies), "the runtime stage copies only built artifacts"
     text = dockerfile.read_text()
-    if "worker" in dockerfile.name:
+    if "vllm" in dockerfile.name:  # torch, CUDA and vLLM as one named vLLM release ships them
+        assert re.search(r"ARG VLLM_IMAGE=vllm/vllm-openai:v\d+\.\d+\.\d+$", text, re.MULTILINE)
+    elif "worker" in dockerfile.name:
         assert "torch==${TORCH_VERSION}" in text and "TORCH_VERSION=2.13.0" in text
     if "cpu" in dockerfile.name:
         assert "--index-url https://download.pytorch.org/whl/cpu" in text
