@@ -1,7 +1,7 @@
 """`helm test` for one worker pool: its Service answers the OpenAI API and the base model generates.
 
 Environment: URL (the pool's Service), MODEL (the served base-model name), MODE (serve or control),
-API_KEY (optional bearer token). Exit 0 with one line on success; exit 1 naming what failed.
+API_KEY (optional: the API key Secret's value; its first key is used). Exit 0 with one line on success; exit 1 naming what failed.
 """
 
 import json
@@ -12,8 +12,9 @@ import urllib.request
 
 URL, MODEL, MODE = os.environ["URL"].rstrip("/"), os.environ["MODEL"], os.environ.get("MODE", "serve")
 HEADERS = {"Content-Type": "application/json"}
-if os.environ.get("API_KEY"):
-    HEADERS["Authorization"] = "Bearer " + os.environ["API_KEY"]
+KEYS = [k.strip() for k in os.environ.get("API_KEY", "").splitlines() if k.strip() and not k.startswith("#")]
+if KEYS:
+    HEADERS["Authorization"] = "Bearer " + KEYS[0]
 
 
 def call(path: str, body: dict | None = None) -> dict:
