@@ -193,11 +193,5 @@ class _EngineState(Collector):
 
 
 def _known_adapters(engine: Engine) -> dict[int, tuple[str, Path | None]]:
-    """Adapter ID -> (served name, cache directory) of the versions the engine was given."""
-    known: dict[int, tuple[str, Path | None]] = {}
-    registry = getattr(engine, "registry", None)
-    if registry is not None:
-        known.update({v.id: (v.served_name, v.local_dir) for v in registry.snapshot()})
-    for a in list(getattr(engine, "adapters", {}).values()):
-        known[a.id] = (a.name, a.path)
-    return known
+    """Adapter ID -> (served name, cache directory) of the versions the engine was given (add_adapter)."""
+    return {a.id: (a.name, a.path) for a in list(engine.adapters.values())}

@@ -1,19 +1,21 @@
 """The series a router reads from /metrics follow the engine's state, with vLLM's names and meaning.
 
-The engine thread is not started: the test thread runs its iterations, so "one request running on
-the only slot, one waiting for it" is a state the test holds still while it scrapes, parsed with
-prometheus_client's own parser.
+The engine thread is not started: requests go to the engine as the HTTP side hands them over and the
+test thread runs its iterations, so "one request running on the only slot, one waiting for it" is a
+state the test holds still while it scrapes the real /metrics, parsed with prometheus_client's parser.
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from support.api import BASE, MakeServer
 from support.procs import wait_for
+
+from loraplane.worker.engine.sampling import SamplingParams
+from loraplane.worker.engines import Output
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -50,19 +52,30 @@ def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict
     }
     assert not any(k.endswith("_created") for k in idle), "no _created series"
 
-    results: dict[str, int] = {}
+    # Two requests go to the engine as the HTTP side hands them over; this thread runs its iterations.
+    finished: dict[str, Output] = {}
 
-    def complete(model: str, max_tokens: int) -> None:
-        body = {"model": model, "prompt": [1, 5, 9], "max_tokens": max_tokens, "ignore_eos": True}
-        results[model] = httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code
+    def submit(model: str, max_tokens: int) -> None:
+        def on_output(out: Output) -> None:
+            if out.finish_reason is not None:
+                finished[model] = out
 
-    threads = [threading.Thread(target=complete, args=a) for a in (("m0", 40), ("m1", 3))]
-    for t in threads:
-        t.start()
-    sched = s.engine.scheduler
-    queued = wait_for(lambda: sched.queued == 2 and scrape(s.url), 10, "two requests in the inbox")
+        s.engine.submit(
+            request_id=f"r-{model}",
+            model=model,
+            adapter=s.registry.lookup(model).engine_adapter(),
+            prompt_ids=[1, 5, 9],
+            params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+            on_output=on_output,
+        )
+
+    submit("m0", 40)
+    submit("m1", 3)
+    queued = scrape(s.url)
     assert one(queued, "vllm:num_requests_waiting")[1] == 2.0
     assert one(queued, "vllm:lora_requests_info")[0]["waiting_lora_adapters"] == "m0,m1"
+
+    sched = s.engine.scheduler
 
     def step() -> bool:  # one engine iteration on this thread, as the engine thread would run it
         with sched._cond:
@@ -83,9 +96,11 @@ def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict
     assert (where["m0", "device"], where["m0", "cpu"], where["m1", "device"]) == (1.0, 1.0, 0.0)
 
     s.engine.run()
-    for t in threads:
-        t.join(60)
-    assert results == {"m0": 200, "m1": 200}
+    wait_for(lambda: len(finished) == 2, 60, "both requests to finish")
+    assert {m: (o.finish_reason, o.completion_tokens) for m, o in finished.items()} == {
+        "m0": ("length", 40),
+        "m1": ("length", 3),
+    }
     done = wait_for(
         lambda: (d := scrape(s.url)) and one(d, "vllm:num_requests_running")[1] == 0 and d, 10, "idle"
     )
