@@ -26,6 +26,7 @@ from loraplane.operator.settings import OperatorSettings
 log = logging.getLogger("loraplane.operator")
 
 SETTINGS = OperatorSettings()  # Set by main() before kopf starts.
+RETRY = Backoff(start=0.5, cap=10.0)  # Requests kopf retries, and the start-up listing.
 
 
 def kopf_settings() -> kopf.OperatorSettings:
@@ -45,7 +46,7 @@ def kopf_settings() -> kopf.OperatorSettings:
     # Transient errors (connection refused, 5xx, 429) are retried with the shared backoff; what kopf
     # still gives up on ends its run, and main.py starts it again. kopf must not SIGKILL the process
     # when a run ends with an error: that would take the reconciler's memory with it.
-    settings.networking.error_backoffs = Backoff(start=0.5, cap=10.0).delays(8)
+    settings.networking.error_backoffs = RETRY.delays(8)
     settings.watching.reconnect_backoff = 1.0
     settings.process.ultimate_exiting_timeout = None
     return settings
@@ -68,12 +69,18 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup()
-async def startup(memo: kopf.Memo, **_: Any) -> None:
+async def startup(memo: kopf.Memo, retry: int, **_: Any) -> None:
     reconciler = memo.get("reconciler")
     if reconciler is None:
         api = KubeClient(load_configuration(SETTINGS.kubeconfig), user_agent="loraplane-operator")
         reconciler = memo["reconciler"] = Reconciler(SETTINGS, api)
-    await reconciler.prime()
+    try:
+        await reconciler.prime()
+    except APIError as exc:
+        if not exc.retry:
+            raise
+        # kopf's own default would wait a minute; the API server may be back in a second.
+        raise kopf.TemporaryError(str(exc), delay=RETRY.delays(retry + 1)[-1]) from None
     memo["ticker"] = asyncio.get_running_loop().create_task(_ticker(reconciler, memo))
 
 

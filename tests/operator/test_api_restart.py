@@ -13,7 +13,8 @@ import time
 
 import pytest
 from support import fleet
-from support.apiserver import bump_resource_version, create_namespace, restartable_kube
+from support.apiserver import RestartableKube, bump_resource_version, create_namespace, restartable_kube
+from support.kube import Kube
 from support.procs import OperatorProc, wait_for
 
 from loraplane.operator.settings import LEDGER_NAME
@@ -93,3 +94,28 @@ def test_operator_survives_an_api_server_that_comes_back_empty(own_kube, tmp_pat
         assert "resourceVersion" in op.log() and "listing everything again" in op.log()
     finally:
         op.stop()
+
+
+def test_operator_started_before_its_api_server_waits_for_it(tmp_path) -> None:
+    from support.procs import free_port
+
+    from loraplane.localkube import write_kubeconfig
+
+    port = free_port()
+    kubeconfig = str(write_kubeconfig(f"http://127.0.0.1:{port}", tmp_path / "kubeconfig"))
+    op = OperatorProc(kubeconfig, "team", tmp_path / "operator.log").start()
+    server = RestartableKube(port=port)
+    try:
+        time.sleep(3)
+        assert op.proc.poll() is None, op.log()[-3000:]
+        server.start()
+        kube = Kube(kubeconfig, server.url, True, server)
+        kube.apply_crds()
+        create_namespace(kube, "team")
+        ads = fleet.Adapters(kube, "team")
+        ads.create(fleet.adapter_obj("a1", "/models/a1", base_model=BASE))
+        assert wait_for(lambda: _status(ads, "a1").get("id"), 30, lambda: op.log()[-3000:]) == 1
+        ads.close()
+    finally:
+        op.stop()
+        server.stop()
