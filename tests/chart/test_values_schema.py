@@ -244,6 +244,10 @@ def test_value_sets_install_dry_run(name: str) -> None:
             },
         ),
         ("one GPU", {"resources": {"limits": {"nvidia.com/gpu": 1}}}),
+        (
+            "four GPUs with tensor parallelism",
+            {"engine": "vllm", "resources": {"limits": {"nvidia.com/gpu": 4}}},
+        ),
     ],
 )
 def test_templates_accept_what_fits(case: str, pool: dict[str, Any]) -> None:
@@ -277,3 +281,18 @@ def test_pool_defaults_accept_every_pool_key() -> None:
     pool = schema["definitions"]["workerPool"]["properties"]
     defaults = schema["properties"]["workerPoolDefaults"]["properties"]
     assert defaults == {k: v for k, v in pool.items() if k not in ("name", "baseModel")}
+
+
+def test_gpus_become_the_tensor_parallel_size() -> None:
+    one = _pool(resources={"limits": {"nvidia.com/gpu": 1}})
+    four = _pool(
+        engine="vllm", resources={"limits": {"nvidia.com/gpu": 4}, "requests": {"nvidia.com/gpu": 4}}
+    )
+    for values, flags in ((one, []), (four, ["--tensor-parallel-size=4"])):
+        (deployment,) = [
+            o
+            for o in chartkit.by_kind(chartkit.manifests(values), "Deployment")
+            if "worker" in o["metadata"]["name"]
+        ]
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert [a for a in args if a.startswith("--tensor-parallel-size")] == flags
