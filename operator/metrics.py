@@ -45,6 +45,7 @@ LAST_TICK = Gauge(
 )
 
 PHASES = ("Pending", "Registered", "Ready", "Degraded", "Failed")
+_seen: set[tuple[str, str]] = set()  # (base model, state) label sets set so far: a gone pool reads 0
 
 
 def set_phase_counts(counts: dict[str, int]) -> None:
@@ -59,12 +60,9 @@ def set_tick(*, waiting_for_id: int, workers: Iterable[tuple[str, bool]]) -> Non
     for base_model, live in workers:
         key = (base_model, "live" if live else "stale")
         counts[key] = counts.get(key, 0) + 1
-    for base_model, state in {(b, s) for b, s in _seen} - set(counts):
-        WORKERS.labels(base_model=base_model, state=state).set(0)  # a gone pool reads 0, not its last value
+    for base_model, state in _seen - set(counts):
+        WORKERS.labels(base_model=base_model, state=state).set(0)
     for (base_model, state), n in counts.items():
         WORKERS.labels(base_model=base_model, state=state).set(n)
         _seen.add((base_model, state))
     LAST_TICK.set(time.time())
-
-
-_seen: set[tuple[str, str]] = set()
