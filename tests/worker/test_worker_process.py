@@ -104,6 +104,13 @@ def test_adapters_become_ready_failed_or_ignored_and_are_reported(kube, namespac
         (["--namespaces", "Bad_NS"], "--namespaces 'Bad_NS' is not a valid namespace name"),
         (["--s3-endpoint", "localhost:9000"], "--s3-endpoint must be an http:// or https:// URL"),
         (["--heartbeat-seconds", "0"], "--heartbeat-seconds must be a positive number of seconds"),
+        (["--api-keys", "short"], "--api-keys: an API key must be 8 to 512 printable ASCII characters"),
+        (
+            ["--api-key-file", "/nonexistent/keys"],
+            "--api-key-file /nonexistent/keys: No such file or directory",
+        ),
+        (["--drain-seconds", "-1"], "--drain-seconds must be zero or a positive number of seconds"),
+        (["--public-paths", "health"], "--public-paths 'health' must be a path starting with /"),
         (
             ["--kubeconfig", "/nonexistent/kubeconfig"],
             "--kubeconfig: cannot load Kubernetes credentials from /nonexistent",
@@ -204,6 +211,48 @@ def test_help_is_fast_and_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--max-lora-rank" in proc.stdout and "LORAPLANE_MAX_LORA_RANK" in proc.stdout
+
+
+def test_control_mode_serves_the_same_probes_and_locks_adapters(kube, namespace, tmp_path, setup):
+    """One HTTP server in both modes: control mode has /health, /ready, /metrics open and /adapters
+    behind the API keys (here from the environment, two at once), and no /v1 and no alias paths."""
+
+    base, root, ads = setup
+    good = adapters_mod.write_adapter(root / "good", r=8)
+    env = {"LORAPLANE_API_KEYS": "control-key-1,control-key-2"}
+    with _worker(kube, tmp_path, namespace, base, root, env=env) as w:
+        ads.create(fleet.adapter_obj("good", str(good)))
+        ads.assign("good", 21)
+        url = f"http://127.0.0.1:{w.port}"
+        fleet.wait_for(lambda: fleet.states(ads, "w1", namespace) == {21: "Ready"}, 30, "Ready")
+        fleet.wait_for(lambda: _get(url + "/ready").status_code == 200, 30, "/ready")
+        assert _get(url + "/health").json() == {"status": "ok"}
+        assert "loraplane_worker_adapters" in _get(url + "/metrics").text
+        r = _get(url + "/adapters")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "InvalidApiKey"
+        for key in ("control-key-1", "control-key-2"):
+            listed = _get(url + "/adapters", key).json()
+            assert [(a["id"], a["state"]) for a in listed] == [(21, "Ready")]
+            assert listed[0]["adapter"] == f"{namespace}/good"  # who has which adapter: behind the key
+        for path in ("/healthz", "/readyz", "/v1/models"):
+            assert _get(url + path, "control-key-1").status_code == 404, path
+        assert w.stop() == 0
+    # The control-mode server imports no engine (no torch): a dry-run worker starts fast.
+    code = (
+        "import sys\n"
+        "from loraplane.worker.api.server import build_app\n"
+        "build_app(None, None, openai=False, reports=list)\n"
+        "assert 'torch' not in sys.modules, 'the control-mode server imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _get(url, key=None):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(url, headers=headers, timeout=10)
 
 
 @pytest.mark.kubectl
