@@ -86,3 +86,24 @@ def test_annotation_recovers_a_corrupted_ledger(adapters, operators, namespace, 
     assert (
         RECOVER_ANNOTATION not in (ledger.metadata.annotations or {}) and int(ledger.data["next"]) > st["id"]
     )
+
+
+def test_missing_ledger_namespace_is_a_warning_event_naming_the_fix(
+    adapters, operators, namespace, scope, wait
+) -> None:
+    operators(*scope(namespace), "--ledger-namespace", "no-such-namespace")
+    adapters.create(namespace, "a", {"baseModel": BASE, "path": "/models/a"})
+    st = adapters.wait_status(namespace, "a", lambda s: s.get("phase") == "Pending", "phase Pending")
+    ready = {c["type"]: c for c in st["conditions"]}["Ready"]
+    assert ready["reason"] == "LedgerMissing" and "no-such-namespace" in st["message"]
+    assert "--ledger-namespace" in st["message"]
+    (event,) = wait(
+        lambda: [
+            e
+            for e in adapters.core.list_namespaced_event(namespace).items
+            if e.involved_object.name == "a" and e.type == "Warning"
+        ],
+        10,
+        "a Warning Event on a",
+    )
+    assert event.reason == "LedgerMissing" and "no-such-namespace" in event.message
