@@ -21,6 +21,12 @@ RUNS = {
         ["raw single-client PATCH/s", "x raw PATCH/s", "API writes per ID"],
     ),
     "bench_worker.py": (["--n", "5"], ["p99"]),
+    # The built-in engine only here; vLLM's side runs where vLLM is (.venv-vllm), see docs/benchmarks.md.
+    "bench_engines.py": (
+        ["--engines", "builtin", "--hidden", "128", "--layers", "1", "--adapters", "2", "--clients", "2"]
+        + ["--requests", "4", "--max-tokens", "4", "--rounds", "1"],
+        ["LoRA / base"],
+    ),
     "bench_prefetch.py": (["--mb", "4", "--repeat", "1", "--kinds", "local,s3"], ["ratio"]),
     "bench_engine.py": (
         ["--rounds", "1", "--prefill-rounds", "1", "--no-peft"],
