@@ -46,4 +46,6 @@ async def serve_openai(app: WorkerApp) -> None:
         await asyncio.Event().wait()
     finally:
         if engine is not None:
-            await asyncio.to_thread(engine.stop)
+            # Here, not in a thread: a cancelled await would skip it, and vLLM's engine-core process
+            # outlives a worker that exits without shutting it down.
+            engine.stop()
