@@ -192,6 +192,8 @@ class Engine:
     def problem(self, stall_s: float) -> str | None:
         """Why this engine cannot serve, or None: its thread ended, or its loop has not come round in
         ``stall_s`` seconds (a hung step). /health reports it so that Kubernetes restarts the pod."""
+        if self._thread.ident is None:
+            return None  # not started yet (run() follows load(); tests fill the queue in between)
         if not self._thread.is_alive():
             return "the engine thread is not running"
         age = time.monotonic() - self.scheduler.beat
