@@ -43,7 +43,7 @@ def test_demo_story_and_keep_running(tmp_path: Path) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if "still running" in line:
+            if "Ctrl-C stops everything" in line:  # the last line of the how-to-reach-it block
                 running.set()
 
     reader = threading.Thread(target=read, daemon=True)
