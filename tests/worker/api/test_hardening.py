@@ -9,6 +9,7 @@ the official openai client, key rotation through the key file the chart mounts f
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -35,10 +36,16 @@ class Worker:
         self.proc, self.key_file = proc, key_file
         self.url = f"http://127.0.0.1:{proc.port}"
 
-    def post(self, path: str, body: Any, key: str = KEYS[0], **kw: Any) -> httpx.Response:
+    def post(
+        self, path: str, body: Any, key: str = KEYS[0], headers_extra: dict[str, str] | None = None
+    ) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        return httpx.post(self.url + path, content=content, headers=headers, timeout=60, **kw)
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            **(headers_extra or {}),
+        }
+        return httpx.post(self.url + path, content=content, headers=headers, timeout=60)
 
     def client(self, key: str = KEYS[0]) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
@@ -174,6 +181,10 @@ def test_each_attack_fails_alone_with_its_own_4xx(worker: Worker) -> None:
             assert set(error) == {"message", "type", "param", "code"}, name
             assert reason is None or error["type"] == reason, (name, error)
             assert param is None or error["param"] == param, (name, error)
+        # A gzip bomb: 1 KiB on the wire, 64 MiB inflated; reading stops at the body cap.
+        bomb = gzip.compress(b'{"model": "sql", "prompt": "' + b" " * (64 << 20) + b'"}')
+        r = worker.post("/v1/completions", bomb, headers_extra={"Content-Encoding": "gzip"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLarge", r.text[:300]
         # Escaped control characters are valid JSON and valid text: served like any prompt.
         r = worker.post("/v1/completions", _body(prompt="a\u0000\u0007b"))
         assert r.status_code == 200, r.text
@@ -193,6 +204,10 @@ def test_slow_and_stalled_clients_hold_nothing(worker: Worker) -> None:
             answer = slow.recv(4096).decode(errors="replace")
         assert answer.startswith("HTTP/1.1 408"), answer[:200]
         assert '"RequestTimeout"' in answer
+        # Connections that send half a request line and stop (slowloris): they hold a socket each, no more.
+        idle = [socket.create_connection(("127.0.0.1", worker.proc.port), timeout=30) for _ in range(200)]
+        for c in idle:
+            c.sendall(b"POST /v1/comp")
         # Streams whose clients never read: the engine finishes them, tenants are served meanwhile.
         stalled = []
         for _ in range(4):
@@ -205,6 +220,8 @@ def test_slow_and_stalled_clients_hold_nothing(worker: Worker) -> None:
     for s in stalled:
         assert s.recv(12) == b"HTTP/1.1 200"  # they were streaming
         s.close()
+    for c in idle:
+        c.close()
     fleet.wait_for(
         lambda: (
             _gauge(worker, "vllm:num_requests_running") == _gauge(worker, "vllm:num_requests_waiting") == 0
@@ -243,6 +260,9 @@ def test_api_keys_with_the_openai_client_and_rotation(worker: Worker) -> None:
     # Probes and scrapes stay open; /adapters (source paths, messages) and /v1 do not.
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(worker.url + path).status_code == 200, path
+    # Spellings that reach the same routes need the key too.
+    for path in ("/adapters/", "//adapters", "/%61dapters", "/metrics/../adapters", "/health/../v1/models"):
+        assert httpx.get(worker.url + path).status_code in (401, 404), path
     for path in ("/adapters", "/v1/models"):
         r = httpx.get(worker.url + path)
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", path
