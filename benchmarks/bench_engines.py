@@ -20,10 +20,12 @@ import argparse
 import asyncio
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 BASE = "bench-base"
+PORT_LINE = "bench-engines serving on port "  # vLLM prints to stdout too: this line is ours
 
 
 def make_weights(root: Path, args: argparse.Namespace) -> tuple[Path, list[Path]]:
@@ -98,10 +101,13 @@ async def serve(args: argparse.Namespace) -> None:
         )  # fmt: skip
         await engine.add_adapter(version.engine_adapter())
         registry.upsert(version)
-    print(json.dumps({"port": port}), flush=True)
+    print(f"{PORT_LINE}{port}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
+        engine.stop()  # vLLM's engine-core process does not exit with a killed parent
         await runner.cleanup()
 
 
@@ -135,12 +141,15 @@ def start_server(
         "--rank", str(args.rank), "--max-loras", str(args.max_loras),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line:
-        proc.wait(10)
-        raise SystemExit(f"the {kind} server did not start; see {log}:\n{log.read_text()[-3000:]}")
-    port = json.loads(line)["port"]
-    return proc, f"http://127.0.0.1:{port}"
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(PORT_LINE):
+            port = int(line.removeprefix(PORT_LINE))
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return proc, f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(60)
+    raise SystemExit(f"the {kind} server did not start; see its log:\n{log.read_text()[-3000:]}")
 
 
 def main() -> None:
@@ -189,8 +198,12 @@ def main() -> None:
                         print(f"round {r}: {kind:7s} {mode:4s} {value:8.1f} output tokens/s", flush=True)
         finally:
             for proc, _ in servers.values():
-                proc.kill()
-                proc.wait(30)
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
     print(f"\n{args.clients} clients, {args.requests} requests x {args.max_tokens} output tokens per run, "
           f"{args.rounds} rounds, device {args.device}")  # fmt: skip
     for kind in kinds:
