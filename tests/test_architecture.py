@@ -22,8 +22,8 @@ FOLDERS |= {"localkube": "loraplane.localkube", "loraplane": "loraplane"}
 HTTP_AND_KUBE = ("aiohttp", "fastapi", "starlette", "uvicorn", "kubernetes", "kopf")
 CONTROL_PATH = tuple(
     f"loraplane.worker.{m}"
-    for m in ("api", "apiclient", "cache", "controller", "main", "registry", "report", "serve", "sources")
-) + ("loraplane.worker.watch", "loraplane.worker.hub", "loraplane.worker.s3", "loraplane.operator")
+    for m in ("api", "cache", "controller", "main", "registry", "report", "serve", "sources", "watch")
+) + ("loraplane.crds.kube", "loraplane.operator")
 
 # (folder or module prefix, forbidden import prefixes)
 CONTRACTS = [
