@@ -158,7 +158,6 @@ class Scheduler:
         self._draining: dict[int, Request] = {}
         self.steps = 0
         self.beat = time.monotonic()  # when the loop last came round: the engine's liveness
-        self.beat = time.monotonic()  # when the loop last came round: the engine's liveness
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -206,7 +205,6 @@ class Scheduler:
 
     def run_once(self, *, wait: bool = False) -> bool:
         """One iteration: take the inbox, plan and run a step. False once stop() was called."""
-        self.beat = time.monotonic()
         self.beat = time.monotonic()
         with self._cond:
             if self._stopping:

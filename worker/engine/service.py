@@ -23,6 +23,7 @@ from loraplane.crds.errors import PermanentError
 
 from .. import engines
 from ..engines import Adapter
+from . import heap
 from .metrics import Metrics
 from .runner import ModelRunner
 from .sampling import SamplingParams
@@ -73,6 +74,7 @@ class Engine:
     """Owns the model runner, the adapter tiers and the engine thread."""
 
     def __init__(self, runner: ModelRunner, settings: EngineSettings, *, model_name: str) -> None:
+        heap.fix_mmap_threshold()  # freed step activations leave RSS (see heap.py)
         self.runner = runner
         self.settings = settings
         self.model_name = model_name
