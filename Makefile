@@ -36,7 +36,7 @@ demo: setup
 
 test: setup lint vllm-setup
 	$(BIN)/python -m pytest
-	LORAPLANE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest tests/vllm
+	LORAPLANE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest tests/vllm_engine
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

