@@ -41,6 +41,7 @@ import torch
 # The issue's reference shape, shared with the engine benchmark (scripts run with benchmarks/ on sys.path).
 from bench_engine import SHAPE
 
+from loraplane.worker.engine.metrics import PREFIX
 from loraplane.worker.engine.model import PROJECTIONS, CausalLM, ModelConfig
 from loraplane.worker.engine.runner import ModelRunner
 from loraplane.worker.engine.sampling import SamplingParams
@@ -213,10 +214,9 @@ def run_child(args: argparse.Namespace) -> None:
         "counters": {
             key: _counter(after, key) - _counter(loads_before, key)
             for key in (
-                'loraplane_adapter_loads_total{tier="cpu"}',
-                'loraplane_adapter_loads_total{tier="device"}',
-                'loraplane_adapter_evictions_total{tier="cpu"}',
-                'loraplane_adapter_evictions_total{tier="device"}',
+                f'{PREFIX}adapter_{kind}_total{{tier="{tier}"}}'
+                for kind in ("loads", "evictions")
+                for tier in ("cpu", "device")
             )
         },
         "peak_rss": peak_rss(),
@@ -320,7 +320,10 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         f"(mean batch {args.requests * args.output_len / mean_steps['resident']:.1f} vs "
         f"{args.requests * args.output_len / mean_steps['tiered']:.1f})"
     )
-    c = {k.split('"')[1] + " " + k.split("_")[2]: v for k, v in results["tiered"][-1]["counters"].items()}
+    c = {
+        k.split('"')[1] + " " + ("loads" if "_loads_" in k else "evictions"): v
+        for k, v in results["tiered"][-1]["counters"].items()
+    }
     steps = results["tiered"][-1]["steps"]
     print(
         f"  tiered, last round: {c['device loads']:.0f} slot loads over {steps} steps, "
