@@ -116,6 +116,7 @@ def served(kube, weights, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 lambda: worker.log()[-4000:],
             )
             yield s
+            assert worker.stop(timeout=60) == 0, worker.log()[-3000:]  # SIGTERM: vLLM shut down too
     finally:
         ads.close()
         kube.delete_namespace(namespace)

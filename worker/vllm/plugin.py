@@ -13,7 +13,8 @@ The fix wraps the three BGMV ops (the SGMV ops and the CPU punica wrapper call t
 a negative index are left untouched, as the GPU kernels leave them. It is applied only when a probe
 shows the installed ops mishandle -1, so a vLLM release that fixes the ops turns it off by itself.
 Registered under the ``vllm.general_plugins`` entry point, so vLLM loads it in every process,
-including the engine-core process that runs the model.
+including the engine-core process that runs the model. There it also makes a process that vLLM started
+exit when its parent is gone (vLLM's engine core otherwise outlives a killed worker, spinning).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _PATCHED = "_loraplane_negative_index_fix"
 
 def register() -> None:
     """The entry point vLLM calls in each process."""
+    _exit_with_parent()
     try:
         from vllm.lora.ops.torch_ops import lora_ops
     except ImportError:  # a vLLM without the PyTorch LoRA ops: nothing to fix
@@ -49,6 +51,30 @@ def register() -> None:
                 setattr(module, name, fixed)
     setattr(lora_ops, _PATCHED, True)
     log.info("loraplane: vLLM's CPU LoRA ops now leave rows without an adapter (index -1) untouched")
+
+
+def _exit_with_parent() -> None:
+    """In a process vLLM started (engine core, model worker): exit when the parent is gone.
+
+    vLLM's engine-core process outlives a parent killed without a shutdown (SIGKILL, the OOM killer)
+    and keeps spinning on its input socket; in a pod the container ends with it, elsewhere (the demo,
+    tests, a bare host) it is left running. A daemon thread polls the parent once a second."""
+    import multiprocessing
+    import os
+    import threading
+    import time
+
+    if multiprocessing.parent_process() is None:  # the serving process itself
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("loraplane: the parent process %d is gone; exiting", parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="loraplane-parent-watch", daemon=True).start()
 
 
 def _mishandles_negative_index(bgmv_shrink: Callable[..., Any]) -> bool:
