@@ -72,7 +72,9 @@ def test_requests_joining_and_leaving_match_peft(
     assert _counter(metrics, 'loraplane_worker_adapter_loads_total{tier="cpu"}') >= 5
     assert _counter(metrics, 'loraplane_worker_adapter_evictions_total{tier="cpu"}') >= 2
     assert _counter(metrics, 'loraplane_worker_adapter_evictions_total{tier="device"}') >= 3
-    assert _counter(metrics, "loraplane_worker_batch_size_sum") > _counter(metrics, "loraplane_worker_batch_size_count")
+    assert _counter(metrics, "loraplane_worker_batch_size_sum") > _counter(
+        metrics, "loraplane_worker_batch_size_count"
+    )
     assert s.engine.tiers.running == {} and s.engine.tiers.refs == {}
 
 
