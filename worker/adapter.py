@@ -49,6 +49,7 @@ UNSUPPORTED_DTYPE = "UnsupportedDtype"
 NON_FINITE_WEIGHTS = "NonFiniteWeights"
 
 #: adapter_config.json fields whose truthy value the engine cannot serve: (field, reason, message).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 UNSUPPORTED_FEATURES: tuple[tuple[str, str, str], ...] = (
     ("use_dora", DORA_NOT_SUPPORTED, "DoRA adapters are not supported; train a plain LoRA"),
     ("trainable_token_indices", EMBEDDING_CHANGE_NOT_SUPPORTED, "trained token embeddings are not supported"),
@@ -219,6 +220,13 @@ class PeftAdapter:
         for key, reason, message in UNSUPPORTED_FEATURES:
             if cfg.get(key):
                 p.add(reason, f"{key} is set ({cfg[key]!r}): {message}")
+        init = cfg.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+            # PiSSA, OLoRA, CorDA and LoftQ subtract the adapter's start from the base weights: served on
+            # the unmodified base model such an adapter gives wrong outputs. PEFT can convert it to plain LoRA.
+            p.add(UNSUPPORTED_FEATURE,
+                  f"init_lora_weights={init!r} changes the base model's weights; save the adapter with PEFT's "
+                  "path_initial_model_for_weight_conversion to get a plain LoRA")  # fmt: skip
         bias = cfg.get("bias", "none")
         if bias not in (None, "none") or cfg.get("lora_bias"):
             p.add(BIAS_NOT_SUPPORTED,

@@ -80,6 +80,8 @@ ERROR_CASES: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     ("rank-differs-from-config", {"r": 8, "config": {"r": 4}}, {}, a.SHAPE_MISMATCH, "adapter_config.json gives"),
     ("unknown-target-module", {"target_modules": ("q_proj", "c_attn")}, {}, a.UNKNOWN_TARGET_MODULE, "'c_attn'"),
     ("dora-in-config", {"config": {"use_dora": True}}, {}, a.DORA_NOT_SUPPORTED, "DoRA"),
+    ("pissa-init", {"config": {"init_lora_weights": "pissa_niter_4"}}, {}, a.UNSUPPORTED_FEATURE,
+     "path_initial_model_for_weight_conversion"),
     ("dora-magnitude-tensor", {"extra_tensors": {f"{L0Q}.lora_magnitude_vector.weight": (64,)}}, {},
      a.DORA_NOT_SUPPORTED, "magnitude"),
     ("bias-in-config", {"config": {"bias": "lora_only"}}, {}, a.BIAS_NOT_SUPPORTED, "bias='none'"),
