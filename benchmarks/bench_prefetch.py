@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -40,8 +42,12 @@ def _timed(fn: Callable[[], object]) -> float:
 def _make_adapter(d: Path, mb: int) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16}')
+    # A well-formed safetensors file (the cache checks the header as soon as it arrives) of mb MiB.
+    header = json.dumps({"w": {"dtype": "F32", "shape": [mb << 18], "data_offsets": [0, mb << 20]}}).encode()
+    header += b" " * (-len(header) % 8)
     block = os.urandom(1 << 20)
     with open(d / "adapter_model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
         for _ in range(mb):
             f.write(block)
 
