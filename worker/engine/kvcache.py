@@ -56,7 +56,10 @@ def pool_tokens(
         free, total = torch.cuda.mem_get_info(device)
         tokens = max(0, free - int(GPU_HEADROOM * total)) // per_token
     else:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # not on this OS (macOS): no automatic bound
+            available = most * per_token / CPU_SHARE
         tokens = int(CPU_SHARE * available) // per_token
     tokens = min(tokens, most) // BLOCK_SIZE * BLOCK_SIZE  # whole blocks, within the budget
     if tokens < BLOCK_SIZE:
