@@ -10,7 +10,7 @@ wording, so the operator's status computation and its Events say the same thing.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Any, Literal
 
 # Condition types of a LoRAAdapter.
 ID_ASSIGNED = "IDAssigned"
@@ -96,7 +96,7 @@ def set_condition(
         if generation is not None:
             cond["observedGeneration"] = generation
         return changed
-    new = {
+    new: dict[str, Any] = {
         "type": type_,
         "status": status,
         "reason": reason,

@@ -408,7 +408,7 @@ def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
         (b.get("metadata") or {}).get("resourceVersion"),
     )
     try:
-        return int(ra) > int(rb)
+        return int(str(ra)) > int(str(rb))
     except (TypeError, ValueError):
         return False
 

@@ -290,11 +290,11 @@ class PeftAdapter:
                 p.add(LAYER_OUT_OF_RANGE,
                       f"tensor {m.a.name} is for layer {m.layer} but {base.name!r} has {base.num_layers} layers")  # fmt: skip
             fan_in, fan_out = base.linear_shapes[m.proj]
-            for t, want in ((m.a, [m.rank, fan_in]), (m.b, [fan_out, m.rank])):
-                if list(t.shape) != want:
-                    side = f"takes {fan_in} inputs" if t is m.a else f"gives {fan_out} outputs"
+            for tensor, want in ((m.a, [m.rank, fan_in]), (m.b, [fan_out, m.rank])):
+                if list(tensor.shape) != want:
+                    side = f"takes {fan_in} inputs" if tensor is m.a else f"gives {fan_out} outputs"
                     p.add(SHAPE_MISMATCH,
-                          f"tensor {t.name} has shape {list(t.shape)} but {where} {m.proj} {side} "
+                          f"tensor {tensor.name} has shape {list(tensor.shape)} but {where} {m.proj} {side} "
                           f"(hidden_size {base.hidden_size}): the adapter was trained for another base model")  # fmt: skip
         if max_lora_rank is not None and self.rank > max_lora_rank:
             where_rank = " (rank_pattern)" if self.rank != self.r else ""

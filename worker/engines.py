@@ -124,6 +124,10 @@ class Engine(Protocol):
         """Adapter IDs in device slots now (cheap, any thread): the LoRAWorker report's ``loaded``."""
         ...
 
+    def problem(self, stall_s: float) -> str | None:
+        """Why the engine cannot serve (dead, or no step for ``stall_s``), or None: /health reads it."""
+        ...
+
     def stop(self) -> None: ...
 
 

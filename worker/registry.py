@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .engines import Adapter
 
@@ -37,7 +37,7 @@ class AdapterVersion:
     scaling: float | None = None
     warnings: tuple[str, ...] = ()
 
-    def with_state(self, state: State, **changes: object) -> AdapterVersion:
+    def with_state(self, state: State, **changes: Any) -> AdapterVersion:
         return replace(self, state=state, **changes)
 
     def engine_adapter(self) -> Adapter:

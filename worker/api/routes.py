@@ -373,7 +373,7 @@ async def engine_state(request: web.Request) -> web.StreamResponse:
     ready_before = {v.id for v in serving.registry.ready()}
     held = await engine.adapter_ids()
     ready_after = {v.id for v in serving.registry.ready()}
-    draining = getattr(engine, "draining", lambda: set())()
+    draining: set[int] = getattr(engine, "draining", set)()
     pending = {v.id for v in serving.registry.snapshot() if v.state not in ("Ready", "Failed")}
     return web.json_response(
         {

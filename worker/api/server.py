@@ -246,9 +246,7 @@ async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
-    return runner, int(bound)
+    return runner, int(runner.addresses[0][1]) if runner.addresses else port
 
 
 @contextlib.contextmanager

@@ -161,9 +161,9 @@ class _hf_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> bool:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
         if e is None or isinstance(e, LoraplaneError):
-            return False
+            return
         from huggingface_hub import errors as hfe
 
         w = self.where
@@ -198,7 +198,7 @@ class _hf_errors:
             raise temporary(
                 SOURCE_UNREACHABLE, f"{w}: cannot reach the Hub at {self.endpoint}: {short(e)}"
             ) from e
-        return False
+        return None
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -65,9 +65,9 @@ class _s3_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> bool:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
         if e is None or isinstance(e, LoraplaneError):
-            return False
+            return
         from botocore import exceptions as bce
 
         w = self.where
@@ -93,7 +93,7 @@ class _s3_errors:
             raise temporary(SOURCE_UNREACHABLE, f"{w}: S3 answered {code or status}") from e
         if isinstance(e, (bce.EndpointConnectionError, bce.ConnectionError, bce.HTTPClientError, OSError)):
             raise temporary(SOURCE_UNREACHABLE, f"{w}: cannot reach {self.endpoint}: {short(e)}") from e
-        return False
+        return None
 
 
 def resolve(location: str, revision: str | None, settings: SourceSettings) -> ResolvedSource:
