@@ -45,8 +45,9 @@ from loraplane.worker.engine.metrics import PREFIX
 from loraplane.worker.engine.model import PROJECTIONS, CausalLM, ModelConfig
 from loraplane.worker.engine.runner import ModelRunner
 from loraplane.worker.engine.sampling import SamplingParams
-from loraplane.worker.engine.scheduler import Output, SchedulerSettings
+from loraplane.worker.engine.scheduler import SchedulerSettings
 from loraplane.worker.engine.service import Engine, EngineSettings
+from loraplane.worker.engines import Output
 from loraplane.worker.registry import AdapterVersion, Registry
 
 RANK = 16

@@ -32,17 +32,6 @@ TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str  # the loraplane reason code (the same one logs and conditions use)
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

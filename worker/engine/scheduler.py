@@ -41,6 +41,7 @@ import torch
 
 from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
 
+from ..engines import Output
 from .metrics import Metrics
 from .runner import ModelRunner, SeqStep
 from .sampling import SamplingParams, TextTail, sample
@@ -81,18 +82,6 @@ class SchedulerSettings:
     @property
     def prefill_chunk(self) -> int:
         return self.long_prefill_tokens or max(1, self.max_batched_tokens // 4)
-
-
-@dataclass
-class Output:
-    """What one step produced for one request (``finish_reason`` set on its last output)."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: LoraplaneError | None = None
 
 
 @dataclass(eq=False)  # compared by identity: two requests may hold equal fields

@@ -22,12 +22,12 @@ import torch
 from loraplane.crds.errors import PermanentError
 
 from .. import engines
-from ..engines import Adapter
+from ..engines import Adapter, Output
 from . import heap
 from .metrics import Metrics
 from .runner import ModelRunner
 from .sampling import SamplingParams
-from .scheduler import Output, Request, Scheduler, SchedulerSettings
+from .scheduler import Request, Scheduler, SchedulerSettings
 from .tiers import AdapterTiers
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from loraplane.crds.errors import LoraplaneError, PermanentError
 from loraplane.worker.engine.runner import AdapterWeights, ModelRunner
 from loraplane.worker.engine.sampling import SamplingParams
-from loraplane.worker.engine.scheduler import Output, SchedulerSettings
+from loraplane.worker.engine.scheduler import SchedulerSettings
 from loraplane.worker.engine.service import Engine, EngineSettings
+from loraplane.worker.engines import Output
 from loraplane.worker.registry import AdapterVersion, Registry
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
