@@ -6,7 +6,8 @@ outputs equal PEFT's greedy output and the built-in engine's token for token; ba
 batched together equal each alone (the CPU LoRA bug that plugin.py fixes); adapters loraplane
 refuses and adapters vLLM refuses fail alone with their reasons; n > 1, logprobs, structured output
 and streaming usage; a version swap under streaming load with vLLM's LoRA ID set compared with the
-IDs loraplane serves as Ready at every sample; vLLM's own metric series on the worker's /metrics.
+IDs loraplane serves as Ready at every sample; vLLM's own metric series on the worker's /metrics; a
+same-name reload that never reuses the old version's prefix-cached KV.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ pytestmark = [pytest.mark.kubectl, pytest.mark.slow, pytest.mark.timeout(900)]
 
 BASE = fleet.BASE_MODEL
 PROMPT = [5, 17, 42, 9]  # token IDs: no tokenizer round trip between us and the reference
-SHAPE = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256)
+SHAPE = dict(
+    hidden_size=128,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=1024,  # room for a prompt of several 128-token KV blocks (vLLM's CPU size)
+)
 GOOD = {  # vLLM's CPU attention needs head_dim 64: hidden 128, 2 heads
     "alpha": dict(r=4, alpha=8, seed=1, init_scale=0.3),
     "beta": dict(r=8, alpha=16, seed=2, init_scale=0.3, use_rslora=True),
@@ -101,7 +108,7 @@ def served(kube, weights, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         kube.kubeconfig, tmp, name="vllm-worker", namespace=namespace, base_dir=base, local_root=root,
         extra=[
             "--mode", "serve", "--engine", "vllm", "--device", "cpu", "--dtype", "float32",
-            "--max-loras", "2", "--max-cpu-loras", "8", "--max-lora-rank", "16", "--max-model-len", "256",
+            "--max-loras", "2", "--max-cpu-loras", "8", "--max-lora-rank", "16", "--max-model-len", "1024",
             f"--vllm-args={VLLM_ARGS}",
         ],
     )  # fmt: skip
@@ -122,7 +129,7 @@ def served(kube, weights, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         kube.delete_namespace(namespace)
 
 
-def peft_greedy(base: Path, adapter: Path | None, max_tokens: int) -> list[int]:
+def peft_greedy(base: Path, adapter: Path | None, max_tokens: int, prompt: list[int] = PROMPT) -> list[int]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -133,13 +140,13 @@ def peft_greedy(base: Path, adapter: Path | None, max_tokens: int) -> list[int]:
             model = PeftModel.from_pretrained(model, str(adapter))
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([PROMPT]),
+            torch.tensor([prompt]),
             max_new_tokens=max_tokens,
             min_new_tokens=max_tokens,
             do_sample=False,
             pad_token_id=0,
         )
-    return out[0, len(PROMPT) :].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def builtin_greedy(base: Path, adapters: dict[str, Path], max_tokens: int) -> dict[str | None, list[int]]:
@@ -421,3 +428,74 @@ def test_vllm_metrics_beside_loraplane_metrics(served: Served) -> None:
         "loraplane_worker_prefetch_bytes_total",
     ):
         assert series in names, (series, sorted(names))
+
+
+def test_same_name_reload_never_serves_the_old_versions_prefix_cache(served: Served) -> None:
+    """vLLM's prefix cache (on by default; loraplane leaves it on) keys KV blocks by the adapter's name
+    and path. A new version under the same served name gets a new ID and its own cache directory, so
+    its first request must find none of the old version's blocks: a name-keyed cache would hand it the
+    old version's KV (vLLM #42125, #30931) and its output would drift from the new weights'."""
+    import random
+
+    s = served
+    decode = decoder(s.base)
+    rng = random.Random(10)
+    block = 128  # vLLM's CPU KV block size
+    prompt = [rng.randrange(3, 250) for _ in range(4 * block + 20)]  # four full blocks, cacheable
+    max_tokens = 8
+    v1 = models.make_peft_adapter(s.base, s.paths["alpha"].parent / "delta-v1", r=8, alpha=16, seed=11)
+    v2 = models.make_peft_adapter(s.base, s.paths["alpha"].parent / "delta-v2", r=8, alpha=16, seed=12)
+    want_v1 = decode(peft_greedy(s.base, v1, max_tokens, prompt))
+    want_v2 = decode(peft_greedy(s.base, v2, max_tokens, prompt))
+    assert want_v1 != want_v2, "the two versions answer this prompt differently"
+
+    def counters() -> tuple[float, float]:
+        m = s.worker.metrics()
+
+        def total(name: str) -> float:
+            return sum(v for k, v in m.items() if k.split("{")[0] == name)
+
+        return total("vllm:prefix_cache_queries_total"), total("vllm:prefix_cache_hits_total")
+
+    def ask() -> tuple[str, float, float]:
+        """The greedy answer, and the prefix-cache queries and hits (tokens) that this request added."""
+        q0, h0 = counters()
+        out = s.client.completions.create(
+            model="delta",
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        # vLLM records a step's stats after handing out its outputs: wait for this request's query.
+        q1, h1 = fleet.wait_for(
+            lambda: (c := counters())[0] >= q0 + len(prompt) and c, 30, "the request's prefix-cache query"
+        )
+        return out.choices[0].text, q1 - q0, h1 - h0
+
+    def served_id() -> int | None:
+        listed = {m.id: (m.model_extra or {}).get("loraplane") or {} for m in s.client.models.list().data}
+        return listed.get("delta", {}).get("id")
+
+    s.kube.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest(s.namespace, "delta", v1)))
+    old_id = fleet.wait_for(served_id, 120, lambda: s.worker.log()[-3000:])
+    text, queries, hits = ask()
+    assert text == want_v1, "version 1 serves its own weights"
+    assert queries == len(prompt) and hits == 0, (queries, hits)
+    text, queries, hits = ask()
+    assert text == want_v1 and hits == 4 * block, f"the prefix cache holds version 1's blocks: {hits}"
+
+    s.kube.kubectl(
+        "patch", "lora", "delta", "-n", s.namespace, "--type", "merge",
+        "-p", json.dumps({"spec": {"path": f"file://{v2}"}}),
+    )  # fmt: skip
+    new_id = fleet.wait_for(lambda: (i := served_id()) not in (None, old_id) and i, 120, "delta's new ID")
+    text, queries, hits = ask()
+    stale = "version 1's" if text == want_v1 else "neither version's"
+    assert (queries, hits, text) == (len(prompt), 0, want_v2), (
+        f"version 2 reused {hits:.0f} of {queries:.0f} prompt tokens of cached KV and answered "
+        f"{stale if text != want_v2 else 'its own'} output: {text!r}, want {want_v2!r}"
+    )
+    text, queries, hits = ask()
+    assert text == want_v2 and hits == 4 * block, f"version 2's own blocks are cached and hit: {hits}"
+    assert new_id > old_id
