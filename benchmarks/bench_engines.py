@@ -96,7 +96,7 @@ async def serve(args: argparse.Namespace) -> None:
     set_engine(app, engine)
     for i, path in enumerate(json.loads(args.adapter_dirs)):
         version = AdapterVersion(
-            id=1000 + i, served_name=f"a{i}", adapter=f"bench/a{i}", base_model=BASE, state="Ready",
+            id=1000 + i, served_name=f"a{i}", adapter=f"bench/a{i}", state="Ready",
             local_dir=Path(path),
         )  # fmt: skip
         await engine.add_adapter(version.engine_adapter())

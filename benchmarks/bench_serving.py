@@ -185,7 +185,6 @@ def run_child(args: argparse.Namespace) -> None:
                 id=k + 1,
                 served_name=f"adapter-{k}",
                 adapter=f"bench/adapter-{k}",
-                base_model="bench",
                 state="Ready",
                 local_dir=root / f"adapter-{k}",
             )

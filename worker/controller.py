@@ -18,7 +18,6 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
@@ -46,12 +45,11 @@ RETRY_MAX = 60.0  # seconds: the cap between retries
 
 @dataclass
 class _Known:
-    """One adapter version this worker is working on or serving."""
+    """The controller's own bookkeeping for one adapter version: what it should be is ``desired`` (from
+    the watch), where it stands is ``version`` (the registry entry, kept here as last written)."""
 
     desired: DesiredAdapter
-    state: State = "Pending"
-    reason: str | None = None
-    message: str | None = None
+    version: AdapterVersion
     info: AdapterInfo | None = None
     cache_key: str | None = None  # pinned while known
     task: asyncio.Task[None] | None = None
@@ -70,7 +68,7 @@ class Controller:
         base: basemodel.ModelConfig,
         source_settings: sources.SourceSettings,
         *,
-        base_model: str,
+        served_model: str,
         max_lora_rank: int,
         max_concurrent: int = 16,
         on_change: Callable[[], None] = lambda: None,
@@ -85,7 +83,7 @@ class Controller:
         self.cache = cache
         self.base = base
         self.source_settings = source_settings
-        self.base_model = base_model
+        self.served_model = served_model
         self.max_lora_rank = max_lora_rank
         self.on_change = on_change
         self._limit = asyncio.Semaphore(max_concurrent)
@@ -134,17 +132,20 @@ class Controller:
             newer_known = self._known.get(newer) if newer is not None else None
             if (
                 newer is not None
-                and known.state == "Ready"
-                and (newer_known is None or newer_known.state != "Ready")
+                and known.version.state == "Ready"
+                and (newer_known is None or newer_known.version.state != "Ready")
             ):
                 continue  # keep serving the old version until the new one is Ready (or has an ID)
             self._drop(adapter_id)
         self._changed()
 
     def _start(self, want: DesiredAdapter) -> None:
-        known = _Known(want)
+        version = AdapterVersion(
+            id=want.id, served_name=want.served_name, adapter=want.adapter, max_length=want.max_length
+        )
+        known = _Known(want, version)
         self._known[want.id] = known
-        self.registry.upsert(self._version(known))
+        self.registry.upsert(version)
         known.task = asyncio.create_task(self._prepare(known), name=f"adapter {want.adapter} id {want.id}")
 
     def _drop(self, adapter_id: int) -> None:
@@ -156,7 +157,7 @@ class Controller:
         if known.cache_key is not None:
             self.cache.unpin(known.cache_key)
         self.registry.remove(adapter_id)
-        log.info("dropped adapter %s id %d (%s)", known.desired.adapter, adapter_id, known.state)
+        log.info("dropped adapter %s id %d (%s)", known.desired.adapter, adapter_id, known.version.state)
 
     # --- one adapter version ---------------------------------------------------------------------
     async def _prepare(self, known: _Known) -> None:
@@ -175,7 +176,7 @@ class Controller:
                     self._release(known, discard=True)
                     return
                 message = f"{e.message} (retrying in {delay:.0f}s)"
-                self._set(known, known.state, e.reason, message)
+                self._set(known, known.version.state, e.reason, message)
                 log.warning("adapter %s id %d: %s; retrying in %.1fs", want.adapter, want.id, e, delay)
             except asyncio.CancelledError:
                 raise
@@ -206,7 +207,7 @@ class Controller:
             self.base,
             max_lora_rank=self.max_lora_rank,
             max_length=want.max_length,
-            served_base_name=self.base_model,
+            served_model=self.served_model,
             sha256=cached.sha256(),
         )
         known.info = AdapterInfo(
@@ -230,7 +231,7 @@ class Controller:
             # Warm: the engine holds the weights before the name can route a request to them; an engine
             # that refuses the adapter fails it here, with the engine's reason, and nothing else.
             await self.load_adapter(
-                Adapter(id=want.id, name=want.served_name, path=cached.path, max_length=want.max_length)
+                dataclasses.replace(known.version, local_dir=cached.path).engine_adapter()
             )
         self._set(
             known,
@@ -298,28 +299,14 @@ class Controller:
     ) -> None:
         if self._known.get(known.desired.id) is not known:
             return  # dropped meanwhile
-        known.state, known.reason, known.message = state, reason, message
-        self.registry.upsert(self._version(known, **version))
+        known.version = known.version.with_state(state, reason=reason, message=message, **version)
+        self.registry.upsert(known.version)
         self._changed()
-
-    def _version(self, known: _Known, **changes: object) -> AdapterVersion:
-        d = known.desired
-        current = self.registry.by_id(d.id)
-        base = AdapterVersion(
-            id=d.id,
-            served_name=d.served_name,
-            adapter=d.adapter,
-            base_model=self.base_model,
-            max_length=d.max_length,
-        )
-        if current is not None and current.served_name == d.served_name:
-            base = current
-        return base.with_state(known.state, reason=known.reason, message=known.message, **changes)  # type: ignore[arg-type]
 
     def _changed(self) -> None:
         counts = dict.fromkeys(STATES, 0)
         for known in self._known.values():
-            counts[known.state] += 1
+            counts[known.version.state] += 1
         for state, n in counts.items():
             ADAPTERS.labels(state).set(n)
         self.on_change()
@@ -329,21 +316,18 @@ class Controller:
         out = []
         for adapter_id in sorted(self._known):
             known = self._known[adapter_id]
+            v = known.version
             out.append(
                 WorkerAdapterReport(
                     id=adapter_id,
-                    adapter=known.desired.adapter,
-                    state=known.state,
-                    reason=known.reason,
-                    message=(known.message or "")[:2048] or None,
+                    adapter=v.adapter,
+                    state=v.state,
+                    reason=v.reason,
+                    message=(v.message or "")[:2048] or None,
                     info=known.info,
                 )
             )
         return out
 
     def states(self) -> dict[int, State]:
-        return {i: k.state for i, k in self._known.items()}
-
-    def local_dir(self, adapter_id: int) -> Path | None:
-        version = self.registry.by_id(adapter_id)
-        return version.local_dir if version else None
+        return {i: k.version.state for i, k in self._known.items()}

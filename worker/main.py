@@ -166,7 +166,7 @@ class WorkerApp:
             self.cache,
             self.base,
             self.source_settings(),
-            base_model=s.served_model_name,
+            served_model=s.served_model_name,
             max_lora_rank=s.max_lora_rank,
             max_concurrent=s.max_concurrent_prepares,
             on_change=self.report.mark_dirty,

@@ -27,7 +27,6 @@ class AdapterVersion:
     id: int
     served_name: str
     adapter: str  # namespace/name of the LoRAAdapter
-    base_model: str
     state: State = "Pending"
     reason: str | None = None
     message: str | None = None

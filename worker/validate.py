@@ -57,7 +57,7 @@ def validate_adapter(
     *,
     max_lora_rank: int,
     max_length: int | None = None,
-    served_base_name: str | None = None,
+    served_model: str | None = None,
     sha256: str | None = None,
 ) -> AdapterSummary:
     """Check an adapter directory against the base model; every problem is reported at once.
@@ -84,7 +84,7 @@ def validate_adapter(
         VALIDATION_FAILURES.labels(problems[0][0]).inc()
         raise ValidationFailed(problems)
     warnings = []
-    expected = served_base_name or base.name
+    expected = served_model or base.name
     if a.base_model_name_or_path and expected and not _same_model(a.base_model_name_or_path, expected):
         warnings.append(
             f"adapter_config.json names base model {a.base_model_name_or_path!r} but this worker serves "
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-model", required=True, help="the base model's checkpoint directory (config.json)")
     ap.add_argument("--max-lora-rank", type=int, default=64, help="the worker's maxLoraRank (default 64)")
     ap.add_argument("--max-length", type=int, default=None, help="spec.longContext.maxLength to check")
-    ap.add_argument("--served-base-name", default=None, help="the base-model name the worker serves")
+    ap.add_argument("--served-base-name", dest="served_model", help="the base-model name the worker serves")
     ap.add_argument("--revision", default=None, help="Hub revision when ADAPTER is a Hub repo")
     ap.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint when ADAPTER is s3://")
     ap.add_argument(
@@ -176,7 +176,7 @@ def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]
         return code, result
 
     try:
-        base = ModelConfig.from_dir(Path(args.base_model), name=args.served_base_name)
+        base = ModelConfig.from_dir(Path(args.base_model), name=args.served_model)
         adapter_dir = _fetch_for_cli(args, tmp, say)
     except LoraplaneError as e:
         # A path a worker with these roots would refuse is a refusal; anything else could not be checked.
@@ -193,7 +193,7 @@ def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]
         + (f", max length {args.max_length}" if args.max_length else ""))  # fmt: skip
     try:
         s = validate_adapter(adapter_dir, base, max_lora_rank=args.max_lora_rank,
-                             max_length=args.max_length, served_base_name=args.served_base_name)  # fmt: skip
+                             max_length=args.max_length, served_model=args.served_model)  # fmt: skip
     except ValidationFailed as e:
         return problems(1, list(e.problems), f"REFUSED: {len(e.problems)} problem(s)")
     except PermanentError as e:

@@ -67,7 +67,6 @@ class Served:
             id=adapter_id,
             served_name=name,
             adapter=f"team/{name}",
-            base_model=BASE,
             state=fields.pop("state", "Ready"),
             local_dir=path,
             **fields,

@@ -33,7 +33,7 @@ def _controller(base, root, cache_dir, **kw):
     cache = AdapterCache(cache_dir, 64 << 20, 2, retries=0, sources_settings=settings)
     registry = Registry()
     return (
-        Controller(registry, cache, base, settings, base_model="tiny", max_lora_rank=64, **kw),
+        Controller(registry, cache, base, settings, served_model="tiny", max_lora_rank=64, **kw),
         registry,
         cache,
     )

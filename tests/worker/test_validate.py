@@ -59,11 +59,11 @@ def test_rank_pattern_and_layers_to_transform_are_honoured(tmp_path: Path, base:
 
 def test_base_model_name_mismatch_is_a_warning(tmp_path: Path, base: ModelConfig) -> None:
     d = adapters.write_adapter(tmp_path / "a", config={"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"})
-    s = v.validate_adapter(d, base, max_lora_rank=16, served_base_name="mistralai/Mistral-7B-v0.1")
+    s = v.validate_adapter(d, base, max_lora_rank=16, served_model="mistralai/Mistral-7B-v0.1")
     assert (
         len(s.warnings) == 1 and "meta-llama/Llama-2-7b-hf" in s.warnings[0] and "Mistral-7B" in s.warnings[0]
     )
-    same = v.validate_adapter(d, base, max_lora_rank=16, served_base_name="meta-llama/Llama-2-7b-hf")
+    same = v.validate_adapter(d, base, max_lora_rank=16, served_model="meta-llama/Llama-2-7b-hf")
     assert same.warnings == ()
 
 

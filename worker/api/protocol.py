@@ -365,7 +365,7 @@ class LoraplaneModelInfo(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     id: int | None  # the adapter version's cluster-unique ID; None for the base model
-    base_model: str = Field(serialization_alias="baseModel")
+    served_model: str = Field(serialization_alias="baseModel")  # the base model's served name
     adapter: str | None = None  # namespace/name of the LoRAAdapter
 
 

@@ -358,9 +358,9 @@ async def models(request: web.Request) -> web.StreamResponse:
     serving = request.app[SERVING]
     engine = serving.require_engine()
     base = engine.model_name
-    cards = [ModelCard(id=base, root=base, loraplane=LoraplaneModelInfo(id=None, base_model=base))]
+    cards = [ModelCard(id=base, root=base, loraplane=LoraplaneModelInfo(id=None, served_model=base))]
     for v in serving.registry.ready():
-        info = LoraplaneModelInfo(id=v.id, base_model=v.base_model, adapter=v.adapter)
+        info = LoraplaneModelInfo(id=v.id, served_model=base, adapter=v.adapter)
         cards.append(ModelCard(id=v.served_name, root=base, parent=base, loraplane=info))
     return json_response(ModelList(data=cards))
 

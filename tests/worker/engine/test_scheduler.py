@@ -52,7 +52,6 @@ class Driver:
                     id=100 + i,
                     served_name=name,
                     adapter=f"t/{name}",
-                    base_model="b",
                     state="Ready",
                     local_dir=path,
                 )
