@@ -71,20 +71,25 @@ class Served:
         return out.choices[0].text
 
 
+def _with_config(adapter: Path, **fields: Any) -> Path:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg | fields))
+    return adapter
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Path]]:
     root = tmp_path_factory.mktemp("vllm")
     base = models.make_tiny_llama(root / "models" / BASE, **SHAPE)
     paths = {n: models.make_peft_adapter(base, root / "adapters" / n, **kw) for n, kw in GOOD.items()}
-    # loraplane's validator refuses this one (rank above --max-lora-rank) ...
+    # loraplane's validator refuses these (rank above --max-lora-rank; a PiSSA init, which changes the
+    # base weights) before vLLM sees them ...
     paths["toobig"] = models.make_peft_adapter(base, root / "adapters" / "toobig", r=32, alpha=32, seed=4)
-    # ... and vLLM refuses this one, which loraplane's checks pass: PiSSA-initialised adapters change
-    # the base weights when PEFT loads them, which vLLM (rightly) will not do.
     pissa = models.make_peft_adapter(base, root / "adapters" / "pissa", r=4, alpha=8, seed=5)
-    cfg = json.loads((pissa / "adapter_config.json").read_text())
-    cfg["init_lora_weights"] = "pissa"
-    (pissa / "adapter_config.json").write_text(json.dumps(cfg))
-    paths["pissa"] = pissa
+    paths["pissa"] = _with_config(pissa, init_lora_weights="pissa")
+    # ... and vLLM refuses this one, which loraplane's checks pass: the engine's own refusal path.
+    bdlora = models.make_peft_adapter(base, root / "adapters" / "bdlora", r=4, alpha=8, seed=6)
+    paths["bdlora"] = _with_config(bdlora, use_bdlora=True)
     return base, root / "adapters", paths
 
 
@@ -198,7 +203,7 @@ def test_ids_are_ours_and_bad_adapters_fail_alone(served: Served) -> None:
     ids = served.ads.ids()
     listed = {m.id: (m.model_extra or {}).get("loraplane") or {} for m in served.client.models.list().data}
     assert {n: listed[n].get("id") for n in GOOD} == {n: ids[n] for n in GOOD}, listed
-    assert "toobig" not in listed and "pissa" not in listed
+    assert not {"toobig", "pissa", "bdlora"} & set(listed)
     state = served.engine()
     assert state["kind"] == "vllm"
     assert set(state["adapterIds"]) == {ids[n] for n in GOOD}, "vLLM holds exactly the Ready IDs: warm"
@@ -210,15 +215,19 @@ def test_ids_are_ours_and_bad_adapters_fail_alone(served: Served) -> None:
     big = fleet.wait_for(lambda: failed("toobig"), 60, "toobig Failed")
     assert "maxLoraRank" in big["message"], big
     pissa = fleet.wait_for(lambda: failed("pissa"), 60, "pissa Failed")
-    assert "vLLM" in pissa["message"] and "init_lora_weights" in pissa["message"], pissa
+    assert "init_lora_weights" in pissa["message"] and "path_initial_model" in pissa["message"], pissa
+    bdlora = fleet.wait_for(lambda: failed("bdlora"), 60, "bdlora Failed")
+    assert "vLLM" in bdlora["message"] and "BD-LoRA" in bdlora["message"], bdlora
     report = fleet.report(served.ads, "vllm-worker", served.namespace)
-    assert report[ids["pissa"]]["reason"] == "EngineRefused", report[ids["pissa"]]
+    assert report[ids["pissa"]]["reason"] == "UnsupportedFeature", report[ids["pissa"]]
+    assert report[ids["bdlora"]]["reason"] == "EngineRefused", report[ids["bdlora"]]
     r = served.client.with_options(max_retries=0)
     from openai import BadRequestError
 
-    with pytest.raises(BadRequestError) as err:
-        r.completions.create(model="pissa", prompt=PROMPT, max_tokens=2)
-    assert "init_lora_weights" in str(err.value)
+    for name, fragment in (("pissa", "init_lora_weights"), ("bdlora", "BD-LoRA")):
+        with pytest.raises(BadRequestError) as err:
+            r.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+        assert fragment in str(err.value)
     assert served.text("alpha") == served.text("alpha"), "the good ones serve on"
 
 
