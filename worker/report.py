@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 STATUS_WRITES = Counter("loraplane_worker_report_writes", "LoRAWorker status writes (batches and heartbeats)")
 SETTLE_FRACTION = 0.25  # of the batch interval: the wait before writing a change after a quiet spell
+DEVICE_POLL_SECONDS = 1.0  # how often the engine's device slots are compared with the last report
 MAX_STATUS_BYTES = 1 << 20  # bytes of status JSON; Kubernetes stores objects up to about 1.5 MiB
 
 
@@ -72,6 +73,7 @@ class WorkerReport:
         self.heartbeat_seconds = heartbeat_seconds
         self.writes = 0  # status writes done (tests check batching with it)
         self._dirty = asyncio.Event()
+        self._reported_device: set[int] = set()  # the device slots in the last status written
         self._created = False
         self._trimmed = False  # warned once that the report is too large for details
         self._owned = False  # the object had an ownerReference to our Pod
@@ -143,6 +145,7 @@ class WorkerReport:
     def status(self) -> LoRAWorkerStatus:
         reports = self.adapters()
         device = self.on_device() if self.on_device is not None else set()
+        self._reported_device = device
         if device:
             reports = [r.model_copy(update={"onDevice": r.id in device}) for r in reports]
         return LoRAWorkerStatus(
@@ -207,6 +210,20 @@ class WorkerReport:
         except APIError as e:
             log.warning("could not delete LoRAWorker %s/%s: %s", self.namespace, self.name, e)
 
+    async def _changed_before_heartbeat(self) -> bool:
+        """Wait for mark_dirty() or for the engine's device slots to move (the engine swaps slots on
+        its own thread, so they are polled); False when the heartbeat is due first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.heartbeat_seconds
+        while (left := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=min(left, DEVICE_POLL_SECONDS))
+                return True
+            except TimeoutError:
+                if self.on_device is not None and self.on_device() != self._reported_device:
+                    return True
+        return False
+
     # --- the loop --------------------------------------------------------------------------------
     async def run(self) -> None:
         """Create the object, then write status on changes (batched) and on every heartbeat."""
@@ -232,9 +249,7 @@ class WorkerReport:
                 )
                 await asyncio.sleep(wait)
                 continue
-            try:
-                await asyncio.wait_for(self._dirty.wait(), timeout=self.heartbeat_seconds)
-            except TimeoutError:
+            if not await self._changed_before_heartbeat():
                 continue  # heartbeat
             # At most one write per batch interval. A change after a quiet spell is written after a
             # short settle (a small local adapter goes Pending -> Ready within it: one write, not two);
