@@ -30,6 +30,7 @@ from loraplane.worker.sources.refs import (
     SOURCE_FORBIDDEN,
     SOURCE_NOT_FOUND,
     SOURCE_UNREACHABLE,
+    ClientErrors,
     RemoteFile,
     ResolvedSource,
     SourceSettings,
@@ -152,18 +153,10 @@ def resolve_offline(repo_id: str, uri: str, revision: str | None, settings: Sour
     return make_resolved("hf", uri, snapshot.name, files, revision, local_dir=str(snapshot))
 
 
-class _hf_errors:
+class _hf_errors(ClientErrors):
     """Map huggingface_hub and HTTP-client failures to named source errors."""
 
-    def __init__(self, where: str, endpoint: str) -> None:
-        self.where, self.endpoint = where, endpoint
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
-        if e is None or isinstance(e, LoraplaneError):
-            return
+    def translate(self, e: BaseException) -> None:
         from huggingface_hub import errors as hfe
 
         w = self.where

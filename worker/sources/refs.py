@@ -48,6 +48,26 @@ def temporary(reason: str, message: str) -> SourceError:
 
 
 # --- settings and values -------------------------------------------------------------------------
+class ClientErrors:
+    """``with`` block that re-raises a client library's failure as a named source error.
+
+    Subclasses implement ``translate(e)``: raise the named error, or return to let ``e`` propagate.
+    """
+
+    def __init__(self, where: str, endpoint: str) -> None:
+        self.where, self.endpoint = where, endpoint
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
+        if e is not None and not isinstance(e, LoraplaneError):
+            self.translate(e)
+
+    def translate(self, e: BaseException) -> None:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class SourceSettings:
     """How the worker reaches adapter sources."""

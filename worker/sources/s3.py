@@ -12,7 +12,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from loraplane.crds.errors import LoraplaneError
 from loraplane.worker.sources.refs import (
     ADAPTER_FILES,
     CHUNK,
@@ -21,6 +20,7 @@ from loraplane.worker.sources.refs import (
     SOURCE_FORBIDDEN,
     SOURCE_NOT_FOUND,
     SOURCE_UNREACHABLE,
+    ClientErrors,
     RemoteFile,
     ResolvedSource,
     SourceSettings,
@@ -56,18 +56,13 @@ def _s3_client(settings: SourceSettings) -> Any:
         return client
 
 
-class _s3_errors:
+class _s3_errors(ClientErrors):
     """Map botocore failures to named source errors."""
 
     def __init__(self, where: str, endpoint: str | None) -> None:
-        self.where, self.endpoint = where, endpoint or "AWS S3"
+        super().__init__(where, endpoint or "AWS S3")
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
-        if e is None or isinstance(e, LoraplaneError):
-            return
+    def translate(self, e: BaseException) -> None:
         from botocore import exceptions as bce
 
         w = self.where
