@@ -21,6 +21,7 @@ MAX_STOP_CHARS = 256
 #: the ranges torch takes (a seed outside them raised inside the engine's admission: issue 11)
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,23 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> list[int]:
-    """One token per row of ``logits`` [n, vocab] (float32)."""
-    n = logits.shape[0]
-    out = logits.argmax(dim=-1)
+) -> list[int | None]:
+    """One token per row of ``logits`` [n, vocab] (float32); None for a row that has no distribution.
+
+    Every row is checked before anything is drawn, so a row that cannot be sampled fails alone and
+    no other row's generator moves twice (issue 18: a retry after a failed batch draw did that).
+    """
+    out: list[int | None] = list(logits.argmax(dim=-1).tolist())
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
-        return out.tolist()
+        return out
     idx = torch.tensor(sampled, device=logits.device)
     rows = logits.index_select(0, idx).float()
-    temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
-    rows = rows / temps.unsqueeze(1)
+    # (l - max) / T: the best token stays at 0 and the rest go to -inf as T -> 0, so any positive
+    # temperature samples (1e-300 is the greedy limit) instead of dividing by a float32 zero.
+    # 1/T is capped at float32's largest so 0 * (1/T) is never NaN.
+    scale = [min(1.0 / params[i].temperature, _F32_MAX) for i in sampled]
+    rows = (rows - rows.amax(dim=-1, keepdim=True)) * torch.tensor(scale, device=rows.device).unsqueeze(1)
     top_k = [params[i].top_k for i in sampled]
     top_p = [params[i].top_p for i in sampled]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
@@ -105,17 +112,20 @@ def sample(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         rows = torch.full_like(rows, float("-inf")).scatter(1, sorted_idx, sorted_logits)
     probs = rows.softmax(dim=-1)
-    unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
+    valid = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
+    for j, i in enumerate(sampled):
+        if not valid[j]:
+            out[i] = None
+    unseeded = [j for j, i in enumerate(sampled) if generators[i] is None and valid[j]]
     if unseeded:
         draws = torch.multinomial(probs[unseeded], 1).squeeze(1)
         for j, token in zip(unseeded, draws.tolist(), strict=True):
             out[sampled[j]] = token
     for j, i in enumerate(sampled):
         gen = generators[i]
-        if gen is not None:
+        if gen is not None and valid[j]:
             out[i] = int(torch.multinomial(probs[j], 1, generator=gen))
-    assert out.shape[0] == n
-    return out.tolist()
+    return out
 
 
 @dataclass

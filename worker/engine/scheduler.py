@@ -410,21 +410,11 @@ class Scheduler:
             return
         reqs = [plan[i][0] for i in ready]
         rows = logits.index_select(0, torch.tensor(ready, device=logits.device))
-        try:
-            tokens: list[int | None] = list(
-                sample(rows, [r.params for r in reqs], [r.generator for r in reqs])
-            )
-        except Exception:  # find the row that cannot be sampled; the others keep their tokens
-            tokens = []
-            for j, r in enumerate(reqs):
-                try:
-                    tokens.extend(sample(rows[j : j + 1], [r.params], [r.generator]))
-                except Exception as exc:
-                    self._finish(r, "error", _as_error(exc))
-                    tokens.append(None)
+        tokens = sample(rows, [r.params for r in reqs], [r.generator for r in reqs])
         now = time.monotonic()
         for req, token in zip(reqs, tokens, strict=True):
-            if token is None:
+            if token is None:  # its probabilities are not a distribution; the other rows drew once
+                self._finish(req, "error", self._non_finite(req))
                 continue
             try:
                 self._advance(req, token, now)

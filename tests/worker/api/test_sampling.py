@@ -1,10 +1,17 @@
-"""Sampling and stop handling on their own: filtering, seeds independent of the batch, stop strings
-across token boundaries, and the text held back while a stop string could still complete."""
+"""Sampling and stop handling: filtering, seeds independent of the batch (also through a served engine
+beside other tenants), stop strings across token boundaries, and the text held back while a stop
+string could still complete."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import openai
 import pytest
 import torch
+from support.api import BASE, MakeServer
 
 from loraplane.crds.errors import PermanentError
 from loraplane.worker.engine.sampling import SamplingParams, TextTail, sample
@@ -89,3 +96,60 @@ def test_bad_sampling_params_are_refused(fields: dict, fragment: str) -> None:
     with pytest.raises(PermanentError) as err:
         SamplingParams(**fields)
     assert err.value.reason == "InvalidSamplingParams" and fragment in err.value.message
+
+
+def test_a_row_without_a_distribution_fails_alone_and_moves_no_other_generator() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40)
+    logits[2] = float("nan")  # what no temperature or filter can make a distribution of
+    seeded = SamplingParams(temperature=1.0, seed=9)
+    alone_gen, mixed_gen = seeded.generator(torch.device("cpu")), seeded.generator(torch.device("cpu"))
+    alone = [sample(logits[1:2], [seeded], [alone_gen])[0] for _ in range(5)]
+    mixed = [
+        sample(
+            logits,
+            [SamplingParams(temperature=0.5), seeded, SamplingParams(temperature=1)],
+            [None, mixed_gen, None],
+        )  # fmt: skip
+        for _ in range(5)
+    ]
+    assert [m[1] for m in mixed] == alone
+    assert all(m[2] is None and m[0] is not None for m in mixed)
+
+
+def test_seeded_outputs_ignore_other_tenants_in_the_batch(make_server: MakeServer) -> None:
+    """Six seeded requests answer the same alone and beside ten tenants that keep sending temperatures
+    that underflow float32 (5e-324, 1e-300: issue 18 saw 0/36 match, and 500s for those tenants);
+    those get the greedy text (the T -> 0 limit)."""
+    s = make_server(max_num_seqs=16)
+    c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    prompts = [f"tenant {i} says" for i in range(6)]
+    done = threading.Event()
+
+    def complete(prompt: str, max_tokens: int, **kw: Any) -> str:
+        return c.completions.create(model=BASE, prompt=prompt, max_tokens=max_tokens, **kw).choices[0].text
+
+    def seeded(prompt: str) -> str:
+        return complete(prompt, 12, temperature=1, seed=42)
+
+    def other(i: int) -> list[str | Exception]:  # half seeded too: their draw came after others' draws
+        kw = {"temperature": (5e-324, 1e-300)[i % 2], "seed": (None, 7)[i // 5]}
+        texts: list[str | Exception] = []
+        while not done.is_set() and len(texts) < 50:
+            try:
+                texts.append(complete("other tenant", 2, **kw))
+            except openai.APIError as exc:
+                texts.append(exc)
+        return texts
+
+    solo = [seeded(p) for p in prompts]
+    greedy = complete("other tenant", 2, temperature=0)
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(3):
+            done.clear()
+            mine = [pool.submit(seeded, p) for p in prompts]
+            others = [pool.submit(other, i) for i in range(10)]
+            together = [f.result() for f in mine]
+            done.set()
+            assert together == solo
+            assert {str(t) for f in others for t in f.result()} == {greedy}
