@@ -54,6 +54,8 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted (and scrubbed) when the record was made: worker/redaction.py
+            out["exception"] = record.exc_text
         return json.dumps(out, default=str)
 
 

@@ -2,12 +2,15 @@
 
 botocore at DEBUG logs every request's headers (the signed ``Authorization`` header carries the
 access key id), its canonical request and string to sign; urllib3 logs presigned URLs; HTTP
-clients can log bearer tokens. Filters on loggers miss records of child loggers, and handlers come
-and go (tests, embedding), so ``install`` wraps the log record factory instead: every record is
-formatted once at creation and scrubbed of the credential values in the environment (AWS keys,
-session token, Hub token), of values registered with ``register`` (a token passed as a setting),
-and of the shapes credentials take in HTTP (Authorization headers, SigV4 Credential= and
-Signature=, security tokens, bearer and ``hf_`` tokens, AWS access key ids).
+clients can log bearer tokens; aiohttp's parser errors quote raw header lines in the exception
+text. Filters on loggers miss records of child loggers, and handlers come and go (tests,
+embedding), so ``install`` wraps the log record factory instead: every record is formatted once at
+creation, its traceback and stack too (into ``exc_text``; ``exc_info`` is dropped so no formatter
+renders the raw exception again), and scrubbed of the credential values in the environment (AWS
+keys, session token, Hub token), of values registered with ``register`` (a token passed as a
+setting, the worker's API keys), and of the shapes credentials take in HTTP (Authorization
+headers, SigV4 Credential= and Signature=, security tokens, bearer and ``hf_`` tokens, AWS access
+key ids).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ _PATTERNS = [
     re.compile(r"()\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
 ]
 _registered: set[str] = set()
+_formatter = logging.Formatter()
 _lock = threading.Lock()
 _installed = False
 
@@ -68,6 +72,11 @@ def install() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make(*args, **kwargs)
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact(_formatter.formatException(record.exc_info))
+            record.exc_info = None
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         try:
             message = record.getMessage()
         except Exception:  # a bad format string: logging reports it when the record is emitted

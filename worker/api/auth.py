@@ -5,7 +5,11 @@ Keys come from ``--api-keys`` / ``LORAPLANE_API_KEYS`` (comma-separated) and fro
 once so a key can be rotated: add the new one, move clients, remove the old one. The file is re-read
 when it changes (Kubernetes updates a mounted Secret in place), so rotation needs no restart. Every
 key is compared in constant time (``hmac.compare_digest``), always against all keys, so timing says
-nothing about how much of a guess matched or which key it was close to.
+nothing about how much of a guess matched or which key it was close to. Every key is registered with
+``redaction``, so no log line shows one, whatever logged it (aiohttp's parser errors quote raw header
+lines). A key file over ``MAX_FILE_BYTES`` is refused whole (a key cut at the limit would be accepted
+by its prefix), and a file without keys, while no fixed key is set, is a readiness problem: every
+request would be refused.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import threading
 import time
 from collections.abc import Iterable
 
+from loraplane.worker import redaction
+
 log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"[\x21-\x7e]{8,512}")  # printable ASCII without spaces: what a header carries
 RELOAD_EVERY_S = 1.0
+MAX_FILE_BYTES = 1 << 20
 
 
 class ApiKeyError(ValueError):
@@ -41,6 +48,7 @@ def parse(text: str, where: str) -> tuple[str, ...]:
 def check(key: str, where: str) -> str:
     if not _KEY.fullmatch(key):
         raise ApiKeyError(f"{where}: an API key must be 8 to 512 printable ASCII characters without spaces")
+    redaction.register(key)
     return key
 
 
@@ -66,10 +74,19 @@ class ApiKeys:
             self._reload(strict=False)
         return self.fixed + self._from_file
 
+    def problem(self) -> str | None:
+        """Why no request can pass (a readiness check), or None."""
+        if self.file and not self.keys():
+            return f"the API key file {self.file} holds no keys (and --api-keys is empty): every request gets 401"
+        return None
+
     def allows(self, authorization: str) -> bool:
         """Whether an ``Authorization`` header value carries an accepted key (``Bearer <key>``)."""
         scheme, _, token = authorization.partition(" ")
-        given = token.strip().encode()
+        try:
+            given = token.strip().encode("ascii")  # keys are ASCII; other bytes cannot match any
+        except UnicodeEncodeError:
+            return False
         ok = False
         for key in self.keys():
             ok |= hmac.compare_digest(given, key.encode())
@@ -83,9 +100,14 @@ class ApiKeys:
                 stamp = (st.st_mtime_ns, st.st_size)
                 if stamp == self._stamp:
                     return
-                with open(self.file, encoding="utf-8") as f:
-                    text = f.read(1 << 20)
-                keys = parse(text, f"--api-key-file {self.file}")
+                with open(self.file, "rb") as f:
+                    data = f.read(MAX_FILE_BYTES + 1)
+                if len(data) > MAX_FILE_BYTES:
+                    raise ApiKeyError(
+                        f"--api-key-file {self.file}: over {MAX_FILE_BYTES} bytes; "
+                        "a key file holds one short key per line"
+                    )
+                keys = parse(data.decode("utf-8"), f"--api-key-file {self.file}")
             except (OSError, UnicodeDecodeError, ApiKeyError) as exc:
                 if strict:
                     why = exc.strerror if isinstance(exc, OSError) else exc
@@ -97,6 +119,10 @@ class ApiKeys:
                     "API key file %s not reloaded (keeping %d keys): %s", self.file, len(self._from_file), exc
                 )
                 return
-            if keys != self._from_file:
+            if not keys and not self.fixed:
+                log.warning(
+                    "API key file %s holds no keys: every request gets 401 until keys are added", self.file
+                )
+            elif keys != self._from_file:
                 log.info("API key file %s: %d keys", self.file, len(keys))
             self._from_file, self._stamp = keys, stamp

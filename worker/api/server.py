@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from .. import redaction
 from .auth import ApiKeys
 from .errors import ApiError
 
@@ -119,7 +120,18 @@ async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app
     keys = app[KEYS]
     if keys.enabled and request.path not in app[SETTINGS].public_paths:
-        if not keys.allows(request.headers.get("Authorization", "")):
+        given = request.headers.getall("Authorization", [])
+        if len(given) > 1:  # proxies and servers disagree on which one counts: pick none
+            return _error(
+                ApiError(
+                    400,
+                    "InvalidRequest",
+                    f"{len(given)} Authorization headers; send exactly one 'Authorization: Bearer <key>'",
+                    param="Authorization",
+                    code="invalid_request",
+                )
+            )
+        if not keys.allows(given[0] if given else ""):
             return _error(
                 ApiError(
                     401,
@@ -197,6 +209,8 @@ def build_app(
     app[SETTINGS] = settings
     app[HEALTH] = Health()
     app[KEYS] = ApiKeys(settings.api_keys, settings.api_key_file)
+    app[HEALTH].ready.append(app[KEYS].problem)
+    redaction.install()  # the keys (and any credential) stay out of every log line and traceback
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
