@@ -321,25 +321,12 @@ def _modules(
     """The patched linears, each with its A and B; stray, biased, partial or odd tensors into ``p``."""
     parts: dict[str, dict[str, tensorfile.Tensor]] = {}
     for key, t in header.tensors.items():
-        if "lora_magnitude_vector" in key:
-            p.add(
-                DORA_NOT_SUPPORTED,
-                f"tensor {key} is a DoRA magnitude vector: DoRA adapters are not supported",
-            )
+        foreign = foreign_tensor(key)
+        if foreign is not None:
+            p.add(*foreign)
             continue
         split = _split_lora_key(key)
-        if split is None:
-            if set(key.split(".")) & set(EMBEDDING_MODULES):
-                p.add(
-                    EMBEDDING_CHANGE_NOT_SUPPORTED,
-                    f"tensor {key} replaces the embeddings or lm_head: not supported",
-                )
-            else:
-                p.add(
-                    MODULES_TO_SAVE_NOT_SUPPORTED,
-                    f"tensor {key} is not a LoRA weight (a saved module?): not supported",
-                )
-            continue
+        assert split is not None  # foreign_tensor found it a LoRA weight's name
         module, part, kind = split
         if kind == "bias":
             p.add(
@@ -375,6 +362,25 @@ def _modules(
         alpha_m = float(pattern_value(patterns["alpha_pattern"], m[1], alpha))
         out.append(LoraModule(int(m[2]), m[4], m[1], a, b, rank, alpha_m))
     return sorted(out, key=lambda m: (m.layer, m.proj))
+
+
+def foreign_tensor(key: str) -> tuple[str, str] | None:
+    """(reason, message) when a tensor's name alone says it is no LoRA weight the engine serves (a DoRA
+    magnitude, a saved module, new embeddings), else None. The cache asks this of a safetensors header
+    as soon as it arrives, so such a file is refused before the rest of it is downloaded."""
+    if "lora_magnitude_vector" in key:
+        return DORA_NOT_SUPPORTED, f"tensor {key} is a DoRA magnitude vector: DoRA adapters are not supported"
+    if _split_lora_key(key) is not None:
+        return None
+    if set(key.split(".")) & set(EMBEDDING_MODULES):
+        return (
+            EMBEDDING_CHANGE_NOT_SUPPORTED,
+            f"tensor {key} replaces the embeddings or lm_head: not supported",
+        )
+    return (
+        MODULES_TO_SAVE_NOT_SUPPORTED,
+        f"tensor {key} is not a LoRA weight (a saved module?): not supported",
+    )
 
 
 def _split_lora_key(key: str) -> tuple[str, str, str] | None:

@@ -8,16 +8,20 @@ worker killed mid-download therefore leaves only staging debris, which the next 
 
 The byte budget is enforced with LRU eviction of entries that are not pinned (pinned = being
 served); an adapter that cannot fit without evicting served ones is refused (TooLarge / CacheFull),
-never squeezed in. Downloads are limited by a semaphore and retried with exponential backoff.
+never squeezed in. The volume itself may be smaller than the budget, or shared: a write that finds
+it full (ENOSPC, EDQUOT) evicts unpinned entries, oldest first, until the adapter's bytes are free,
+and writes again; with nothing left to evict it is CacheFull, naming the volume. Downloads are limited by a semaphore and retried with exponential backoff.
 
 Bad files never become entries: the weights' safetensors header is checked (tensorfile, as the
 loader checks it) as soon as its bytes arrive, and a bad one stops the download at once instead of
-after gigabytes. An entry whose adapter then fails validation leaves the cache (``discard``).
+after gigabytes; so does a header naming a tensor that is no LoRA weight (``adapter.foreign_tensor``:
+a saved module, new embeddings, DoRA), which validation would refuse. An entry whose adapter then fails validation leaves the cache (``discard``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -34,8 +38,8 @@ from typing import BinaryIO
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import sources, tensorfile
+from loraplane.crds.errors import LoraplaneError, ValidationFailed
+from loraplane.worker import adapter, sources, tensorfile
 from loraplane.worker.sources import ResolvedSource, SourceSettings
 
 log = logging.getLogger(__name__)
@@ -333,8 +337,10 @@ class AdapterCache:
         last: LoraplaneError | None = None
         for attempt in range(1, attempts + 1):
             try:
-                return self._download(resolved)
+                return self._download_making_space(resolved)
             except LoraplaneError as e:
+                if e.reason == CACHE_FULL:
+                    raise  # only a served adapter leaving helps: the caller retries (the controller)
                 last = e
                 if not e.retry or attempt == attempts or self._closing.is_set():
                     break
@@ -363,6 +369,47 @@ class AdapterCache:
                 retry=True,
             ) from last
         raise last
+
+    def _download_making_space(self, resolved: ResolvedSource) -> CachedAdapter:
+        """``_download``; when the volume is full, evict what is not served and write again (each
+        round evicts at least one entry, so this ends)."""
+        while True:
+            try:
+                return self._download(resolved)
+            except LoraplaneError as e:
+                cause = e.__cause__
+                if not (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+                    raise
+                if not self._evict_for_space(resolved.size_bytes):
+                    with self._lock:
+                        served = sum(1 for k in self._lru if self._pins[k] > 0)
+                    raise LoraplaneError(
+                        CACHE_FULL,
+                        f"{resolved.uri} needs {resolved.size_bytes} bytes but the cache volume at {self.root} "
+                        f"is full ({cause.strerror}) and holds only adapters being served ({served}); it is "
+                        "retried when one is dropped; give the volume more space or set the cache budget "
+                        "below its size",
+                        retry=True,
+                    ) from e
+                log.warning("cache volume %s full while writing %s; evicted unserved entries, writing again",
+                            self.root, resolved.uri)  # fmt: skip
+
+    def _evict_for_space(self, need: int) -> int:
+        """Evict unpinned entries, oldest first, at least one and until ``need`` bytes are free on the
+        volume (others may write to it too); how many."""
+        evicted = 0
+        while not evicted or shutil.disk_usage(self.root).free < need:
+            with self._lock:
+                key = next((k for k in self._lru if self._pins[k] == 0), None)
+                if key is None:
+                    break
+                entry = self._lru.pop(key)
+                self._update_gauges()
+            log.info("evicting %s (%d bytes): the cache volume is full", key, entry.size_bytes)
+            CACHE_EVICTIONS.inc()
+            self._discard(entry.path)
+            evicted += 1
+        return evicted
 
     def _download(self, resolved: ResolvedSource) -> CachedAdapter:
         stage = self._tmp_dir / f"{resolved.cache_key}.{uuid.uuid4().hex[:8]}"
@@ -488,8 +535,14 @@ class _HeaderCheck:
             self.need = tensorfile.header_length(os.pread(self.fd, 8, 0), self.rf.name)
         if written >= self.need or written >= self.rf.size:
             prefix = os.pread(self.fd, min(self.need, written), 0)
-            tensorfile.parse_header(prefix, self.rf.name, self.rf.size)
+            header = tensorfile.parse_header(prefix, self.rf.name, self.rf.size)
             self.done = True
+            foreign = adapter.Problems()
+            for key in header.tensors:
+                if (problem := adapter.foreign_tensor(key)) is not None:
+                    foreign.add(*problem)
+            if foreign.items:  # validation would refuse it: decide now, not after the rest of the file
+                raise ValidationFailed(foreign.all())
 
 
 def _fsync_dir(d: Path) -> None:

@@ -8,7 +8,8 @@ adapter stays in its stage with the reason in its report; permanent ones are rep
 Versions: when an adapter's ID changes (a new path or revision), the old version keeps serving until
 the new one is Ready, then it is dropped. If the new version fails, the old one keeps serving and the
 new one is reported Failed: a bad push never takes a working adapter away. A deleted adapter, or one
-that lost its served name, is dropped at once. Served entries are pinned in the cache.
+that lost its served name, is dropped at once, its cache entry with it. Served entries are pinned in
+the cache.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ class Controller:
                 and (newer_known is None or newer_known.version.state != "Ready")
             ):
                 continue  # keep serving the old version until the new one is Ready (or has an ID)
-            self._drop(adapter_id)
+            # Deleted (or no longer this worker's): its files leave the cache now, not when the
+            # volume fills. An older version of a still-wanted adapter stays cached (a rollback hits).
+            self._drop(adapter_id, forget=newer is None)
         self._changed()
 
     def _start(self, want: DesiredAdapter) -> None:
@@ -148,14 +151,15 @@ class Controller:
         self.registry.upsert(version)
         known.task = asyncio.create_task(self._prepare(known), name=f"adapter {want.adapter} id {want.id}")
 
-    def _drop(self, adapter_id: int) -> None:
+    def _drop(self, adapter_id: int, *, forget: bool = False) -> None:
+        """Stop serving a version; ``forget``: also remove its cache entry (unless another version
+        pins the same files)."""
         known = self._known.pop(adapter_id, None)
         if known is None:
             return
         if known.task is not None and not known.task.done():
             known.task.cancel()
-        if known.cache_key is not None:
-            self.cache.unpin(known.cache_key)
+        self._release(known, discard=forget)
         self.registry.remove(adapter_id)
         log.info("dropped adapter %s id %d (%s)", known.desired.adapter, adapter_id, known.version.state)
 

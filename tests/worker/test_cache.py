@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from safetensors.numpy import load_file, save_file
 from support import adapters, servers
 
 from loraplane.crds.errors import LoraplaneError
@@ -187,14 +189,18 @@ def test_concurrent_downloads_are_limited(tmp_path: Path, hf_hub: Any, limit: in
         (lambda w: w.write_bytes((1 << 40).to_bytes(8, "little") + bytes(64 << 20)), "HeaderTooLarge", "limit"),
         (lambda w: w.write_bytes((4).to_bytes(8, "little") + b"[1]}" + bytes(64 << 20)), "MalformedWeights",
          "not a JSON object"),
+        # a well-formed file whose header names a saved full module (64 MiB): validation refuses it anyway
+        (lambda w: save_file({**load_file(w), "base_model.model.model.layers.0.mlp.down_proj.weight":
+                              np.zeros(16 << 20, np.float32)}, str(w)), "ModulesToSaveNotSupported", "not a LoRA weight"),
     ],
-    ids=["bytes-after-the-last-tensor", "enormous-header", "header-not-an-object"],
+    ids=["bytes-after-the-last-tensor", "enormous-header", "header-not-an-object", "a-non-lora-tensor"],
 )  # fmt: skip
 def test_a_bad_header_stops_the_download_and_leaves_nothing(
     tmp_path: Path, hf_hub: Any, damage, reason: str, fragment: str
 ) -> None:
     """The issue's case: a bad safetensors header was found only after the whole file was downloaded
-    (2 GB: 40 s and 2 GB of cache). Now the download stops once the header's bytes are in."""
+    (2 GB: 40 s and 2 GB of cache). Now the download stops once the header's bytes are in; also when
+    the header is sound but names a tensor no LoRA adapter has (issue 18: 300 MB downloaded first)."""
     src = adapters.write_adapter(tmp_path / "src")
     damage(src / "adapter_model.safetensors")
     size = (src / "adapter_model.safetensors").stat().st_size
