@@ -114,6 +114,8 @@ def admit(rt: ResourceType, obj: Obj, old: Obj | None, validation: str) -> tuple
         fatal = fatal or sfatal
     elif not rt.custom:
         builtins.validate(rt, obj, causes)
+        if rt.plural == "customresourcedefinitions":
+            causes.extend(builtins.crd_approval(obj, old))
         obj = builtins.normalize(rt, obj)
     if causes:
         if fatal and rt.custom and rt.schema is not None and schema.has_rules(rt.schema):

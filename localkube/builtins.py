@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from loraplane.localkube import defaults
 from loraplane.localkube.resources import ResourceType
@@ -204,6 +205,42 @@ def _check_microtime(rt: ResourceType, value: Any) -> None:
             f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: parsing time "{value}" as '
             f'"2006-01-02T15:04:05.000000Z07:00": cannot parse "{value[19:]}" as ".000000"',
         )
+
+
+APPROVAL = "api-approved.kubernetes.io"
+_APPROVAL_DOC = "see https://github.com/kubernetes/enhancements/pull/1111"
+
+
+def _approval_state(crd: Obj) -> tuple[str, str]:
+    """apiextensions' GetAPIApprovalState: (state, reason) of a CRD's approval annotation."""
+    value = str(((crd.get("metadata") or {}).get("annotations") or {}).get(APPROVAL, ""))
+    if not value:
+        return "Missing", f'protected groups must have approval annotation "{APPROVAL}", {_APPROVAL_DOC}'
+    if value.startswith("unapproved"):
+        return "Bypassed", f"not approved: {value!r}"
+    url = urlsplit(value)
+    if url.scheme and url.netloc and " " not in value:
+        return "Approved", f"approved in {value}"
+    return "Invalid", (
+        f'protected groups must have approval annotation "{APPROVAL}" with either a URL or a reason '
+        f'starting with "unapproved", {_APPROVAL_DOC}'
+    )
+
+
+def crd_approval(crd: Obj, old: Obj | None) -> list[dict[str, str]]:
+    """kube-apiserver refuses a CRD in a protected group (k8s.io, kubernetes.io and their subdomains)
+    without the approval annotation; an update that leaves the approval state as it was passes."""
+    group = str((crd.get("spec") or {}).get("group", ""))
+    if not any(group == g or group.endswith("." + g) for g in ("k8s.io", "kubernetes.io")):
+        return []
+    state, reason = _approval_state(crd)
+    if (old is not None and _approval_state(old)[0] == state) or state in ("Approved", "Bypassed"):
+        return []
+    field = f"metadata.annotations[{APPROVAL}]"
+    if state == "Missing":
+        return [{"reason": "FieldValueRequired", "message": f"Required value: {reason}", "field": field}]
+    value = crd["metadata"]["annotations"][APPROVAL]
+    return [{"reason": "FieldValueInvalid", "message": f'Invalid value: "{value}": {reason}', "field": field}]
 
 
 def validate(rt: ResourceType, obj: Obj, causes: list[dict[str, str]]) -> None:

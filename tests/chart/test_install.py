@@ -14,10 +14,14 @@ from support import chartkit
 
 
 def _standin_crd(group: str, kind: str, plural: str, version: str = "v1") -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": f"{plural}.{group}"}
+    if group.endswith((".k8s.io", ".kubernetes.io")):
+        # kube-apiserver refuses a CRD in a protected group without it (its real CRD carries a URL).
+        meta["annotations"] = {"api-approved.kubernetes.io": "unapproved, loraplane's test stand-in"}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{group}"},
+        "metadata": meta,
         "spec": {
             "group": group,
             "scope": "Namespaced",

@@ -510,3 +510,34 @@ def test_validation_ratcheting_keeps_unchanged_invalid_fields(
         assert ok.status_code == 200  # base is still too long, but unchanged
     finally:
         http.delete(crds + "/gadgets.ratchet.example.com")
+
+
+def test_a_crd_in_a_protected_group_needs_the_approval_annotation(http: requests.Session) -> None:
+    """kube-apiserver refuses a CRD in *.k8s.io / *.kubernetes.io without `api-approved.kubernetes.io`
+    (issue 18: the chart test's InferencePool stand-in passed here and failed on a real server)."""
+    crds = url(http, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+    crd = yaml.safe_load((HERE / "recordings" / "crd.yaml").read_text())
+    crd["metadata"] = {"name": "widgets.lp-test.k8s.io"}
+    crd["spec"]["group"] = "lp-test.k8s.io"
+    field = "metadata.annotations[api-approved.kubernetes.io]"
+    missing = http.post(crds, json=crd)
+    assert missing.status_code == 422, missing.text
+    assert missing.json()["message"] == (
+        'CustomResourceDefinition.apiextensions.k8s.io "widgets.lp-test.k8s.io" is invalid: '
+        f'{field}: Required value: protected groups must have approval annotation "api-approved.kubernetes.io", '
+        "see https://github.com/kubernetes/enhancements/pull/1111"
+    )
+    crd["metadata"]["annotations"] = {"api-approved.kubernetes.io": "not approved"}
+    invalid = http.post(crds, json=crd)
+    assert (
+        invalid.status_code == 422 and f'{field}: Invalid value: "not approved"' in invalid.json()["message"]
+    )
+    crd["metadata"]["annotations"] = {"api-approved.kubernetes.io": "unapproved, a test's stand-in"}
+    created = http.post(crds, json=crd)
+    try:
+        assert created.status_code == 201, created.text
+        current = http.get(crds + "/widgets.lp-test.k8s.io").json()
+        current["metadata"]["labels"] = {"touched": "yes"}  # the approval state unchanged: accepted
+        assert http.put(crds + "/widgets.lp-test.k8s.io", json=current).status_code == 200
+    finally:
+        http.delete(crds + "/widgets.lp-test.k8s.io")
