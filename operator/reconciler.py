@@ -141,7 +141,12 @@ class Reconciler:
         """True when the server's resourceVersion is below one it sent us: its store was replaced (an
         API server that came back empty, an etcd restore). kopf would resume its watches from versions
         the server never issues, so main.py starts kopf again (it lists afresh). Also True when the
-        LoRAAdapter CRD went away or came back: kopf resolves resources only when it starts."""
+        LoRAAdapter CRD went away or came back: kopf resolves resources only when it starts.
+
+        The comparison is with the highest version seen *before* the GET was sent: handlers and watch
+        events raise ``_rv_seen`` while the GET is in flight, past the version it reads (issue 18: 14
+        false alarms in three replicas under load on kube-apiserver, each restarting kopf)."""
+        seen = self._rv_seen
         try:
             current = await self.api.resource_version(self._scope_paths(ADAPTER_PLURAL)[0])
         except APINotFoundError:
@@ -152,13 +157,13 @@ class Reconciler:
         if self._unserved:
             log.info("LoRAAdapters are served now; watching them")
             return True
-        if self._rv_seen is None or not rv_behind(current, self._rv_seen):
+        if seen is None or not rv_behind(current, seen):
             return False
         log.warning(
             "the API server's resourceVersion %s is below %s, which it sent earlier: its store was replaced; "
             "listing everything again (IDs up to %d stay retired)",
             current,
-            self._rv_seen,
+            seen,
             self._seen_max,
         )
         self._rv_seen = None
