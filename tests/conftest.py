@@ -58,7 +58,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def kube(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     path = request.config.getoption("--kubeconfig")
     if path:
-        yield real_kube(path)
+        real = real_kube(path)
+        with real.removing_crds():  # the suite's CRDs it installed; the cluster is left as it was found
+            yield real
         return
     k = local_kube(tmp_path_factory.mktemp("localkube"))
     try:

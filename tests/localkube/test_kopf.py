@@ -34,8 +34,11 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
 
 
 @pytest.fixture(scope="module")
-def crds(kube: Any) -> None:
-    kube.apply_crds([HERE / "recordings" / "crd.yaml", HERE / "recordings" / "kopf-peering-crds.yaml"])
+def crds(kube: Any) -> Iterator[None]:
+    names = {"widgets.demo.example.com", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+    with kube.removing_crds(names):
+        kube.apply_crds([HERE / "recordings" / "crd.yaml", HERE / "recordings" / "kopf-peering-crds.yaml"])
+        yield
 
 
 def run_kopf(kube: Any, namespace: str, *extra: str) -> subprocess.Popen[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ def manifest(name: str, namespace: str, spec: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def crd(kube: Any) -> None:
-    kube.kubectl("apply", "-f", str(CRD))
-    kube.kubectl("wait", "--for=condition=Established", "crd/widgets.demo.example.com", "--timeout=20s")
+def crd(kube: Any) -> Iterator[None]:
+    with kube.removing_crds({"widgets.demo.example.com"}):
+        kube.kubectl("apply", "-f", str(CRD))
+        kube.kubectl("wait", "--for=condition=Established", "crd/widgets.demo.example.com", "--timeout=20s")
+        yield
 
 
 def test_apply_twice_then_get_all_namespaces_shows_printer_columns(

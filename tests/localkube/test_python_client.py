@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ GROUP, VERSION, PLURAL = "demo.example.com", "v1alpha1", "widgets"
 
 
 @pytest.fixture(scope="module")
-def widgets(kube: Any) -> None:
-    kube.apply_crds([HERE / "recordings" / "crd.yaml"])
+def widgets(kube: Any) -> Iterator[None]:
+    with kube.removing_crds({"widgets.demo.example.com"}):
+        kube.apply_crds([HERE / "recordings" / "crd.yaml"])
+        yield
 
 
 @pytest.fixture

@@ -23,8 +23,10 @@ MERGE = {"Content-Type": "application/merge-patch+json"}
 
 
 @pytest.fixture(scope="module")
-def crd(kube: Any) -> None:
-    kube.apply_crds([HERE / "recordings" / "crd.yaml"])
+def crd(kube: Any) -> Iterator[None]:
+    with kube.removing_crds({"widgets.demo.example.com"}):
+        kube.apply_crds([HERE / "recordings" / "crd.yaml"])
+        yield
 
 
 @pytest.fixture

@@ -5,12 +5,14 @@ Kept out of conftest.py so fixtures stay short; every test reaches the cluster t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,62 @@ class Kube:
                         ext.replace_custom_resource_definition(name, doc)
                     wait_established(ext, name)
 
+    def crd_names(self) -> set[str]:
+        from kubernetes import client
+
+        with self.api_client() as api:
+            return {
+                c.metadata.name
+                for c in client.ApiextensionsV1Api(api).list_custom_resource_definition().items
+            }
+
+    @contextlib.contextmanager
+    def removing_crds(self, names: set[str] | None = None) -> Iterator[None]:
+        """Delete, on leaving, the CRDs that appeared inside: those in ``names``, or (None) those of the
+        suite's groups. What was there before is left alone: the cluster ends as it was found."""
+        before = self.crd_names()
+        try:
+            yield
+        finally:
+            new = self.crd_names() - before
+            self.delete_crds(
+                new & names if names is not None else {n for n in new if n.split(".", 1)[1] in SUITE_GROUPS}
+            )
+
+    def delete_crds(self, names: set[str], wait: float = 60) -> None:
+        """Delete CRDs (their objects' finalizers released first) and wait until they are gone."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        with self.api_client() as api:
+            ext, custom = client.ApiextensionsV1Api(api), client.CustomObjectsApi(api)
+            for name in sorted(names):
+                try:
+                    crd = ext.read_custom_resource_definition(name)
+                except ApiException as e:
+                    if e.status == 404:
+                        continue
+                    raise
+                group, plural = crd.spec.group, crd.spec.names.plural
+                version = next(v.name for v in crd.spec.versions if v.served)
+                for obj in custom.list_cluster_custom_object(group, version, plural)["items"]:
+                    if obj["metadata"].get("finalizers"):
+                        meta = obj["metadata"]
+                        with contextlib.suppress(ApiException):
+                            if meta.get("namespace"):
+                                custom.patch_namespaced_custom_object(group, version, meta["namespace"], plural,
+                                                                      meta["name"], {"metadata": {"finalizers": None}})  # fmt: skip
+                            else:
+                                custom.patch_cluster_custom_object(group, version, plural, meta["name"],
+                                                                   {"metadata": {"finalizers": None}})  # fmt: skip
+                with contextlib.suppress(ApiException):
+                    ext.delete_custom_resource_definition(name)
+            deadline = time.monotonic() + wait
+            while names & self.crd_names():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"CRDs {sorted(names & self.crd_names())} still there after {wait}s")
+                time.sleep(0.2)
+
     def kubeconfig_for_user(self, user: str) -> str:
         """A kubeconfig whose requests the local server records as `user` (see server.audit_log)."""
         from loraplane.localkube import write_kubeconfig
@@ -195,6 +253,7 @@ SUITE_GROUPS = {
     "ratchet.example.com",
     "kopf.dev",
     "monitoring.coreos.com",
+    "inference.networking.k8s.io",  # the chart test's stand-in, when the cluster has none
 }
 
 
