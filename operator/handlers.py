@@ -101,6 +101,12 @@ async def _ticker(reconciler: Reconciler, memo: kopf.Memo) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    restart = memo.get("restart")
+    if restart is not None and not restart.is_set():
+        # Stopped by a signal (or an error), not for a restart: release kopf's waiter on the stop flag,
+        # which it would otherwise give 5 s as a hung task before exiting (issue 18: slow demo stops).
+        memo["signalled"] = True
+        restart.set()
     task = memo.get("ticker")
     if task is not None:
         task.cancel()

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 
+from loraplane import parent
 from loraplane.operator.settings import LEDGER_NAME, OperatorSettings
 from loraplane.version import __version__
 
@@ -131,6 +132,7 @@ def _port_taken(flag: str, address: str, port: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent.exit_with_parent()  # started by `loraplane demo`: stop with it, even when it is killed
     settings, verbose = parse_args(argv)
     from loraplane.crds.errors import CredentialsError
     from loraplane.crds.kube import load_configuration
@@ -190,7 +192,7 @@ async def _supervise(settings: OperatorSettings) -> None:
     loop = asyncio.get_running_loop()
     while True:
         restart = asyncio.Event()  # Set by the reconciler when the server's store went back in time.
-        memo["restart"] = restart
+        memo["restart"], memo["signalled"] = restart, False
         started = loop.time()
         try:
             await kopf.operator(
@@ -205,7 +207,7 @@ async def _supervise(settings: OperatorSettings) -> None:
         except Exception as exc:  # Whatever ended kopf's run: the API server is what comes back.
             why = f"{type(exc).__name__}: {exc}"
         else:
-            if not restart.is_set():
+            if not restart.is_set() or memo["signalled"]:
                 return  # SIGTERM / SIGINT: kopf stopped cleanly.
             why = "the API server's store or CRDs changed under it"
         if loop.time() - started > 60:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -101,3 +102,61 @@ def test_demo_story_and_keep_running(tmp_path: Path) -> None:
     ):  # kubectl get loraworkers -A: NAMESPACE NAME BASE-MODEL READY FAILED ON-DEVICE ...
         row = next(line for line in out.splitlines() if line.startswith("loraplane-system"))
         assert int(row.split()[5]) >= 1, row  # ON DEVICE right after serving
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start_demo(workdir: Path) -> tuple[subprocess.Popen[str], list[int]]:
+    """`loraplane demo --keep-running` up to its how-to block; the operator's and worker's pids."""
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "loraplane"), "demo", "--workdir", str(workdir), "--keep-running"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if "Ctrl-C stops everything" in line:
+            break
+    pids = [int(p) for p in re.findall(r"started (?:operator|worker) \(pid (\d+)\)", out)]
+    assert len(pids) == 2 and all(map(_alive, pids)), out[-3000:]
+    return proc, pids
+
+
+def _gone_within(pids: list[int], seconds: float) -> float:
+    started = time.monotonic()
+    while any(map(_alive, pids)) and time.monotonic() - started < seconds:
+        time.sleep(0.1)
+    assert not any(map(_alive, pids)), [p for p in pids if _alive(p)]
+    return time.monotonic() - started
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_sigterm_and_sigkill_take_the_operator_and_worker_with_the_demo(tmp_path: Path) -> None:
+    """Issue 18: SIGTERM left the operator and worker running, orphaned; so did SIGKILL, for half an hour
+    against a dead API server; SIGINT stopped them one after the other (15 s each at worst)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # the second run reuses the models made by the first
+        proc, pids = _start_demo(tmp_path)
+        try:
+            started = time.monotonic()
+            proc.send_signal(sig)
+            proc.wait(30)
+            took = _gone_within(pids, 30)
+            print(f"{sig.name}: demo and its processes gone in {time.monotonic() - started:.1f} s")
+            if sig == signal.SIGTERM:
+                assert proc.returncode == 0 and took < 1  # the demo waited for them
+        finally:
+            for pid in [p for p in pids if _alive(p)]:
+                os.kill(pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loraplane import parent
 from loraplane.worker import settings as settings_mod
 from loraplane.worker.settings import ConfigError, WorkerSettings
 
@@ -279,6 +281,7 @@ async def _main_async(app: WorkerApp) -> None:
 
 def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> int:
     """Entry point of ``loraplane-worker``; returns the exit code (2 for bad configuration)."""
+    parent.exit_with_parent()  # started by `loraplane demo`: stop with it, even when it is killed
     try:
         settings = settings_mod.load(argv)
     except ConfigError as e:
@@ -330,6 +333,7 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    gc.freeze()  # exiting: the final collections need not walk the model's objects (seconds under load)
     return code
 
 
