@@ -226,9 +226,10 @@ def _with_chain(signature: Path, trust: Trust, where: str) -> tuple[Any, str]:
         raise PermanentError(UNTRUSTED_SIGNER, f"trusted certificates cannot be read: {_short(e)}") from None
     try:
         sig = sign_sigstore_pb.Signature.read(signature)
-        leaf = x509.load_der_x509_certificate(
-            sig.bundle.verification_material.x509_certificate_chain.certificates[0].raw_bytes
-        )
+        chain = sig.bundle.verification_material.x509_certificate_chain
+        if chain is None or not chain.certificates:
+            raise ValueError("the bundle has no signing certificate")
+        leaf = x509.load_der_x509_certificate(chain.certificates[0].raw_bytes)
         signer = f"certificate {leaf.subject.rfc4514_string()}"
         return verifier.verify(sig), signer
     except crypto.X509StoreContextError as e:
