@@ -1,4 +1,5 @@
-"""The chart's optional ValidatingAdmissionPolicy: an unpinned LoRAAdapter is refused in a labelled namespace.
+"""Provenance in the chart: signing trust wired into the workers, and the optional ValidatingAdmissionPolicy
+that refuses an unpinned LoRAAdapter in a labelled namespace.
 
 The policy and binding are rendered by Helm's engine from the chart and applied to the API server
 fixture: the embedded server (which evaluates ValidatingAdmissionPolicy, docs/localkube.md) or a real
@@ -29,8 +30,65 @@ def _policy_objects(release: str) -> list[dict[str, Any]]:
     return found
 
 
-def test_off_by_default() -> None:
+def test_off_by_default_and_valid_kubernetes_when_on() -> None:
+    import kubernetes_validate
+
     assert not [o for o in chartkit.manifests({}) if o["kind"].startswith("ValidatingAdmissionPolicy")]
+    for obj in _policy_objects("lp"):
+        kubernetes_validate.validate(obj, "1.32.0", strict=True)  # admissionregistration v1: 1.30+
+
+
+def _worker(values: dict[str, Any]) -> dict[str, Any]:
+    (deployment,) = [
+        d
+        for d in chartkit.by_kind(chartkit.manifests(values), "Deployment")
+        if "worker" in d["metadata"]["name"]
+    ]
+    return deployment["spec"]["template"]["spec"]
+
+
+def test_signing_trust_is_mounted_and_passed_to_the_workers() -> None:
+    trust = {"configMapName": "signers", "publicKeys": ["team.pub", "ci.pub"], "certificateChain": ["ca.pem"]}
+    spec = _worker({
+        "worker": {"signing": {"trust": trust, "sigstore": {"identity": "ci@example.com", "oidcIssuer": "https://issuer"}}},
+        "workerPoolDefaults": {"requireSignatures": True},
+    })  # fmt: skip
+    (container,) = spec["containers"]
+    assert [a for a in container["args"] if "signature" in a] == [
+        "--require-signatures=on",
+        "--signature-public-keys=/etc/loraplane/trust/team.pub,/etc/loraplane/trust/ci.pub",
+        "--signature-certificate-chain=/etc/loraplane/trust/ca.pem",
+        "--signature-identity=ci@example.com",
+        "--signature-oidc-issuer=https://issuer",
+    ]
+    assert {"name": "signing-trust", "configMap": {"name": "signers"}} in spec["volumes"]
+    mount = {"name": "signing-trust", "mountPath": "/etc/loraplane/trust", "readOnly": True}
+    assert mount in container["volumeMounts"]
+    plain = _worker({})
+    assert not [a for a in plain["containers"][0]["args"] if "signature" in a]
+    assert "signing-trust" not in [v["name"] for v in plain["volumes"]]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"workerPoolDefaults": {"requireSignatures": True}}, "requireSignatures needs trust material"),
+        (
+            {"worker": {"signing": {"trust": {"publicKeys": ["k.pub"]}}}},
+            "set worker.signing.trust.secretName",
+        ),
+        (
+            {"worker": {"signing": {"trust": {"secretName": "a", "configMapName": "b"}}}},
+            "set secretName or configMapName, not both",
+        ),
+        ({"worker": {"signing": {"sigstore": {"identity": "x"}}}}, "identity and oidcIssuer go together"),
+    ],
+)
+def test_signing_values_the_templates_refuse(values: dict[str, Any], message: str) -> None:
+    from helm_python.errors import HelmRenderError
+
+    with pytest.raises(HelmRenderError, match=message):
+        chartkit.manifests(values)
 
 
 def _adapter(name: str, **spec: Any) -> dict[str, Any]:
