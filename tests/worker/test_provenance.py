@@ -208,3 +208,20 @@ def test_digest_mismatch_names_both_values() -> None:
         p.check_digest("sha256:" + "a" * 64, "sha256:" + "b" * 64, "adapter ns/x")
     assert e.value.reason == p.DIGEST_MISMATCH and not e.value.retry
     assert "a" * 64 in e.value.message and "b" * 64 in e.value.message
+
+
+def test_a_hub_revision_and_a_digest_pin_both(
+    tmp_path: Path, hf_hub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The revision picks the commit, the digest its bytes: main moving on is refused for v1's pin."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    v1 = adapters.write_adapter(tmp_path / "v1", seed=1)
+    hf_hub.add_commit("team-a/sql", v1, tags=("v1",))
+    hf_hub.add_commit("team-a/sql", adapters.write_adapter(tmp_path / "v2", seed=2))
+    pin = p.digest_of(p.file_digests(v1))
+    settings = s.SourceSettings(hf_endpoint=hf_hub.url, timeout_s=5, state_dir=tmp_path / "state")
+    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    p.check_digest(pin, cache.prefetch(s.resolve("hf://team-a/sql", "v1", settings)).digest, "v1")
+    with pytest.raises(LoraplaneError) as e:
+        p.check_digest(pin, cache.prefetch(s.resolve("hf://team-a/sql", None, settings)).digest, "main")
+    assert e.value.reason == p.DIGEST_MISMATCH
