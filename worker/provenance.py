@@ -21,6 +21,7 @@ and the same trust give the same answer.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplane.crds.errors import PermanentError
+from loraplane.crds.errors import LoraplaneError, PermanentError
 from loraplane.worker.adapter import ADAPTER_FILES
 from loraplane.worker.adapter import SIGNATURE_FILE as SIGNATURE_FILE
 
@@ -40,6 +41,7 @@ SIGNATURE_INVALID = "SignatureInvalid"
 UNTRUSTED_SIGNER = "UntrustedSigner"
 REASONS = (DIGEST_MISMATCH, SIGNATURE_MISSING, SIGNATURE_INVALID, UNTRUSTED_SIGNER)
 SIGNING_UNAVAILABLE = "SigningUnavailable"  # model-signing is not installed: nothing was checked
+TRUST_ROOT_UNAVAILABLE = "TrustRootUnavailable"  # Sigstore's trust root cannot be loaded (retried)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SIGN_HINT = (
@@ -140,36 +142,35 @@ def verify(signature: Path, files: Mapping[str, str], trust: Trust, where: str =
 
 def _verified_manifest(signature: Path, trust: Trust, where: str) -> tuple[Any, str]:
     """The signed manifest and the signer, once the bundle verifies against the trust material."""
-    import json
-
     try:
-        bundle = json.loads(signature.read_text(encoding="utf-8"))
-        material = bundle["verificationMaterial"]
+        material = json.loads(signature.read_text(encoding="utf-8"))["verificationMaterial"]
+        if not isinstance(material, dict):
+            raise TypeError("verificationMaterial is not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PermanentError(
             SIGNATURE_INVALID,
             f"{where}: {SIGNATURE_FILE} is not a sigstore bundle ({_short(e)}); {SIGN_HINT}",
         ) from None
-    if "publicKey" in material and trust.public_keys:
-        return _with_key(signature, material, trust, where)
-    if "x509CertificateChain" in material and trust.certificate_chain:
-        return _with_chain(signature, trust, where)
-    if "certificate" in material and trust.sigstore_identity:
+    # Keyless (Sigstore) bundles carry transparency-log entries; model-signing's key and certificate
+    # bundles carry none.
+    keyless = bool(material.get("tlogEntries"))
+    if keyless and trust.sigstore_identity:
         return _with_sigstore(signature, trust, where)
-    how = next(
-        (how for key, how in _SIGNED_HOW.items() if key in material), "in a way loraplane does not know"
+    if not keyless and "publicKey" in material and trust.public_keys:
+        return _with_key(signature, material, trust, where)
+    if not keyless and "x509CertificateChain" in material and trust.certificate_chain:
+        return _with_chain(signature, trust, where)
+    how = (
+        "by sigstore (keyless)"
+        if keyless
+        else "with a key"
+        if "publicKey" in material
+        else "with a certificate"
     )
     raise PermanentError(
         UNTRUSTED_SIGNER,
         f"{where}: {SIGNATURE_FILE} was signed {how}, but this pool trusts only {trust.describe()}",
     )
-
-
-_SIGNED_HOW = {
-    "publicKey": "with a key",
-    "x509CertificateChain": "with a certificate",
-    "certificate": "by sigstore",
-}
 
 
 def _with_key(signature: Path, material: dict[str, Any], trust: Trust, where: str) -> tuple[Any, str]:
@@ -252,12 +253,19 @@ def _with_sigstore(signature: Path, trust: Trust, where: str) -> tuple[Any, str]
     """Sigstore keyless (Fulcio certificate + Rekor entry); needs the trust root, hence the network."""
     from model_signing._signing import sign_sigstore
 
-    try:
+    try:  # fetches Sigstore's trust root (TUF) unless a trust configuration is given
         verifier = sign_sigstore.Verifier(
             identity=trust.sigstore_identity,
             oidc_issuer=trust.sigstore_issuer,
             trust_config=trust.sigstore_trust_config,
         )
+    except Exception as e:  # the network or the trust configuration: nothing was judged yet
+        raise LoraplaneError(
+            TRUST_ROOT_UNAVAILABLE,
+            f"{where}: cannot load Sigstore's trust root to verify {SIGNATURE_FILE}: {_short(e)}",
+            retry=True,
+        ) from None
+    try:
         return verifier.verify(sign_sigstore.Signature.read(signature)), f"sigstore {trust.sigstore_identity}"
     except Exception as e:  # sigstore's VerificationError covers identity, issuer and signature alike
         raise PermanentError(

@@ -225,3 +225,19 @@ def test_a_hub_revision_and_a_digest_pin_both(
     with pytest.raises(LoraplaneError) as e:
         p.check_digest(pin, cache.prefetch(s.resolve("hf://team-a/sql", None, settings)).digest, "main")
     assert e.value.reason == p.DIGEST_MISMATCH
+
+
+def test_a_keyless_bundle_goes_to_sigstore_and_a_forged_one_never_passes(signed: dict[str, Any]) -> None:
+    """Sigstore keyless needs Sigstore's trust root: offline that is TrustRootUnavailable (retried, nothing
+    judged); online, this forged bundle (a key signature posing as keyless) is an UntrustedSigner."""
+    d = signed["by_key"]
+    bundle = json.loads((d / "model.sig").read_text())
+    bundle["verificationMaterial"]["tlogEntries"] = [{"logIndex": "1"}]
+    (d / "model.sig").write_text(json.dumps(bundle))
+    trust = p.Trust(sigstore_identity="release@example.com", sigstore_issuer="https://issuer.example.com")
+    with pytest.raises(LoraplaneError) as e:
+        _verify(d, trust)
+    assert (e.value.reason, e.value.retry) in {(p.TRUST_ROOT_UNAVAILABLE, True), (p.UNTRUSTED_SIGNER, False)}
+    # Trusting only keys, a keyless bundle is refused by name.
+    e2 = _refused(d, signed["key"])
+    assert e2.reason == p.UNTRUSTED_SIGNER and "by sigstore (keyless)" in e2.message
