@@ -85,17 +85,17 @@ def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | Non
         and generation is not None
         and name.observedGeneration != generation
     )
-    spec = adapter.spec
-    moved = status.version is not None and status.version != version_of(spec.path, spec.revision, spec.digest)
+    want = adapter.spec
+    moved = status.version is not None and status.version != version_of(want.path, want.revision, want.digest)
     return DesiredAdapter(
         id=status.id,
         adapter=key,
         served_name=adapter.served_name,
-        path=spec.path,
-        revision=spec.revision,
-        max_length=spec.longContext.maxLength if spec.longContext else None,
-        digest=spec.digest,
-        signature_required=spec.signature is not None and spec.signature.required,
+        path=want.path,
+        revision=want.revision,
+        max_length=want.longContext.maxLength if want.longContext else None,
+        digest=want.digest,
+        signature_required=want.signature is not None and want.signature.required,
         uid=str(meta.get("uid", "")),
         stale=moved or undecided,
     )
