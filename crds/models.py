@@ -33,15 +33,20 @@ BASE_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# An adapter's files pinned by content: the OpenSSF model-signing manifest's root digest (docs/provenance.md).
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 
-def version_of(path: str, revision: str | None) -> str:
-    """The digest in status.version: what an ID is bound to (the weights' path and revision).
+def version_of(path: str, revision: str | None, digest: str | None = None) -> str:
+    """The digest in status.version: what an ID is bound to (the weights' path, revision and pinned digest).
 
     The operator writes it with the ID; workers compare it with the spec to know whether status.id
-    names the current version. 16 hex digits; no revision and an empty one are the same.
+    names the current version. 16 hex digits; no revision and an empty one are the same. Without a
+    digest the value is the one loraplane wrote before digests existed, so no adapter changes ID on
+    upgrade; adding, changing or removing spec.digest is a new version.
     """
-    return hashlib.sha256(f"{path}\n{revision or ''}".encode()).hexdigest()[:16]
+    pinned = f"\n{digest}" if digest else ""
+    return hashlib.sha256(f"{path}\n{revision or ''}{pinned}".encode()).hexdigest()[:16]
 
 
 class _Model(BaseModel):
@@ -57,6 +62,17 @@ class LongContext(_Model):
         le=ID_MAX,
         description="Longest sequence (prompt + completion tokens) this adapter serves. Workers refuse the "
         "adapter when the base model cannot reach it (max_position_embeddings and RoPE scaling).",
+    )
+
+
+class SignatureSpec(_Model):
+    """What this adapter asks of its signature (the pool may require one for every adapter)."""
+
+    required: bool = Field(
+        default=True,
+        description="Serve the adapter only with a valid OpenSSF model signature (model.sig beside the files), "
+        "verified against the worker pool's trust material (chart value signing.trust). A pool that "
+        "requires signatures requires them whatever this says.",
     )
 
 
@@ -98,6 +114,19 @@ class LoRAAdapterSpec(_Model):
         "Unique per base model across the cluster; the oldest claimant keeps it.",
     )
     longContext: LongContext | None = Field(default=None, description="Optional long-context metadata.")
+    digest: str | None = Field(
+        default=None,
+        max_length=71,
+        pattern=DIGEST_PATTERN,
+        description="Pin the adapter's files by content: sha256:<hex> over the canonical manifest of "
+        "adapter_config.json and adapter_model.safetensors (the root digest of an OpenSSF model-signing "
+        "manifest of those files). Workers refuse other bytes (DigestMismatch). `loraplane validate --digest "
+        "DIR` prints it, and status.adapter.digest shows what the workers fetched. Changing it gives the "
+        "adapter a new ID.",
+    )
+    signature: SignatureSpec | None = Field(
+        default=None, description="Require an OpenSSF model signature (model.sig) for this adapter."
+    )
 
     @field_validator("path")
     @classmethod
@@ -138,6 +167,15 @@ class AdapterInfo(_Model):
     targetModules: list[Annotated[str, Field(max_length=128)]] | None = Field(default=None, max_length=64)
     sizeBytes: int | None = Field(default=None, ge=0)
     sha256: str | None = Field(default=None, max_length=64, pattern=r"^[0-9a-f]{64}$")
+    digest: str | None = Field(
+        default=None,
+        max_length=71,
+        pattern=DIGEST_PATTERN,
+        description="The files' digest as fetched, in spec.digest's form (copy it there to pin them).",
+    )
+    signer: str | None = Field(
+        default=None, max_length=512, description="Who signed the files, when a signature was verified."
+    )
     resolvedRevision: str | None = Field(default=None, max_length=255)
 
 
@@ -162,8 +200,8 @@ class LoRAAdapterStatus(_Model):
     version: str | None = Field(
         default=None,
         max_length=64,
-        description="Digest of the (path, revision) that status.id was assigned to; a spec change that "
-        "alters it is a new version of the weights and gets a new ID.",
+        description="Digest of the (path, revision, digest) that status.id was assigned to; a spec change "
+        "that alters it is a new version of the weights and gets a new ID.",
     )
     servedName: str | None = Field(default=None, max_length=128, description="Effective served name.")
     phase: Phase | None = None

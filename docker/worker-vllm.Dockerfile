@@ -24,9 +24,9 @@ LABEL org.opencontainers.image.title="loraplane-worker-vllm" \
       org.opencontainers.image.source="https://github.com/loraplane/loraplane" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=wheel /dist /dist
-# The wheel's own dependencies only (no [worker] extra): torch and transformers are the image's, pinned
-# by vLLM. The wheel also registers loraplane's vLLM plugin (the vllm.general_plugins entry point).
-RUN python3 -m pip install --no-cache-dir /dist/loraplane-*.whl \
+# The wheel's own dependencies and [signing] only (no [worker] extra): torch and transformers are the
+# image's, pinned by vLLM. The wheel also registers loraplane's vLLM plugin (the vllm.general_plugins entry point).
+RUN python3 -m pip install --no-cache-dir "$(ls /dist/loraplane-*.whl)[signing]" \
  && rm -rf /dist \
  && python3 -c "import vllm, loraplane.worker.vllm.engine"
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from loraplane.localkube import admission, builtins, schema, status
+from loraplane.localkube import admission, builtins, policies, schema, status
 from loraplane.localkube.gc import GarbageCollector
 from loraplane.localkube.patches import json_patch, merge_patch, strategic_merge_patch
 from loraplane.localkube.resources import ResourceType, builtin_types, crd_types
@@ -160,6 +160,7 @@ class Cluster:
         obj = builtins.on_create(self, rt, obj)
         obj, warnings = admission.admit(rt, obj, None, validation)
         self._check_namespace(rt, ns, name)
+        warnings += policies.check(self, rt, "CREATE", obj, None, dry_run=dry_run)
         if self.store.get(rt.storage, meta.get("namespace", ""), name) is not None:
             raise status.already_exists(rt, name)
         meta = obj["metadata"]
@@ -261,6 +262,7 @@ class Cluster:
         new, warnings = admission.admit(rt, new, current, validation)
         if new == current:
             return current, warnings
+        warnings += policies.check(self, rt, "UPDATE", new, current, subresource, dry_run)
         # Without a status subresource, status is ordinary content and bumps generation too.
         content = ("metadata", "status") if rt.status_subresource else ("metadata",)
         if _has_generation(rt) and _without(new, *content) != _without(current, *content):

@@ -185,6 +185,22 @@ def builtin_types() -> list[ResourceType]:
             "MutatingWebhookConfiguration",
             False,
         ),
+        # Evaluated on writes (policies.py).
+        _r(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicies",
+            "ValidatingAdmissionPolicy",
+            False,
+            status_subresource=True,
+        ),
+        _r(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicybindings",
+            "ValidatingAdmissionPolicyBinding",
+            False,
+        ),
         _r(
             "policy",
             "v1",

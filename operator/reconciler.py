@@ -372,7 +372,7 @@ class Reconciler:
         except PermanentError as exc:
             return status_mod.invalid(obj, exc), None
         spec, current = adapter.spec, adapter.status
-        version = version_of(spec.path, spec.revision)
+        version = version_of(spec.path, spec.revision, spec.digest)
         decision = allocation.decide(current, version)
         ids = status_mod.IdState(current.id if current else None, version, decision.previous_id)
         taken: int | None = None

@@ -28,6 +28,7 @@ RUNS = {
         ["LoRA / base"],
     ),
     "bench_prefetch.py": (["--mb", "4", "--repeat", "1", "--kinds", "local,s3"], ["ratio"]),
+    "bench_provenance.py": (["--mb", "4", "--repeat", "1"], ["digest+verify / prefetch", "library verify /"]),
     "bench_engine.py": (
         ["--rounds", "1", "--prefill-rounds", "1", "--no-peft"],
         ["ours/base", "device bytes per slot"],

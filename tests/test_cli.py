@@ -161,3 +161,73 @@ def test_validate_speaks_to_a_cli_user(base_and_adapters: tuple[Path, Path, Path
     relative = run(str(BIN / "loraplane"), "validate", good.name, "--base-model", str(base), timeout=120)
     assert relative.returncode != 0  # a bare name is a Hub id (org/name required), not a file next to you
     assert "Traceback" not in relative.stderr
+
+
+# --- loraplane validate: provenance (docs/provenance.md) -----------------------------------------------
+def test_validate_digest_and_expect_digest(base_and_adapters: tuple[Path, Path, Path]) -> None:
+    from loraplane.worker import provenance
+
+    base, good, bad = base_and_adapters
+    alone = validate("--digest", str(good))
+    want = provenance.digest_of(provenance.file_digests(good))
+    assert (alone.returncode, alone.stdout) == (0, want + "\n"), alone.stderr  # the digest alone, for scripts
+    full = validate(
+        str(good), "--base-model", str(base), "--max-lora-rank", "8", "--digest", "--output", "json"
+    )
+    assert full.returncode == 0 and json.loads(full.stdout)["digest"] == want, full.stderr
+    pinned = validate(str(good), "--expect-digest", want, "--output", "json")
+    assert pinned.returncode == 0 and json.loads(pinned.stdout)["valid"], pinned.stderr
+    other = validate(str(bad), "--expect-digest", want, "--output", "json")
+    result = json.loads(other.stdout)
+    assert (other.returncode, result["exitCode"], result["valid"]) == (1, 1, False)
+    (problem,) = result["problems"]
+    assert (
+        problem["reason"] == "DigestMismatch"
+        and want in problem["message"]
+        and result["digest"] in problem["message"]
+    )
+    malformed = validate(str(good), "--expect-digest", "sha1:abc")
+    assert malformed.returncode == 2 and "--expect-digest must match" in malformed.stderr
+    neither = validate(str(good))
+    assert neither.returncode == 2 and "--base-model is required unless" in neither.stderr
+
+
+def test_validate_verify_exit_codes_and_json(tmp_path: Path) -> None:
+    from support import adapters, signing
+
+    key, public = signing.key_pair(tmp_path / "keys", "team")
+    _, other = signing.key_pair(tmp_path / "keys", "other")
+    chain = signing.certificate_chain(tmp_path / "pki", "team")
+    by_key = adapters.write_adapter(tmp_path / "by-key")
+    signing.sign_with_key(by_key, key)
+    by_cert = adapters.write_adapter(tmp_path / "by-cert")
+    signing.sign_with_certificate(by_cert, chain)
+    unsigned = adapters.write_adapter(tmp_path / "unsigned")
+
+    def verify(d: Path, *trust: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+        out = validate(str(d), "--verify", *trust, "--output", "json")
+        return out.returncode, json.loads(out.stdout)
+
+    code, result = verify(by_key, "--public-key", str(other), "--public-key", str(public))
+    assert (code, result["valid"], result["signer"]) == (0, True, "key team.pub"), result
+    code, result = verify(by_cert, "--certificate-chain", str(chain.root))
+    assert (code, result["signer"]) == (0, "certificate CN=team release signer,O=team"), result
+    for d, trust, reason in [
+        (unsigned, ("--public-key", str(public)), "SignatureMissing"),
+        (by_key, ("--public-key", str(other)), "UntrustedSigner"),
+        (by_key, (), "UntrustedSigner"),  # no trust material given
+    ]:
+        code, result = verify(d, *trust)
+        assert (code, result["valid"], [p["reason"] for p in result["problems"]]) == (1, False, [reason]), (
+            result
+        )
+    weights = by_key / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    code, result = verify(by_key, "--public-key", str(public))
+    assert code == 1 and result["problems"][0]["reason"] == "SignatureInvalid", result
+    assert "adapter_model.safetensors differs from the signed file" in result["problems"][0]["message"]
+    text = validate(str(by_cert), "--verify", "--certificate-chain", str(chain.root))
+    assert text.returncode == 0 and "signature OK: model.sig signed by certificate" in text.stdout, (
+        text.stderr
+    )

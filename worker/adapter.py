@@ -25,6 +25,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+SIGNATURE_FILE = "model.sig"  # an OpenSSF model signature (sigstore bundle), as `model_signing sign` names it
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 # --- reasons (the worker's, the CLI's and the engine's) ------------------------------------------

@@ -39,7 +39,7 @@ from typing import BinaryIO
 from prometheus_client import Counter, Gauge, Histogram
 
 from loraplane.crds.errors import LoraplaneError, ValidationFailed
-from loraplane.worker import adapter, sources, tensorfile
+from loraplane.worker import adapter, provenance, sources, tensorfile
 from loraplane.worker.sources import ResolvedSource, SourceSettings
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class CachedFile:
 
 @dataclass(frozen=True)
 class CachedAdapter:
-    """A complete cache entry: ``path`` holds adapter_config.json and adapter_model.safetensors."""
+    """A complete cache entry: ``path`` holds adapter_config.json and adapter_model.safetensors (and
+    model.sig when the source has one)."""
 
     cache_key: str
     path: Path
@@ -90,6 +91,16 @@ class CachedAdapter:
 
     def sha256(self, name: str = sources.WEIGHTS_FILE) -> str:
         return next(f.sha256 for f in self.files if f.name == name)
+
+    @property
+    def file_digests(self) -> dict[str, str]:
+        """{name: sha256} of the adapter's files (not its signature), hashed as the bytes arrived."""
+        return {f.name: f.sha256 for f in self.files if f.name not in sources.OPTIONAL_FILES}
+
+    @property
+    def digest(self) -> str:
+        """The canonical manifest's digest (``sha256:<hex>``, provenance.py), with no second read."""
+        return provenance.digest_of(self.file_digests)
 
 
 class AdapterCache:

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge
 
 from loraplane.crds.errors import LoraplaneError
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
-from loraplane.worker import basemodel, sources, validate
+from loraplane.worker import basemodel, provenance, sources, validate
 from loraplane.worker.cache import AdapterCache, CachedAdapter
 from loraplane.worker.engines import Adapter
 from loraplane.worker.registry import AdapterVersion, Registry, State
@@ -74,8 +74,14 @@ class Controller:
         max_concurrent: int = 16,
         on_change: Callable[[], None] = lambda: None,
         engine_ready: asyncio.Event | None = None,
+        trust: provenance.Trust | None = None,
+        require_signatures: bool = False,
     ) -> None:
         self.registry = registry
+        # Whom this pool trusts to sign adapters, and whether every adapter needs a signature (else only
+        # those whose spec.signature asks for one).
+        self.trust = trust or provenance.Trust()
+        self.require_signatures = require_signatures
         # Set once the engine can serve (base weights loaded). Until then a validated adapter is not
         # reported Ready: a status that says Ready while nothing can be served is the failure we avoid.
         self.engine_ready = engine_ready
@@ -205,6 +211,7 @@ class Controller:
         else:
             self.cache.unpin(cached.cache_key)  # already held by this version: keep one pin
         self._set(known, "Validating")
+        signer = await asyncio.to_thread(self._provenance, want, cached)
         summary = await asyncio.to_thread(
             validate.validate_adapter,
             cached.path,
@@ -221,6 +228,8 @@ class Controller:
             targetModules=list(summary.target_modules)[:64],
             sizeBytes=summary.size_bytes,
             sha256=summary.sha256,
+            digest=cached.digest,
+            signer=signer,
             resolvedRevision=resolved.resolved_revision,
         )
         for warning in summary.warnings:
@@ -249,6 +258,19 @@ class Controller:
         )
         log.info("adapter %s id %d Ready (rank %d, %s)", want.adapter, want.id, summary.rank, resolved.uri)
         self._retire_older(known)
+
+    def _provenance(self, want: DesiredAdapter, cached: CachedAdapter) -> str | None:
+        """Check the pinned digest and the signature before anything reads the files; the signer, if any.
+
+        A refusal is permanent: the version is Failed and its files leave the cache (``_prepare``)."""
+        where = f"adapter {want.adapter} ({want.path})"
+        if want.digest is not None:
+            provenance.check_digest(want.digest, cached.digest, where)
+        if not (self.require_signatures or want.signature_required):
+            return None
+        return provenance.verify(
+            cached.path / provenance.SIGNATURE_FILE, cached.file_digests, self.trust, where
+        )
 
     async def _resolve(self, want: DesiredAdapter) -> sources.ResolvedSource:
         """Resolve the path; when the Hub is unreachable, fall back to the resolution recorded when the

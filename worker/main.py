@@ -173,6 +173,8 @@ class WorkerApp:
             max_concurrent=s.max_concurrent_prepares,
             on_change=self.report.mark_dirty,
             engine_ready=self.engine_ready,
+            trust=s.trust(),
+            require_signatures=s.signatures_required,
         )
 
     # --- running ---------------------------------------------------------------------------------

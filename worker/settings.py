@@ -98,6 +98,19 @@ class WorkerSettings:
     """S3 region. Empty: boto3's standard chain (AWS_REGION, config file)."""
     hf_endpoint: str = ""
     """Hugging Face Hub URL or mirror. Empty: huggingface_hub's default (HF_ENDPOINT). Token: HF_TOKEN."""
+    require_signatures: str = "off"
+    """on: serve only adapters with a valid OpenSSF model signature (model.sig) from a trusted signer;
+    off: only those whose spec.signature.required asks for one. Either way spec.digest is enforced."""
+    signature_public_keys: tuple[str, ...] = ()
+    """PEM public keys (files, e.g. from a mounted Secret) whose model signatures are trusted."""
+    signature_certificate_chain: tuple[str, ...] = ()
+    """PEM certificates (root and intermediates, files) a signing certificate must chain to."""
+    signature_identity: str = ""
+    """Sigstore keyless: the signer identity to trust (needs --signature-oidc-issuer and network access)."""
+    signature_oidc_issuer: str = ""
+    """Sigstore keyless: the OIDC issuer of --signature-identity (e.g. https://token.actions.githubusercontent.com)."""
+    signature_trust_config: str = ""
+    """Sigstore keyless: a trust configuration file for a private Sigstore instance. Empty: the public one."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
     log_format: str = "text"
@@ -136,6 +149,22 @@ class WorkerSettings:
         return _SWITCH.get(self.access_log.lower(), True)
 
     @property
+    def signatures_required(self) -> bool:
+        return _SWITCH.get(self.require_signatures.lower(), False)
+
+    def trust(self) -> Any:
+        """The pool's trust material as provenance.Trust."""
+        from loraplane.worker.provenance import Trust
+
+        return Trust(
+            public_keys=tuple(Path(p) for p in self.signature_public_keys),
+            certificate_chain=tuple(Path(p) for p in self.signature_certificate_chain),
+            sigstore_identity=self.signature_identity,
+            sigstore_issuer=self.signature_oidc_issuer,
+            sigstore_trust_config=Path(self.signature_trust_config) if self.signature_trust_config else None,
+        )
+
+    @property
     def object_name(self) -> str:
         """The LoRAWorker object name."""
         # Outside a Pod, the port tells apart several workers on one host (the local demo runs two).
@@ -147,7 +176,14 @@ class WorkerSettings:
 
 
 # Flags whose meaning is a list; environment and flags take comma-separated values.
-_LISTS = {"local_roots", "namespaces", "api_keys", "public_paths"}
+_LISTS = {
+    "local_roots",
+    "namespaces",
+    "api_keys",
+    "public_paths",
+    "signature_public_keys",
+    "signature_certificate_chain",
+}
 _ENV_ALIASES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "node_name": "NODE_NAME"}
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
@@ -392,6 +428,7 @@ def check(s: WorkerSettings) -> WorkerSettings:
         raise ConfigError(f"--log-format must be text or json, got {s.log_format!r}")
     if s.access_log.lower() not in _SWITCH:
         raise ConfigError(f"--access-log must be on or off, got {s.access_log!r}")
+    _check_signing(s)
     if s.log_level.upper() not in _LEVELS:
         raise ConfigError(f"--log-level must be one of {sorted(_LEVELS)}, got {s.log_level!r}")
     for root in s.local_roots:
@@ -416,6 +453,24 @@ def check(s: WorkerSettings) -> WorkerSettings:
     if s.engine == "vllm":
         _check_vllm(s)
     return dataclasses.replace(s, served_model_name=served, log_level=s.log_level.upper())
+
+
+def _check_signing(s: WorkerSettings) -> None:
+    """Trust material that exists, and some whenever every adapter must be signed."""
+    if s.require_signatures.lower() not in _SWITCH:
+        raise ConfigError(f"--require-signatures must be on or off, got {s.require_signatures!r}")
+    for name in ("signature_public_keys", "signature_certificate_chain", "signature_trust_config"):
+        value = getattr(s, name)
+        for path in value if isinstance(value, tuple) else (value,) if value else ():
+            if not os.path.isfile(path):
+                raise ConfigError(f"{flag(name)} {path}: no such file (mount the Secret or ConfigMap there)")
+    if bool(s.signature_identity) != bool(s.signature_oidc_issuer):
+        raise ConfigError("--signature-identity and --signature-oidc-issuer go together: set both or neither")
+    if s.signatures_required and not s.trust().configured:
+        raise ConfigError(
+            "--require-signatures on needs trust material: --signature-public-keys, "
+            "--signature-certificate-chain or --signature-identity with --signature-oidc-issuer"
+        )
 
 
 def _check_vllm(s: WorkerSettings) -> None:

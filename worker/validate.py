@@ -7,7 +7,9 @@ Every problem is collected before one ``ValidationFailed`` is raised (the vLLM
 config.json alone (cross-checked against the checkpoint's safetensors header when present), so
 the CLI stays light.
 
-The same checks are a CLI: ``loraplane validate ADAPTER --base-model MODEL_DIR``.
+The same checks are a CLI: ``loraplane validate ADAPTER --base-model MODEL_DIR``, which also prints an
+adapter's digest (``--digest``), checks a pin (``--expect-digest``) and verifies its OpenSSF model
+signature (``--verify``) as a worker would (provenance.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,6 +27,8 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from loraplane.crds.errors import LoraplaneError, PermanentError, ValidationFailed
+from loraplane.crds.models import DIGEST_PATTERN
+from loraplane.worker import provenance
 from loraplane.worker.adapter import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE, PeftAdapter
 from loraplane.worker.basemodel import ModelConfig
 
@@ -125,14 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     """`loraplane validate ADAPTER --base-model MODEL_DIR`: 0 valid, 1 refused, 2 cannot check."""
     ap = argparse.ArgumentParser(
         prog="loraplane validate",
-        description="Check a PEFT LoRA adapter against a base model, as a worker would. "
-        "Exit 0: valid; 1: a worker would refuse it (every reason listed); 2: it could not be checked.",
+        description="Check a PEFT LoRA adapter against a base model, as a worker would; print its digest "
+        "(--digest), check a pinned digest (--expect-digest) and verify its OpenSSF model signature "
+        "(--verify). Exit 0: valid; 1: a worker would refuse it (every reason listed); 2: it could not "
+        "be checked.",
     )
     ap.add_argument(
         "adapter",
         help="adapter directory, or a path as in spec.path (org/name, hf://, s3://, /abs, file://)",
     )
-    ap.add_argument("--base-model", required=True, help="the base model's checkpoint directory (config.json)")
+    ap.add_argument(
+        "--base-model",
+        help="the base model's checkpoint directory (config.json); optional with --digest, --expect-digest "
+        "or --verify, which then check only the files",
+    )
     ap.add_argument("--max-lora-rank", type=int, default=64, help="the worker's maxLoraRank (default 64)")
     ap.add_argument("--max-length", type=int, default=None, help="spec.longContext.maxLength to check")
     ap.add_argument("--served-base-name", dest="served_model", help="the base-model name the worker serves")
@@ -151,7 +162,29 @@ def main(argv: list[str] | None = None) -> int:
         default="text",
         help="json: one object on stdout (valid, exitCode, problems, warnings, summary) for pipelines",
     )
+    prov = ap.add_argument_group("provenance (docs/provenance.md)")
+    prov.add_argument(
+        "--digest",
+        action="store_true",
+        help="print the adapter's digest (sha256:..., spec.digest's form); alone, only the digest is printed",
+    )
+    prov.add_argument("--expect-digest", metavar="sha256:HEX", help="refuse (DigestMismatch) other files")
+    prov.add_argument(
+        "--verify",
+        action="store_true",
+        help="require a valid model.sig from a trusted signer (SignatureMissing, SignatureInvalid, UntrustedSigner)",
+    )
+    prov.add_argument("--public-key", action="append", default=[], metavar="PEM", help="a trusted public key")
+    prov.add_argument(
+        "--certificate-chain", action="append", default=[], metavar="PEM", help="trusted CA certificates"
+    )
+    prov.add_argument("--sigstore-identity", default="", help="sigstore keyless: the trusted signer identity")
+    prov.add_argument("--sigstore-issuer", default="", help="sigstore keyless: its OIDC issuer")
     args = ap.parse_args(argv)
+    if not (args.base_model or args.digest or args.expect_digest or args.verify):
+        ap.error("--base-model is required unless --digest, --expect-digest or --verify is given")
+    if args.expect_digest and not re.fullmatch(DIGEST_PATTERN, args.expect_digest):
+        ap.error(f"--expect-digest must match {DIGEST_PATTERN}, got {args.expect_digest!r}")
     with tempfile.TemporaryDirectory(prefix="loraplane-validate-") as tmp:
         code, result = _check(args, Path(tmp))
     if args.output == "json":
@@ -163,9 +196,11 @@ def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]
     """(exit code, the JSON result); in text mode it also prints as it goes."""
     text = args.output == "text"
     result: dict[str, object] = {"valid": False, "problems": [], "warnings": [], "summary": None}
+    quiet = text and args.digest and not (args.base_model or args.verify or args.expect_digest)
 
     def say(line: str) -> None:
-        print(line, file=sys.stdout if text else sys.stderr)
+        if not quiet:  # `loraplane validate --digest DIR` prints the digest alone, for scripts
+            print(line, file=sys.stdout if text else sys.stderr)
 
     def problems(code: int, found: list[tuple[str, str]], heading: str) -> tuple[int, dict[str, object]]:
         result["problems"] = [{"reason": r, "message": m} for r, m in found]
@@ -176,16 +211,40 @@ def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]
         return code, result
 
     try:
-        base = ModelConfig.from_dir(Path(args.base_model), name=args.served_model)
-        adapter_dir = _fetch_for_cli(args, tmp, say)
+        base = (
+            ModelConfig.from_dir(Path(args.base_model), name=args.served_model) if args.base_model else None
+        )
+        adapter_dir, digests = _fetch_for_cli(args, tmp, say)
+        result["digest"] = provenance.digest_of(digests)
+        if quiet:
+            print(result["digest"])
+        say(f"digest {result['digest']} over {', '.join(sorted(digests))}")
+        if args.expect_digest:
+            provenance.check_digest(args.expect_digest, str(result["digest"]), str(adapter_dir))
+        if args.verify:
+            trust = provenance.Trust(
+                public_keys=tuple(Path(p) for p in args.public_key),
+                certificate_chain=tuple(Path(p) for p in args.certificate_chain),
+                sigstore_identity=args.sigstore_identity,
+                sigstore_issuer=args.sigstore_issuer,
+            )
+            signer = provenance.verify(
+                adapter_dir / provenance.SIGNATURE_FILE, digests, trust, str(adapter_dir)
+            )
+            result["signer"] = signer
+            say(f"signature OK: {provenance.SIGNATURE_FILE} signed by {signer}")
     except LoraplaneError as e:
         # A path a worker with these roots would refuse is a refusal; anything else could not be checked.
         from loraplane.worker.sources import refs
 
-        code = 1 if e.reason in (refs.PATH_NOT_ALLOWED, refs.SYMLINK_ESCAPE, refs.INVALID_PATH) else 2
+        refused = (refs.PATH_NOT_ALLOWED, refs.SYMLINK_ESCAPE, refs.INVALID_PATH, *provenance.REASONS)
+        code = 1 if e.reason in refused else 2
         return problems(code, [(e.reason, e.message)], "REFUSED:" if code == 1 else "cannot check:")
     except Exception as e:  # a source failure: name it, do not trace
         return problems(2, [(type(e).__name__, str(e))], "cannot check:")
+    if base is None:
+        result["valid"] = True
+        return 0, result
     say(f"base model {base.name} ({base.model_type}): hidden_size {base.hidden_size}, {base.num_layers} layers, "
         f"vocab {base.vocab_size}, max length {base.max_length}")  # fmt: skip
     say(f"checking {adapter_dir}: config, safetensors header, rank <= {args.max_lora_rank}, target modules, "
@@ -214,9 +273,11 @@ def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]
     return 0, result
 
 
-def _fetch_for_cli(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -> Path:
+def _fetch_for_cli(
+    args: argparse.Namespace, tmp: Path, say: Callable[[str], None]
+) -> tuple[Path, dict[str, str]]:
     """A local directory checked against --local-roots (default: itself) and read in place; any other
-    spec.path resolved and downloaded into a temporary cache."""
+    spec.path resolved and downloaded into a temporary cache. With the adapter files' sha256s."""
     from loraplane.worker import cache, sources
 
     spec = args.adapter
@@ -228,12 +289,12 @@ def _fetch_for_cli(args: argparse.Namespace, tmp: Path, say: Callable[[str], Non
             raise PermanentError(sources.SOURCE_NOT_FOUND, f"{local}: no such directory")
         settings = sources.SourceSettings(local_roots=roots or (local,))
         sources.resolve(f"file://{local}", args.revision, settings)  # the worker's path rules
-        return local
+        return local, provenance.file_digests(local)
     settings = sources.SourceSettings(s3_endpoint_url=args.s3_endpoint_url)
     resolved = sources.resolve(spec, args.revision, settings)
     entry = cache.AdapterCache(tmp, 1 << 40, sources_settings=settings, retries=1).prefetch(resolved)
     say(f"fetched {resolved.uri} at {resolved.resolved_revision} into {entry.path}")
-    return entry.path
+    return entry.path, entry.file_digests
 
 
 if __name__ == "__main__":

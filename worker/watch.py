@@ -49,9 +49,13 @@ class DesiredAdapter:
     max_length: int | None  # spec.longContext.maxLength
     uid: str = ""
     stale: bool = False
-    """The operator has not caught up with the spec: a new version (path/revision) has no ID yet, so
+    """The operator has not caught up with the spec: a new version (path/revision/digest) has no ID yet, so
     status.id still names the previous one, or NameAvailable was decided for an older generation (the
     served name may have changed). Keep serving what we have; start nothing."""
+    digest: str | None = None
+    """spec.digest: the fetched files must hash to it."""
+    signature_required: bool = False
+    """spec.signature.required: serve it only with a valid signature."""
 
 
 def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | None:
@@ -81,16 +85,17 @@ def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | Non
         and generation is not None
         and name.observedGeneration != generation
     )
-    moved = status.version is not None and status.version != version_of(
-        adapter.spec.path, adapter.spec.revision
-    )
+    want = adapter.spec
+    moved = status.version is not None and status.version != version_of(want.path, want.revision, want.digest)
     return DesiredAdapter(
         id=status.id,
         adapter=key,
         served_name=adapter.served_name,
-        path=adapter.spec.path,
-        revision=adapter.spec.revision,
-        max_length=adapter.spec.longContext.maxLength if adapter.spec.longContext else None,
+        path=want.path,
+        revision=want.revision,
+        max_length=want.longContext.maxLength if want.longContext else None,
+        digest=want.digest,
+        signature_required=want.signature is not None and want.signature.required,
         uid=str(meta.get("uid", "")),
         stale=moved or undecided,
     )

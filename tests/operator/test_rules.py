@@ -45,6 +45,22 @@ def test_decide_keeps_same_version_and_records_previous_on_change() -> None:
     assert version_of("/m/a", None) == version_of("/m/a", "")  # no revision = empty
 
 
+def test_a_digest_is_part_of_the_version() -> None:
+    """spec.digest alone (same path) is a new version; without one, the version is the value written before
+    digests existed (sha256 of "path\nrevision"), so no adapter gets a new ID on upgrade."""
+    import hashlib
+
+    d1, d2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    legacy = hashlib.sha256(b"/m/a\nr1").hexdigest()[:16]
+    assert version_of("/m/a", "r1") == version_of("/m/a", "r1", None) == legacy
+    versions = {version_of("/m/a", "r1", d) for d in (None, d1, d2)} | {version_of("/m/a", "r2", d1)}
+    assert len(versions) == 4  # adding, changing a digest, and a revision with the same digest all move it
+    five = LoRAAdapterStatus(id=5, version=legacy)
+    assert allocation.decide(five, version_of("/m/a", "r1", d1)) == allocation.IdDecision(
+        keep=False, previous_id=5
+    )
+
+
 def test_restore_hint_names_a_safe_value_and_both_ways() -> None:
     s = OperatorSettings(ledger_namespace="ops", safety_gap=100)
     hint = allocation.restore_hint(s, 41)

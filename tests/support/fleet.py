@@ -97,7 +97,7 @@ class Adapters:
         from loraplane.crds.models import version_of
 
         spec = self.get(name)["spec"]
-        version = version_of(spec["path"], spec.get("revision"))
+        version = version_of(spec["path"], spec.get("revision"), spec.get("digest"))
         return self.set_status(name, {"id": adapter_id, "version": version, "conditions": [cond]})
 
     def counts(self, name: str) -> dict[str, int] | None:

@@ -117,3 +117,47 @@ def test_retryable_errors_retry_and_a_bad_adapter_blocks_nothing(world):
         c.reconcile({})
 
     asyncio.run(scenario())
+
+
+def test_a_pool_that_requires_signatures_loads_only_verified_adapters(world, tmp_path):
+    """--require-signatures: an unsigned adapter and a mispinned one fail with their reasons before any
+    load; the refused files leave the cache unless a verified version holds the same files."""
+    from support import signing
+
+    from loraplane.worker import provenance
+
+    base, root, cache_dir = world
+    key, public = signing.key_pair(tmp_path / "keys", "team")
+    signed = adapters_mod.write_adapter(root / "signed", seed=1)
+    signing.sign_with_key(signed, key)
+    unsigned = adapters_mod.write_adapter(root / "unsigned", seed=2)
+    digest = provenance.digest_of(provenance.file_digests(signed))
+    loaded: list[int] = []
+
+    async def scenario():
+        trust = provenance.Trust(public_keys=(public,))
+        c, _, cache = _controller(base, root, cache_dir, trust=trust, require_signatures=True)
+
+        async def load(adapter):
+            loaded.append(adapter.id)
+
+        c.load_adapter = load
+        c.reconcile({
+            1: DesiredAdapter(1, "ns/a", "a", str(signed), None, None, "u", digest=digest),
+            2: _want(2, unsigned, name="b", key="ns/b"),
+            3: DesiredAdapter(3, "ns/c", "c", str(signed), None, None, "u", digest="sha256:" + "0" * 64),
+        })  # fmt: skip
+        await _until(lambda: c.states() == {1: "Ready", 2: "Failed", 3: "Failed"})
+        reports = {r.id: r for r in c.reports()}
+        assert {i: r.reason for i, r in reports.items()} == {
+            1: None,
+            2: "SignatureMissing",
+            3: "DigestMismatch",
+        }
+        assert loaded == [1]
+        assert (reports[1].info.digest, reports[1].info.signer) == (digest, "key team.pub")
+        # The unsigned files left the cache; the signed ones stay (version 1 serves them; 3 shared them).
+        assert [e.digest for e in cache.entries()] == [digest]
+        c.reconcile({})
+
+    asyncio.run(scenario())

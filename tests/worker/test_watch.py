@@ -206,6 +206,9 @@ def _obj(
     return obj
 
 
+DIGEST = "sha256:" + "ab" * 32
+
+
 @pytest.mark.parametrize(
     "obj, expected",
     [
@@ -217,6 +220,10 @@ def _obj(
         (_obj("a", version="0123456789abcdef"),  # the spec moved on; status.id names the previous version
          DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
         (_obj("a", observed=3), DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1")),
+        (_obj("a", spec={"digest": DIGEST, "signature": {}}, version=version_of("/models/x", None, DIGEST)),
+         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", digest=DIGEST, signature_required=True)),
+        (_obj("a", spec={"digest": DIGEST}, version=version_of("/models/x", None)),  # pinned: a new version
+         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True, digest=DIGEST)),
         (_obj("a", observed=2),  # NameAvailable decided for an older spec (the name may have changed)
          DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
         (_obj("a", name_available=None), None),  # the operator has not decided the name yet

@@ -111,6 +111,16 @@ def test_adapters_become_ready_failed_or_ignored_and_are_reported(kube, namespac
         ),
         (["--drain-seconds", "-1"], "--drain-seconds must be zero or a positive number of seconds"),
         (["--public-paths", "health"], "--public-paths 'health' must be a path starting with /"),
+        (["--require-signatures", "yes please"], "--require-signatures must be on or off"),
+        (["--require-signatures", "on"], "--require-signatures on needs trust material"),
+        (
+            ["--signature-public-keys", "/nonexistent/team.pub"],
+            "--signature-public-keys /nonexistent/team.pub: no such file",
+        ),
+        (
+            ["--signature-identity", "ci@example.com"],
+            "--signature-identity and --signature-oidc-issuer go together",
+        ),
         (
             ["--kubeconfig", "/nonexistent/kubeconfig"],
             "--kubeconfig: cannot load Kubernetes credentials from /nonexistent",

@@ -11,8 +11,9 @@ admission accepts, and ``revision`` is what the CRD says: a Hub revision, or for
 Importing this package scrubs credentials from every log record (redaction.py): the clients below
 log signed headers at DEBUG.
 
-Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever fetched; a source that only
-offers ``adapter_model.bin`` (a pickle) is refused with ``PickleRefused``.
+Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever fetched, and ``model.sig`` (an
+OpenSSF model signature, provenance.py) when the source has one; a source that only offers
+``adapter_model.bin`` (a pickle) is refused with ``PickleRefused``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from loraplane.worker.sources.refs import CONFIG_FILE as CONFIG_FILE
 from loraplane.worker.sources.refs import FILE_MISSING as FILE_MISSING
 from loraplane.worker.sources.refs import INVALID_PATH as INVALID_PATH
 from loraplane.worker.sources.refs import OFFLINE_NOT_CACHED as OFFLINE_NOT_CACHED
+from loraplane.worker.sources.refs import OPTIONAL_FILES as OPTIONAL_FILES
 from loraplane.worker.sources.refs import PATH_NOT_ALLOWED as PATH_NOT_ALLOWED
 from loraplane.worker.sources.refs import PICKLE_FILE as PICKLE_FILE
 from loraplane.worker.sources.refs import PICKLE_REFUSED as PICKLE_REFUSED

@@ -17,10 +17,20 @@ from typing import Any
 
 from loraplane.crds.errors import LoraplaneError
 from loraplane.worker import redaction
-from loraplane.worker.adapter import ADAPTER_FILES, CONFIG_FILE, PICKLE_FILE, PICKLE_REFUSED, WEIGHTS_FILE
+from loraplane.worker.adapter import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    PICKLE_FILE,
+    PICKLE_REFUSED,
+    SIGNATURE_FILE,
+    WEIGHTS_FILE,
+)
 from loraplane.worker.basemodel import FILE_MISSING, TOO_LARGE
 
 CHUNK = 4 << 20
+# Fetched with the adapter when the source has it: its signature (provenance.py), small and never loaded.
+OPTIONAL_FILES = (SIGNATURE_FILE,)
+LISTED_FILES = (*ADAPTER_FILES, *OPTIONAL_FILES)
 
 # --- reasons -------------------------------------------------------------------------------------
 INVALID_PATH = "InvalidPath"
@@ -153,15 +163,19 @@ def cache_key_for(kind: str, uri: str, resolved_revision: str) -> str:
 def make_resolved(
     kind: str, uri: str, rev: str, files: list[RemoteFile], requested: str | None, **kw: Any
 ) -> ResolvedSource:
-    order = {n: i for i, n in enumerate(ADAPTER_FILES)}
+    order = {n: i for i, n in enumerate(LISTED_FILES)}
     files.sort(key=lambda f: order.get(f.name, 99))
-    return ResolvedSource(kind, uri, rev, tuple(files), cache_key_for(kind, uri, rev), requested, **kw)
+    # A source that gained a signature is a new cache entry even where its revision did not move.
+    extra = "".join(f"\0{f.name}" for f in files if f.name not in ADAPTER_FILES)
+    key = cache_key_for(kind, uri, rev + extra)
+    return ResolvedSource(kind, uri, rev, tuple(files), key, requested, **kw)
 
 
 def check_listing(
     uri: str, present: dict[str, RemoteFile], names: set[str], settings: SourceSettings
 ) -> list[RemoteFile]:
-    """The adapter files from a listing, or the named failure (pickle only, missing, too large)."""
+    """The adapter files from a listing (and the optional ones it has), or the named failure (pickle only,
+    missing, too large)."""
     if WEIGHTS_FILE not in present:
         if PICKLE_FILE in names:
             raise permanent(
@@ -176,13 +190,12 @@ def check_listing(
         raise permanent(
             FILE_MISSING, f"{uri} has no {CONFIG_FILE}; a PEFT LoRA adapter needs {ADAPTER_FILES}"
         )
-    for f, limit in (
-        (present[CONFIG_FILE], settings.max_config_bytes),
-        (present[WEIGHTS_FILE], settings.max_file_bytes),
-    ):
+    files = [present[n] for n in LISTED_FILES if n in present]
+    for f in files:
+        limit = settings.max_file_bytes if f.name == WEIGHTS_FILE else settings.max_config_bytes
         if f.size > limit:
             raise permanent(TOO_LARGE, f"{uri}: {f.name} is {f.size} bytes, above the limit of {limit} bytes")
-    return [present[n] for n in ADAPTER_FILES]
+    return files
 
 
 @dataclass(frozen=True)

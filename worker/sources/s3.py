@@ -16,6 +16,7 @@ from loraplane.worker.sources.refs import (
     ADAPTER_FILES,
     CHUNK,
     FILE_MISSING,
+    OPTIONAL_FILES,
     SOURCE_CHANGED,
     SOURCE_FORBIDDEN,
     SOURCE_NOT_FOUND,
@@ -114,6 +115,12 @@ def resolve(location: str, revision: str | None, settings: SourceSettings) -> Re
             SOURCE_NOT_FOUND,
             f"{uri}: no adapter files (adapter_config.json, adapter_model.safetensors) under this prefix",
         )
+    for name in OPTIONAL_FILES:  # model.sig: one more request, for exactly that key
+        with _s3_errors(uri, settings.s3_endpoint_url):
+            extra = client.list_objects_v2(Bucket=bucket, Prefix=f"{listing_prefix}{name}", MaxKeys=1)
+        for obj in extra.get("Contents", []):
+            if obj["Key"] == f"{listing_prefix}{name}":
+                present[name] = RemoteFile(name, int(obj["Size"]), str(obj["ETag"]).strip('"'))
     files = check_listing(uri, present, names, settings)
     digest = hashlib.sha256("".join(f"{f.name}\0{f.size}\0{f.etag}\n" for f in files).encode()).hexdigest()[
         :40

@@ -124,6 +124,21 @@ loraplane.io/pool: {{ . }}
 {{- if and (gt $gpus 1.0) (ne $engine "vllm") -}}
 {{- fail (printf "workerPools[%d] (%s): asks for %.0f GPUs, but the %s engine runs on one device: the other GPUs would sit idle. Set the GPU request to 1, or use an engine with tensor parallelism (engine: vllm)" $i $pool.name $gpus $engine) -}}
 {{- end -}}
+{{- $signing := $.Values.worker.signing -}}
+{{- if and $pool.requireSignatures (not (or $signing.trust.publicKeys $signing.trust.certificateChain $signing.sigstore.identity)) -}}
+{{- fail (printf "workerPools[%d] (%s): requireSignatures needs trust material: set worker.signing.trust.publicKeys or certificateChain (with secretName or configMapName), or worker.signing.sigstore" $i $pool.name) -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.worker.signing -}}
+{{- if and .trust.secretName .trust.configMapName -}}
+{{- fail "worker.signing.trust: set secretName or configMapName, not both" -}}
+{{- end -}}
+{{- if and (or .trust.publicKeys .trust.certificateChain) (not (or .trust.secretName .trust.configMapName)) -}}
+{{- fail "worker.signing.trust.publicKeys/certificateChain name keys of a Secret or ConfigMap: set worker.signing.trust.secretName or configMapName" -}}
+{{- end -}}
+{{- if ne (empty .sigstore.identity) (empty .sigstore.oidcIssuer) -}}
+{{- fail "worker.signing.sigstore: identity and oidcIssuer go together: set both or neither" -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.watch.clusterWide .Values.watch.namespaces -}}
 {{- fail "watch.namespaces is set but watch.clusterWide is true: set watch.clusterWide=false to watch only those namespaces, or empty watch.namespaces" -}}
