@@ -82,6 +82,7 @@ class Reconciler:
         self._live: dict[str, bool] = {}  # worker ref -> live when last looked at
         self._by_id: dict[int, str] = {}  # adapter ID (current or previous) -> adapter ref
         self._ids_of: dict[str, list[int]] = {}  # adapter ref -> the IDs it is indexed under
+        self._wrote: dict[str, int] = {}  # adapter ref -> resourceVersion of our last status write
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class Reconciler:
                         self._seen_max = max(self._seen_max, view.max_id)
                         workers[view.ref] = view
         self.adapters, self.workers, self.names, self._holders = {}, workers, NameIndex(), {}
-        self._by_id, self._ids_of = {}, {}
+        self._by_id, self._ids_of, self._wrote = {}, {}, {}  # a replaced store may reuse versions
         now, window = time.time(), self.settings.heartbeat_window
         self._live = {ref: w.live(now, window) for ref, w in workers.items()}
         for obj in adapters:
@@ -190,13 +191,17 @@ class Reconciler:
                 return  # Already recreated under the same name.
             self.adapters.pop(ref, None)
             self._locks.pop(ref, None)
+            self._wrote.pop(ref, None)
             self._index(ref, [])
             touched = self.names.release(ref)
             await self._handover(touched, deleted=ref)
             return
         current = self.adapters.get(ref)
-        if current is not None and uid_of(current) == uid_of(obj) and _newer(current, obj):
-            obj = current  # Our own write's answer is newer than this event.
+        if current is not None and uid_of(current) == uid_of(obj):
+            if _rv(obj) <= self._wrote.get(ref, -1):
+                return  # The echo of our own status write (or older): its reconcile is done.
+            if _newer(current, obj):
+                obj = current  # Our own write's answer is newer than this event.
         touched = self._remember_adapter(obj)
         await self.reconcile(ref)
         await self._handover(touched, deleted=None, skip=ref)
@@ -370,6 +375,8 @@ class Reconciler:
                 current = self.adapters.get(ref)
                 if current is None or uid_of(current) == uid_of(result):
                     self.adapters[ref] = result
+                    self._index(ref, ids_in(result))
+                    self._wrote[ref] = _rv(result)
                 self._observe(result)
                 if taken is not None:
                     metrics.IDS_ASSIGNED.inc()
@@ -437,6 +444,14 @@ class Reconciler:
 def adapter_path(namespace: str, name: str = "", subresource: str = "") -> str:
     path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{ADAPTER_PLURAL}"
     return "/".join(p for p in (path, name, subresource) if p)
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    """The resourceVersion as a number (-1 when it is not one: such objects are never skipped)."""
+    try:
+        return int(str((obj.get("metadata") or {}).get("resourceVersion")))
+    except ValueError:
+        return -1
 
 
 def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
