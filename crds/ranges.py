@@ -20,7 +20,7 @@ def encode(ids: Iterable[int]) -> str:
     """Sorted, merged ranges: encode([1, 2, 3, 7]) == "1-3,7"."""
     parts: list[str] = []
     start = prev = None
-    for i in sorted(ids):
+    for i in sorted(set(ids)):
         if prev is not None and i == prev + 1:
             prev = i
             continue
@@ -44,14 +44,6 @@ def decode(text: str) -> list[int]:
             raise ValueError(f"bad ID range {part!r}")
         out.extend(range(lo, hi + 1))
     return out
-
-
-def by_block(ids: Iterable[int]) -> dict[str, str]:
-    """The block map of a whole set (for a full write)."""
-    blocks: dict[str, list[int]] = {}
-    for i in ids:
-        blocks.setdefault(block_of(i), []).append(i)
-    return {k: encode(v) for k, v in sorted(blocks.items(), key=lambda kv: int(kv[0]))}
 
 
 def from_blocks(blocks: dict[str, str] | None) -> list[int]:

@@ -235,6 +235,7 @@ class WorkerReport:
             self._set_detail(i, None)
 
     def _set_exception(self, i: int, detail: dict[str, Any]) -> None:
+        self._overflow.pop(i, None)
         if _is_exception(self._details.get(i)) or self._exceptions < MAX_EXCEPTIONS:
             self._set_detail(i, detail)
         else:
@@ -272,7 +273,8 @@ class WorkerReport:
         """The whole status, as the first write sends it."""
         status = {k: v for k, v in self._counts().items() if v is not None}
         for kind, field in ID_SETS.items():
-            status[field] = {b: ranges.encode(ids) for b, ids in sorted(self._members[kind].items()) if ids}
+            blocks = sorted(self._members[kind].items(), key=lambda kv: int(kv[0]))
+            status[field] = {b: ranges.encode(ids) for b, ids in blocks if ids}
         status["adapters"] = {str(i): d for i, d in sorted(self._details.items())}
         return status
 
