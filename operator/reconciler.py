@@ -83,6 +83,8 @@ class Reconciler:
         self._by_id: dict[int, str] = {}  # adapter ID (current or previous) -> adapter ref
         self._ids_of: dict[str, list[int]] = {}  # adapter ref -> the IDs it is indexed under
         self._wrote: dict[str, int] = {}  # adapter ref -> resourceVersion of our last status write
+        self._due: set[str] = set()  # adapters whose reports changed, recomputed at the window's end
+        self._flusher: asyncio.Task[None] | None = None
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -282,7 +284,20 @@ class Reconciler:
             return
         if not live:
             return
-        refs = {r for i in changed if (r := self._by_id.get(i)) is not None}
+        self._due |= {r for i in changed if (r := self._by_id.get(i)) is not None}
+        if self._due and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.settings.report_window)
+        try:
+            await self.flush()
+        except Exception:  # A background task: log; the adapters' next event or the tick retries.
+            log.exception("recomputing adapters after worker reports failed")
+
+    async def flush(self) -> None:
+        """Recompute now the adapters whose workers' reports changed since the last flush."""
+        refs, self._due = self._due, set()
         if refs:
             metrics.RECONCILES.labels(trigger="worker").inc(len(refs))
             await asyncio.gather(*(self.reconcile(r, counted=True) for r in refs))

@@ -91,11 +91,12 @@ class Fleet:
         await self.worker.write_status()
         obj = await self.api.request("GET", self.worker.path)
         await self.rec.on_worker("MODIFIED", obj)
+        await self.rec.flush()  # what the report window would do a moment later
 
     async def close(self) -> None:
-        task = self.rec.events._task  # Events still being posted use the client
-        if task is not None:
-            await task
+        for task in (self.rec._flusher, self.rec.events._task):  # they still use the client
+            if task is not None:
+                await task
         await self.api.close()
 
     def phase(self, adapter_id: int) -> str | None:
