@@ -260,7 +260,7 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
         complete = got_ids and progress.wait(progress.ready_at, n, end)
         to_ready = (max(progress.ready_at.values(), default=t0) - t0) if complete else time.monotonic() - t0
         # Events are posted in the background after the status writes: count them once writes stop.
-        settle, last = time.monotonic() + 60, -1
+        settle, last = time.monotonic() + 300, -1
         while (rv := _current_rv(co, ns)) != last and time.monotonic() < settle:
             last = rv
             time.sleep(2.0)

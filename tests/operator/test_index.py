@@ -94,9 +94,9 @@ class Fleet:
         await self.rec.flush()  # what the report window would do a moment later
 
     async def close(self) -> None:
-        for task in (self.rec._flusher, self.rec.events._task):  # they still use the client
-            if task is not None:
-                await task
+        if self.rec._flusher is not None:  # it and the Events still use the client
+            await self.rec._flusher
+        await self.rec.events.drained()
         await self.api.close()
 
     def phase(self, adapter_id: int) -> str | None:
