@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loraplane.crds import paths
+from loraplane.crds import paths, ranges
 from loraplane.crds.errors import PermanentError
 
 GROUP = "loraplane.io"
@@ -254,7 +254,8 @@ class LoRAWorkerSpec(_Model):
 
 
 class WorkerAdapterReport(_Model):
-    """One adapter version as this worker sees it, keyed by ID."""
+    """One adapter version as this worker sees it, keyed by ID (the worker's /adapters endpoint; in the
+    LoRAWorker status the same fields, less ``id`` and ``onDevice``, are the exceptions' details)."""
 
     id: AdapterId
     adapter: str = Field(max_length=317, description="namespace/name of the LoRAAdapter.")
@@ -265,17 +266,67 @@ class WorkerAdapterReport(_Model):
     info: AdapterInfo | None = None
 
 
+class WorkerAdapterDetail(_Model):
+    """Why one adapter is not (plainly) Ready on this worker, or what it found in a fresh Ready one."""
+
+    adapter: str = Field(max_length=317, description="namespace/name of the LoRAAdapter.")
+    state: WorkerAdapterState
+    reason: str | None = Field(default=None, max_length=128)
+    message: str | None = Field(default=None, max_length=2048)
+    info: AdapterInfo | None = None
+
+
+RangeString = Annotated[str, Field(max_length=12000, pattern=ranges.RANGE_PATTERN)]
+ID_BLOCKS_HELP = (
+    f"Block map: the first ID of a block of {ranges.BLOCK} IDs -> the IDs of the block in this set, as ranges "
+    '("1-40,42").'
+)
+MAX_DETAILS = 512  # entries of status.adapters (the schema's bound; the worker keeps fewer, see report.py)
+
+
 class LoRAWorkerStatus(_Model):
+    """Counts, the ID sets by state as range blocks, and details only for the exceptions."""
+
+    # It stays small at tens of thousands of adapters: a change rewrites only its block's range string,
+    # and details are kept for the Failed, those waiting with a reason (as many as fit) and the few
+    # that became Ready last (what the worker found in their weights); see worker/report.py.
+
     heartbeatTime: str | None = Field(default=None, max_length=64, json_schema_extra={"format": "date-time"})
     ready: int = Field(default=0, ge=0, description="Adapters Ready on this worker.")
     failed: int = Field(default=0, ge=0, description="Adapters Failed on this worker.")
+    loading: int = Field(
+        default=0, ge=0, description="Adapters still Pending, Prefetching or Validating on this worker."
+    )
     onDevice: int = Field(default=0, ge=0, description="Adapters in device slots now.")
     cacheBytesUsed: int = Field(default=0, ge=0)
-    adapters: list[WorkerAdapterReport] | None = Field(
-        default=None,
-        max_length=8192,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"]},
+    readyIds: dict[str, RangeString] | None = Field(
+        default=None, description="IDs Ready on this worker. " + ID_BLOCKS_HELP
     )
+    failedIds: dict[str, RangeString] | None = Field(
+        default=None, description="IDs Failed on this worker. " + ID_BLOCKS_HELP
+    )
+    loadingIds: dict[str, RangeString] | None = Field(
+        default=None, description="IDs Pending, Prefetching or Validating. " + ID_BLOCKS_HELP
+    )
+    onDeviceIds: RangeString | None = Field(default=None, description="IDs in device slots now, as ranges.")
+    adapters: dict[str, WorkerAdapterDetail] | None = Field(
+        default=None,
+        max_length=MAX_DETAILS,
+        description="Details by ID: every Failed adapter and every one waiting with a reason (as many as "
+        "fit), and the few that became Ready last (what the worker found in the weights).",
+    )
+
+    def states(self) -> dict[int, str]:
+        """ID -> Ready, Failed or Loading, from the ID sets."""
+        out: dict[int, str] = {}
+        for state, blocks in (
+            ("Loading", self.loadingIds),
+            ("Failed", self.failedIds),
+            ("Ready", self.readyIds),
+        ):
+            for i in ranges.from_blocks(blocks):
+                out[i] = state
+        return out
 
 
 class LoRAWorker(_Model):

@@ -165,6 +165,7 @@ def worker_crd() -> dict[str, Any]:
             {"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel"},
             {"name": "Ready", "type": "integer", "jsonPath": ".status.ready"},
             {"name": "Failed", "type": "integer", "jsonPath": ".status.failed"},
+            {"name": "Loading", "type": "integer", "jsonPath": ".status.loading"},
             {"name": "On Device", "type": "integer", "jsonPath": ".status.onDevice"},
             {"name": "Slots", "type": "integer", "jsonPath": ".spec.capacity.maxLoras"},
             {"name": "Heartbeat", "type": "date", "jsonPath": ".status.heartbeatTime"},

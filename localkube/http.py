@@ -21,6 +21,7 @@ from loraplane.localkube.status import ApiError
 
 log = logging.getLogger(__name__)
 MAX_BODY = 3 * 1024 * 1024
+AUDIT_LIMIT = 100_000  # requests kept in ApiState.audit_log; the oldest half goes when it is full
 DISCOVERY_V2 = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
 TABLE_CT = "application/json;as=Table;v=v1;g=meta.k8s.io"
 BODY_415 = (
@@ -39,7 +40,7 @@ PATCH_TYPES = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class AuditEntry:
     """One request as an authorizer sees it (Kubernetes verb names)."""
 
@@ -256,6 +257,8 @@ class Api:
             _user(self.state, request), verb, group, rt.plural, sub, ns or "", name or selected
         )
         self.state.audit_log.append(entry)
+        if len(self.state.audit_log) > AUDIT_LIMIT:  # a long demo or benchmark must not grow without bound
+            del self.state.audit_log[: AUDIT_LIMIT // 2]
         try:
             if self.state.authorization == "RBAC":
                 attrs = rbac.Attributes(verb, group, rt.plural, sub, ns or "", name or selected)

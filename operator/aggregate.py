@@ -1,8 +1,13 @@
 """LoRAWorker reports -> one adapter's status.workers, phase, message, and adapter info.
 
-Workers never write LoRAAdapter objects; each reports every adapter it has, keyed by ID, in its own
-LoRAWorker. A worker counts only while it is alive: its Pod exists (when it names one) and its heartbeat
-is within the window. Everything here is pure, so every replica computes the same answer.
+Workers never write LoRAAdapter objects; each reports every adapter it has in its own LoRAWorker: the
+IDs by state as range blocks, details for the exceptions (see worker/report.py). The operator keeps, per
+worker, ID -> state and details (a WorkerView), updated from each new version of the object by decoding
+only the blocks and details that changed, which also says which adapter IDs changed: only those
+adapters are looked at again. A worker counts only while it is alive: its Pod exists (when it names
+one) and its heartbeat is within the window. The aggregate of one adapter looks its ID up in each live
+worker of its base model: O(workers), whatever the number of adapters. Every replica computes the same
+answer from the same objects.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from loraplane.crds import conditions as cond
+from loraplane.crds import ranges
 from loraplane.crds.models import LoRAWorker, describe_errors
 
 log = logging.getLogger("loraplane.operator.aggregate")
@@ -29,16 +35,25 @@ def parse_time(value: str | None) -> float | None:
         return None
 
 
+Report = dict[str, Any]  # state, and where the worker gave details: reason, message, info
+_PLAIN = {kind: {"state": kind} for kind in ("Ready", "Failed", "Loading")}  # shared: no details
+ID_SETS = {"readyIds": "Ready", "failedIds": "Failed", "loadingIds": "Loading"}
+
+
 @dataclass
 class WorkerView:
-    """What the operator keeps of one LoRAWorker."""
+    """What the operator keeps of one LoRAWorker: per adapter ID its state (from the ID sets) and the
+    details the worker gave, plus the raw blocks, so the next version is compared block by block."""
 
     namespace: str
     name: str
     base_model: str
     pod_name: str | None
     heartbeat: float | None
-    reports: dict[int, dict[str, Any]] = field(default_factory=dict)
+    states: dict[int, str] = field(default_factory=dict)  # id -> Ready / Failed / Loading
+    details: dict[int, Report] = field(default_factory=dict)
+    blocks: dict[str, dict[str, str]] = field(default_factory=dict)  # ID set -> block -> ranges
+    max_id: int = 0
     pod_alive: bool = True
 
     @property
@@ -49,9 +64,32 @@ class WorkerView:
         fresh = self.heartbeat is not None and now - self.heartbeat <= window
         return fresh and (self.pod_name is None or self.pod_alive)
 
+    def report(self, adapter_id: int) -> Report | None:
+        """This worker's report of one ID (None: it does not have it)."""
+        state = self.states.get(adapter_id)
+        if state is None:
+            return None
+        return self.details.get(adapter_id) or _PLAIN[state]
 
-def worker_view(obj: dict[str, Any]) -> WorkerView | None:
-    """Validate a LoRAWorker; an invalid one is logged and ignored (it counts nowhere)."""
+    def same_reports(self, other: WorkerView) -> bool:
+        return self.states == other.states and self.details == other.details
+
+
+def _differs(old: Report | None, new: Report | None) -> bool:
+    """A change that can move an adapter's status (details dropped from a Ready report cannot)."""
+    if old is None or new is None:
+        return old is not new
+    keys = ("state", "reason", "message")
+    return any(old.get(k) != new.get(k) for k in keys) or bool(new.get("info") and not old.get("info"))
+
+
+def worker_view(
+    obj: dict[str, Any], previous: WorkerView | None = None
+) -> tuple[WorkerView | None, set[int]]:
+    """Validate a LoRAWorker (an invalid one is logged and ignored: it counts nowhere) and return its
+    view and the IDs whose report changed since ``previous``. Only the blocks and details that differ
+    from ``previous`` are decoded, and ``previous``'s maps are taken over (updated in place), so a
+    version that changed k adapters costs O(k + blocks + details), not O(adapters)."""
     meta = obj.get("metadata") or {}
     try:
         worker = LoRAWorker.model_validate(obj)
@@ -59,17 +97,51 @@ def worker_view(obj: dict[str, Any]) -> WorkerView | None:
         log.warning(
             "loraworker %s/%s ignored: %s", meta.get("namespace"), meta.get("name"), describe_errors(exc)
         )
-        return None
+        return None, set(previous.states) if previous else set()
     status = worker.status
-    reports = {r.id: r.model_dump(exclude_none=True) for r in (status.adapters or [])} if status else {}
-    return WorkerView(
+    view = WorkerView(
         namespace=meta.get("namespace", ""),
         name=meta.get("name", ""),
         base_model=worker.spec.baseModel,
         pod_name=worker.spec.podName,
         heartbeat=parse_time(status.heartbeatTime if status else None),
-        reports=reports,
     )
+    old_blocks: dict[str, dict[str, str]] = {}
+    old_details: dict[int, Report] = {}
+    if previous is not None:
+        view.states, old_blocks, old_details = previous.states, previous.blocks, previous.details
+    old_states: dict[int, str | None] = {}  # the IDs touched, with their state before this version
+    for field_name, kind in ID_SETS.items():
+        new = dict(getattr(status, field_name) or {}) if status else {}
+        old = old_blocks.get(field_name, {})
+        view.blocks[field_name] = new
+        for block in old.keys() | new.keys():
+            if old.get(block) == new.get(block):
+                continue
+            before = set(ranges.decode(old.get(block, "")))
+            after = set(ranges.decode(new.get(block, "")))
+            for i in before ^ after:
+                old_states.setdefault(i, view.states.get(i))
+            for i in before - after:
+                if view.states.get(i) == kind:
+                    del view.states[i]
+            for i in after - before:
+                view.states[i] = kind
+        if new:
+            last = new[max(new, key=int)]
+            view.max_id = max(view.max_id, int(last.replace("-", ",").rsplit(",", 1)[-1]))
+    for key, detail in ((status.adapters or {}) if status else {}).items():
+        if key.isdigit():
+            view.details[int(key)] = detail.model_dump(exclude_none=True)
+    for i in old_details.keys() | view.details.keys():
+        if old_details.get(i) != view.details.get(i):
+            old_states.setdefault(i, view.states.get(i))
+    changed = set()
+    for i, state in old_states.items():
+        old_report = old_details.get(i) or (_PLAIN[state] if state else None)
+        if _differs(old_report, view.report(i)):
+            changed.add(i)
+    return view, changed
 
 
 @dataclass
@@ -108,9 +180,9 @@ def aggregate(
         if w.base_model != base_model or not w.live(now, window):
             continue
         agg.total += 1
-        if previous_id is not None and previous_id in w.reports:
+        if previous_id is not None and previous_id in w.states:
             agg.previous_in_use = True
-        report = w.reports.get(adapter_id)
+        report = w.report(adapter_id)
         if report is None:
             continue
         switched += 1

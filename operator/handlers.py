@@ -37,7 +37,7 @@ def kopf_settings() -> kopf.OperatorSettings:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="loraplane.io")
     settings.posting.level = logging.ERROR
     settings.batching.batch_window = 0.01
-    settings.batching.idle_timeout = 30.0
+    settings.batching.idle_timeout = 5.0
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.scanning.disabled = True

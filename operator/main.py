@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         help="seconds between periodic checks (worker liveness, adapters waiting for an ID)",
     )
     p.add_argument(
+        "--report-window",
+        type=float,
+        default=d.report_window,
+        help="seconds over which workers' report changes are gathered before adapters are recomputed",
+    )
+    p.add_argument(
         "--shard",
         default="0/1",
         metavar="INDEX/COUNT",
@@ -83,6 +89,8 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         help="text, or json: one object per line with the same fields as the worker's",
     )
     a = p.parse_args(argv)
+    if a.report_window < 0:
+        p.error("--report-window must be >= 0 (seconds)")
     if a.block_size < 1 or a.safety_gap < 0 or a.heartbeat_window <= 0 or a.liveness_interval <= 0:
         p.error(
             "--block-size must be >= 1, --safety-gap >= 0, --heartbeat-window and --liveness-interval > 0"
@@ -106,6 +114,7 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         safety_gap=a.safety_gap,
         heartbeat_window=a.heartbeat_window,
         liveness_interval=a.liveness_interval,
+        report_window=a.report_window,
         metrics_port=a.metrics_port,
         metrics_address=a.metrics_address,
         log_format=a.log_format,

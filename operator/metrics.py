@@ -27,6 +27,12 @@ HANDLER_DURATION = Histogram(
     ["handler"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+RECONCILES = Counter(
+    "loraplane_operator_adapter_reconciles_total",
+    "Adapter statuses recomputed, by what triggered it: adapter (its own event), worker (a worker's "
+    "report of that adapter changed, or a worker came or went), tick (waiting for an ID).",
+    ["trigger"],
+)
 ADAPTERS = Gauge("loraplane_operator_adapters", "Adapters this operator sees, by status.phase.", ["phase"])
 WAITING_FOR_ID = Gauge(
     "loraplane_operator_adapters_waiting_for_id",

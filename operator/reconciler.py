@@ -12,7 +12,6 @@ what changed.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import time
@@ -49,12 +48,9 @@ def uid_of(obj: dict[str, Any] | None) -> str | None:
 
 
 def ids_in(obj: dict[str, Any]) -> list[int]:
+    """An adapter's current and previous ID."""
     status = obj.get("status") or {}
-    found = [status.get("id"), status.get("previousId")]
-    for report in status.get("adapters") or []:
-        if isinstance(report, dict):
-            found.append(report.get("id"))
-    return [i for i in found if isinstance(i, int)]
+    return [i for i in (status.get("id"), status.get("previousId")) if isinstance(i, int)]
 
 
 def _name_key(obj: dict[str, Any]) -> Key | None:
@@ -83,7 +79,12 @@ class Reconciler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.events = events.EventPoster(api, os.environ.get("HOSTNAME") or f"pid-{os.getpid()}")
         self._deferred: set[str] = set()
-        self._worker_sig: dict[str, tuple[Any, ...]] = {}
+        self._live: dict[str, bool] = {}  # worker ref -> live when last looked at
+        self._by_id: dict[int, str] = {}  # adapter ID (current or previous) -> adapter ref
+        self._ids_of: dict[str, list[int]] = {}  # adapter ref -> the IDs it is indexed under
+        self._wrote: dict[str, int] = {}  # adapter ref -> resourceVersion of our last status write
+        self._due: set[str] = set()  # adapters whose reports changed, recomputed at the window's end
+        self._flusher: asyncio.Task[None] | None = None
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -118,9 +119,13 @@ class Reconciler:
                     self._observe(obj)
                     if plural == ADAPTER_PLURAL:
                         adapters.append(obj)
-                    elif (view := agg_mod.worker_view(obj)) is not None:
+                    elif (view := agg_mod.worker_view(obj)[0]) is not None:
+                        self._seen_max = max(self._seen_max, view.max_id)
                         workers[view.ref] = view
         self.adapters, self.workers, self.names, self._holders = {}, workers, NameIndex(), {}
+        self._by_id, self._ids_of, self._wrote = {}, {}, {}  # a replaced store may reuse versions
+        now, window = time.time(), self.settings.heartbeat_window
+        self._live = {ref: w.live(now, window) for ref, w in workers.items()}
         for obj in adapters:
             self._remember_adapter(obj)
         for key in list(self.names._claims):
@@ -172,7 +177,8 @@ class Reconciler:
     def _remember_adapter(self, obj: dict[str, Any]) -> set[Key]:
         ref = ref_of(obj)
         self._observe(obj)
-        self.adapters[ref] = obj
+        obj = self.adapters[ref] = slim(obj)
+        self._index(ref, ids_in(obj))
         key = _name_key(obj)
         if key is None:
             return self.names.release(ref)
@@ -192,12 +198,17 @@ class Reconciler:
                 return  # Already recreated under the same name.
             self.adapters.pop(ref, None)
             self._locks.pop(ref, None)
+            self._wrote.pop(ref, None)
+            self._index(ref, [])
             touched = self.names.release(ref)
             await self._handover(touched, deleted=ref)
             return
         current = self.adapters.get(ref)
-        if current is not None and uid_of(current) == uid_of(obj) and _newer(current, obj):
-            obj = current  # Our own write's answer is newer than this event.
+        if current is not None and uid_of(current) == uid_of(obj):
+            if _rv(obj) <= self._wrote.get(ref, -1):
+                return  # The echo of our own status write (or older): its reconcile is done.
+            if _newer(current, obj):
+                obj = current  # Our own write's answer is newer than this event.
         touched = self._remember_adapter(obj)
         await self.reconcile(ref)
         await self._handover(touched, deleted=None, skip=ref)
@@ -222,16 +233,28 @@ class Reconciler:
         if jobs:
             await asyncio.gather(*jobs)
 
+    def _index(self, ref: str, ids: list[int]) -> None:
+        """Index the adapter ``ref`` under ``ids`` (its current and previous ID) only."""
+        for i in self._ids_of.pop(ref, []):
+            if self._by_id.get(i) == ref:
+                del self._by_id[i]
+        if ids:
+            self._ids_of[ref] = ids
+            for i in ids:
+                self._by_id[i] = ref
+
     async def on_worker(self, event_type: str | None, obj: dict[str, Any]) -> None:
         ref = ref_of(obj)
-        self._observe(obj)
+        self._saw_rv((obj.get("metadata") or {}).get("resourceVersion"))
         old = self.workers.get(ref)
+        old_model = old.base_model if old is not None else None
         if event_type == "DELETED":
             self.workers.pop(ref, None)
-            view = None
+            view, changed = None, set()
         else:
-            view = agg_mod.worker_view(obj)
+            view, changed = agg_mod.worker_view(obj, old)
             if view is not None:
+                self._seen_max = max(self._seen_max, view.max_id)
                 if old is not None and old.pod_name == view.pod_name:
                     view.pod_alive = old.pod_alive
                 elif view.pod_name:
@@ -239,18 +262,50 @@ class Reconciler:
                 self.workers[ref] = view
             else:
                 self.workers.pop(ref, None)
-        await self._worker_changed(ref, old, view)
+        await self._worker_changed(ref, old_model, view, changed)
 
     async def _worker_changed(
-        self, ref: str, old: agg_mod.WorkerView | None, new: agg_mod.WorkerView | None
+        self,
+        ref: str,
+        old_model: str | None,
+        new: agg_mod.WorkerView | None,
+        changed: set[int],
     ) -> None:
-        now, window = time.time(), self.settings.heartbeat_window
-        sig = (new.base_model, new.live(now, window), repr(sorted(new.reports.items()))) if new else None
-        if self._worker_sig.get(ref) == sig:
+        """Reconcile what a worker's change can move: every adapter of its base model when the worker
+        came, went, or its liveness flipped (the counts' total moves); otherwise only the adapters whose
+        report changed. A heartbeat alone touches no adapter."""
+        live = new is not None and new.live(time.time(), self.settings.heartbeat_window)
+        was_live = self._live.get(ref, False)
+        if new is None:
+            self._live.pop(ref, None)
+        else:
+            self._live[ref] = live
+        moved = old_model is None or new is None or old_model != new.base_model
+        if live != was_live or (moved and (live or was_live)):
+            models = {m for m in (old_model, new.base_model if new else None) if m}
+            await self.reconcile_where(
+                lambda o: (o.get("spec") or {}).get("baseModel") in models, trigger="worker"
+            )
             return
-        self._worker_sig[ref] = sig  # type: ignore[assignment]
-        models = {w.base_model for w in (old, new) if w is not None}
-        await self.reconcile_where(lambda o: (o.get("spec") or {}).get("baseModel") in models)
+        if not live:
+            return
+        self._due |= {r for i in changed if (r := self._by_id.get(i)) is not None}
+        if self._due and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.settings.report_window)
+        try:
+            await self.flush()
+        except Exception:  # A background task: log; the adapters' next event or the tick retries.
+            log.exception("recomputing adapters after worker reports failed")
+
+    async def flush(self) -> None:
+        """Recompute now the adapters whose workers' reports changed since the last flush."""
+        refs, self._due = self._due, set()
+        if refs:
+            metrics.RECONCILES.labels(trigger="worker").inc(len(refs))
+            await asyncio.gather(*(self.reconcile(r, counted=True) for r in refs))
 
     async def _pod_exists(self, namespace: str, pod: str) -> bool:
         try:
@@ -263,19 +318,20 @@ class Reconciler:
             return True  # Unknown: keep counting rather than flap on a network blip.
         return True
 
-    async def reconcile_where(self, pred: Any) -> None:
+    async def reconcile_where(self, pred: Any, *, trigger: str) -> None:
         refs = [r for r, o in self.adapters.items() if pred(o)]
         if refs:
-            await asyncio.gather(*(self.reconcile(r) for r in refs))
+            metrics.RECONCILES.labels(trigger=trigger).inc(len(refs))
+            await asyncio.gather(*(self.reconcile(r, counted=True) for r in refs))
 
     async def tick(self) -> None:
         """Periodic: pods and heartbeats of workers, adapters waiting for an ID, the phase gauge."""
         for ref, view in list(self.workers.items()):
-            old = copy.copy(view)
             if view.pod_name:
                 view.pod_alive = await self._pod_exists(view.namespace, view.pod_name)
-            await self._worker_changed(ref, old, view)
-        await self.reconcile_where(_needs_id)
+            if self.workers.get(ref) is view:
+                await self._worker_changed(ref, view.base_model, view, set())
+        await self.reconcile_where(_needs_id, trigger="tick")
         counts: dict[str, int] = {}
         for obj in self.adapters.values():
             phase = (obj.get("status") or {}).get("phase") or "Pending"
@@ -293,7 +349,9 @@ class Reconciler:
         count = self.settings.shard_count
         return count <= 1 or zlib.crc32((uid_of(obj) or "").encode()) % count == self.settings.shard_index
 
-    async def reconcile(self, ref: str, *, deferred: bool = False) -> None:
+    async def reconcile(self, ref: str, *, deferred: bool = False, counted: bool = False) -> None:
+        if not counted and not deferred:
+            metrics.RECONCILES.labels(trigger="adapter").inc()
         obj = self.adapters.get(ref)
         if obj is not None and not deferred and not self._mine(obj):
             # Another replica's share: act only if it has not done so after the grace period.
@@ -336,7 +394,9 @@ class Reconciler:
                     return
                 current = self.adapters.get(ref)
                 if current is None or uid_of(current) == uid_of(result):
-                    self.adapters[ref] = result
+                    self.adapters[ref] = slim(result)
+                    self._index(ref, ids_in(result))
+                    self._wrote[ref] = _rv(result)
                 self._observe(result)
                 if taken is not None:
                     metrics.IDS_ASSIGNED.inc()
@@ -404,6 +464,23 @@ class Reconciler:
 def adapter_path(namespace: str, name: str = "", subresource: str = "") -> str:
     path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{ADAPTER_PLURAL}"
     return "/".join(p for p in (path, name, subresource) if p)
+
+
+def slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as the cache keeps it: without metadata.managedFields (a third of an adapter's
+    bytes, never read here; a status PUT without them leaves the server's as they are)."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or "managedFields" not in meta:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    """The resourceVersion as a number (-1 when it is not one: such objects are never skipped)."""
+    try:
+        return int(str((obj.get("metadata") or {}).get("resourceVersion")))
+    except ValueError:
+        return -1
 
 
 def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:

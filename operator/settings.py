@@ -64,5 +64,9 @@ class OperatorSettings:
     shard_grace: float = 2.0
     """Seconds a replica waits before acting on an adapter of another replica's shard."""
 
+    report_window: float = 0.5
+    """Seconds over which changes in workers' reports are gathered before the adapters they touch are
+    recomputed: W workers that turn one adapter Ready within the window cost one status write, not W."""
+
     write_retries: int = 8
     """Attempts at a resourceVersion-checked write before giving up until the next event (count)."""

@@ -21,6 +21,10 @@ RUNS = {
         ["raw single-client PATCH/s", "x raw PATCH/s", "API writes per ID"],
     ),
     "bench_worker.py": (["--n", "5"], ["p99"]),
+    "bench_scale.py": (
+        ["--points", "20:1,60:1", "--timeout", "120"],
+        ["CPU ms per adapter operator", "KiB per adapter", "writes per adapter by kind"],
+    ),
     # The built-in engine only here; vLLM's side runs where vLLM is (.venv-vllm), see docs/benchmarks.md.
     "bench_engines.py": (
         ["--engines", "builtin", "--hidden", "128", "--layers", "1", "--adapters", "2", "--clients", "2"]

@@ -34,7 +34,7 @@ from collections import Counter as _Counts
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -149,7 +149,7 @@ class AdapterCache:
         self._lock = threading.RLock()
         self._downloads = threading.BoundedSemaphore(max_concurrent_downloads)
         self._key_locks: dict[str, threading.Lock] = {}
-        self._lru: OrderedDict[str, CachedAdapter] = OrderedDict()  # oldest first
+        self._lru = _Entries()  # oldest first
         self._pins: _Counts[str] = _Counts()
         self._reserved = 0  # bytes of downloads in flight
         self._closing = threading.Event()
@@ -193,7 +193,7 @@ class AdapterCache:
     @property
     def used_bytes(self) -> int:
         with self._lock:
-            return sum(e.size_bytes for e in self._lru.values())
+            return self._lru.bytes
 
     def entries(self) -> list[CachedAdapter]:
         """Complete entries, least recently used first."""
@@ -318,7 +318,7 @@ class AdapterCache:
                 retry=False,
             )
         with self._lock:
-            used = sum(e.size_bytes for e in self._lru.values()) + self._reserved
+            used = self._lru.bytes + self._reserved
             victims: list[CachedAdapter] = []
             for key, entry in self._lru.items():  # oldest first
                 if used + size <= self.budget_bytes:
@@ -526,8 +526,29 @@ class AdapterCache:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _update_gauges(self) -> None:
-        CACHE_BYTES.set(sum(e.size_bytes for e in self._lru.values()))
+        CACHE_BYTES.set(self._lru.bytes)
         CACHE_ENTRIES.set(len(self._lru))
+
+
+class _Entries(OrderedDict[str, CachedAdapter]):
+    """Entries by cache key, keeping their total size (a sum over every entry per prefetch made one
+    adapter's cost grow with the number of adapters)."""
+
+    bytes = 0
+
+    def __setitem__(self, key: str, entry: CachedAdapter) -> None:
+        old = self.get(key)
+        self.bytes += entry.size_bytes - (old.size_bytes if old is not None else 0)
+        super().__setitem__(key, entry)
+
+    def __delitem__(self, key: str) -> None:
+        self.bytes -= self[key].size_bytes
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        if key in self:
+            self.bytes -= self[key].size_bytes
+        return super().pop(key, *default)
 
 
 class _HeaderCheck:

@@ -59,7 +59,8 @@ class _Known:
 class Controller:
     """Drives every desired adapter version to Ready (or Failed) and keeps ``registry`` current.
 
-    ``on_change`` is called after any state change (the reporter batches the writes).
+    ``on_change(id)`` is called after any state change of that adapter version (the reporter batches
+    the writes). Work per change is O(1): nothing here walks every adapter except a full reconcile.
     """
 
     def __init__(
@@ -72,7 +73,7 @@ class Controller:
         served_model: str,
         max_lora_rank: int,
         max_concurrent: int = 16,
-        on_change: Callable[[], None] = lambda: None,
+        on_change: Callable[[int], None] = lambda _id: None,
         engine_ready: asyncio.Event | None = None,
         trust: provenance.Trust | None = None,
         require_signatures: bool = False,
@@ -95,6 +96,8 @@ class Controller:
         self.on_change = on_change
         self._limit = asyncio.Semaphore(max_concurrent)
         self._known: dict[int, _Known] = {}
+        self._versions: dict[str, set[int]] = {}  # namespace/name -> its known version IDs
+        self._counts = dict.fromkeys(STATES, 0)  # known versions by state (the gauge)
         self._desired: dict[int, DesiredAdapter] = {}
         self.synced = asyncio.Event()  # set once the first desired state has been applied
 
@@ -105,7 +108,7 @@ class Controller:
             while True:
                 await watch.changed.wait()
                 watch.changed.clear()
-                self.reconcile(watch.desired)
+                self.reconcile(watch.desired, watch.take_dirty(), watch.by_adapter)
                 if watch.synced.is_set():
                     self.synced.set()
         finally:
@@ -113,10 +116,31 @@ class Controller:
                 if known.task is not None:
                     known.task.cancel()
 
-    def reconcile(self, desired: dict[int, DesiredAdapter]) -> None:
-        """Start work for new IDs and drop versions that are no longer wanted. Never blocks."""
-        self._desired = dict(desired)
-        for adapter_id, want in desired.items():
+    def reconcile(
+        self,
+        desired: dict[int, DesiredAdapter],
+        changed: set[int] | None = None,
+        by_adapter: dict[str, int] | None = None,
+    ) -> None:
+        """Start work for new IDs and drop versions that are no longer wanted. Never blocks.
+
+        ``changed``: only these IDs changed in ``desired`` since the last call (None: look at all), with
+        ``by_adapter`` (namespace/name -> desired ID) kept current by the caller."""
+        self._desired = desired
+        if changed is None:
+            changed = set(desired) | set(self._known)
+            by_adapter = {d.adapter: d.id for d in desired.values()}
+        assert by_adapter is not None, "an incremental reconcile needs by_adapter"
+        # Every version of a touched adapter is looked at again (an old one kept serving may go now).
+        for adapter_id in list(changed):
+            touched = desired.get(adapter_id) or self._known.get(adapter_id)
+            if touched is not None:
+                key = touched.adapter if isinstance(touched, DesiredAdapter) else touched.desired.adapter
+                changed |= self._versions.get(key, set())
+        for adapter_id in sorted(changed):
+            want = desired.get(adapter_id)
+            if want is None:
+                continue
             known = self._known.get(adapter_id)
             if want.stale:
                 continue  # its ID names the previous version; the new one gets an ID soon
@@ -130,12 +154,11 @@ class Controller:
                 )
                 self._drop(adapter_id)
                 self._start(want)
-        wanted_keys = {d.adapter: d.id for d in desired.values()}
-        for adapter_id in list(self._known):
-            if adapter_id in desired:
+        for adapter_id in sorted(changed):
+            known = self._known.get(adapter_id)
+            if adapter_id in desired or known is None:
                 continue
-            known = self._known[adapter_id]
-            newer = wanted_keys.get(known.desired.adapter)
+            newer = by_adapter.get(known.desired.adapter)
             newer_known = self._known.get(newer) if newer is not None else None
             if (
                 newer is not None
@@ -146,7 +169,6 @@ class Controller:
             # Deleted (or no longer this worker's): its files leave the cache now, not when the
             # volume fills. An older version of a still-wanted adapter stays cached (a rollback hits).
             self._drop(adapter_id, forget=newer is None)
-        self._changed()
 
     def _start(self, want: DesiredAdapter) -> None:
         version = AdapterVersion(
@@ -154,7 +176,9 @@ class Controller:
         )
         known = _Known(want, version)
         self._known[want.id] = known
+        self._versions.setdefault(want.adapter, set()).add(want.id)
         self.registry.upsert(version)
+        self._changed(want.id, None, version.state)
         known.task = asyncio.create_task(self._prepare(known), name=f"adapter {want.adapter} id {want.id}")
 
     def _drop(self, adapter_id: int, *, forget: bool = False) -> None:
@@ -163,6 +187,11 @@ class Controller:
         known = self._known.pop(adapter_id, None)
         if known is None:
             return
+        versions = self._versions.get(known.desired.adapter, set())
+        versions.discard(adapter_id)
+        if not versions:
+            self._versions.pop(known.desired.adapter, None)
+        self._changed(adapter_id, known.version.state, None)
         if known.task is not None and not known.task.done():
             known.task.cancel()
         self._release(known, discard=forget)
@@ -309,10 +338,9 @@ class Controller:
 
     def _retire_older(self, ready: _Known) -> None:
         """The new version is Ready: drop the older versions of the same adapter that are no longer desired."""
-        for adapter_id, known in list(self._known.items()):
-            if known.desired.adapter == ready.desired.adapter and adapter_id not in self._desired:
+        for adapter_id in list(self._versions.get(ready.desired.adapter, ())):
+            if adapter_id not in self._desired:
                 self._drop(adapter_id)
-        self._changed()
 
     # --- state -----------------------------------------------------------------------------------
     def _set(
@@ -325,35 +353,39 @@ class Controller:
     ) -> None:
         if self._known.get(known.desired.id) is not known:
             return  # dropped meanwhile
+        old = known.version.state
         known.version = known.version.with_state(state, reason=reason, message=message, **version)
         self.registry.upsert(known.version)
-        self._changed()
+        self._changed(known.desired.id, old, state)
 
-    def _changed(self) -> None:
-        counts = dict.fromkeys(STATES, 0)
-        for known in self._known.values():
-            counts[known.version.state] += 1
-        for state, n in counts.items():
-            ADAPTERS.labels(state).set(n)
-        self.on_change()
+    def _changed(self, adapter_id: int, old: State | None, new: State | None) -> None:
+        for state, step in ((old, -1), (new, 1)):
+            if state is not None:
+                self._counts[state] += step
+                ADAPTERS.labels(state).set(self._counts[state])
+        self.on_change(adapter_id)
+
+    def report(self, adapter_id: int) -> WorkerAdapterReport | None:
+        """What this worker reports for one adapter ID (None: it does not have it)."""
+        known = self._known.get(adapter_id)
+        if known is None:
+            return None
+        v = known.version
+        return WorkerAdapterReport(
+            id=adapter_id,
+            adapter=v.adapter,
+            state=v.state,
+            reason=v.reason,
+            message=(v.message or "")[:2048] or None,
+            info=known.info,
+        )
+
+    def known_ids(self) -> list[int]:
+        return list(self._known)
 
     def reports(self) -> list[WorkerAdapterReport]:
-        """What this worker reports per adapter ID (for its LoRAWorker status)."""
-        out = []
-        for adapter_id in sorted(self._known):
-            known = self._known[adapter_id]
-            v = known.version
-            out.append(
-                WorkerAdapterReport(
-                    id=adapter_id,
-                    adapter=v.adapter,
-                    state=v.state,
-                    reason=v.reason,
-                    message=(v.message or "")[:2048] or None,
-                    info=known.info,
-                )
-            )
-        return out
+        """Every adapter's report, by ID (the /adapters endpoint)."""
+        return [r for i in sorted(self._known) if (r := self.report(i)) is not None]
 
     def states(self) -> dict[int, State]:
         return {i: k.version.state for i, k in self._known.items()}

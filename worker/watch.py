@@ -104,7 +104,9 @@ def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | Non
 class AdapterWatch:
     """Desired adapters for ``served_model`` in ``namespaces`` (empty: all), kept current by list+watch.
 
-    ``desired`` is the latest state; ``changed`` is set whenever it changes (the consumer clears it).
+    ``desired`` is the latest state, ``by_adapter`` its IDs by namespace/name; ``changed`` is set
+    whenever it changes (the consumer clears it and takes the IDs that changed with ``take_dirty()``).
+    An event costs O(1): only the one object's entry is recomputed.
     ``synced`` is set once every scope has listed at least once.
     """
 
@@ -113,6 +115,8 @@ class AdapterWatch:
         self.served_model = served_model
         self.scopes: tuple[str, ...] = namespaces or ("",)
         self.desired: dict[int, DesiredAdapter] = {}
+        self.by_adapter: dict[str, int] = {}
+        self._dirty: set[int] = set()
         self.changed = asyncio.Event()
         self.synced = asyncio.Event()
         # Per scope, object key -> what it asks of this worker (None: nothing), computed once per event
@@ -180,8 +184,11 @@ class AdapterWatch:
             items[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = desired_from(
                 obj, self.served_model
             )
+        old = self._objects[scope]
         self._objects[scope] = items  # replaces: objects deleted while we were away disappear
         self._listed.add(scope)
+        for key in old.keys() | items.keys():
+            self._apply(key, old.get(key), items.get(key))
         self._publish()
         return str((body.get("metadata") or {}).get("resourceVersion", "0"))
 
@@ -197,24 +204,41 @@ class AdapterWatch:
             if kind == "BOOKMARK":
                 continue
             key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+            old = self._objects[scope].get(key)
             if kind == "DELETED":
                 self._objects[scope].pop(key, None)
+                self._apply(key, old, None)
             elif kind in ("ADDED", "MODIFIED"):
-                self._objects[scope][key] = desired_from(obj, self.served_model)
+                new = self._objects[scope][key] = desired_from(obj, self.served_model)
+                self._apply(key, old, new)
             self._publish()
 
+    def _apply(self, key: str, old: DesiredAdapter | None, new: DesiredAdapter | None) -> None:
+        """One object's desired version went from ``old`` to ``new``."""
+        if old == new:
+            return
+        if old is not None and self.desired.get(old.id) == old:
+            del self.desired[old.id]
+            self._dirty.add(old.id)
+        if self.by_adapter.get(key) == (old.id if old else None):
+            self.by_adapter.pop(key, None)
+        if new is not None:
+            self.desired[new.id] = new
+            self.by_adapter[key] = new.id
+            self._dirty.add(new.id)
+
+    def take_dirty(self) -> set[int]:
+        """The IDs whose desired version changed since the last call."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
     def _publish(self) -> None:
-        """Recompute the desired state. Scopes not listed yet contribute nothing: at start that only
-        delays their adapters (nothing is known to drop), and one unreachable namespace (RBAC, a typo)
-        does not hold up the others. ``synced`` is set once every scope has listed."""
-        desired: dict[int, DesiredAdapter] = {}
-        for objects in self._objects.values():
-            for d in objects.values():
-                if d is not None:
-                    desired[d.id] = d
+        """Tell the consumer when the desired state changed. Scopes not listed yet contribute nothing:
+        at start that only delays their adapters (nothing is known to drop), and one unreachable
+        namespace (RBAC, a typo) does not hold up the others. ``synced`` is set once every scope has
+        listed."""
         all_listed = len(self._listed) == len(self.scopes)
-        if desired != self.desired or (all_listed and not self.synced.is_set()):
-            self.desired = desired
+        if self._dirty or (all_listed and not self.synced.is_set()):
             if all_listed:
                 self.synced.set()
             self.changed.set()

@@ -39,7 +39,7 @@ def test_broken_ledger_stops_then_recovers_above_every_visible_id(
             "baseModel": BASE,
             "capacity": {"maxLoras": 4, "maxLoraRank": 16, "maxCpuLoras": 8, "cacheBytes": 0},
         },
-        {"adapters": [{"id": 40, "adapter": f"{namespace}/gone", "state": "Ready"}]},
+        {"readyIds": {"0": "40"}},
     )
     visible = max(*ids, 40)
     op.stop()

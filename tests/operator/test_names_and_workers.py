@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+from loraplane.crds.models import WorkerAdapterReport
+from loraplane.worker import report
+
 BASE = "meta-llama/Llama-2-7b-hf"
 OTHER = "Qwen/Qwen2-0.5B"
 CAPACITY = {"maxLoras": 4, "maxLoraRank": 16, "maxCpuLoras": 8, "cacheBytes": 0}
@@ -73,6 +76,13 @@ def _report(ns: str, name: str, id_: int, state: str, **extra: Any) -> dict[str,
     return {"id": id_, "adapter": f"{ns}/{name}", "state": state, **extra}
 
 
+def _status(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """A worker's status with these reports, encoded as a worker writes it."""
+    status = report.status_of([WorkerAdapterReport.model_validate(r) for r in reports])
+    status.pop("heartbeatTime")
+    return status
+
+
 def _pod(adapters: Any, ns: str, name: str) -> dict[str, Any]:
     pod = adapters.core.create_namespaced_pod(
         ns, {"metadata": {"name": name}, "spec": {"containers": [{"name": "w", "image": "loraplane-worker"}]}}
@@ -118,21 +128,21 @@ def test_worker_reports_aggregate_into_counts_phase_and_conditions(
         namespace,
         "w1",
         {"baseModel": BASE, "podName": "worker-1", "capacity": CAPACITY},
-        {"heartbeatTime": _now(), "adapters": reports(1)},
+        {"heartbeatTime": _now(), **_status(reports(1))},
         owner=owner1,
     )
     adapters.create_worker(
         namespace,
         "w2",
         {"baseModel": BASE, "capacity": CAPACITY},
-        {"heartbeatTime": _now(3600), "adapters": reports(2)},
+        {"heartbeatTime": _now(3600), **_status(reports(2))},
     )  # Fresh for the whole test.
     # A worker of another base model never counts for these adapters.
     adapters.create_worker(
         namespace,
         "w3",
         {"baseModel": OTHER, "capacity": CAPACITY},
-        {"heartbeatTime": _now(3600), "adapters": []},
+        {"heartbeatTime": _now(3600), **_status([])},
     )
 
     good = adapters.wait_status(
@@ -187,7 +197,7 @@ def test_worker_without_valid_heartbeat_never_counts(
     operators(*scope(namespace))
     adapters.create(namespace, "a", {"baseModel": BASE, "path": "/models/a"})
     id_ = adapters.wait_status(namespace, "a", lambda s: s.get("id"), "an ID")["id"]
-    status: dict[str, Any] = {"adapters": [_report(namespace, "a", id_, "Ready")]}
+    status: dict[str, Any] = _status([_report(namespace, "a", id_, "Ready")])
     if heartbeat:
         status["heartbeatTime"] = heartbeat
     try:

@@ -89,7 +89,8 @@ def _w(
     pod: str | None = None,
     alive: bool = True,
 ) -> aggregate.WorkerView:
-    return aggregate.WorkerView("ns", name, base, pod, hb, reports, alive)
+    states = {i: r["state"] if r["state"] in ("Ready", "Failed") else "Loading" for i, r in reports.items()}
+    return aggregate.WorkerView("ns", name, base, pod, hb, states=states, details=reports, pod_alive=alive)
 
 
 @pytest.mark.parametrize(
@@ -133,5 +134,5 @@ def test_first_failure_message_and_previous_id_switch() -> None:
     agg = aggregate.aggregate(1, 7, "m", workers, now=110.0, window=60.0)
     assert agg.failure == "worker ns/b: RankTooLarge: rank 64 > 16" and agg.failure_reason == "RankTooLarge"
     assert agg.previous_in_use and not agg.all_switched
-    workers[1].reports.pop(7)
+    workers[1].states.pop(7)
     assert aggregate.aggregate(1, 7, "m", workers, now=110.0, window=60.0).all_switched

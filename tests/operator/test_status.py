@@ -37,7 +37,12 @@ def _compute(
     adapter = parse_adapter(obj)
     version = version_of(adapter.spec.path, adapter.spec.revision)
     ids = status.IdState(None, version, waiting=waiting) if waiting else status.IdState(7, version)
-    workers = [] if reports is None else [aggregate.WorkerView("ns", "w1", "m", None, 100.0, reports)]
+    workers = []
+    if reports is not None:
+        states = {
+            i: r["state"] if r["state"] in ("Ready", "Failed") else "Loading" for i, r in reports.items()
+        }
+        workers = [aggregate.WorkerView("ns", "w1", "m", None, 100.0, states=states, details=reports)]
     agg = aggregate.aggregate(7, None, "m", workers, NOW, WINDOW)
     return status.desired(obj, adapter, ids, holder, agg)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraplane.crds.models import LoRAWorkerStatus
 from support.procs import BASE_MODEL, OperatorProc, WorkerProc, free_port, wait_for
 
 __all__ = [
@@ -119,10 +120,13 @@ class Adapters:
 
 
 def report(adapters: Adapters, worker: str, namespace: str) -> dict[int, dict[str, Any]]:
-    """The worker's LoRAWorker status.adapters by ID (empty when it has not reported)."""
+    """The worker's LoRAWorker report by ID: its details where it gives them, else the state from its ID
+    sets (Ready, Failed, or Loading); empty when it has not reported."""
     for item in adapters.workers(namespace):
         if item["metadata"]["name"] == worker:
-            return {a["id"]: a for a in (item.get("status") or {}).get("adapters") or []}
+            status = LoRAWorkerStatus.model_validate(item.get("status") or {})
+            details = {int(k): d.model_dump(exclude_none=True) for k, d in (status.adapters or {}).items()}
+            return {i: details.get(i) or {"state": state} for i, state in status.states().items()}
     return {}
 
 
