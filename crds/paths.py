@@ -41,6 +41,8 @@ FORMS: tuple[PathForm, ...] = (
     PathForm("local", r"^(file://)?/.*$", "an absolute local path (/dir or file:///dir)", ("file://",)),
     # S3 bucket naming rules: 3-63 chars, lower case, digits, '.', '-'.
     PathForm("s3", r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", "s3://bucket/prefix", ("s3://",)),
+    # Cloud Storage bucket names: 3-63 chars, lower case, digits, '.', '-', '_'.
+    PathForm("gs", r"^gs://[a-z0-9][a-z0-9._-]{1,61}[a-z0-9](/.*)?$", "gs://bucket/prefix", ("gs://",)),
 )
 FORMS_BY_KIND = {f.kind: f for f in FORMS}
 

@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from loraplane.crds import paths
 from loraplane.worker import redaction
-from loraplane.worker.sources import hub, local, s3
+from loraplane.worker.sources import gcs, hub, local, s3
 from loraplane.worker.sources.refs import CHECKSUM_MISMATCH as CHECKSUM_MISMATCH
 from loraplane.worker.sources.refs import CONFIG_FILE as CONFIG_FILE
 from loraplane.worker.sources.refs import FILE_MISSING as FILE_MISSING
@@ -57,7 +57,7 @@ from loraplane.worker.sources.refs import permanent, temporary
 
 redaction.install()  # the sources' client libraries log signed headers at DEBUG: their logs are scrubbed
 
-SOURCES: dict[str, Source] = {m.SOURCE.kind: m.SOURCE for m in (hub, local, s3)}
+SOURCES: dict[str, Source] = {m.SOURCE.kind: m.SOURCE for m in (hub, local, s3, gcs)}
 """Every kind of source by its crds/paths.py kind: the registry the worker iterates."""
 if set(SOURCES) != set(paths.FORMS_BY_KIND):  # a form without a client, or a client without a form
     raise ImportError(
