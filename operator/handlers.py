@@ -101,6 +101,12 @@ async def _ticker(reconciler: Reconciler, memo: kopf.Memo) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    restart = memo.get("restart")
+    if restart is not None and not restart.is_set():
+        # A signal stops kopf: release kopf's waiter on main.py's restart flag, else kopf gives that
+        # "hung" task 5 s before it exits. "stopped" tells main.py this is no restart.
+        memo["stopped"] = True
+        restart.set()
     task = memo.get("ticker")
     if task is not None:
         task.cancel()

@@ -205,7 +205,7 @@ async def _supervise(settings: OperatorSettings) -> None:
         except Exception as exc:  # Whatever ended kopf's run: the API server is what comes back.
             why = f"{type(exc).__name__}: {exc}"
         else:
-            if not restart.is_set():
+            if not restart.is_set() or memo.pop("stopped", False):
                 return  # SIGTERM / SIGINT: kopf stopped cleanly.
             why = "the API server's store or CRDs changed under it"
         if loop.time() - started > 60:
