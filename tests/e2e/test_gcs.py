@@ -16,7 +16,7 @@ import pytest
 import yaml
 from support import fleet, models, servers
 
-pytestmark = [pytest.mark.kubectl, pytest.mark.slow]
+pytestmark = [pytest.mark.kubectl, pytest.mark.slow, pytest.mark.timeout(600)]
 
 gcs = servers.gcs
 BASE = fleet.BASE_MODEL
@@ -48,7 +48,8 @@ def test_a_gs_adapter_is_applied_ready_and_served(kube, namespace: str, tmp_path
     with fleet.OperatorProc(kube.kubeconfig, namespace, tmp_path / "operator.log") as op, worker:
         kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
         try:
-            kube.kubectl("wait", "--for=condition=Ready", "lora", "--all", "-n", namespace, "--timeout=120s")
+            # The worker loads the base model before anything is Ready: minutes on a loaded CI machine.
+            kube.kubectl("wait", "--for=condition=Ready", "lora", "--all", "-n", namespace, "--timeout=300s")
         except Exception:
             raise AssertionError(f"not Ready:\n{worker.log()[-3000:]}\n{op.log()[-2000:]}") from None
         row = next(line.split() for line in kube.kubectl("get", "lora", "-n", namespace).stdout.splitlines()
