@@ -34,8 +34,14 @@ $(VLLM_VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/loraplane demo
 
+# Two test processes (pytest-xdist): the tests are isolated (a namespace or an API server of their own,
+# free ports, their own tmp dirs; each process starts its own API server and servers), and a file's
+# tests stay in one process so module fixtures are made once. Most of the suite waits on processes and
+# timers, so two processes pay on two cores. PYTEST_ARGS= runs it in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: setup lint vllm-setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	LORAPLANE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest tests/vllm_engine
 
 lint: setup

@@ -145,7 +145,18 @@ def main() -> None:
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--rss-save", help=argparse.SUPPRESS)
     ap.add_argument("--cpu-adapters", type=int, default=4 * MAX_LORAS, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--hidden",
+        type=int,
+        default=SHAPE["hidden_size"],
+        help="hidden size (a smaller shape for smoke runs)",
+    )
+    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
     args = ap.parse_args()
+    if (args.hidden, args.layers) != (SHAPE["hidden_size"], SHAPE["num_hidden_layers"]):
+        SHAPE.update(
+            hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers
+        )
     if args.rss_save:
         return rss_save(args.rss_save)
     if args.rss_child:

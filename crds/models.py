@@ -102,8 +102,8 @@ class LoRAAdapterSpec(_Model):
         max_length=255,
         pattern=REVISION_PATTERN,
         description="Hugging Face revision (branch, tag or commit); the resolved commit is reported in "
-        "status.adapter.resolvedRevision. For local and s3:// paths an opaque version label: change it to "
-        "roll out weights rewritten at the same path. Changing it gives the adapter a new ID.",
+        "status.adapter.resolvedRevision. For every other kind of path (local, object stores) an opaque "
+        "version label: change it to roll out weights rewritten at the same path. Changing it gives the adapter a new ID.",
     )
     name: str | None = Field(
         default=None,

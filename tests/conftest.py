@@ -20,6 +20,8 @@ Fixtures:
                                       name, code). RBAC is recorded, not enforced.
   namespace           a fresh namespace per test (deleted afterwards); its name.
   local_only          skips the test on a real cluster (for local-server internals such as audit_log).
+  own_kube            a local API server of the test's own that it may stop and restart
+                      (support.apiserver.RestartableKube as .server), CRDs applied; local only.
 
 Markers:
   @pytest.mark.skip_on_local("behaviour")  skip on the local server only; name the behaviour it cannot have.
@@ -30,6 +32,7 @@ Plain helpers live in tests/support/kube.py (`from support.kube import Kube`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.kube import KUBECTL, Kube, local_kube, real_kube
@@ -76,6 +79,17 @@ def namespace(kube: Kube) -> Iterator[str]:
         yield name
     finally:
         kube.delete_namespace(name)
+
+
+@pytest.fixture
+def own_kube(tmp_path: Path) -> Iterator[Kube]:
+    from support.apiserver import restartable_kube
+
+    kube = restartable_kube(tmp_path)
+    try:
+        yield kube
+    finally:
+        kube.server.stop()
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ RUNS = {
     "bench_prefetch.py": (["--mb", "4", "--repeat", "1", "--kinds", "local,s3"], ["ratio"]),
     "bench_provenance.py": (["--mb", "4", "--repeat", "1"], ["digest+verify / prefetch", "library verify /"]),
     "bench_engine.py": (
-        ["--rounds", "1", "--prefill-rounds", "1", "--no-peft"],
+        ["--rounds", "1", "--prefill-rounds", "1", "--no-peft", "--hidden", "256", "--layers", "1"],
         ["ours/base", "device bytes per slot"],
     ),
     "bench_serving.py": (

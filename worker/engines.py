@@ -102,8 +102,9 @@ class Engine(Protocol):
         params: SamplingParams,
         extras: dict[str, Any],
         on_output: Callable[[Output], None],
-    ) -> None:
-        """Queue a request; ``on_output`` may be called from any thread. Raises LoraplaneError."""
+    ) -> object:
+        """Queue a request; ``on_output`` may be called from any thread. Raises LoraplaneError.
+        What it returns is the engine's own (the built-in one returns its Request); callers ignore it."""
         ...
 
     def cancel(self, request_id: str) -> None: ...

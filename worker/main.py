@@ -87,6 +87,7 @@ class WorkerApp:
             s3_endpoint_url=s.s3_endpoint or None,
             s3_region=s.s3_region or None,
             state_dir=Path(s.cache_dir) / "state",
+            options=s.source_options,
         )
 
     def load_base_model(self) -> None:

@@ -143,6 +143,9 @@ class WorkerSettings:
     mode: str = "serve"
     """serve: load the base model's weights and serve the OpenAI API next to the control path.
     control: only watch, prefetch, validate and report (no weights loaded: dry runs and tests)."""
+    source_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The registered sources' own settings by kind (sources.SOURCES[kind].options), each field a flag
+    --<kind>-<field>: --gs-endpoint, ... Not a flag itself."""
 
     @property
     def access_log_on(self) -> bool:
@@ -205,12 +208,13 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def _field_docs() -> dict[str, str]:
+def _field_docs(cls: type = WorkerSettings) -> dict[str, str]:
     """Field docstrings, read from the source so --help and docs/worker.md say the same thing."""
     import ast
     import inspect
+    import textwrap
 
-    tree = ast.parse(inspect.getsource(WorkerSettings))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:], strict=False):
@@ -230,12 +234,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML file of settings (keys: flag names, - or _)")
     parser.add_argument("--version", action="version", version=f"loraplane-worker {__version__}")
     docs = _field_docs()
-    for f in fields(WorkerSettings):
+    for name, f in _flags().items():
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = ",".join(default) if isinstance(default, tuple) else default
-        help_text = f"{docs.get(f.name, '')} (env {env_name(f.name)}; default: {shown!r})"
-        parser.add_argument(flag(f.name), dest=f.name, default=None, help=help_text.replace("%", "%%"))
+        doc = docs.get(name) or _source_docs().get(name, "")
+        help_text = f"{doc} (env {env_name(name)}; default: {shown!r})"
+        parser.add_argument(flag(name), dest=name, default=None, help=help_text.replace("%", "%%"))
     return parser
+
+
+def _source_fields() -> dict[str, tuple[str, dataclasses.Field[Any]]]:
+    """The settings registered sources declare (Source.options): <kind>_<field> -> (kind, field)."""
+    from loraplane.worker.sources import SOURCES
+
+    return {
+        f"{kind}_{f.name}": (kind, f)
+        for kind, source in SOURCES.items()
+        if source.options is not None
+        for f in fields(source.options)
+    }
+
+
+def _source_docs() -> dict[str, str]:
+    from loraplane.worker.sources import SOURCES
+
+    return {
+        f"{kind}_{name}": doc
+        for kind, source in SOURCES.items()
+        if source.options is not None
+        for name, doc in _field_docs(source.options).items()
+    }
+
+
+def _flags() -> dict[str, dataclasses.Field[Any]]:
+    """Every setting that is a flag: WorkerSettings' fields, then the sources' (--gs-endpoint, ...)."""
+    own = {f.name: f for f in fields(WorkerSettings) if f.name != "source_options"}
+    return own | {name: f for name, (_, f) in _source_fields().items()}
 
 
 def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -247,8 +281,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if config_path:
         for key, value in _read_config(config_path).items():
             raw[key] = (f"{key} in {config_path}", value)
-    names = {f.name for f in fields(WorkerSettings)}
-    for name in names:
+    flags = _flags()
+    for name in flags:
         for var in (env_name(name), _ENV_ALIASES.get(name)):
             if var and env.get(var, "") != "":
                 raw[name] = (f"{flag(name)} (env {var})", env[var])
@@ -257,12 +291,30 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if value is not None:
             raw[name] = (flag(name), value)
     values: dict[str, Any] = {}
-    for f in fields(WorkerSettings):
-        if f.name in raw:
-            where, value = raw[f.name]
-            values[f.name] = _convert(f, where, value)
-    settings = WorkerSettings(**values)
+    for name, f in flags.items():
+        if name in raw:
+            where, value = raw[name]
+            values[name] = _convert(f, where, value)
+    options: dict[str, dict[str, Any]] = {}
+    for name, (kind, f) in _source_fields().items():
+        if name in values:
+            options.setdefault(kind, {})[f.name] = values.pop(name)
+    settings = WorkerSettings(**values, source_options=_source_options(options))
     return check(settings)
+
+
+def _source_options(given: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each source's settings object (its defaults where nothing was given); ConfigError names the flag."""
+    from loraplane.worker.sources import SOURCES
+
+    out = {}
+    for kind, source in SOURCES.items():
+        if source.options is not None:
+            try:
+                out[kind] = source.options(**given.get(kind, {}))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    return out
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -276,7 +328,7 @@ def _read_config(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of setting: value, got {type(data).__name__}")
-    names = {f.name for f in fields(WorkerSettings)}
+    names = set(_flags())
     out = {}
     for key, value in data.items():
         name = _snake(str(key))

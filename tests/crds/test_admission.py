@@ -42,7 +42,7 @@ BAD = [
     ("dot-dot segment", {"path": "/models/../etc/passwd"}, ["must not contain '..' segments"]),
     (
         "unknown scheme",
-        {"path": "gs://bucket/sql"},
+        {"path": "gcs://bucket/sql"},
         [FORMS, "relative paths and other schemes are not accepted"],
     ),
     (

@@ -14,13 +14,16 @@ from loraplane.crds.errors import PermanentError
 from loraplane.crds.models import LoRAAdapterStatus, parse_adapter
 
 GOOD = ["org/name", "hf://org/name", "/models/a", "file:///models/a", "s3://bucket/a/b", "s3://my.bucket-1"]
+GOOD += ["gs://bucket/a/b", "gs://my_bucket.v-1"]
 BAD = {
     "relative/dir/x": paths.PATH_RULES[0].message,
     "adapter": paths.PATH_RULES[0].message,
     "../x": paths.PATH_RULES[1].message,
     "/models/../etc": paths.PATH_RULES[1].message,
     "ftp://host/x": paths.PATH_RULES[0].message,
-    "gs://bucket/x": paths.PATH_RULES[0].message,
+    "gcs://bucket/x": paths.PATH_RULES[0].message,
+    "gs://Upper/x": paths.PATH_RULES[0].message,
+    "gs://ab": paths.PATH_RULES[0].message,
     "s3://Upper/x": paths.PATH_RULES[0].message,
     "hf://org/name/extra": paths.PATH_RULES[0].message,
 }

@@ -11,24 +11,14 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
 from support import fleet
-from support.apiserver import RestartableKube, bump_resource_version, create_namespace, restartable_kube
+from support.apiserver import RestartableKube, bump_resource_version, create_namespace
 from support.kube import Kube
 from support.procs import OperatorProc, wait_for
 
 from loraplane.operator.settings import LEDGER_NAME
 
 BASE = "meta-llama/Llama-2-7b-hf"
-
-
-@pytest.fixture
-def own_kube(tmp_path):
-    kube = restartable_kube(tmp_path)
-    try:
-        yield kube
-    finally:
-        kube.server.stop()
 
 
 def _status(ads: fleet.Adapters, name: str) -> dict:

@@ -181,13 +181,15 @@ def test_worker_reports_aggregate_into_counts_phase_and_conditions(
         namespace, "good", lambda s: s["workers"]["total"] == 0, "no live worker", timeout=30
     )
     assert good["phase"] == "Registered" and "no live worker" in good["message"]
-    events = [
-        e.reason
-        for e in adapters.core.list_namespaced_event(namespace).items
-        if e.involved_object.name == "good"
-    ]
-    # Each transition under its own reason: the ID, Ready, and back to no live worker.
-    assert {"IDAssigned", "Ready", "NoWorkers"} <= set(events), events
+
+    def reasons() -> set[str]:
+        items = adapters.core.list_namespaced_event(namespace).items
+        return {e.reason for e in items if e.involved_object.name == "good"}
+
+    # Each transition under its own reason: the ID, Ready, and back to no live worker. Events are
+    # posted in the background after the status write: wait for them, bounded.
+    wanted = {"IDAssigned", "Ready", "NoWorkers"}
+    wait(lambda: wanted <= reasons(), 10, lambda: f"events {sorted(wanted)}, got {sorted(reasons())}")
 
 
 @pytest.mark.parametrize("heartbeat", [None, "not-a-time"])

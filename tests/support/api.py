@@ -4,7 +4,7 @@ reference_greedy(peft_model, adapter, prompt, max_new, eos)  PEFT's greedy conti
 reference_text(tokenizer, tokens, eos)                       its text, EOS dropped
 Served(url, engine, registry)                                one engine behind a real HTTP server; .add()
 MakeServer                                                   the make_server fixture's type
-The fixtures themselves (tiny_llama, adapters, peft_model, make_server) are in tests/worker/api/conftest.py.
+The fixtures: make_server in tests/worker/api/conftest.py; tiny_llama, adapters, peft_model in tests/worker/conftest.py.
 """
 
 from __future__ import annotations

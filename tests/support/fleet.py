@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraplane.crds.models import LoRAWorkerStatus
+from loraplane.crds.models import GROUP, VERSION, LoRAWorkerStatus
 from support.procs import BASE_MODEL, OperatorProc, WorkerProc, free_port, wait_for
 
 __all__ = [
@@ -29,8 +29,6 @@ __all__ = [
     "states",
     "wait_for",
 ]
-
-GROUP, VERSION = "loraplane.io", "v1alpha1"
 
 
 def adapter_obj(

@@ -7,6 +7,8 @@ as against AWS S3 or huggingface.co.
 Fixtures (import them into a test module: ``from support.servers import moto_s3, hf_hub``):
   moto_s3 (session)  MotoS3: .endpoint_url, .client (boto3), .bucket() -> a fresh bucket name,
                      .put_dir(bucket, prefix, dir) uploads an adapter directory.
+  gcs (session)      FakeGcs: gcp-storage-emulator's server; .endpoint_url, .client (google-cloud-storage,
+                     anonymous), .bucket() -> a fresh bucket name, .put_dir(bucket, prefix, dir).
   hf_hub             FakeHub: .url, .add_commit(repo, files, branch="main", tags=()) -> commit sha,
                      .delete_repo(repo), .token (require "Bearer <token>" when set), .chunk_delay_s
                      (throttle downloads), .requests (method, path, authorized) seen.
@@ -85,6 +87,46 @@ def moto_s3() -> Iterator[MotoS3]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# --- Google Cloud Storage (gcp-storage-emulator) -------------------------------------------------
+@dataclass
+class FakeGcs:
+    endpoint_url: str
+    client: Any
+
+    def bucket(self) -> str:
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        self.client.create_bucket(name)
+        return name
+
+    def put_dir(self, bucket: str, prefix: str, directory: Path) -> None:
+        for p in sorted(Path(directory).iterdir()):
+            if p.is_file():
+                key = f"{prefix}/{p.name}" if prefix else p.name
+                self.client.bucket(bucket).blob(key).upload_from_filename(str(p))
+
+
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[FakeGcs]:
+    from gcp_storage_emulator.server import create_server
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    client = storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": url}
+    )
+    try:
+        yield FakeGcs(url, client)
+    finally:
+        server.stop()
 
 
 # --- a Hub-compatible endpoint -------------------------------------------------------------------

@@ -53,7 +53,7 @@ PATH_CASES: list[tuple[str, Any, str, str]] = [
     ("dotdot", lambda root: f"{root}/../x", s.PATH_NOT_ALLOWED, "'..'"),
     ("dotdot-file-uri", lambda root: f"file://{root}/a/../../etc", s.PATH_NOT_ALLOWED, "'..'"),
     ("relative-file-uri", lambda root: "file://adapters/x", s.INVALID_PATH, "file:///dir"),
-    ("unknown-scheme", lambda root: "gs://bucket/x", s.INVALID_PATH, "s3://bucket/prefix"),
+    ("unknown-scheme", lambda root: "gcs://bucket/x", s.INVALID_PATH, "s3://bucket/prefix"),
     ("relative-path", lambda root: "adapters/x/y", s.INVALID_PATH, "absolute local path"),
     ("empty", lambda root: "", s.INVALID_PATH, "without spaces"),
     ("space", lambda root: f"{root}/a b", s.INVALID_PATH, "without spaces"),
@@ -152,7 +152,7 @@ def test_revision_on_a_local_path_is_an_opaque_label(root: Path, settings: s.Sou
 # Whatever admission (the CRD's pydantic model = its CEL rules and pattern) answers, the worker answers.
 GRAMMAR_PATHS = ["team/adapter", "hf://team/adapter", "/srv/a", "file:///srv/a", "s3://bucket/p/q", "s3://bucket",
                  "", "team", "team/", "team/adapter/x", "-team/adapter", "hf://team/adapter/", "file://srv/a",
-                 "gs://bucket/x", "s3://B/x", "s3://ab/x", "/srv/../etc", "/srv/a b", "team/adapter\n",
+                 "gs://bucket/x", "gcs://bucket/x", "gs://B/x", "s3://B/x", "s3://ab/x", "/srv/../etc", "/srv/a b", "team/adapter\n",
                  "relative/dir/x", "./a", "hf://", "s3://bucket/../x"]  # fmt: skip
 
 

@@ -17,19 +17,10 @@ import time
 import pytest
 from support import adapters as adapters_mod
 from support import fleet
-from support.apiserver import bump_resource_version, create_namespace, restartable_kube
+from support.apiserver import bump_resource_version, create_namespace
 
 from loraplane.crds.models import version_of
 from loraplane.worker.watch import DesiredAdapter, desired_from
-
-
-@pytest.fixture
-def own_kube(tmp_path):
-    kube = restartable_kube(tmp_path)
-    try:
-        yield kube
-    finally:
-        kube.server.stop()
 
 
 def _ready_lines(log: str) -> dict[int, int]:

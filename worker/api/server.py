@@ -36,7 +36,7 @@ from .auth import ApiKeys
 from .errors import ApiError
 
 if TYPE_CHECKING:
-    from ..engine.service import Engine
+    from ..engines import Engine
     from ..registry import Registry
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,7 @@ def pool_tokens(
         try:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):  # not on this OS (macOS): no automatic bound
-            available = most * per_token / CPU_SHARE
+            available = int(most * per_token / CPU_SHARE)
         tokens = int(CPU_SHARE * available) // per_token
     tokens = min(tokens, most) // BLOCK_SIZE * BLOCK_SIZE  # whole blocks, within the budget
     if tokens < BLOCK_SIZE:

@@ -5,9 +5,15 @@ into a frozen ``ResolvedSource`` (refs.py): the commit sha / ETag digest / file-
 pins the exact bytes, the adapter files with their sizes and checksums, and a ``cache_key``.
 ``fetch_file`` streams one of those files into an open file, bounding its size and verifying the
 checksum the source gave. One module per kind of source (local, hub, s3; filecopy for local
-copies); the path grammar is the API's (crds/paths.py), so the worker accepts exactly the paths
-admission accepts, and ``revision`` is what the CRD says: a Hub revision, or for local and
-``s3://`` paths an opaque version label. The cache (cache.py) owns atomicity, budgets and retries.
+copies), each declaring a ``SOURCE`` (refs.Source: its kind, client, own settings) registered in
+``SOURCES`` below; the path grammar is the API's (one row per kind in crds/paths.py FORMS), so the
+worker accepts exactly the paths admission accepts, and ``revision`` is what the CRD says: a Hub
+revision, or for the other kinds an opaque version label. The cache (cache.py) owns atomicity,
+budgets and retries.
+
+Adding a kind of source: a module with its ``SOURCE``, its name in ``SOURCES``, its row in
+crds/paths.py FORMS (then ``loraplane crds --checkout``), and docs. Its settings become worker flags
+(settings.py reads them from the registry).
 Importing this package scrubs credentials from every log record (redaction.py): the clients below
 log signed headers at DEBUG.
 
@@ -20,12 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from loraplane.crds import paths
 from loraplane.worker import redaction
-from loraplane.worker.sources import hub, local, s3
+from loraplane.worker.sources import gcs, hub, local, s3
 from loraplane.worker.sources.refs import CHECKSUM_MISMATCH as CHECKSUM_MISMATCH
 from loraplane.worker.sources.refs import CONFIG_FILE as CONFIG_FILE
 from loraplane.worker.sources.refs import FILE_MISSING as FILE_MISSING
@@ -47,11 +52,19 @@ from loraplane.worker.sources.refs import Fetched as Fetched
 from loraplane.worker.sources.refs import ProgressFn as ProgressFn
 from loraplane.worker.sources.refs import RemoteFile as RemoteFile
 from loraplane.worker.sources.refs import ResolvedSource as ResolvedSource
+from loraplane.worker.sources.refs import Source as Source
 from loraplane.worker.sources.refs import SourceError as SourceError
 from loraplane.worker.sources.refs import SourceSettings as SourceSettings
 from loraplane.worker.sources.refs import permanent, temporary
 
-redaction.install()  # boto3 / botocore and huggingface_hub talk to the sources: their logs are scrubbed
+redaction.install()  # the sources' client libraries log signed headers at DEBUG: their logs are scrubbed
+
+SOURCES: dict[str, Source] = {m.SOURCE.kind: m.SOURCE for m in (hub, local, s3, gcs)}
+"""Every kind of source by its crds/paths.py kind: the registry the worker iterates."""
+if set(SOURCES) != set(paths.FORMS_BY_KIND):  # a form without a client, or a client without a form
+    raise ImportError(
+        f"sources registered {sorted(SOURCES)} but crds/paths.py accepts {sorted(paths.FORMS_BY_KIND)}"
+    )
 
 
 def parse_path(path: str) -> tuple[paths.SourceKind, str]:
@@ -76,11 +89,7 @@ def resolve(path: str, revision: str | None, settings: SourceSettings) -> Resolv
             TooLarge, OfflineNotCached.
     """
     kind, location = parse_path(path)
-    if kind == "local":
-        return local.resolve(location, revision, settings)
-    if kind == "s3":
-        return s3.resolve(location, revision, settings)
-    return hub.resolve(location, revision, settings)
+    return SOURCES[kind].resolve(location, revision, settings)
 
 
 def fetch_file(
@@ -113,9 +122,17 @@ def fetch_file(
         written, digest = local.copy(resolved, rf, fd, progress)
         return _verified(where, rf, written, digest, None)
     sha = hashlib.sha256()
-    etag_hash = _etag_hasher(resolved, rf)
+    source = SOURCES.get(resolved.kind)
+    if source is None:
+        raise permanent(INVALID_PATH, f"{resolved.uri}: unknown source kind {resolved.kind!r}")
+    etag_hash = source.etag_hasher(rf) if rf.etag is not None else None
     written = 0
-    for chunk in _chunks(resolved, rf, settings):
+    chunks = (
+        local.chunks(resolved, rf)
+        if resolved.local_dir is not None
+        else source.chunks(resolved, rf, settings)
+    )
+    for chunk in chunks:
         written += len(chunk)
         if written > rf.size:
             raise temporary(
@@ -157,32 +174,3 @@ def _real_fd(dest: BinaryIO) -> int | None:
         return None
     dest.flush()
     return fd
-
-
-def _etag_hasher(resolved: ResolvedSource, rf: RemoteFile) -> tuple[Any, str] | None:
-    """A hasher whose digest must equal rf.etag, and its name, when the source's ETag is a content hash.
-
-    S3: the MD5 of the bytes unless the object was a multipart upload ("...-N"). The Hub: the git
-    blob id (sha1 of "blob <size>\\0" + bytes) for files not in LFS (LFS files carry a sha256)."""
-    if rf.etag is None:
-        return None
-    if resolved.kind == "s3" and re.fullmatch(r"[0-9a-f]{32}", rf.etag):
-        return hashlib.md5(usedforsecurity=False), "MD5"
-    if resolved.kind == "hf" and rf.sha256 is None and re.fullmatch(r"[0-9a-f]{40}", rf.etag):
-        h = hashlib.sha1(usedforsecurity=False)
-        h.update(b"blob %d\0" % rf.size)
-        return h, "git blob id"
-    return None
-
-
-def _chunks(
-    resolved: ResolvedSource, rf: RemoteFile, settings: SourceSettings
-) -> Iterator[bytes | memoryview]:
-    if resolved.local_dir is not None:
-        yield from local.chunks(resolved, rf)
-    elif resolved.kind == "s3":
-        yield from s3.chunks(resolved, rf, settings)
-    elif resolved.kind == "hf":
-        yield from hub.chunks(resolved, rf, settings)
-    else:
-        raise permanent(INVALID_PATH, f"{resolved.uri}: unknown source kind {resolved.kind!r}")

@@ -31,8 +31,10 @@ from loraplane.worker.sources.refs import (
     SOURCE_NOT_FOUND,
     SOURCE_UNREACHABLE,
     ClientErrors,
+    Hasher,
     RemoteFile,
     ResolvedSource,
+    Source,
     SourceSettings,
     check_listing,
     make_resolved,
@@ -227,3 +229,15 @@ def chunks(resolved: ResolvedSource, rf: RemoteFile, settings: SourceSettings) -
                 resp.read()  # the error mapping reads the body; a streamed response must be read first
             hf_raise_for_status(resp)
             yield from resp.iter_bytes()  # as bytes arrive: no re-chunking copies; progress stays live
+
+
+def etag_hasher(rf: RemoteFile) -> Hasher | None:
+    """The git blob id (sha1 of "blob <size>\\0" + bytes) of a file not in LFS (LFS files carry a sha256)."""
+    if rf.sha256 is None and rf.etag is not None and re.fullmatch(r"[0-9a-f]{40}", rf.etag):
+        h = hashlib.sha1(usedforsecurity=False)
+        h.update(b"blob %d\0" % rf.size)
+        return h, "git blob id"
+    return None
+
+
+SOURCE = Source("hf", resolve, chunks, etag_hasher=etag_hasher)

@@ -28,6 +28,7 @@ from loraplane.worker.sources.refs import (
     ProgressFn,
     RemoteFile,
     ResolvedSource,
+    Source,
     SourceSettings,
     check_listing,
     make_resolved,
@@ -127,3 +128,7 @@ def chunks(resolved: ResolvedSource, rf: RemoteFile) -> Iterator[memoryview]:
             yield view[:n]
     finally:
         f.close()
+
+
+# fetch_file reads every source with a local_dir (this one, an offline Hub snapshot) through copy/chunks.
+SOURCE = Source("local", resolve, lambda resolved, rf, settings: chunks(resolved, rf))

@@ -1,4 +1,5 @@
-"""What every source kind shares: settings, the immutable reference a path resolves to, named failures.
+"""What every source kind shares: its registration (Source), settings, the immutable reference a path
+resolves to, named failures.
 
 A ``ResolvedSource`` pins the exact bytes (Hub commit sha, S3 ETag digest, local file-stat digest)
 and carries the adapter files with their sizes and checksums; its ``cache_key`` is derived from all
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from loraplane.crds.errors import LoraplaneError
 from loraplane.worker import redaction
@@ -78,6 +79,9 @@ class ClientErrors:
         raise NotImplementedError
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class SourceSettings:
     """How the worker reaches adapter sources."""
@@ -104,6 +108,14 @@ class SourceSettings:
     """Largest adapter weights file accepted, in bytes (8 GiB: far above any LoRA of a 70B model)."""
     max_config_bytes: int = 1 << 20
     """Largest adapter_config.json accepted, in bytes (1 MiB; real ones are about 1 KiB)."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Each registered source's own settings (its ``Source.options`` dataclass), by kind; a kind not
+    given here gets that dataclass's defaults."""
+
+    def options_for(self, kind: str, cls: type[_T]) -> _T:
+        """The settings of the source ``kind`` (``cls``'s defaults when none were given)."""
+        value = self.options.get(kind)
+        return value if isinstance(value, cls) else cls()
 
     def __post_init__(self) -> None:
         redaction.register(self.hf_token)  # a token given as a setting is masked in every log line
@@ -123,6 +135,8 @@ class RemoteFile:
     """S3 ETag or Hub blob id (the git object id for small files)."""
     sha256: str | None = None
     """Content sha256 when the source gives it (Hub LFS files)."""
+    version: str | None = None
+    """The object version the source pinned at resolve time (a GCS generation); the download asks for it."""
 
 
 @dataclass(frozen=True)
@@ -130,9 +144,9 @@ class ResolvedSource:
     """An immutable reference to one version of an adapter's files."""
 
     kind: str
-    """"hf" | "local" | "s3"."""
+    """The source's kind (crds/paths.py FORMS): "hf", "local", "s3", ..."""
     uri: str
-    """Normalised source: hf://org/name, file:///abs/dir, s3://bucket/prefix."""
+    """Normalised source: hf://org/name, file:///abs/dir, s3://bucket/prefix, ..."""
     resolved_revision: str
     """Hub commit sha; S3: digest of the objects' ETags; local: digest of (name, size, mtime_ns)."""
     files: tuple[RemoteFile, ...]
@@ -208,6 +222,34 @@ class Fetched:
 
 ProgressFn = Callable[[int, int], None]
 """progress(bytes_so_far, total_bytes)."""
+
+Hasher = tuple[Any, str]
+"""A hashlib object whose hex digest must equal RemoteFile.etag, and its name for messages."""
+
+
+def _no_etag_hasher(rf: RemoteFile) -> Hasher | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One kind of source: what its module registers in ``loraplane.worker.sources.SOURCES``.
+
+    ``kind`` is the row of crds/paths.py FORMS whose paths it reads (the grammar is the API's);
+    everything else about the kind lives in its module, and the rest of the worker iterates the registry.
+    """
+
+    kind: str
+    resolve: Callable[[str, str | None, SourceSettings], ResolvedSource]
+    """resolve(location, revision, settings): the location is the path without its scheme (crds.paths)."""
+    chunks: Callable[[ResolvedSource, RemoteFile, SourceSettings], Iterator[bytes | memoryview]]
+    """The bytes of one resolved file, streamed (fetch_file counts, hashes and bounds them)."""
+    options: type | None = None
+    """A frozen dataclass of this kind's own settings, or None. Each field is a worker setting named
+    ``<kind>_<field>``: flag --<kind>-<field>, env LORAPLANE_<KIND>_<FIELD>, config key; the field's
+    docstring is its --help. ``__post_init__`` raises ValueError naming the flag for a bad value."""
+    etag_hasher: Callable[[RemoteFile], Hasher | None] = _no_etag_hasher
+    """A hasher for RemoteFile.etag when the source's ETag is a content hash, else None."""
 
 
 def short(e: BaseException) -> str:

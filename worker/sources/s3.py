@@ -8,6 +8,7 @@ object replaced in between is noticed, never mixed with the old version.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -22,8 +23,10 @@ from loraplane.worker.sources.refs import (
     SOURCE_NOT_FOUND,
     SOURCE_UNREACHABLE,
     ClientErrors,
+    Hasher,
     RemoteFile,
     ResolvedSource,
+    Source,
     SourceSettings,
     check_listing,
     make_resolved,
@@ -149,3 +152,13 @@ def chunks(resolved: ResolvedSource, rf: RemoteFile, settings: SourceSettings) -
             yield from body.iter_chunks(CHUNK)
         finally:
             body.close()
+
+
+def etag_hasher(rf: RemoteFile) -> Hasher | None:
+    """The MD5 of the bytes, unless the object was a multipart upload (an ETag "...-N")."""
+    if rf.etag is not None and re.fullmatch(r"[0-9a-f]{32}", rf.etag):
+        return hashlib.md5(usedforsecurity=False), "MD5"
+    return None
+
+
+SOURCE = Source("s3", resolve, chunks, etag_hasher=etag_hasher)

@@ -257,7 +257,9 @@ class VllmEngine:
                 "lower max_tokens",
             )
         if adapter is not None and adapter.id not in self._held:
-            raise TemporaryError("AdapterNotReady", f"adapter ID {adapter.id} is not loaded in vLLM", 1.0)
+            raise TemporaryError(
+                "AdapterNotReady", f"adapter ID {adapter.id} is not loaded in vLLM", delay=1.0
+            )
         sampling = sampling_params(
             params, extras or {}, max_tokens=params.max_tokens or limit - len(prompt_ids)
         )
