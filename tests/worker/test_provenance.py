@@ -18,9 +18,11 @@ from loraplane.crds.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import provenance as p
 from loraplane.worker import sources as s
+from loraplane.worker.sources.gcs import GcsSettings
 
 moto_s3 = servers.moto_s3
 hf_hub = servers.hf_hub
+gcs = servers.gcs
 
 
 def _signed_subject(sig: Path) -> str:
@@ -69,12 +71,19 @@ def _every_source(kind: str, tmp_path: Path, d: Path, request: pytest.FixtureReq
         moto.put_dir(bucket, "team-a/sql", d)
         moto.client.put_object(Bucket=bucket, Key="team-a/sql/README.md", Body=b"not fetched")
         return f"s3://{bucket}/team-a/sql", s.SourceSettings(s3_endpoint_url=moto.endpoint_url, timeout_s=5)
+    if kind == "gs":
+        gcs = request.getfixturevalue("gcs")
+        bucket = gcs.bucket()
+        gcs.put_dir(bucket, "team-a/sql", d)
+        gcs.client.bucket(bucket).blob("team-a/sql/README.md").upload_from_string(b"not fetched")
+        options = {"gs": GcsSettings(endpoint=gcs.endpoint_url, credentials="anonymous")}
+        return f"gs://{bucket}/team-a/sql", s.SourceSettings(options=options, timeout_s=5)
     hub = request.getfixturevalue("hf_hub")
     hub.add_commit("team-a/sql", {**{f.name: f for f in d.iterdir()}, "README.md": b"# sql"})
     return "hf://team-a/sql", s.SourceSettings(hf_endpoint=hub.url, timeout_s=5, state_dir=tmp_path / "state")
 
 
-@pytest.mark.parametrize("kind", ["local", "s3", "hf"])
+@pytest.mark.parametrize("kind", ["local", "s3", "gs", "hf"])
 def test_every_source_gives_the_same_digest_and_its_signature(
     tmp_path: Path, kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ from loraplane.worker.sources.refs import (
     ADAPTER_FILES,
     CHUNK,
     FILE_MISSING,
+    OPTIONAL_FILES,
     SOURCE_CHANGED,
     SOURCE_FORBIDDEN,
     SOURCE_NOT_FOUND,
@@ -180,6 +181,17 @@ def resolve(location: str, revision: str | None, settings: SourceSettings) -> Re
             SOURCE_NOT_FOUND,
             f"{uri}: no adapter files (adapter_config.json, adapter_model.safetensors) under this prefix",
         )
+    for name in OPTIONAL_FILES:  # model.sig: one more request, for exactly that object
+        with _gcs_errors(uri, _endpoint(settings)):
+            blob = (
+                _client(settings)
+                .bucket(bucket)
+                .get_blob(f"{listing_prefix}{name}", timeout=settings.timeout_s, retry=None)
+            )
+        if blob is not None:
+            present[name] = RemoteFile(
+                name, int(blob.size), _md5_hex(blob.md5_hash), version=str(blob.generation)
+            )
     files = check_listing(uri, present, names, settings)
     pinned = "".join(f"{f.name}\0{f.size}\0{f.version}\0{f.etag}\n" for f in files)
     return make_resolved("gs", uri, hashlib.sha256(pinned.encode()).hexdigest()[:40], files, revision)
