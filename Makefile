@@ -37,6 +37,7 @@ demo: setup
 test: setup lint vllm-setup
 	$(BIN)/python -m pytest
 	LORAPLANE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest tests/vllm_engine
+	$(MAKE) images
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -47,3 +48,11 @@ crds: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_allocation.py --n 300
 	$(BIN)/python benchmarks/bench_engine.py
+
+# Build docker/*.Dockerfile with buildah on stand-in base images and run each image's smoke tests
+# (tests/images): scripts/images.sh, as root; it apt-installs buildah and debootstrap when missing and
+# skips with a message where it cannot. IMAGES picks the images: make images IMAGES="worker-cuda worker-vllm".
+.PHONY: images
+IMAGES ?= operator worker-cpu
+images: setup
+	IMAGES_PYTEST="$(BIN)/python -m pytest" scripts/images.sh $(IMAGES)

@@ -6,7 +6,10 @@
 # Supported vLLM releases: see docs/engines.md. Change VLLM_IMAGE only to one listed there.
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 
-FROM python:3.12-slim-bookworm AS wheel
+# The stage that builds the loraplane wheel (pure Python: any Python >= 3.11 image builds the same wheel).
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN pip install "build>=1"
