@@ -15,7 +15,7 @@
 #
 # Environment: IMAGES_TAG (dev), IMAGES_SMOKE=0 to build only, IMAGES_LAYERS=true to keep layers for
 # quicker rebuilds, IMAGES_REPORT (.loraplane/images/report.md), DEBIAN_MIRROR (http://deb.debian.org/debian),
-# IMAGES_PYTEST (.venv/bin/python -m pytest).
+# IMAGES_PYTEST (.venv/bin/python -m pytest), IMAGES_WORK (.loraplane/images: logs, the report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ MINBASE=$STANDIN/debian:bookworm-minbase
 PYBASE=$STANDIN/python:3.11-slim-bookworm
 VLLMBASE=$STANDIN/vllm-cpu:0.32.0
 TAG=${IMAGES_TAG:-dev}
-WORK=.loraplane/images
+WORK=${IMAGES_WORK:-.loraplane/images}
 REPORT=${IMAGES_REPORT:-$WORK/report.md}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMAGES=("$@")
