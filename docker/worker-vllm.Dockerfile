@@ -32,9 +32,12 @@ COPY --from=wheel /dist /dist
 RUN python3 -m pip install --no-cache-dir /dist/loraplane-*.whl \
  && rm -rf /dist \
  && python3 -c "import vllm, loraplane.worker.vllm.engine"
+# VLLM_CACHE_ROOT: vLLM keeps its caches (model info, torch.compile) under ~/.cache/vllm, which uid 10001
+# cannot write on a read-only root filesystem; the chart's cache volume can.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/var/cache/loraplane/huggingface \
+    VLLM_CACHE_ROOT=/var/cache/loraplane/vllm \
     VLLM_NO_USAGE_STATS=1
 USER 10001:10001
 EXPOSE 8000

