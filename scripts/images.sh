@@ -98,7 +98,7 @@ bud() { # bud LOGNAME buildah-bud-args...  (PIP=0: without this machine's pip co
 	local log=$WORK/$1.build.log mounts=("${PIP_MOUNTS[@]}")
 	shift
 	[ "${PIP:-1}" = 1 ] || mounts=()
-	if ! buildah bud --isolation chroot --pull=never --layers="${IMAGES_LAYERS:-false}" "${mounts[@]}" "$@" >"$log" 2>&1; then
+	if ! buildah bud --isolation chroot --pull=never --force-rm --layers="${IMAGES_LAYERS:-false}" "${mounts[@]}" "$@" >"$log" 2>&1; then
 		tail -40 "$log" >&2
 		echo "images: build failed; full log: $log" >&2
 		return 1
