@@ -43,6 +43,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 test: setup lint vllm-setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	LORAPLANE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest tests/vllm_engine
+	$(MAKE) images
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -53,3 +54,11 @@ crds: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_allocation.py --n 300
 	$(BIN)/python benchmarks/bench_engine.py
+
+# Build docker/*.Dockerfile with buildah on stand-in base images and run each image's smoke tests
+# (tests/images): scripts/images.sh, as root; it apt-installs buildah and debootstrap when missing and
+# skips with a message where it cannot. IMAGES picks the images: make images IMAGES="worker-cuda worker-vllm".
+.PHONY: images
+IMAGES ?= operator worker-cpu
+images: setup
+	IMAGES_PYTEST="$(BIN)/python -m pytest" scripts/images.sh $(IMAGES)

@@ -24,9 +24,12 @@ LABEL org.opencontainers.image.title="loraplane-operator" \
       org.opencontainers.image.source="https://github.com/loraplane/loraplane" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=builder /opt/loraplane /opt/loraplane
+# USER: kopf names the operator's identity after getpass.getuser(), which fails (KeyError, the operator
+# never starts watching) for a uid with no /etc/passwd entry: 10001 here, or whatever uid a cluster assigns.
 ENV PATH=/opt/loraplane/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    USER=loraplane
 # Numeric uid/gid so Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
 EXPOSE 8080

@@ -4,7 +4,10 @@
 # Build from the repository root:  docker build -f docker/worker-cuda.Dockerfile -t loraplane-worker-cuda .
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
-FROM python:3.12-slim-bookworm AS wheel
+# The stage that builds the loraplane wheel (pure Python: any Python >= 3.11 image builds the same wheel).
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN pip install "build>=1"

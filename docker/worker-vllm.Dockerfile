@@ -6,7 +6,10 @@
 # Supported vLLM releases: see docs/engines.md. Change VLLM_IMAGE only to one listed there.
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 
-FROM python:3.12-slim-bookworm AS wheel
+# The stage that builds the loraplane wheel (pure Python: any Python >= 3.11 image builds the same wheel).
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN pip install "build>=1"
@@ -29,9 +32,12 @@ COPY --from=wheel /dist /dist
 RUN python3 -m pip install --no-cache-dir "$(ls /dist/loraplane-*.whl)[signing]" \
  && rm -rf /dist \
  && python3 -c "import vllm, loraplane.worker.vllm.engine"
+# VLLM_CACHE_ROOT: vLLM keeps its caches (model info, torch.compile) under ~/.cache/vllm, which uid 10001
+# cannot write on a read-only root filesystem; the chart's cache volume can.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/var/cache/loraplane/huggingface \
+    VLLM_CACHE_ROOT=/var/cache/loraplane/vllm \
     VLLM_NO_USAGE_STATS=1
 USER 10001:10001
 EXPOSE 8000

@@ -1,6 +1,6 @@
-"""The Dockerfiles cannot be built here (no container engine), so this checks what a build depends on:
-every COPY source exists and is not hidden by .dockerignore, the files the Dockerfiles COPY are enough
-to build the wheel, and each image's entry point starts (--help) from that wheel installed in a venv."""
+"""What a build depends on, checked without building (tests/images builds and starts the images with
+`make images`): every COPY source exists and is not hidden by .dockerignore, the files the Dockerfiles
+COPY are enough to build the wheel, and each image's entry point starts (--help) from that wheel."""
 
 from __future__ import annotations
 
