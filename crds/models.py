@@ -139,6 +139,12 @@ class AdapterInfo(_Model):
     sizeBytes: int | None = Field(default=None, ge=0)
     sha256: str | None = Field(default=None, max_length=64, pattern=r"^[0-9a-f]{64}$")
     resolvedRevision: str | None = Field(default=None, max_length=255)
+    chatTemplate: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Which chat template renders this adapter's chat requests: the adapter's own file "
+        '(chat_template.jinja or tokenizer_config.json) or "base model".',
+    )
 
 
 class WorkerCounts(_Model):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from . import tools
 from .errors import ApiError
 from .protocol import (
     AssistantMessage,
@@ -245,10 +246,10 @@ class _Choice:
 
 async def _collect(generation: Generation) -> list[_Choice]:
     """The whole output, one entry per choice (index order)."""
-    choices = [_Choice() for _ in range(generation.n)]
+    choices = [_Choice() for _ in range(generation.choices)]
     try:
         async for out in generation.outputs():
-            c = choices[getattr(out, "index", 0)]
+            c = choices[out.index]
             c.text += out.text
             c.finish_reason = out.finish_reason or c.finish_reason
             entries = getattr(out, "logprobs", None)
@@ -291,7 +292,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 return CompletionResponse(id=rid, model=body.model, choices=[], usage=usage)
             if not out.text and out.finish_reason is None:
                 return None
-            index = getattr(out, "index", 0)
+            index = out.index
             logprobs = _completion_logprobs(getattr(out, "logprobs", None), offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + len(out.text)
             choice = CompletionChoice(
@@ -316,6 +317,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _parse(request, ChatCompletionRequest)
     generation, rid = await serving.submit(body)
     _STATE.get()["generation"] = generation
+    calls = tools.Calls.of(body, serving.require_engine())
     if body.stream:
         started: set[int] = set()  # choices whose first chunk (with the role) went out
 
@@ -325,16 +327,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     return None
                 usage = Usage.of(generation.prompt_tokens, generation.completion_tokens)
                 return ChatCompletionChunk(id=rid, model=body.model, choices=[], usage=usage)
-            index = getattr(out, "index", 0)
+            index = out.index
             first = index not in started
-            if not out.text and out.finish_reason is None and not first:
+            delta = calls.delta(index, out)
+            finish = calls.finish_reason(index, out.finish_reason)
+            if delta is None and finish is None and not first:
                 return None
             started.add(index)
-            delta = Delta(role="assistant" if first else None, content=out.text)
+            delta = delta or Delta()
+            delta.role = "assistant" if first else None
             choice = ChatChunkChoice(
                 index=index,
                 delta=delta,
-                finish_reason=out.finish_reason,
+                finish_reason=finish,
                 logprobs=_chat_logprobs(getattr(out, "logprobs", None)),
             )
             return ChatCompletionChunk(id=rid, model=body.model, choices=[choice])
@@ -342,27 +347,46 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _stream(request, generation, chunk)
     collected = await _collect(generation)
     usage = Usage.of(generation.prompt_tokens, generation.completion_tokens)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=c.text),
-            finish_reason=c.finish_reason,
-            logprobs=_chat_logprobs(c.logprobs),
+    choices = []
+    for i, c in enumerate(collected):
+        content, found = calls.whole(i, c.text)
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=content, tool_calls=found),
+                finish_reason=calls.finish_reason(i, c.finish_reason),
+                logprobs=_chat_logprobs(c.logprobs),
+            )
         )
-        for i, c in enumerate(collected)
-    ]
     return json_response(ChatCompletionResponse(id=rid, model=body.model, choices=choices, usage=usage))
 
 
-async def models(request: web.Request) -> web.StreamResponse:
-    serving = request.app[SERVING]
+def _cards(serving: Serving, name: str | None = None) -> list[ModelCard]:
+    """The model cards of the base model and the Ready adapters; ``name``: only that one (resolved
+    as a request's ``model`` is, so an unknown, failed or loading adapter gets the same error)."""
     engine = serving.require_engine()
     base = engine.model_name
-    cards = [ModelCard(id=base, root=base, loraplane=LoraplaneModelInfo(id=None, served_model=base))]
-    for v in serving.registry.ready():
-        info = LoraplaneModelInfo(id=v.id, served_model=base, adapter=v.adapter)
-        cards.append(ModelCard(id=v.served_name, root=base, parent=base, loraplane=info))
-    return json_response(ModelList(data=cards))
+    versions = [None, *serving.registry.ready()] if name is None else [serving.resolve(name)]
+    cards = []
+    for v in versions:
+        if v is None:
+            cards.append(
+                ModelCard(id=base, root=base, loraplane=LoraplaneModelInfo(id=None, served_model=base))
+            )
+        else:
+            info = LoraplaneModelInfo(id=v.id, served_model=base, adapter=v.adapter)
+            cards.append(ModelCard(id=v.served_name, root=base, parent=base, loraplane=info))
+    return cards
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    return json_response(ModelList(data=_cards(request.app[SERVING])))
+
+
+async def model(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models/{model}`` (the openai client's ``models.retrieve``): one card, or the error a
+    request for that model would get."""
+    return json_response(_cards(request.app[SERVING], request.match_info["model"])[0])
 
 
 async def engine_state(request: web.Request) -> web.StreamResponse:
@@ -406,6 +430,7 @@ def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
     )
     health.metrics.append(lambda: serving.engine.metrics.render() if serving.engine is not None else b"")
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)  # served names may hold "/" (org/name)
     app.router.add_get("/engine", engine_state)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from loraplane.crds.errors import LoraplaneError
 from loraplane.worker.sources.refs import (
-    ADAPTER_FILES,
+    FETCHED_FILES,
     FILE_MISSING,
     OFFLINE_NOT_CACHED,
     PICKLE_FILE,
@@ -113,7 +113,7 @@ def resolve(repo_id: str, revision: str | None, settings: SourceSettings) -> Res
     names: set[str] = set()
     for s in info.siblings or []:
         names.add(s.rfilename)
-        if s.rfilename in ADAPTER_FILES:
+        if s.rfilename in FETCHED_FILES:
             lfs = s.lfs
             size = lfs.size if lfs is not None else s.size
             if size is None:
@@ -137,7 +137,7 @@ def resolve_offline(repo_id: str, uri: str, revision: str | None, settings: Sour
     from huggingface_hub import try_to_load_from_cache
 
     found: dict[str, Path] = {}
-    for name in (*ADAPTER_FILES, PICKLE_FILE):
+    for name in (*FETCHED_FILES, PICKLE_FILE):
         hit = try_to_load_from_cache(repo_id, name, cache_dir=settings.hf_cache_dir, revision=revision)
         if isinstance(hit, str):
             found[name] = Path(hit)
@@ -148,7 +148,7 @@ def resolve_offline(repo_id: str, uri: str, revision: str | None, settings: Sour
             "unset HF_HUB_OFFLINE or pre-seed the cache",
         )
     snapshot = next(iter(found.values())).parent
-    present = {n: RemoteFile(n, p.stat().st_size) for n, p in found.items() if n in ADAPTER_FILES}
+    present = {n: RemoteFile(n, p.stat().st_size) for n, p in found.items() if n in FETCHED_FILES}
     files = check_listing(uri, present, set(found), settings)
     return make_resolved("hf", uri, snapshot.name, files, revision, local_dir=str(snapshot))
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from loraplane.worker.sources import filecopy
 from loraplane.worker.sources.refs import (
-    ADAPTER_FILES,
     CHUNK,
+    FETCHED_FILES,
     FILE_MISSING,
     PATH_NOT_ALLOWED,
     PICKLE_FILE,
@@ -64,7 +64,7 @@ def resolve(location: str, revision: str | None, settings: SourceSettings) -> Re
     present: dict[str, RemoteFile] = {}
     names: set[str] = set()
     stamp = hashlib.sha256()
-    for name in (*ADAPTER_FILES, PICKLE_FILE):
+    for name in (*FETCHED_FILES, PICKLE_FILE):
         p = real / name
         if not os.path.lexists(p):
             continue
@@ -80,7 +80,7 @@ def resolve(location: str, revision: str | None, settings: SourceSettings) -> Re
             raise permanent(FILE_MISSING, f"{uri}/{name} cannot be read: {e.strerror}") from e
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
             raise permanent(FILE_MISSING, f"{uri}/{name} is not a regular file")
-        if name in ADAPTER_FILES:
+        if name in FETCHED_FILES:
             present[name] = RemoteFile(name, st.st_size)
             stamp.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     files = check_listing(uri, present, names, settings)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import redaction
+from loraplane.worker import chattemplate, redaction
 from loraplane.worker.adapter import ADAPTER_FILES, CONFIG_FILE, PICKLE_FILE, PICKLE_REFUSED, WEIGHTS_FILE
 from loraplane.worker.basemodel import FILE_MISSING, TOO_LARGE
 
@@ -150,10 +150,14 @@ def cache_key_for(kind: str, uri: str, resolved_revision: str) -> str:
     return f"{kind}-{tail}-{digest}" if tail else f"{kind}-{digest}"
 
 
+FETCHED_FILES = (*ADAPTER_FILES, *chattemplate.FILES)
+"""What a source fetches: the adapter files, and the adapter's own chat template files when present."""
+
+
 def make_resolved(
     kind: str, uri: str, rev: str, files: list[RemoteFile], requested: str | None, **kw: Any
 ) -> ResolvedSource:
-    order = {n: i for i, n in enumerate(ADAPTER_FILES)}
+    order = {n: i for i, n in enumerate(FETCHED_FILES)}
     files.sort(key=lambda f: order.get(f.name, 99))
     return ResolvedSource(kind, uri, rev, tuple(files), cache_key_for(kind, uri, rev), requested, **kw)
 
@@ -182,7 +186,14 @@ def check_listing(
     ):
         if f.size > limit:
             raise permanent(TOO_LARGE, f"{uri}: {f.name} is {f.size} bytes, above the limit of {limit} bytes")
-    return [present[n] for n in ADAPTER_FILES]
+    optional = [present[n] for n in chattemplate.FILES if n in present]
+    for f in optional:
+        if f.size > settings.max_config_bytes:
+            raise permanent(
+                TOO_LARGE,
+                f"{uri}: {f.name} is {f.size} bytes, above the limit of {settings.max_config_bytes} bytes",
+            )
+    return [present[n] for n in ADAPTER_FILES] + optional
 
 
 @dataclass(frozen=True)

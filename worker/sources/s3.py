@@ -12,9 +12,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from loraplane.worker import chattemplate
 from loraplane.worker.sources.refs import (
-    ADAPTER_FILES,
     CHUNK,
+    FETCHED_FILES,
     FILE_MISSING,
     SOURCE_CHANGED,
     SOURCE_FORBIDDEN,
@@ -104,10 +105,16 @@ def resolve(location: str, revision: str | None, settings: SourceSettings) -> Re
         resp = client.list_objects_v2(
             Bucket=bucket, Prefix=f"{listing_prefix}adapter_", Delimiter="/", MaxKeys=1000
         )
-    for obj in resp.get("Contents", []):
+    objects = list(resp.get("Contents", []))
+    if objects:
+        with _s3_errors(uri, settings.s3_endpoint_url):
+            for name in chattemplate.FILES:  # the adapter's own chat template, when it ships one
+                found = client.list_objects_v2(Bucket=bucket, Prefix=f"{listing_prefix}{name}", MaxKeys=1)
+                objects += found.get("Contents", [])
+    for obj in objects:
         name = obj["Key"][len(listing_prefix) :]
         names.add(name)
-        if name in ADAPTER_FILES:
+        if name in FETCHED_FILES:
             present[name] = RemoteFile(name, int(obj["Size"]), str(obj["ETag"]).strip('"'))
     if not names:
         raise permanent(
