@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import tools
+from . import responses, tools
 from .errors import ApiError
 from .protocol import (
     AssistantMessage,
@@ -189,14 +189,20 @@ def _check_tree(value: Any, where: str, depth: int) -> None:
 
 
 def _sse(body: BaseModel) -> bytes:
-    return b"data: " + body.model_dump_json(by_alias=True).encode() + b"\n\n"
+    data = b"data: " + body.model_dump_json(by_alias=True).encode() + b"\n\n"
+    if isinstance(body, responses.Event):  # the Responses API names each event (as OpenAI does)
+        return f"event: {body.type}\n".encode() + data
+    return data
+
+
+Chunks = Callable[["Output | None"], "BaseModel | list[BaseModel] | None"]
 
 
 async def _stream(
-    request: web.Request, generation: Generation, chunks: Callable[[Output | None], BaseModel | None]
+    request: web.Request, generation: Generation, chunks: Chunks, *, done: bool = True
 ) -> web.StreamResponse:
-    """Write each output as an SSE event (``chunks`` builds it, or None to skip; ``chunks(None)``: the
-    usage chunk), then [DONE].
+    """Write each output as SSE events (``chunks`` builds them, or None to skip; ``chunks(None)``: the
+    closing ones, e.g. usage), then [DONE] (unless ``done`` is False: the Responses API sends none).
 
     A client that stops reading holds the stream at most ``client_timeout_seconds`` per chunk: then the
     connection is closed and its request cancelled, so it cannot hold a batch row or a drain."""
@@ -211,16 +217,15 @@ async def _stream(
     try:
         try:
             async for out in generation.outputs():
-                chunk = chunks(out)
-                if chunk is not None:
+                for chunk in _listed(chunks(out)):
                     await write(_sse(chunk))
         except ApiError as err:
             _STATE.get()["outcome"] = err.status
             await write(_sse(err.body()))
-        usage = chunks(None)
-        if usage is not None:
-            await write(_sse(usage))
-        await write(b"data: [DONE]\n\n")
+        for chunk in _listed(chunks(None)):
+            await write(_sse(chunk))
+        if done:
+            await write(b"data: [DONE]\n\n")
         await response.write_eof()
     except asyncio.CancelledError:
         _STATE.get()["outcome"] = 499
@@ -235,6 +240,10 @@ async def _stream(
     finally:
         generation.cancel()
     return response
+
+
+def _listed(chunks: BaseModel | list[BaseModel] | None) -> list[BaseModel]:
+    return [] if chunks is None else chunks if isinstance(chunks, list) else [chunks]
 
 
 @dataclass
@@ -361,6 +370,46 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return json_response(ChatCompletionResponse(id=rid, model=body.model, choices=choices, usage=usage))
 
 
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``: text generation, run as the chat request it amounts to."""
+    serving = request.app[SERVING]
+    body = await _parse(request, responses.ResponsesRequest)
+    for param, message in body.unsupported():
+        raise ApiError(400, "UnsupportedParameter", message, param=param, code="unsupported")
+    generation, _ = await serving.submit(body.to_chat())
+    _STATE.get()["generation"] = generation
+    response_id, message_id = responses.new_ids()
+    if body.stream:
+        events = responses.Events(body, response_id, message_id)
+        last: list[str | None] = []  # the finish reason, once seen
+
+        def chunk(out: Output | None) -> list[BaseModel] | None:
+            if out is None:
+                if "outcome" in _STATE.get():  # failed: the error event was the last one
+                    return None
+                return [*events.end(last[0] if last else None, _response_usage(generation))]
+            sent: list[BaseModel] = [] if events.seq else [*events.start()]
+            if out.text:
+                sent.append(events.delta(out.text))
+            if out.finish_reason is not None:
+                last.append(out.finish_reason)
+            return sent
+
+        return await _stream(request, generation, chunk, done=False)
+    (c,) = await _collect(generation)
+    status = responses.status_of(c.finish_reason)
+    text = responses.OutputText(text=c.text)
+    message = responses.OutputMessage(id=message_id, status=status, content=[text])  # type: ignore[arg-type]
+    response = responses.Response.of(body, response_id, status, [message])
+    response.usage = _response_usage(generation)
+    return json_response(response)
+
+
+def _response_usage(generation: Generation) -> responses.ResponseUsage:
+    p, c = generation.prompt_tokens, generation.completion_tokens
+    return responses.ResponseUsage(input_tokens=p, output_tokens=c, total_tokens=p + c)
+
+
 def _cards(serving: Serving, name: str | None = None) -> list[ModelCard]:
     """The model cards of the base model and the Ready adapters; ``name``: only that one (resolved
     as a request's ``model`` is, so an unknown, failed or loading adapter gets the same error)."""
@@ -434,3 +483,4 @@ def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
     app.router.add_get("/engine", engine_state)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", create_response)

@@ -149,3 +149,72 @@ def test_tools_are_refused_by_name_on_the_builtin_engine(served: Served) -> None
     ]
     out = client(served).chat.completions.create(model="sql", messages=history, max_tokens=2)
     assert out.choices[0].message.tool_calls in (None, [])
+
+
+def test_responses_api_is_the_chat_answer_in_its_shape(served: Served) -> None:
+    c = client(served)
+    chat = c.chat.completions.create(
+        model="sql",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=7,
+        temperature=0,
+    )
+    r = c.responses.create(
+        model="sql", instructions="be brief", input="hello", max_output_tokens=7, temperature=0
+    )
+    assert r.output_text == chat.choices[0].message.content
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (
+        chat.usage.prompt_tokens,
+        chat.usage.completion_tokens,
+    )
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    history = c.responses.create(
+        model="sql",
+        input=[
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "input_text", "text": "hel"}, {"type": "input_text", "text": "lo"}],
+            },
+        ],
+        max_output_tokens=7,
+        temperature=0,
+    )
+    assert history.output_text == r.output_text
+    events = list(
+        c.responses.create(
+            model="sql",
+            instructions="be brief",
+            input="hello",
+            max_output_tokens=7,
+            temperature=0,
+            stream=True,
+        )
+    )
+    types = [e.type for e in events]
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert types[-1] == f"response.{r.status}" and [e.sequence_number for e in events] == list(
+        range(len(events))
+    )
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].response.output_text == r.output_text
+    assert events[-1].response.usage.output_tokens == r.usage.output_tokens
+
+
+def test_responses_api_refuses_what_it_does_not_do_by_name(served: Served) -> None:
+    c = client(served)
+    for kw, param in (
+        ({"store": True}, "store"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"reasoning": {"effort": "low"}}, "reasoning"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model="sql", input="hi", max_output_tokens=2, **kw)
+        assert e.value.body["param"] == param, kw
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="nope", input="hi")
