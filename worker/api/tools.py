@@ -55,12 +55,16 @@ class FunctionCall(BaseModel):
     """A JSON object, as text (OpenAI's shape)."""
 
 
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class ToolCall(BaseModel):
     """A call in a response, and in an assistant message sent back in a later turn."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}", max_length=256)
+    id: str = Field(default_factory=call_id, max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -236,7 +240,7 @@ class _Named(Calls):
         assert isinstance(self.request.tool_choice, NamedToolChoice)
         function.name = self.request.tool_choice.function.name
         return Delta(
-            tool_calls=[DeltaToolCall(index=0, id=ToolCall().id, type="function", function=function)]
+            tool_calls=[DeltaToolCall(index=0, id=call_id(), type="function", function=function)]
         )
 
 
@@ -271,6 +275,9 @@ class _Required(Calls):
                 for i, c in enumerate(found)
             ]
         )
+
+    def finish_reason(self, index: int, finish: str | None) -> str | None:
+        return "tool_calls" if finish == "stop" else finish  # as OpenAI and vLLM answer "required"
 
 
 class _Auto(Calls):

@@ -124,6 +124,9 @@ loraplane.io/pool: {{ . }}
 {{- if and (gt $gpus 1.0) (ne $engine "vllm") -}}
 {{- fail (printf "workerPools[%d] (%s): asks for %.0f GPUs, but the %s engine runs on one device: the other GPUs would sit idle. Set the GPU request to 1, or use an engine with tensor parallelism (engine: vllm)" $i $pool.name $gpus $engine) -}}
 {{- end -}}
+{{- if and $pool.toolCallParser (ne $engine "vllm") -}}
+{{- fail (printf "workerPools[%d] (%s): toolCallParser %q needs engine: vllm (the %s engine implements no tool calling)" $i $pool.name $pool.toolCallParser $engine) -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.watch.clusterWide .Values.watch.namespaces -}}
 {{- fail "watch.namespaces is set but watch.clusterWide is true: set watch.clusterWide=false to watch only those namespaces, or empty watch.namespaces" -}}
