@@ -239,9 +239,7 @@ class _Named(Calls):
         self.called.add(index)
         assert isinstance(self.request.tool_choice, NamedToolChoice)
         function.name = self.request.tool_choice.function.name
-        return Delta(
-            tool_calls=[DeltaToolCall(index=0, id=call_id(), type="function", function=function)]
-        )
+        return Delta(tool_calls=[DeltaToolCall(index=0, id=call_id(), type="function", function=function)])
 
 
 class _Required(Calls):
