@@ -11,6 +11,7 @@ the Responses API.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -304,3 +305,89 @@ def test_responses_api(served: Served) -> None:
     )
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
     assert events[-1].response.usage.output_tokens == r.usage.output_tokens
+
+
+@contextlib.contextmanager
+def _vllm_serve(served: Served, log: Path) -> Iterator[openai.OpenAI]:
+    """vLLM's own OpenAI server on the same checkpoint and adapters, with the same engine arguments."""
+    import shlex
+    import subprocess
+    import sys
+
+    from support import procs
+
+    port = procs.free_port()
+    args = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(served.base),
+        "--served-model-name", BASE, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "1024", "--enable-lora", "--max-loras", "2",
+        "--max-lora-rank", "16", "--lora-modules", *(f"{n}={served.paths[n]}" for n in ("alpha", "caller")),
+        "--enable-auto-tool-choice", "--tool-call-parser", "pythonic", *shlex.split(VLLM_ARGS),
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120
+    )
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"vllm serve exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            return bool(client.models.list().data)
+        except openai.APIError:
+            return False
+
+    try:
+        fleet.wait_for(up, 300, lambda: log.read_text()[-3000:], interval=1)
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _answers(c: openai.OpenAI) -> dict[str, Any]:
+    """Greedy answers to the same requests, as plain data."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chat: dict[str, Any] = dict(max_tokens=40, temperature=0)
+    out: dict[str, Any] = {}
+    cmpl = c.completions.create(
+        model="alpha", prompt=[[5, 17, 42, 9], "hello world"], max_tokens=6, temperature=0
+    )
+    out["completions"] = ([(ch.index, ch.text) for ch in cmpl.choices], cmpl.usage.model_dump())
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi", "name": "alice"}]
+    ans = c.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, temperature=0)
+    out["chat"] = (ans.choices[0].message.content, ans.usage.prompt_tokens, ans.choices[0].finish_reason)
+    for key, kw in (
+        ("named", dict(model="alpha", tools=[WEATHER, TIME], tool_choice=named)),
+        (
+            "required",
+            dict(model="alpha", tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False),
+        ),
+        ("auto", dict(model="caller", tools=[WEATHER])),
+    ):
+        r = c.chat.completions.create(messages=ASK, **kw, **chat)
+        m = r.choices[0]
+        out[key] = (
+            [(t.function.name, t.function.arguments) for t in m.message.tool_calls or []],
+            m.finish_reason,
+        )
+    resp = c.responses.create(
+        model="alpha", instructions="be brief", input="hi", max_output_tokens=6, temperature=0
+    )
+    out["responses"] = resp.output_text
+    return out
+
+
+def test_same_answers_as_vllm_serve(served: Served, tmp_path: Path) -> None:
+    """Greedy output through loraplane equals vLLM's own OpenAI server's on the same model and adapters:
+    completions with a prompt list, chat with ``name``, named / required / auto tool calls, Responses."""
+    ours = _answers(served.client)
+    with _vllm_serve(served, tmp_path / "vllm-serve.log") as theirs_client:
+        theirs = _answers(theirs_client)
+    assert {k: v for k, v in ours.items() if v != theirs[k]} == {}, {
+        k: theirs[k] for k in ours if ours[k] != theirs[k]
+    }
