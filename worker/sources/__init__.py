@@ -11,8 +11,9 @@ admission accepts, and ``revision`` is what the CRD says: a Hub revision, or for
 Importing this package scrubs credentials from every log record (redaction.py): the clients below
 log signed headers at DEBUG.
 
-Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever fetched; a source that only
-offers ``adapter_model.bin`` (a pickle) is refused with ``PickleRefused``.
+Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever fetched, and the adapter's
+own chat template (``chat_template.jinja``, ``tokenizer_config.json``) when it ships one; a source that
+only offers ``adapter_model.bin`` (a pickle) is refused with ``PickleRefused``.
 """
 
 from __future__ import annotations
