@@ -354,10 +354,9 @@ def _answers(c: openai.OpenAI) -> dict[str, Any]:
     named = {"type": "function", "function": {"name": "get_weather"}}
     chat: dict[str, Any] = dict(max_tokens=40, temperature=0)
     out: dict[str, Any] = {}
-    cmpl = c.completions.create(
-        model="alpha", prompt=[[5, 17, 42, 9], "hello world"], max_tokens=6, temperature=0
-    )
-    out["completions"] = ([(ch.index, ch.text) for ch in cmpl.choices], cmpl.usage.model_dump())
+    for key, prompts in (("token lists", [[5, 17, 42, 9], [7, 8, 9]]), ("texts", ["hello world", "select"])):
+        cmpl = c.completions.create(model="alpha", prompt=prompts, max_tokens=6, temperature=0)
+        out[key] = ([(ch.index, ch.text) for ch in cmpl.choices], cmpl.usage.model_dump())
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi", "name": "alice"}]
     ans = c.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, temperature=0)
     out["chat"] = (ans.choices[0].message.content, ans.usage.prompt_tokens, ans.choices[0].finish_reason)

@@ -236,7 +236,7 @@ class ChatCompletionRequest(_Common):
 
     def extras(self) -> dict[str, Any]:
         out = super().extras()
-        if self.tools:
+        if self.tools and self.effective_tool_choice() != "none":  # "none": only rendered into the prompt
             out["tools"] = self.effective_tool_choice()
             schema = _tools.guided_schema(self)
             if schema is not None:  # named or required: the engine's structured output forces the call

@@ -135,6 +135,15 @@ def test_tools_are_refused_by_name_on_the_builtin_engine(served: Served) -> None
             model="sql", messages=[{"role": "user", "content": "hi"}], tools=[tool], tool_choice="required"
         )
     assert e.value.body["param"] == "tools" and "does not implement tools" in e.value.body["message"]
+    # tool_choice "none" only renders the tools into the prompt: no engine feature, so it is served.
+    none = client(served).chat.completions.create(
+        model="sql",
+        messages=[{"role": "user", "content": "hi"}],
+        tools=[tool],
+        tool_choice="none",
+        max_tokens=2,
+    )
+    assert none.choices[0].message.tool_calls == [] and none.choices[0].message.content is not None
     # A conversation that carries earlier tool calls and results renders (no tools offered now).
     history = [
         {"role": "user", "content": "weather?"},
