@@ -177,6 +177,12 @@ class AdapterInfo(_Model):
         default=None, max_length=512, description="Who signed the files, when a signature was verified."
     )
     resolvedRevision: str | None = Field(default=None, max_length=255)
+    chatTemplate: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Which chat template renders this adapter's chat requests: the adapter's own file "
+        '(chat_template.jinja or tokenizer_config.json) or "base model".',
+    )
 
 
 class WorkerCounts(_Model):

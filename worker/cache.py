@@ -94,8 +94,8 @@ class CachedAdapter:
 
     @property
     def file_digests(self) -> dict[str, str]:
-        """{name: sha256} of the adapter's files (not its signature), hashed as the bytes arrived."""
-        return {f.name: f.sha256 for f in self.files if f.name not in sources.OPTIONAL_FILES}
+        """{name: sha256} of the files spec.digest covers (all but the signature), hashed as they arrived."""
+        return {f.name: f.sha256 for f in self.files if f.name in sources.SIGNED_FILES}
 
     @property
     def digest(self) -> str:

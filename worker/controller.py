@@ -260,6 +260,7 @@ class Controller:
             digest=cached.digest,
             signer=signer,
             resolvedRevision=resolved.resolved_revision,
+            chatTemplate=summary.chat_template_source,
         )
         for warning in summary.warnings:
             log.warning("adapter %s id %d: %s", want.adapter, want.id, warning)
@@ -273,7 +274,9 @@ class Controller:
             # Warm: the engine holds the weights before the name can route a request to them; an engine
             # that refuses the adapter fails it here, with the engine's reason, and nothing else.
             await self.load_adapter(
-                dataclasses.replace(known.version, local_dir=cached.path).engine_adapter()
+                dataclasses.replace(
+                    known.version, local_dir=cached.path, chat_template=summary.chat_template
+                ).engine_adapter()
             )
         self._set(
             known,
@@ -284,6 +287,7 @@ class Controller:
             rank=summary.rank,
             scaling=summary.scaling,
             warnings=tuple(summary.warnings),
+            chat_template=summary.chat_template,
         )
         log.info("adapter %s id %d Ready (rank %d, %s)", want.adapter, want.id, summary.rank, resolved.uri)
         self._retire_older(known)

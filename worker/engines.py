@@ -32,6 +32,7 @@ FEATURES = frozenset(
         "min_p",
         "logit_bias",
         "response_format",  # json_object / json_schema: structured output
+        "tools",  # tool calling (api/tools.py): forced calls need structured output, "auto" a tool parser
     }
 )
 """Request features beyond ``SamplingParams`` that an engine may implement (request field names)."""
@@ -49,6 +50,8 @@ class Adapter:
     """The version's own cache directory (adapter_config.json + adapter_model.safetensors)."""
     max_length: int | None = None
     """spec.longContext.maxLength: prompt + output tokens allowed for this adapter."""
+    chat_template: str | None = None
+    """The adapter's own chat template (validation read it from its directory); None: the base model's."""
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplane.crds.errors import LoraplaneError, PermanentError
+from loraplane.worker import chattemplate
 from loraplane.worker.adapter import ADAPTER_FILES
 from loraplane.worker.adapter import SIGNATURE_FILE as SIGNATURE_FILE
 
@@ -61,10 +62,17 @@ def digest_of(files: Mapping[str, str]) -> str:
     return f"sha256:{root.hexdigest()}"
 
 
-def file_digests(directory: Path, names: tuple[str, ...] = ADAPTER_FILES) -> dict[str, str]:
-    """{name: sha256 hex} of the adapter files in a directory (for the CLI; the worker has them already)."""
+SIGNED_FILES = (*ADAPTER_FILES, *chattemplate.FILES)
+"""What spec.digest and a signature cover: every file a worker fetches but the signature itself (an
+adapter's own chat template changes its outputs as much as its weights)."""
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """{name: sha256 hex} of the signed files in a directory (for the CLI; the worker has them already)."""
     out = {}
-    for name in names:
+    for name in SIGNED_FILES:
+        if name not in ADAPTER_FILES and not (Path(directory) / name).is_file():
+            continue  # the adapter ships no template of its own
         h = hashlib.sha256()
         with open(Path(directory) / name, "rb") as f:
             while chunk := f.read(4 << 20):

@@ -35,6 +35,7 @@ class AdapterVersion:
     rank: int | None = None
     scaling: float | None = None
     warnings: tuple[str, ...] = ()
+    chat_template: str | None = None  # the adapter's own (None: the base model's)
 
     def with_state(self, state: State, **changes: Any) -> AdapterVersion:
         return replace(self, state=state, **changes)
@@ -42,7 +43,13 @@ class AdapterVersion:
     def engine_adapter(self) -> Adapter:
         """What an engine is handed: the ID, the served name, this version's cache directory."""
         assert self.local_dir is not None, "only a prefetched version goes to an engine"
-        return Adapter(id=self.id, name=self.served_name, path=self.local_dir, max_length=self.max_length)
+        return Adapter(
+            id=self.id,
+            name=self.served_name,
+            path=self.local_dir,
+            max_length=self.max_length,
+            chat_template=self.chat_template,
+        )
 
 
 Listener = Callable[[AdapterVersion | None, AdapterVersion | None], None]

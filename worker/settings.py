@@ -136,6 +136,10 @@ class WorkerSettings:
     vllm_args: str = ""
     """Further vLLM engine arguments as on vLLM's command line (e.g. "--enforce-eager"), checked at start;
     the ones loraplane sets from its own flags (max loras, rank, dtype, lengths, memory) are refused."""
+    tool_call_parser: str = ""
+    """vLLM: the tool parser for tool_choice "auto" (vLLM's --tool-call-parser names: hermes, llama3_json,
+    pythonic, mistral, ...), matching the base model's chat format. Empty: "auto" is refused by name;
+    "required" and a named function work without one."""
     gpu_memory_utilization: float = 0.9
     """vLLM: fraction of GPU memory it may take for weights and KV cache (on vLLM's CPU backend: of RAM)."""
     tensor_parallel_size: int = 1
@@ -504,6 +508,10 @@ def check(s: WorkerSettings) -> WorkerSettings:
             raise ConfigError(f"{flag(name)} must be an http:// or https:// URL, got {value!r}")
     if s.engine == "vllm":
         _check_vllm(s)
+    elif s.tool_call_parser:
+        raise ConfigError(
+            "--tool-call-parser needs --engine vllm (the builtin engine implements no tool calling)"
+        )
     return dataclasses.replace(s, served_model_name=served, log_level=s.log_level.upper())
 
 
@@ -542,6 +550,14 @@ def _check_vllm(s: WorkerSettings) -> None:
         raise ConfigError(e.message) from None
     except ValueError as e:  # shlex: an unbalanced quote
         raise ConfigError(f"--vllm-args {s.vllm_args!r}: {e}") from None
+    if s.tool_call_parser:
+        from vllm.tool_parsers import ToolParserManager
+
+        known = ToolParserManager.list_registered()
+        if s.tool_call_parser not in known:
+            raise ConfigError(
+                f"--tool-call-parser {s.tool_call_parser!r} is not one of vLLM's: {', '.join(known)}"
+            )
 
 
 __all__ = ["ConfigError", "WorkerSettings", "build_parser", "check", "env_name", "flag", "load"]

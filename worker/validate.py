@@ -28,7 +28,7 @@ from prometheus_client import Counter
 
 from loraplane.crds.errors import LoraplaneError, PermanentError, ValidationFailed
 from loraplane.crds.models import DIGEST_PATTERN
-from loraplane.worker import provenance
+from loraplane.worker import chattemplate, provenance
 from loraplane.worker.adapter import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE, PeftAdapter
 from loraplane.worker.basemodel import ModelConfig
 
@@ -54,6 +54,10 @@ class AdapterSummary:
     base_model_name_or_path: str | None = None
     num_tensors: int = 0
     layers: tuple[int, ...] = ()
+    chat_template: str | None = None
+    """The adapter's own chat template (None: the base model's serves its chat requests)."""
+    chat_template_source: str = chattemplate.BASE
+    """Which template its chat requests use: the adapter's file that holds it, or "base model"."""
 
 
 def validate_adapter(
@@ -80,6 +84,8 @@ def validate_adapter(
     except LoraplaneError as e:
         VALIDATION_FAILURES.labels(e.reason).inc()
         raise
+    template, template_problems = chattemplate.read(adapter_dir)
+    problems += template_problems
     if max_length is not None and max_length > base.max_length:
         rope = f", RoPE scaling {base.rope_scaling['rope_type']}" if base.rope_scaling else ""
         problems.append((CONTEXT_TOO_LONG,
@@ -109,6 +115,8 @@ def validate_adapter(
         base_model_name_or_path=a.base_model_name_or_path,
         num_tensors=2 * len(a.modules),
         layers=a.layers,
+        chat_template=template.text,
+        chat_template_source=template.source,
     )
 
 
@@ -248,7 +256,7 @@ def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]
     say(f"base model {base.name} ({base.model_type}): hidden_size {base.hidden_size}, {base.num_layers} layers, "
         f"vocab {base.vocab_size}, max length {base.max_length}")  # fmt: skip
     say(f"checking {adapter_dir}: config, safetensors header, rank <= {args.max_lora_rank}, target modules, "
-        "tensor shapes, layers, dtypes, NaN / Inf, DoRA / bias / modules_to_save / embeddings"
+        "tensor shapes, layers, dtypes, NaN / Inf, DoRA / bias / modules_to_save / embeddings, chat template"
         + (f", max length {args.max_length}" if args.max_length else ""))  # fmt: skip
     try:
         s = validate_adapter(adapter_dir, base, max_lora_rank=args.max_lora_rank,
@@ -263,11 +271,12 @@ def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]
         summary={
             "rank": s.rank, "alpha": s.alpha, "scaling": s.scaling, "useRslora": s.use_rslora,
             "targetModules": list(s.target_modules), "numTensors": s.num_tensors,
-            "sizeBytes": s.size_bytes, "sha256": s.sha256,
+            "sizeBytes": s.size_bytes, "sha256": s.sha256, "chatTemplate": s.chat_template_source,
         },
     )  # fmt: skip
     say(f"OK: rank {s.rank}, alpha {s.alpha:g}, scaling {s.scaling:g}{' (rsLoRA)' if s.use_rslora else ''}, "
         f"targets {', '.join(s.target_modules)}, {s.num_tensors} tensors, {s.size_bytes} bytes, sha256 {s.sha256}")  # fmt: skip
+    say(f"chat template: {'the ' if s.chat_template is None else 'its own, from '}{s.chat_template_source}")
     for w in s.warnings:
         say(f"WARNING: {w}")
     return 0, result

@@ -144,6 +144,11 @@ BAD_COMBINATIONS: list[tuple[str, dict[str, Any], list[str]]] = [
         _pool(resources=_GPUS),
         ["workerPools[0] (p): asks for 2 GPUs, but the builtin engine runs on one device", "engine: vllm"],
     ),
+    (
+        "a tool parser on the built-in engine",
+        _pool(toolCallParser="hermes"),
+        ['workerPools[0] (p): toolCallParser "hermes" needs engine: vllm'],
+    ),
     ("duplicate pool names", {"workerPools": [POOL, POOL]}, ['workerPools[1].name "p" is used twice']),
     (
         "maxCpuLoras below maxLoras",
@@ -296,3 +301,17 @@ def test_gpus_become_the_tensor_parallel_size() -> None:
         ]
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         assert [a for a in args if a.startswith("--tensor-parallel-size")] == flags
+
+
+def test_tool_call_parser_reaches_the_vllm_worker() -> None:
+    for values, flags in (
+        (_pool(engine="vllm"), []),
+        (_pool(engine="vllm", toolCallParser="hermes"), ["--tool-call-parser=hermes"]),
+    ):
+        (deployment,) = [
+            o
+            for o in chartkit.by_kind(chartkit.manifests(values), "Deployment")
+            if "worker" in o["metadata"]["name"]
+        ]
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert [a for a in args if a.startswith("--tool-call-parser")] == flags

@@ -33,3 +33,14 @@ def test_bad_pass_through_arguments_stop_the_start(tmp_path: Path, args: str, fr
     with pytest.raises(settings.ConfigError) as err:
         load(tmp_path, f"--vllm-args={args}")
     assert fragment in str(err.value) and "--vllm-args" in str(err.value)
+
+
+def test_tool_call_parser_is_one_of_vllms(tmp_path: Path) -> None:
+    assert load(tmp_path, "--tool-call-parser", "hermes").tool_call_parser == "hermes"
+    with pytest.raises(settings.ConfigError) as err:
+        load(tmp_path, "--tool-call-parser", "no-such-parser")
+    assert "no-such-parser" in str(err.value) and "hermes" in str(err.value)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(settings.ConfigError) as err:
+        settings.load(["--base-model", str(tmp_path), "--tool-call-parser", "hermes"], environ={})
+    assert "--engine vllm" in str(err.value)

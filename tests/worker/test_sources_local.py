@@ -197,3 +197,21 @@ def test_source_that_grows_after_resolving(root: Path, settings: s.SourceSetting
 
 def test_settings_repr_hides_the_token() -> None:
     assert "hf_xyz" not in repr(s.SourceSettings(hf_token="hf_xyz"))
+
+
+def test_the_adapters_chat_template_files_are_fetched_too(root: Path, settings: s.SourceSettings) -> None:
+    d = adapters.write_adapter(root / "chat")
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    (d / "tokenizer_config.json").write_text("{}")
+    (d / "README.md").write_text("not fetched")
+    r = s.resolve(str(d), None, settings)
+    assert [f.name for f in r.files] == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+        "tokenizer_config.json",
+    ]
+    (d / "chat_template.jinja").write_text("x" * (settings.max_config_bytes + 1))
+    with pytest.raises(s.SourceError) as e:
+        s.resolve(str(d), None, settings)
+    assert "chat_template.jinja" in e.value.message and "above the limit" in e.value.message

@@ -192,3 +192,15 @@ def test_credential_shapes_are_masked_even_when_not_in_the_environment(line: str
     for secret in ("AKIAZZZZZZZZZZZZZZZZ", "abcdef0123", "FwoGZXIvYXdzEJr-session-token", "hf_abcdefghij"):
         assert secret not in clean, clean
     assert redaction.MASK in clean
+
+
+def test_the_adapters_chat_template_is_fetched_from_s3(tmp_path: Path, moto_s3: Any) -> None:
+    d = adapters.write_adapter(tmp_path / "a")
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    bucket = moto_s3.bucket()
+    moto_s3.put_dir(bucket, "team-a/chat", d)
+    settings = s.SourceSettings(s3_endpoint_url=moto_s3.endpoint_url, timeout_s=5)
+    r = s.resolve(f"s3://{bucket}/team-a/chat", None, settings)
+    assert [f.name for f in r.files] == [*a.ADAPTER_FILES, "chat_template.jinja"]
+    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
+    assert (entry.path / "chat_template.jinja").read_text() == "{{ messages }}"

@@ -555,3 +555,58 @@ def test_layers_of_mixed_attention_kinds_are_refused(tmp_path: Path) -> None:
             adapters.write_base_config(tmp_path / "b", model_type="qwen2", layer_types=kinds)
         )
     assert e.value.reason == bm.UNSUPPORTED_BASE_MODEL and "sliding_attention" in e.value.message
+
+
+# --- the adapter's own chat template ---------------------------------------------------------------
+TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+
+
+def test_chat_template_is_the_adapters_own_or_the_base_models(tmp_path: Path, base: ModelConfig) -> None:
+    d = adapters.write_adapter(tmp_path / "a")
+    plain = v.validate_adapter(d, base, max_lora_rank=8)
+    assert (plain.chat_template, plain.chat_template_source) == (None, "base model")
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ messages }}", "eos_token": "</s>"})
+    )
+    from_config = v.validate_adapter(d, base, max_lora_rank=8)
+    assert (from_config.chat_template, from_config.chat_template_source) == (
+        "{{ messages }}",
+        "tokenizer_config.json",
+    )
+    (d / "chat_template.jinja").write_text(TEMPLATE)
+    from_file = v.validate_adapter(d, base, max_lora_rank=8)  # the .jinja file wins, as in transformers
+    assert (from_file.chat_template, from_file.chat_template_source) == (TEMPLATE, "chat_template.jinja")
+    (d / "chat_template.jinja").unlink()
+    named = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": TEMPLATE}]
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert v.validate_adapter(d, base, max_lora_rank=8).chat_template == TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))  # no template in it
+    assert v.validate_adapter(d, base, max_lora_rank=8).chat_template_source == "base model"
+
+
+def test_broken_chat_template_fails_the_adapter_with_the_other_problems(
+    tmp_path: Path, base: ModelConfig
+) -> None:
+    d = adapters.write_adapter(tmp_path / "a", r=32)
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(ValidationFailed) as e:
+        v.validate_adapter(d, base, max_lora_rank=16)
+    reasons = dict(e.value.problems)
+    assert set(reasons) == {a.RANK_TOO_LARGE, "InvalidChatTemplate"}
+    assert (
+        "chat_template.jinja" in reasons["InvalidChatTemplate"] and "line 1" in reasons["InvalidChatTemplate"]
+    )
+
+
+def test_cli_says_which_chat_template_an_adapter_uses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    b = adapters.write_base_config(tmp_path / "b")
+    d = adapters.write_adapter(tmp_path / "a")
+    assert v.main([str(d), "--base-model", str(b), "--max-lora-rank", "8"]) == 0
+    assert "chat template: the base model" in capsys.readouterr().out
+    (d / "chat_template.jinja").write_text(TEMPLATE)
+    assert v.main([str(d), "--base-model", str(b), "--max-lora-rank", "8"]) == 0
+    assert "chat template: its own, from chat_template.jinja" in capsys.readouterr().out
+    assert v.main([str(d), "--base-model", str(b), "--max-lora-rank", "8", "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["chatTemplate"] == "chat_template.jinja"

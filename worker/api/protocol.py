@@ -5,7 +5,7 @@ so routes stay thin. Every field is typed strictly and bounded to what an engine
 int64, counts int32, stop lists short): a value outside gets a 400 naming the field before anything
 reaches the engine thread. Engine features (n > 1, logprobs, penalties, logit_bias, min_p,
 response_format) go to the engine as ``extras()``; an engine that lacks one refuses it by name. Fields
-no engine implements (echo, suffix, tools) are refused with a 400 that names them, and so are unknown fields (as OpenAI does): nothing a client sends is ignored.
+no engine implements (echo, suffix) are refused with a 400 that names them, and so are unknown fields (as OpenAI does): nothing a client sends is ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from loraplane.crds.errors import PermanentError
 
 from ..engine.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingParams
+from . import tools as _tools
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: what torch and vLLM take (OpenAI's int64)
@@ -27,6 +28,7 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 """Most alternatives per token (vLLM's default max_logprobs)."""
 MAX_USER_CHARS = 256
+MAX_NAME_CHARS = 256
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -142,8 +144,19 @@ class _Common(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+MAX_PROMPTS = 64
+"""Most prompts one completions request may list."""
+MAX_CHOICES = 64
+"""Most choices (prompts x n) one request may ask for: one tenant's request must not fill a shared batch."""
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    prompt: (
+        str
+        | list[TokenId]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[list[TokenId]], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     echo: bool = False
     suffix: str | None = None
 
@@ -153,21 +166,24 @@ class CompletionRequest(_Common):
             found.append(("echo", "echo is not supported"))
         if self.suffix:
             found.append(("suffix", "suffix is not supported"))
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                found.append(("prompt", "one prompt per request; send a batch as separate requests"))
         return found
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts, one entry each: a list of strings or of token-ID lists is several prompts."""
+        prompt: Any = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            return list(prompt)
+        return [prompt]
 
     def to_sampling_params(self) -> SamplingParams:
         return self.sampling_params(16 if self.max_tokens is None else self.max_tokens)  # OpenAI's default
 
-    def prompt_ids(self, tokenizer: Any, limit: int) -> list[int]:
-        prompt: Any = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return encode(tokenizer, prompt, limit)
-        return [int(t) for t in prompt]
+    def prompts(self, tokenizer: Any, limit: int, chat_template: str | None = None) -> list[list[int]]:
+        """Each prompt's token IDs (``chat_template`` is for chat requests only)."""
+        return [
+            encode(tokenizer, p, limit) if isinstance(p, str) else [int(t) for t in p]
+            for p in self.prompt_list()
+        ]
 
 
 class TextPart(_Request):
@@ -176,28 +192,62 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    """The participant's name: passed to the chat template (as vLLM does), which may render it."""
+    tool_calls: list[_tools.ToolCall] | None = Field(default=None, max_length=_tools.MAX_TOOLS)
+    """An assistant turn's earlier tool calls."""
+    tool_call_id: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    """A tool turn: which call this is the result of."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (HF's shape; tool-call arguments as objects)."""
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            m["name"] = self.name
+        if self.tool_calls:
+            m["tool_calls"] = [c.for_template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
+
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    tools: list[Any] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # Tool calling (tools.py): an engine feature ("tools"), refused by name where an engine lacks it.
+    tools: Annotated[list[_tools.Tool], Field(max_length=_tools.MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _tools.NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
-        if self.tools:
-            found.append(("tools", "tools are not supported"))
         if self.top_logprobs is not None and self.logprobs is not True:
             found.append(("top_logprobs", "top_logprobs needs logprobs: true"))
+        found += _tools.unsupported(self)
         return found
+
+    def extras(self) -> dict[str, Any]:
+        out = super().extras()
+        if self.tools and self.effective_tool_choice() != "none":  # "none": only rendered into the prompt
+            out["tools"] = self.effective_tool_choice()
+            schema = _tools.guided_schema(self)
+            if schema is not None:  # named or required: the engine's structured output forces the call
+                out["response_format"] = schema
+        return out
+
+    def effective_tool_choice(self) -> str | _tools.NamedToolChoice:
+        """OpenAI's default: "auto" when tools are given, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
     def top_logprobs_wanted(self) -> int | None:
         if self.logprobs is None or self.logprobs is False:
@@ -208,15 +258,24 @@ class ChatCompletionRequest(_Common):
         # No max given: up to the length limit (the scheduler stops there with finish_reason "length").
         return self.sampling_params(self.max_completion_tokens or self.max_tokens)
 
-    def prompt_ids(self, tokenizer: Any, limit: int) -> list[int]:
-        if not getattr(tokenizer, "chat_template", None):
+    def render(self, tokenizer: Any, chat_template: str | None = None) -> str:
+        """The prompt text: ``chat_template`` (an adapter's own) or else the tokenizer's."""
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not template:
             raise PermanentError(
                 "ChatTemplateMissing",
                 "this base model's tokenizer has no chat template; use /v1/completions with a prompt",
             )
-        messages = [{"role": m.role, "content": m.text()} for m in self.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return encode(tokenizer, text, limit, add_special_tokens=False)
+        messages = [m.for_template() for m in self.messages]
+        kw: dict[str, Any] = {}
+        if self.tools:
+            kw["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False, **kw
+        )
+
+    def prompts(self, tokenizer: Any, limit: int, chat_template: str | None = None) -> list[list[int]]:
+        return [encode(tokenizer, self.render(tokenizer, chat_template), limit, add_special_tokens=False)]
 
 
 PROBE_CHARS_PER_TOKEN = 8
@@ -319,7 +378,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[_tools.ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -341,6 +401,7 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[_tools.DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

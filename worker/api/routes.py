@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from . import responses, tools
 from .errors import ApiError
 from .protocol import (
     AssistantMessage,
@@ -188,14 +189,20 @@ def _check_tree(value: Any, where: str, depth: int) -> None:
 
 
 def _sse(body: BaseModel) -> bytes:
-    return b"data: " + body.model_dump_json(by_alias=True).encode() + b"\n\n"
+    data = b"data: " + body.model_dump_json(by_alias=True).encode() + b"\n\n"
+    if isinstance(body, responses.Event):  # the Responses API names each event (as OpenAI does)
+        return f"event: {body.type}\n".encode() + data
+    return data
+
+
+Chunks = Callable[["Output | None"], "BaseModel | list[BaseModel] | None"]
 
 
 async def _stream(
-    request: web.Request, generation: Generation, chunks: Callable[[Output | None], BaseModel | None]
+    request: web.Request, generation: Generation, chunks: Chunks, *, done: bool = True
 ) -> web.StreamResponse:
-    """Write each output as an SSE event (``chunks`` builds it, or None to skip; ``chunks(None)``: the
-    usage chunk), then [DONE].
+    """Write each output as SSE events (``chunks`` builds them, or None to skip; ``chunks(None)``: the
+    closing ones, e.g. usage), then [DONE] (unless ``done`` is False: the Responses API sends none).
 
     A client that stops reading holds the stream at most ``client_timeout_seconds`` per chunk: then the
     connection is closed and its request cancelled, so it cannot hold a batch row or a drain."""
@@ -210,16 +217,15 @@ async def _stream(
     try:
         try:
             async for out in generation.outputs():
-                chunk = chunks(out)
-                if chunk is not None:
+                for chunk in _listed(chunks(out)):
                     await write(_sse(chunk))
         except ApiError as err:
             _STATE.get()["outcome"] = err.status
             await write(_sse(err.body()))
-        usage = chunks(None)
-        if usage is not None:
-            await write(_sse(usage))
-        await write(b"data: [DONE]\n\n")
+        for chunk in _listed(chunks(None)):
+            await write(_sse(chunk))
+        if done:
+            await write(b"data: [DONE]\n\n")
         await response.write_eof()
     except asyncio.CancelledError:
         _STATE.get()["outcome"] = 499
@@ -236,6 +242,10 @@ async def _stream(
     return response
 
 
+def _listed(chunks: BaseModel | list[BaseModel] | None) -> list[BaseModel]:
+    return [] if chunks is None else chunks if isinstance(chunks, list) else [chunks]
+
+
 @dataclass
 class _Choice:
     text: str = ""
@@ -245,10 +255,10 @@ class _Choice:
 
 async def _collect(generation: Generation) -> list[_Choice]:
     """The whole output, one entry per choice (index order)."""
-    choices = [_Choice() for _ in range(generation.n)]
+    choices = [_Choice() for _ in range(generation.choices)]
     try:
         async for out in generation.outputs():
-            c = choices[getattr(out, "index", 0)]
+            c = choices[out.index]
             c.text += out.text
             c.finish_reason = out.finish_reason or c.finish_reason
             entries = getattr(out, "logprobs", None)
@@ -291,7 +301,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 return CompletionResponse(id=rid, model=body.model, choices=[], usage=usage)
             if not out.text and out.finish_reason is None:
                 return None
-            index = getattr(out, "index", 0)
+            index = out.index
             logprobs = _completion_logprobs(getattr(out, "logprobs", None), offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + len(out.text)
             choice = CompletionChoice(
@@ -316,6 +326,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _parse(request, ChatCompletionRequest)
     generation, rid = await serving.submit(body)
     _STATE.get()["generation"] = generation
+    calls = tools.Calls.of(body, serving.require_engine())
     if body.stream:
         started: set[int] = set()  # choices whose first chunk (with the role) went out
 
@@ -325,16 +336,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     return None
                 usage = Usage.of(generation.prompt_tokens, generation.completion_tokens)
                 return ChatCompletionChunk(id=rid, model=body.model, choices=[], usage=usage)
-            index = getattr(out, "index", 0)
+            index = out.index
             first = index not in started
-            if not out.text and out.finish_reason is None and not first:
+            delta = calls.delta(index, out)
+            finish = calls.finish_reason(index, out.finish_reason)
+            if delta is None and finish is None and not first:
                 return None
             started.add(index)
-            delta = Delta(role="assistant" if first else None, content=out.text)
+            delta = delta or Delta()
+            delta.role = "assistant" if first else None
             choice = ChatChunkChoice(
                 index=index,
                 delta=delta,
-                finish_reason=out.finish_reason,
+                finish_reason=finish,
                 logprobs=_chat_logprobs(getattr(out, "logprobs", None)),
             )
             return ChatCompletionChunk(id=rid, model=body.model, choices=[choice])
@@ -342,27 +356,86 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _stream(request, generation, chunk)
     collected = await _collect(generation)
     usage = Usage.of(generation.prompt_tokens, generation.completion_tokens)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=c.text),
-            finish_reason=c.finish_reason,
-            logprobs=_chat_logprobs(c.logprobs),
+    choices = []
+    for i, c in enumerate(collected):
+        content, found = calls.whole(i, c.text)
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=content, tool_calls=found),
+                finish_reason=calls.finish_reason(i, c.finish_reason),
+                logprobs=_chat_logprobs(c.logprobs),
+            )
         )
-        for i, c in enumerate(collected)
-    ]
     return json_response(ChatCompletionResponse(id=rid, model=body.model, choices=choices, usage=usage))
 
 
-async def models(request: web.Request) -> web.StreamResponse:
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``: text generation, run as the chat request it amounts to."""
     serving = request.app[SERVING]
+    body = await _parse(request, responses.ResponsesRequest)
+    for param, message in body.unsupported():
+        raise ApiError(400, "UnsupportedParameter", message, param=param, code="unsupported")
+    generation, _ = await serving.submit(body.to_chat())
+    _STATE.get()["generation"] = generation
+    response_id, message_id = responses.new_ids()
+    if body.stream:
+        events = responses.Events(body, response_id, message_id)
+        last: list[str | None] = []  # the finish reason, once seen
+
+        def chunk(out: Output | None) -> list[BaseModel] | None:
+            if out is None:
+                if "outcome" in _STATE.get():  # failed: the error event was the last one
+                    return None
+                return [*events.end(last[0] if last else None, _response_usage(generation))]
+            sent: list[BaseModel] = [] if events.seq else [*events.start()]
+            if out.text:
+                sent.append(events.delta(out.text))
+            if out.finish_reason is not None:
+                last.append(out.finish_reason)
+            return sent
+
+        return await _stream(request, generation, chunk, done=False)
+    (c,) = await _collect(generation)
+    status = responses.status_of(c.finish_reason)
+    text = responses.OutputText(text=c.text)
+    message = responses.OutputMessage(id=message_id, status=status, content=[text])  # type: ignore[arg-type]
+    response = responses.Response.of(body, response_id, status, [message])
+    response.usage = _response_usage(generation)
+    return json_response(response)
+
+
+def _response_usage(generation: Generation) -> responses.ResponseUsage:
+    p, c = generation.prompt_tokens, generation.completion_tokens
+    return responses.ResponseUsage(input_tokens=p, output_tokens=c, total_tokens=p + c)
+
+
+def _cards(serving: Serving, name: str | None = None) -> list[ModelCard]:
+    """The model cards of the base model and the Ready adapters; ``name``: only that one (resolved
+    as a request's ``model`` is, so an unknown, failed or loading adapter gets the same error)."""
     engine = serving.require_engine()
     base = engine.model_name
-    cards = [ModelCard(id=base, root=base, loraplane=LoraplaneModelInfo(id=None, served_model=base))]
-    for v in serving.registry.ready():
-        info = LoraplaneModelInfo(id=v.id, served_model=base, adapter=v.adapter)
-        cards.append(ModelCard(id=v.served_name, root=base, parent=base, loraplane=info))
-    return json_response(ModelList(data=cards))
+    versions = [None, *serving.registry.ready()] if name is None else [serving.resolve(name)]
+    cards = []
+    for v in versions:
+        if v is None:
+            cards.append(
+                ModelCard(id=base, root=base, loraplane=LoraplaneModelInfo(id=None, served_model=base))
+            )
+        else:
+            info = LoraplaneModelInfo(id=v.id, served_model=base, adapter=v.adapter)
+            cards.append(ModelCard(id=v.served_name, root=base, parent=base, loraplane=info))
+    return cards
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    return json_response(ModelList(data=_cards(request.app[SERVING])))
+
+
+async def model(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models/{model}`` (the openai client's ``models.retrieve``): one card, or the error a
+    request for that model would get."""
+    return json_response(_cards(request.app[SERVING], request.match_info["model"])[0])
 
 
 async def engine_state(request: web.Request) -> web.StreamResponse:
@@ -406,6 +479,8 @@ def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
     )
     health.metrics.append(lambda: serving.engine.metrics.render() if serving.engine is not None else b"")
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)  # served names may hold "/" (org/name)
     app.router.add_get("/engine", engine_state)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", create_response)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 Check = Callable[[], "str | None"]
 """A probe check: what is wrong (a sentence), or None."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 
 
 @dataclass

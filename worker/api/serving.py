@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from loraplane.crds.errors import LoraplaneError
 
 from .errors import ApiError
-from .protocol import ChatCompletionRequest, CompletionRequest, new_id
+from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new_id
 
 if TYPE_CHECKING:
     from ..engines import Engine, Output
@@ -28,48 +29,66 @@ access_log = logging.getLogger("loraplane.worker.access")
 
 
 class Generation:
-    """One submitted request seen from the event loop: outputs arrive through an asyncio queue."""
+    """One submitted request seen from the event loop: outputs arrive through an asyncio queue.
+
+    A completions request with several prompts is one engine request per prompt; their outputs come
+    through this one queue with choice indexes ``prompt * n + choice`` (as vLLM and OpenAI number them).
+    """
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, request_id: str) -> None:
         self.engine = engine
         self.loop = loop
         self.request_id = request_id
+        self.engine_ids: list[str] = []  # the engine requests (one per prompt)
         self.adapter_id: int | None = None  # the adapter version it runs on (None: the base model)
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
         self.finished = False
-        self.n = 1  # choices: the request ends when all n have a finish_reason
-        self.prompt_tokens = 0
+        self.n = 1  # choices per prompt
+        self.choices = 1  # choices in all: the request ends when all have a finish_reason
+        self._prompts: dict[int, int] = {}  # prompt -> its tokens
         self._tokens: dict[int, int] = {}  # choice -> completion tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self._prompts.values())
 
     @property
     def completion_tokens(self) -> int:
         return sum(self._tokens.values())
 
-    def on_output(self, out: Output) -> None:
-        """Engine thread: hand the output to the event loop."""
-        with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+    def on_output_for(self, prompt: int) -> Callable[[Output], None]:
+        """The engine callback (any thread) for one prompt's engine request."""
+        offset = prompt * self.n
+
+        def on_output(out: Output) -> None:
+            if offset:
+                out = dataclasses.replace(out, index=out.index + offset)
+            with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+        return on_output
 
     async def outputs(self) -> AsyncIterator[Output]:
         """Outputs until the last one; raises ApiError if the engine failed the request."""
         done: set[int] = set()
         while not self.finished:
             out = await self.queue.get()
-            index = getattr(out, "index", 0)  # the built-in engine's outputs are all choice 0
-            self.prompt_tokens, self._tokens[index] = out.prompt_tokens, out.completion_tokens
+            index = out.index
+            self._prompts[index // self.n], self._tokens[index] = out.prompt_tokens, out.completion_tokens
             if out.finish_reason is not None:
                 done.add(index)
                 if out.error is not None:
-                    self.finished = True
+                    self.cancel()
                     raise ApiError.of(out.error)
-                self.finished = len(done) >= self.n
+                self.finished = len(done) >= self.choices
             yield out
 
     def cancel(self) -> None:
-        """The client left before the end: free the engine's resources for it."""
+        """The client left before the end (or one prompt failed): free the engine's resources for it."""
         if not self.finished:
             self.finished = True
-            self.engine.cancel(self.request_id)
+            for engine_id in self.engine_ids:
+                self.engine.cancel(engine_id)
 
 
 class Serving:
@@ -159,20 +178,41 @@ class Serving:
                 param=lacking[0],
                 code="unsupported",
             )
+        if extras.get("tools") == "auto" and getattr(engine, "tool_parser", None) is None:
+            raise ApiError(
+                400,
+                "UnsupportedParameter",
+                'tool_choice "auto" needs a tool parser for the model\'s chat format and this worker pool '
+                "has none; set the pool's toolCallParser (--tool-call-parser), or force the call with "
+                'tool_choice "required" or a named function',
+                param="tool_choice",
+                code="unsupported",
+            )
         version = self.resolve(request.model)
         adapter = None if version is None else version.engine_adapter()
         param = "prompt" if isinstance(request, CompletionRequest) else "messages"
+        n = extras.get("n", 1)
+        if isinstance(request, CompletionRequest) and len(request.prompt_list()) * n > MAX_CHOICES:
+            raise ApiError(
+                400,
+                "TooManyChoices",
+                f"{len(request.prompt_list())} prompts x n={n} is above {MAX_CHOICES} choices per request; "
+                "send fewer prompts per request",
+                param="prompt",
+                code="invalid_value",
+            )
         limit, _ = engine.limit_for(adapter)
         loop = asyncio.get_running_loop()
+        template = None if adapter is None else adapter.chat_template
         try:
             params = request.to_sampling_params()
-            prompt_ids = await loop.run_in_executor(
-                self.tokenizing, request.prompt_ids, engine.tokenizer, limit
+            prompts = await loop.run_in_executor(
+                self.tokenizing, request.prompts, engine.tokenizer, limit, template
             )
         except LoraplaneError as exc:
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         vocab = engine.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
+        if any(not 0 <= t < vocab for ids in prompts for t in ids):
             raise ApiError(
                 400,
                 "TokenOutOfRange",
@@ -183,18 +223,22 @@ class Serving:
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, loop, request_id)
         generation.adapter_id = None if version is None else version.id
-        generation.n = extras.get("n", 1)
+        generation.n, generation.choices = n, n * len(prompts)
         try:
-            engine.submit(
-                request_id=request_id,
-                model=request.model,
-                adapter=adapter,
-                prompt_ids=prompt_ids,
-                params=params,
-                extras=extras,
-                on_output=generation.on_output,
-            )
+            for i, prompt_ids in enumerate(prompts):
+                engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                engine.submit(
+                    request_id=engine_id,
+                    model=request.model,
+                    adapter=adapter,
+                    prompt_ids=prompt_ids,
+                    params=params,
+                    extras=extras,
+                    on_output=generation.on_output_for(i),
+                )
+                generation.engine_ids.append(engine_id)
         except LoraplaneError as exc:
+            generation.cancel()  # the prompts already queued: all or none
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         return generation, request_id
 

@@ -17,9 +17,10 @@ crds/paths.py FORMS (then ``loraplane crds --checkout``), and docs. Its settings
 Importing this package scrubs credentials from every log record (redaction.py): the clients below
 log signed headers at DEBUG.
 
-Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever fetched, and ``model.sig`` (an
-OpenSSF model signature, provenance.py) when the source has one; a source that only offers
-``adapter_model.bin`` (a pickle) is refused with ``PickleRefused``.
+Only ``adapter_config.json`` and ``adapter_model.safetensors`` are ever fetched, and when the source has
+them the adapter's own chat template (``chat_template.jinja``, ``tokenizer_config.json``) and ``model.sig``
+(an OpenSSF model signature, provenance.py); a source that only offers ``adapter_model.bin`` (a pickle) is
+refused with ``PickleRefused``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from loraplane.worker.sources.refs import PATH_NOT_ALLOWED as PATH_NOT_ALLOWED
 from loraplane.worker.sources.refs import PICKLE_FILE as PICKLE_FILE
 from loraplane.worker.sources.refs import PICKLE_REFUSED as PICKLE_REFUSED
 from loraplane.worker.sources.refs import REVISION_NOT_FOUND as REVISION_NOT_FOUND
+from loraplane.worker.sources.refs import SIGNED_FILES as SIGNED_FILES
 from loraplane.worker.sources.refs import SOURCE_CHANGED as SOURCE_CHANGED
 from loraplane.worker.sources.refs import SOURCE_FORBIDDEN as SOURCE_FORBIDDEN
 from loraplane.worker.sources.refs import SOURCE_NOT_FOUND as SOURCE_NOT_FOUND

@@ -181,7 +181,7 @@ def resolve(location: str, revision: str | None, settings: SourceSettings) -> Re
             SOURCE_NOT_FOUND,
             f"{uri}: no adapter files (adapter_config.json, adapter_model.safetensors) under this prefix",
         )
-    for name in OPTIONAL_FILES:  # model.sig: one more request, for exactly that object
+    for name in OPTIONAL_FILES:  # a chat template, model.sig: one request each, for exactly that object
         with _gcs_errors(uri, _endpoint(settings)):
             blob = (
                 _client(settings)

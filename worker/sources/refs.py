@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import redaction
+from loraplane.worker import chattemplate, redaction
 from loraplane.worker.adapter import (
     ADAPTER_FILES,
     CONFIG_FILE,
@@ -27,10 +27,12 @@ from loraplane.worker.adapter import (
     WEIGHTS_FILE,
 )
 from loraplane.worker.basemodel import FILE_MISSING, TOO_LARGE
+from loraplane.worker.provenance import SIGNED_FILES as SIGNED_FILES
 
 CHUNK = 4 << 20
-# Fetched with the adapter when the source has it: its signature (provenance.py), small and never loaded.
-OPTIONAL_FILES = (SIGNATURE_FILE,)
+# Fetched with the adapter when the source has them: its own chat template (chattemplate.py) and its
+# OpenSSF signature (provenance.py). Each is capped at max_config_bytes.
+OPTIONAL_FILES = (*chattemplate.FILES, SIGNATURE_FILE)
 LISTED_FILES = (*ADAPTER_FILES, *OPTIONAL_FILES)
 
 # --- reasons -------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from loraplane.worker.sources.refs import (
-    ADAPTER_FILES,
     CHUNK,
     FILE_MISSING,
+    LISTED_FILES,
     OPTIONAL_FILES,
     SOURCE_CHANGED,
     SOURCE_FORBIDDEN,
@@ -111,14 +111,14 @@ def resolve(location: str, revision: str | None, settings: SourceSettings) -> Re
     for obj in resp.get("Contents", []):
         name = obj["Key"][len(listing_prefix) :]
         names.add(name)
-        if name in ADAPTER_FILES:
+        if name in LISTED_FILES:
             present[name] = RemoteFile(name, int(obj["Size"]), str(obj["ETag"]).strip('"'))
     if not names:
         raise permanent(
             SOURCE_NOT_FOUND,
             f"{uri}: no adapter files (adapter_config.json, adapter_model.safetensors) under this prefix",
         )
-    for name in OPTIONAL_FILES:  # model.sig: one more request, for exactly that key
+    for name in OPTIONAL_FILES:  # a chat template, model.sig: one request each, for exactly that key
         with _s3_errors(uri, settings.s3_endpoint_url):
             extra = client.list_objects_v2(Bucket=bucket, Prefix=f"{listing_prefix}{name}", MaxKeys=1)
         for obj in extra.get("Contents", []):

@@ -66,6 +66,8 @@ class VllmSettings:
     tensor_parallel_size: int = 1
     extra_args: list[str] = field(default_factory=list)
     """vLLM engine arguments, as on vLLM's command line (e.g. ["--enforce-eager"])."""
+    tool_call_parser: str = ""
+    """vLLM's tool parser for tool_choice "auto" (tools.py); empty: "auto" is refused."""
 
     @classmethod
     def from_worker(cls, worker: Any) -> VllmSettings:
@@ -79,6 +81,7 @@ class VllmSettings:
             "max_model_len",
             "gpu_memory_utilization",
             "tensor_parallel_size",
+            "tool_call_parser",
         )
         values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
         return cls(**values, extra_args=shlex.split(getattr(worker, "vllm_args", "") or ""))
@@ -154,6 +157,7 @@ class VllmEngine:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()  # add/remove one at a time, so _held follows vLLM's set
         self._loop = asyncio.get_running_loop()
+        self.tool_parser: Callable[[Any], Callable[[], Any]] | None = None  # tools.ToolParsers.for_request
 
     @classmethod
     async def start(cls, model_dir: Path, settings: VllmSettings) -> VllmEngine:
@@ -166,7 +170,16 @@ class VllmEngine:
         # the watch keep running meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
-        return cls(llm, tokenizer, args.served_model_name[0])
+        engine = cls(llm, tokenizer, args.served_model_name[0])
+        if settings.tool_call_parser:
+            from .tools import ToolParsers
+
+            try:
+                engine.tool_parser = ToolParsers(settings.tool_call_parser, tokenizer).for_request
+            except Exception:
+                llm.shutdown()
+                raise
+        return engine
 
     # --- what the HTTP side reads ---------------------------------------------------------------
     @property

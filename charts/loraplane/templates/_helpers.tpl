@@ -124,6 +124,9 @@ loraplane.io/pool: {{ . }}
 {{- if and (gt $gpus 1.0) (ne $engine "vllm") -}}
 {{- fail (printf "workerPools[%d] (%s): asks for %.0f GPUs, but the %s engine runs on one device: the other GPUs would sit idle. Set the GPU request to 1, or use an engine with tensor parallelism (engine: vllm)" $i $pool.name $gpus $engine) -}}
 {{- end -}}
+{{- if and $pool.toolCallParser (ne $engine "vllm") -}}
+{{- fail (printf "workerPools[%d] (%s): toolCallParser %q needs engine: vllm (the %s engine implements no tool calling)" $i $pool.name $pool.toolCallParser $engine) -}}
+{{- end -}}
 {{- $signing := $.Values.worker.signing -}}
 {{- if and $pool.requireSignatures (not (or $signing.trust.publicKeys $signing.trust.certificateChain $signing.sigstore.identity)) -}}
 {{- fail (printf "workerPools[%d] (%s): requireSignatures needs trust material: set worker.signing.trust.publicKeys or certificateChain (with secretName or configMapName), or worker.signing.sigstore" $i $pool.name) -}}
