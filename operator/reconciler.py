@@ -248,6 +248,7 @@ class Reconciler:
         self._saw_rv((obj.get("metadata") or {}).get("resourceVersion"))
         old = self.workers.get(ref)
         old_model = old.base_model if old is not None else None
+        changed: set[int]
         if event_type == "DELETED":
             self.workers.pop(ref, None)
             view, changed = None, set()

@@ -399,8 +399,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     (c,) = await _collect(generation)
     status = responses.status_of(c.finish_reason)
     text = responses.OutputText(text=c.text)
-    message = responses.OutputMessage(id=message_id, status=status, content=[text])  # type: ignore[arg-type]
-    response = responses.Response.of(body, response_id, status, [message])
+    output = responses.OutputMessage(id=message_id, status=status, content=[text])  # type: ignore[arg-type]
+    response = responses.Response.of(body, response_id, status, [output])
     response.usage = _response_usage(generation)
     return json_response(response)
 
