@@ -60,6 +60,10 @@ def test_what_changes_the_digest(tmp_path: Path) -> None:
         (tmp_path / "a2" / name).write_bytes((tmp_path / "a" / name).read_bytes())
     (tmp_path / "a2" / "README.md").write_text("# notes")
     assert p.digest_of(p.file_digests(tmp_path / "a2")) == p.digest_of(p.file_digests(d))
+    # The adapter's own chat template decides its prompts: it is in the manifest.
+    (tmp_path / "a2" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert "chat_template.jinja" in p.file_digests(tmp_path / "a2")
+    assert p.digest_of(p.file_digests(tmp_path / "a2")) != p.digest_of(p.file_digests(d))
 
 
 def _every_source(kind: str, tmp_path: Path, d: Path, request: pytest.FixtureRequest) -> tuple[str, Any]:
