@@ -5,7 +5,9 @@ projections), each in its own process tree:
   vllm-serve      vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with
                   ``--enable-lora --lora-modules a0=... a1=...``;
   worker-vllm     the worker's HTTP app with ``--engine vllm`` (bench_engines.py's ``--serve``);
-  worker-builtin  the same with the built-in engine.
+  worker-builtin  the same with the built-in engine; ``worker-builtin@T`` runs it with
+                  LORAPLANE_MMAP_THRESHOLD=T (bytes, or ``glibc``: see worker/engine/heap.py), so
+                  malloc settings compare side by side (``--servers worker-builtin,worker-builtin@glibc``).
 Both vLLM servers get the same engine settings: max_loras ``--max-loras``, max_cpu_loras = adapters,
 max_lora_rank, dtype auto, max_model_len 512, 2 GiB of KV cache (``--kv-cache-memory-bytes``), the
 model in the engine-core process (``uni``). Two request streams from ``--clients`` concurrent clients:
@@ -86,6 +88,21 @@ def start_vllm_serve(
     )
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The built-in engine's step and slot-load counters from the worker's /metrics; {} for vLLM."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    names = {
+        "loraplane_worker_batch_size_count": "steps",
+        "loraplane_worker_batch_size_sum": "seqs",
+        'loraplane_worker_adapter_loads_total{tier="device"}': "slot_loads",
+    }
+    found = {
+        names[k]: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()) if k in names
+    }
+    return {**{"slot_loads": 0.0}, **found} if "steps" in found else {}
+
+
 def tree_peak_rss(pid: int) -> int:
     """Sum of VmHWM (bytes) over the process and its descendants that are alive now."""
     total, todo = 0, [pid]
@@ -118,7 +135,11 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ", ".join(SERVERS))
+    p.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help="comma-separated: " + ", ".join(SERVERS) + ", worker-builtin@T",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--hidden", type=int, default=1024, help="head_dim is 64 (vLLM's CPU attention needs it)")
     p.add_argument("--layers", type=int, default=4)
@@ -133,7 +154,7 @@ def main() -> None:
     p.add_argument("--start-timeout", type=float, default=600.0)
     args = p.parse_args()
     servers = [s for s in args.servers.split(",") if s]
-    if unknown := set(servers) - set(SERVERS):
+    if unknown := {s.split("@")[0] for s in servers} - set(SERVERS):
         p.error(f"unknown servers {sorted(unknown)}; choose from {', '.join(SERVERS)}")
     tput: dict[tuple[str, str], list[float]] = {}
     rss: dict[str, int] = {}
@@ -149,7 +170,9 @@ def main() -> None:
                 if name == "vllm-serve":
                     running[name] = start_vllm_serve(base, adapters, args, log)
                 else:
-                    running[name] = start_server(name.removeprefix("worker-"), base, adapters, args, log)
+                    kind, _, threshold = name.removeprefix("worker-").partition("@")
+                    env = {"LORAPLANE_MMAP_THRESHOLD": threshold} if threshold else None
+                    running[name] = start_server(kind, base, adapters, args, log, env)
                 print(f"{name}: serving after {time.perf_counter() - t0:.0f} s", flush=True)
 
             with ThreadPoolExecutor(len(servers)) as pool:
@@ -161,9 +184,18 @@ def main() -> None:
             for r in range(args.rounds):
                 for name in servers if r % 2 == 0 else servers[::-1]:
                     for mode in ("lora", "base") if r % 2 == 0 else ("base", "lora"):
+                        before = engine_counters(running[name][1])
                         value = run_load(running[name][1], mode, args)
                         tput.setdefault((name, mode), []).append(value)
-                        print(f"round {r}: {name:14s} {mode:4s} {value:8.1f} output tokens/s", flush=True)
+                        line = f"round {r}: {name:14s} {mode:4s} {value:8.1f} output tokens/s"
+                        if before:  # the built-in engine: how full its steps were, how often slots changed
+                            after = engine_counters(running[name][1])
+                            steps = after["steps"] - before["steps"]
+                            line += (
+                                f", {(after['seqs'] - before['seqs']) / max(steps, 1):.1f} sequences per step, "
+                                f"{after['slot_loads'] - before['slot_loads']:.0f} slot loads in {steps:.0f} steps"
+                            )
+                        print(line, flush=True)
             rss = {name: tree_peak_rss(proc.pid) for name, (proc, _) in running.items()}
         finally:
             for proc, _ in running.values():
@@ -189,6 +221,12 @@ def main() -> None:
                 print(
                     f"  {name} / vllm-serve ({mode}): {ratios(tput[(name, mode)], tput[('vllm-serve', mode)])}{target}"
                 )
+    for name in (s for s in servers if s.startswith("worker-builtin@") and "worker-builtin" in servers):
+        for mode in ("lora", "base"):
+            print(
+                f"  {name} / worker-builtin ({mode}): {ratios(tput[(name, mode)], tput[('worker-builtin', mode)])}"
+            )
+        print(f"  {name} / worker-builtin peak RSS: {rss[name] / rss['worker-builtin']:.3f}")
 
 
 if __name__ == "__main__":
