@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -133,14 +134,20 @@ def run_load(url: str, mode: str, args: argparse.Namespace) -> float:
 
 
 def start_server(
-    kind: str, base: Path, adapters: list[Path], args: argparse.Namespace, log: Path
+    kind: str,
+    base: Path,
+    adapters: list[Path],
+    args: argparse.Namespace,
+    log: Path,
+    env: dict[str, str] | None = None,
 ) -> tuple[Any, str]:
     cmd = [
         sys.executable, __file__, "--serve", kind, "--base", str(base), "--adapter-dirs",
         json.dumps([str(a) for a in adapters]), "--device", args.device, "--adapters", str(args.adapters),
         "--rank", str(args.rank), "--max-loras", str(args.max_loras),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    environ = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=environ)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith(PORT_LINE):

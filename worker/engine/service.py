@@ -74,7 +74,10 @@ class Engine:
     """Owns the model runner, the adapter tiers and the engine thread."""
 
     def __init__(self, runner: ModelRunner, settings: EngineSettings, *, model_name: str) -> None:
-        heap.fix_mmap_threshold()  # freed step activations leave RSS (see heap.py)
+        # Freed step activations leave RSS; a decode step's logits stay in the heap (see heap.py).
+        heap.fix_mmap_threshold(
+            heap.step_threshold(settings.scheduler.max_num_seqs, runner.config.vocab_size)
+        )
         self.runner = runner
         self.settings = settings
         self.model_name = model_name
