@@ -390,7 +390,13 @@ async def engine_state(request: web.Request) -> web.StreamResponse:
 def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
     """The OpenAI routes, their error middleware, and what they tell the probes and /metrics."""
     settings = app[SETTINGS]
-    serving = Serving(registry, retry_after_s=settings.retry_after_s, access_log=settings.access_log)
+    serving = Serving(
+        registry,
+        retry_after_s=settings.retry_after_s,
+        access_log=settings.access_log,
+        max_logprob_entries=settings.max_logprob_entries,
+        max_schema_bytes=settings.max_schema_bytes,
+    )
     serving.engine = engine
     app[SERVING] = serving
     app.middlewares.append(middleware)

@@ -65,6 +65,12 @@ class ServeSettings:
     client_timeout_seconds: float = 30.0
     """Seconds a client may take to send its body (then 408) or to take a stream's next chunk (then
     the stream is cut off): a client that stalls holds no connection, request or drain for longer."""
+    max_logprob_entries: int = 65536
+    """Most log probabilities one request may ask for: n x (logprobs + 1) x max_tokens. Each is Python
+    work on the server's one event loop; a request above it gets 400 TooManyLogprobs."""
+    max_schema_bytes: int = 16384
+    """Largest response_format JSON schema in bytes (compact JSON). The engine compiles it into a
+    grammar, which takes CPU time that grows with it; a larger one gets 400 SchemaTooLarge."""
     retry_after_s: int = 5
     """Seconds in Retry-After when an adapter is not ready yet, the model is loading, or draining."""
     access_log: bool = True
@@ -220,6 +226,14 @@ def set_engine(app: web.Application, engine: Engine) -> None:
     from .routes import SERVING
 
     app[SERVING].engine = engine
+
+
+def quarantine_in(app: web.Application, quarantine: Callable[[int, Any], None]) -> None:
+    """``quarantine(adapter_id, error)`` takes an adapter version out of service when the engine finds it
+    unservable while serving it (NaN / Inf output)."""
+    from .routes import SERVING
+
+    app[SERVING].quarantine = quarantine
 
 
 async def drain(app: web.Application, seconds: float) -> int:

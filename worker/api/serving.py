@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from loraplane.crds.errors import LoraplaneError
 
+from ..engines import NON_FINITE_OUTPUT
 from .errors import ApiError
 from .protocol import ChatCompletionRequest, CompletionRequest, new_id
 
@@ -38,6 +40,7 @@ class Generation:
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
         self.finished = False
         self.n = 1  # choices: the request ends when all n have a finish_reason
+        self.on_error: Callable[[LoraplaneError], None] = lambda _: None  # the engine failed it
         self.prompt_tokens = 0
         self._tokens: dict[int, int] = {}  # choice -> completion tokens
 
@@ -54,13 +57,18 @@ class Generation:
         """Outputs until the last one; raises ApiError if the engine failed the request."""
         done: set[int] = set()
         while not self.finished:
-            out = await self.queue.get()
+            if self.queue.empty():
+                out = await self.queue.get()
+            else:  # get() on a full queue never yields: a flood of outputs would hold the loop
+                await asyncio.sleep(0)
+                out = self.queue.get_nowait()
             index = getattr(out, "index", 0)  # the built-in engine's outputs are all choice 0
             self.prompt_tokens, self._tokens[index] = out.prompt_tokens, out.completion_tokens
             if out.finish_reason is not None:
                 done.add(index)
                 if out.error is not None:
                     self.finished = True
+                    self.on_error(out.error)
                     raise ApiError.of(out.error)
                 self.finished = len(done) >= self.n
             yield out
@@ -75,11 +83,23 @@ class Generation:
 class Serving:
     """Resolves names, checks requests and submits them; shared by the completion and chat routes."""
 
-    def __init__(self, registry: Registry, *, retry_after_s: int, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        retry_after_s: int,
+        access_log: bool = True,
+        max_logprob_entries: int = 65536,
+        max_schema_bytes: int = 16384,
+    ) -> None:
         self.registry = registry
         self._engine: Engine | None = None
         self.retry_after_s = retry_after_s
         self.access_log = access_log
+        self.max_logprob_entries = max_logprob_entries
+        self.max_schema_bytes = max_schema_bytes
+        # Set by the worker: takes an adapter version out of service (Failed) on this worker.
+        self.quarantine: Callable[[int, LoraplaneError], None] = lambda adapter_id, error: None
         # Tokenizing runs off the event loop (a long prompt takes seconds of CPU; streams and probes
         # keep answering meanwhile), on one thread: fast tokenizers are not safe to share across threads.
         self.tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplane-tokenize")
@@ -159,6 +179,28 @@ class Serving:
                 param=lacking[0],
                 code="unsupported",
             )
+        vocab = engine.vocab_size
+        outside = [t for t in extras.get("logit_bias") or {} if not 0 <= t < vocab]
+        if outside:
+            raise ApiError(
+                400,
+                "TokenOutOfRange",
+                f"logit_bias names token ID {outside[0]}; token IDs are in [0, {vocab})",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        schema = (extras.get("response_format") or {}).get("json_schema")
+        if schema is not None:
+            size = len(json.dumps(schema, separators=(",", ":")))
+            if size > self.max_schema_bytes:
+                raise ApiError(
+                    400,
+                    "SchemaTooLarge",
+                    f"response_format.json_schema is {size} bytes of JSON, above this worker's limit of "
+                    f"{self.max_schema_bytes} (--max-schema-bytes); send a smaller schema",
+                    param="response_format",
+                    code="invalid_value",
+                )
         version = self.resolve(request.model)
         adapter = None if version is None else version.engine_adapter()
         param = "prompt" if isinstance(request, CompletionRequest) else "messages"
@@ -171,7 +213,6 @@ class Serving:
             )
         except LoraplaneError as exc:
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
-        vocab = engine.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ApiError(
                 400,
@@ -180,10 +221,18 @@ class Serving:
                 param=param,
                 code="invalid_value",
             )
+        self._check_logprobs(extras, params.max_tokens or max(1, limit - len(prompt_ids)))
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, loop, request_id)
-        generation.adapter_id = None if version is None else version.id
         generation.n = extras.get("n", 1)
+        if version is not None:
+            generation.adapter_id = adapter_id = version.id
+
+            def on_error(error: LoraplaneError) -> None:
+                if error.reason == NON_FINITE_OUTPUT:  # the adapter's weights, not this request
+                    self.quarantine(adapter_id, error)
+
+            generation.on_error = on_error
         try:
             engine.submit(
                 request_id=request_id,
@@ -197,6 +246,23 @@ class Serving:
         except LoraplaneError as exc:
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         return generation, request_id
+
+    def _check_logprobs(self, extras: dict[str, Any], max_tokens: int) -> None:
+        logprobs = extras.get("logprobs")
+        if logprobs is None:
+            return
+        n = extras.get("n", 1)
+        entries = n * (logprobs + 1) * max_tokens
+        if entries > self.max_logprob_entries:
+            raise ApiError(
+                400,
+                "TooManyLogprobs",
+                f"n ({n}) x (logprobs ({logprobs}) + 1) x max_tokens ({max_tokens}) is {entries} log "
+                f"probabilities, above this worker's limit of {self.max_logprob_entries} "
+                "(--max-logprob-entries); lower n, logprobs or max_tokens",
+                param="logprobs",
+                code="invalid_value",
+            )
 
     def finished(
         self, path: str, model: str, status: int | str, generation: Generation | None, seconds: float

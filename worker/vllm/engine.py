@@ -152,6 +152,7 @@ class VllmEngine:
         self._in_flight: dict[int, int] = {}  # adapter ID -> running requests
         self._retiring: set[int] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, Callable[[LoraplaneError], None]] = {}  # request -> end its open choices
         self._lock = asyncio.Lock()  # add/remove one at a time, so _held follows vLLM's set
         self._loop = asyncio.get_running_loop()
 
@@ -289,6 +290,14 @@ class VllmEngine:
 
         done: set[int] = set()
         tokens: dict[int, int] = {}
+
+        def fail(error: LoraplaneError, choices: Any) -> None:
+            for i in choices:
+                if i not in done:
+                    done.add(i)
+                    on_output(Output("", [], "error", len(prompt_ids), tokens.get(i, 0), error, index=i))
+
+        self._running[request_id] = lambda error: fail(error, range(sampling.n))
         try:
             stream = self.llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), sampling, request_id, lora_request=lora
@@ -296,6 +305,9 @@ class VllmEngine:
             async for result in stream:
                 for c in result.outputs:
                     tokens[c.index] = tokens.get(c.index, 0) + len(c.token_ids)
+                    if c.finish_reason == "error":  # vLLM ended it: NaN logits (plugin.py), or its own error
+                        fail(self._engine_error(c.stop_reason, lora), [c.index])
+                        continue
                     finish = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
                     if finish is not None:
                         done.add(c.index)
@@ -310,16 +322,24 @@ class VllmEngine:
                             logprobs=_logprobs(c, sampling.logprobs),
                         )
                     )
+                # One request's output (n choices with logprobs) is a lot of Python: let the loop's other
+                # work (probes, other streams) run between two of its steps.
+                await asyncio.sleep(0)
         except asyncio.CancelledError:
             pass
         except Exception as e:
-            log.exception("vLLM request %s failed", request_id)
-            error: LoraplaneError = PermanentError("EngineError", f"vLLM: {e}")
-            for i in range(sampling.n):
-                if i not in done:
-                    on_output(Output("", [], "error", len(prompt_ids), tokens.get(i, 0), error, index=i))
+            error: LoraplaneError
+            if _is_client_error(e):  # vLLM's own check of a request value, raised inside generate
+                error = PermanentError(
+                    "InvalidRequest", f"vLLM refused the request{_field(e, sampling)}: {e}"
+                )
+            else:
+                log.exception("vLLM request %s failed", request_id)
+                error = PermanentError("EngineError", f"vLLM: {e}")
+            fail(error, range(sampling.n))
         finally:
             self._tasks.pop(request_id, None)
+            self._running.pop(request_id, None)
             if lora is not None:
                 left = self._in_flight.get(lora.lora_int_id, 1) - 1
                 self._in_flight[lora.lora_int_id] = left
@@ -328,8 +348,32 @@ class VllmEngine:
                     if lora.lora_int_id in self._retiring:
                         self._loop.create_task(self._remove(lora.lora_int_id))
 
+    @staticmethod
+    def _engine_error(stop_reason: Any, lora: Any) -> LoraplaneError:
+        from .plugin import NON_FINITE_OUTPUT
+
+        if stop_reason == NON_FINITE_OUTPUT:
+            whose = (
+                "the base model" if lora is None else f"adapter ID {lora.lora_int_id} ({lora.lora_name!r})"
+            )
+            return PermanentError(
+                NON_FINITE_OUTPUT,
+                f"the logits for this request are NaN or Inf: the weights of {whose} likely overflow the "
+                "serving dtype; other requests are unaffected",
+            )
+        return TemporaryError(
+            "EngineError", "vLLM ended the request with an internal error; retry", delay=1.0
+        )
+
     def stop(self) -> None:
-        """Any thread: requests still running end with an engine error; the engine core exits."""
+        """On the loop: requests still running end with ShuttingDown (a stream says why it was cut),
+        then the engine core exits."""
+        error = TemporaryError(
+            "ShuttingDown", "the worker is shutting down; retry (another replica serves it)"
+        )
+        for request_id, fail in list(self._running.items()):
+            fail(error)
+            self.cancel(request_id)
         self.llm.shutdown()
 
 
@@ -364,8 +408,29 @@ def sampling_params(params: Any, extras: dict[str, Any], *, max_tokens: int) -> 
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
-    except ValueError as e:  # vLLM's own checks (e.g. a logit_bias token outside the vocabulary)
-        raise PermanentError("InvalidSamplingParams", str(e)) from None
+    except Exception as e:
+        if _is_client_error(e):  # vLLM's own checks (e.g. a logit_bias token outside the vocabulary)
+            raise PermanentError("InvalidSamplingParams", str(e)) from None
+        raise
+
+
+def _field(e: BaseException, sampling: Any) -> str:
+    """The request field vLLM refused, for the message: the parameter its VLLMValidationError names;
+    else response_format when the request has one (the prompt, lengths, logprobs and logit_bias are
+    checked before vLLM sees them, so its structured-output check is what is left)."""
+    parameter = getattr(e, "parameter", None)
+    if parameter:
+        return f" (parameter {parameter})"
+    return "'s response_format" if sampling.structured_outputs is not None else ""
+
+
+def _is_client_error(e: BaseException) -> bool:
+    """vLLM's verdict on a request value (what its own server answers with a 400), not a failure of vLLM:
+    its VLLMClientError family (VLLMValidationError names the parameter), and ValueError / TypeError,
+    which its input checks raise."""
+    from vllm.exceptions import VLLMClientError
+
+    return isinstance(e, (VLLMClientError, ValueError, TypeError))
 
 
 def _logprobs(c: Any, wanted: int | None) -> list[TokenLogprob] | None:
