@@ -411,6 +411,7 @@ def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
         lambda: serving.engine.problem(settings.engine_stall_seconds) if serving.engine else None
     )
     health.metrics.append(lambda: serving.engine.metrics.render() if serving.engine is not None else b"")
+    health.cut.append(serving.cut_all)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/engine", engine_state)
     app.router.add_post("/v1/completions", completions)

@@ -96,6 +96,8 @@ class Health:
         self.live: list[Check] = []
         self.ready: list[Check] = []
         self.metrics: list[Callable[[], bytes]] = []
+        self.cut: list[Callable[[Any], int]] = []
+        """End every running request now with the error given (the drain's deadline)."""
         self.draining = False
         self.in_flight = 0
 
@@ -238,7 +240,7 @@ def quarantine_in(app: web.Application, quarantine: Callable[[int, Any], None]) 
 
 async def drain(app: web.Application, seconds: float) -> int:
     """Stop taking generation requests, wait up to ``seconds`` for those in flight; returns how many
-    were still running at the deadline (they then end with ShuttingDown when the engine stops)."""
+    were still running at the deadline (each has then been ended with a ShuttingDown error)."""
     h = app[HEALTH]
     h.draining = True
     log.info("draining: %d requests in flight, up to %.0f s", h.in_flight, seconds)
@@ -247,6 +249,20 @@ async def drain(app: web.Application, seconds: float) -> int:
         await asyncio.sleep(0.05)
     if h.in_flight:
         log.warning("drain deadline reached with %d requests still in flight", h.in_flight)
+        if h.cut:
+            from loraplane.crds.errors import TemporaryError
+
+            # Each ends now with a ShuttingDown event (then [DONE]), ahead of the outputs it has not
+            # sent: a stream with a backlog would otherwise still be writing it when the server closes
+            # the connection, and its client would take a truncated answer for a whole one.
+            error = TemporaryError(
+                "ShuttingDown", "the worker is shutting down; retry (another replica serves it)"
+            )
+            for cut in h.cut:
+                cut(error)
+            until = time.monotonic() + 1.0
+            while h.in_flight and time.monotonic() < until:
+                await asyncio.sleep(0.01)
     else:
         log.info("drained: no requests in flight")
     return h.in_flight

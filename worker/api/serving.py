@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 access_log = logging.getLogger("loraplane.worker.access")
 
 
+_WAKE: Any = object()  # put in a Generation's queue to wake its reader
+
+
 class Generation:
     """One submitted request seen from the event loop: outputs arrive through an asyncio queue."""
 
@@ -43,6 +47,7 @@ class Generation:
         self.on_error: Callable[[LoraplaneError], None] = lambda _: None  # the engine failed it
         self.prompt_tokens = 0
         self._tokens: dict[int, int] = {}  # choice -> completion tokens
+        self._cut: LoraplaneError | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -57,11 +62,15 @@ class Generation:
         """Outputs until the last one; raises ApiError if the engine failed the request."""
         done: set[int] = set()
         while not self.finished:
+            if self._cut is not None:  # ahead of any outputs still queued
+                raise ApiError.of(self._cut)
             if self.queue.empty():
                 out = await self.queue.get()
             else:  # get() on a full queue never yields: a flood of outputs would hold the loop
                 await asyncio.sleep(0)
                 out = self.queue.get_nowait()
+            if out is _WAKE:
+                continue
             index = getattr(out, "index", 0)  # the built-in engine's outputs are all choice 0
             self.prompt_tokens, self._tokens[index] = out.prompt_tokens, out.completion_tokens
             if out.finish_reason is not None:
@@ -73,8 +82,15 @@ class Generation:
                 self.finished = len(done) >= self.n
             yield out
 
+    def cut(self, error: LoraplaneError) -> None:
+        """On the loop: end this request with ``error`` now, ahead of the outputs it has not sent yet
+        (the drain's deadline: a stream says why it ends instead of being cut mid-way)."""
+        if not self.finished:
+            self._cut = error
+            self.queue.put_nowait(_WAKE)
+
     def cancel(self) -> None:
-        """The client left before the end: free the engine's resources for it."""
+        """The client left before the end (or it was cut): free the engine's resources for it."""
         if not self.finished:
             self.finished = True
             self.engine.cancel(self.request_id)
@@ -100,6 +116,7 @@ class Serving:
         self.max_schema_bytes = max_schema_bytes
         # Set by the worker: takes an adapter version out of service (Failed) on this worker.
         self.quarantine: Callable[[int, LoraplaneError], None] = lambda adapter_id, error: None
+        self.running: weakref.WeakSet[Generation] = weakref.WeakSet()
         # Tokenizing runs off the event loop (a long prompt takes seconds of CPU; streams and probes
         # keep answering meanwhile), on one thread: fast tokenizers are not safe to share across threads.
         self.tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplane-tokenize")
@@ -224,6 +241,7 @@ class Serving:
         self._check_logprobs(extras, params.max_tokens or max(1, limit - len(prompt_ids)))
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, loop, request_id)
+        self.running.add(generation)
         generation.n = extras.get("n", 1)
         if version is not None:
             generation.adapter_id = adapter_id = version.id
@@ -246,6 +264,13 @@ class Serving:
         except LoraplaneError as exc:
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         return generation, request_id
+
+    def cut_all(self, error: LoraplaneError) -> int:
+        """End every running request with ``error`` now; returns how many."""
+        running = [g for g in self.running if not g.finished]
+        for g in running:
+            g.cut(error)
+        return len(running)
 
     def _check_logprobs(self, extras: dict[str, Any], max_tokens: int) -> None:
         logprobs = extras.get("logprobs")
