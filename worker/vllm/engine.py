@@ -8,6 +8,10 @@ Ready; a refusal comes back as a LoraplaneError carrying vLLM's own message, and
 alone. ``retire_adapter`` removes an ID once the requests that use it have finished: vLLM re-loads
 an adapter from a running request's path if it was removed under it, so removal waits for the drain.
 
+AsyncLLM lives on its own event loop in its own thread: its output processing (detokenizing every
+logprob alternative) is the heavy Python work of a request, and on the HTTP server's loop it held the
+probes; outputs reach the server through ``on_output``, which is thread-safe (as for the built-in engine).
+
 vLLM's own Prometheus series (``vllm:*``) register in the process-wide registry that the worker's
 ``/metrics`` already serves. On vLLM's CPU backend, ``plugin.py`` fixes a mixed-batch bug.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shlex
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +158,9 @@ class VllmEngine:
     kind: engines.Kind = "vllm"
     features = engines.FEATURES
 
-    def __init__(self, llm: Any, tokenizer: Any, model_name: str) -> None:
+    def __init__(
+        self, llm: Any, tokenizer: Any, model_name: str, loop: asyncio.AbstractEventLoop, thread: Any = None
+    ) -> None:
         self.llm = llm
         self._tokenizer = tokenizer
         self.model_name = model_name
@@ -170,7 +177,12 @@ class VllmEngine:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, Callable[[LoraplaneError], None]] = {}  # request -> end its open choices
         self._lock = asyncio.Lock()  # add/remove one at a time, so _held follows vLLM's set
-        self._loop = asyncio.get_running_loop()
+        # vLLM's own event loop, in its own thread: AsyncLLM's output processing (detokenizing, every
+        # logprob alternative) runs there, not on the server's loop, so probes and streams keep
+        # answering however much output a request mix makes. Everything that touches self.llm, and
+        # the state above, runs on it; outputs reach the server's loop through on_output (thread-safe).
+        self._loop = loop
+        self._thread = thread
         _yield_between_engine_steps(llm)
 
     @classmethod
@@ -184,7 +196,14 @@ class VllmEngine:
         # the watch keep running meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
-        return cls(llm, tokenizer, args.served_model_name[0])
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="loraplane-vllm", daemon=True)
+        thread.start()
+        return cls(llm, tokenizer, args.served_model_name[0], loop, thread)
+
+    async def _on_engine_loop(self, coro: Any) -> Any:
+        """Run ``coro`` on vLLM's loop and await its result from the caller's."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
     # --- what the HTTP side reads ---------------------------------------------------------------
     @property
@@ -207,6 +226,9 @@ class VllmEngine:
 
     # --- adapters --------------------------------------------------------------------------------
     async def add_adapter(self, adapter: Adapter) -> None:
+        await self._on_engine_loop(self._add(adapter))
+
+    async def _add(self, adapter: Adapter) -> None:
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(adapter.name, adapter.id, str(adapter.path))
@@ -242,7 +264,7 @@ class VllmEngine:
             self._retiring.discard(adapter_id)
 
     async def adapter_ids(self) -> set[int]:
-        return set(await self.llm.list_loras())
+        return set(await self._on_engine_loop(self.llm.list_loras()))
 
     def on_device(self) -> set[int]:
         return set(self._held)
@@ -284,13 +306,21 @@ class VllmEngine:
             from vllm.lora.request import LoRARequest
 
             lora = LoRARequest(adapter.name, adapter.id, str(adapter.path))
-            self._in_flight[adapter.id] = self._in_flight.get(adapter.id, 0) + 1
-        task = asyncio.get_running_loop().create_task(
+        self._loop.call_soon_threadsafe(self._start, request_id, prompt_ids, sampling, lora, on_output)
+
+    def _start(
+        self, request_id: str, prompt_ids: list[int], sampling: Any, lora: Any, on_output: Any
+    ) -> None:
+        if lora is not None:
+            self._in_flight[lora.lora_int_id] = self._in_flight.get(lora.lora_int_id, 0) + 1
+        self._tasks[request_id] = self._loop.create_task(
             self._run(request_id, prompt_ids, sampling, lora, on_output)
         )
-        self._tasks[request_id] = task
 
     def cancel(self, request_id: str) -> None:
+        self._loop.call_soon_threadsafe(self._cancel, request_id)
+
+    def _cancel(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
         if task is not None:
             task.cancel()  # AsyncLLM.generate aborts the request in the engine core
@@ -383,14 +413,23 @@ class VllmEngine:
         )
 
     def stop(self) -> None:
-        """On the loop: requests still running end with ShuttingDown (a stream says why it was cut),
-        then the engine core exits."""
+        """Any thread: requests still running end with ShuttingDown (a stream says why it was cut),
+        then the engine core exits and vLLM's loop with it."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(60)
+        except Exception:
+            log.exception("vLLM did not shut down cleanly")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    async def _stop(self) -> None:
         error = TemporaryError(
             "ShuttingDown", "the worker is shutting down; retry (another replica serves it)"
         )
         for request_id, fail in list(self._running.items()):
             fail(error)
-            self.cancel(request_id)
+            self._cancel(request_id)
         self.llm.shutdown()
 
 

@@ -23,11 +23,11 @@ cache: ``do_kv_cache_update`` of the CPU backend writes them as 0. vLLM's GPU ke
 positions below the sequence length (``tl.load(..., mask=seq_offset < seq_len, other=0.0)`` in the
 Triton kernel; FlashAttention's predicated tile loads), so they never read stale values.
 
-3. A request whose logits hold NaN or Inf ends at that step with ``finish_reason`` error and
+3. A request whose logits hold NaN or +Inf ends at that step with ``finish_reason`` error and
 ``stop_reason`` "NonFiniteOutput" (``NON_FINITE_OUTPUT``) instead of sampling garbage tokens: vLLM
-counts non-finite values per row when ``VLLM_COMPUTE_NANS_IN_LOGITS`` is on (this plugin turns it
-on, and counts Inf too), and its scheduler is wrapped to end those requests. The worker turns that
-into a 400 NonFiniteOutput and quarantines the adapter.
+counts NaN per logits row when ``VLLM_COMPUTE_NANS_IN_LOGITS`` is on (this plugin turns it on, and
+counts +Inf too; -Inf is how a grammar masks tokens), and its scheduler is wrapped to end those
+requests. The worker turns that into a 400 NonFiniteOutput and quarantines the adapter.
 
 Registered under the ``vllm.general_plugins`` entry point, so vLLM loads it in every process,
 including the engine-core process that runs the model. There it also makes a process that vLLM started
@@ -175,7 +175,8 @@ def _end_requests_with_non_finite_logits() -> None:
         return
 
     def count_non_finite_per_row(logits: Any) -> Any:
-        return (~torch.isfinite(logits)).sum(dim=-1, dtype=torch.int32)
+        # NaN and +Inf; not -Inf, which is how a grammar (structured output) masks the tokens it forbids.
+        return (logits.isnan() | logits.isposinf()).sum(dim=-1, dtype=torch.int32)
 
     gpu_model_runner.count_nans_per_row = count_non_finite_per_row  # looked up by name at each step
     original = Scheduler.update_from_output
