@@ -48,6 +48,12 @@ RANK_TOO_LARGE = "RankTooLarge"
 NO_LORA_WEIGHTS = "NoLoraWeights"
 UNSUPPORTED_DTYPE = "UnsupportedDtype"
 NON_FINITE_WEIGHTS = "NonFiniteWeights"
+UNREPRESENTABLE_WEIGHTS = "UnrepresentableWeights"
+
+#: The largest value an activation may reach in each serving dtype: float16's largest finite value;
+#: for bfloat16 and float32, 2**64, whose square is float32's largest (RMSNorm's variance and attention
+#: scores square activations, in float32).
+ACTIVATION_LIMITS = {"float16": 65504.0, "bfloat16": 2.0**64, "float32": 2.0**64}
 
 #: adapter_config.json fields whose truthy value the engine cannot serve: (field, reason, message).
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -269,10 +275,12 @@ class PeftAdapter:
                    str(name) if name else None, allowed, listed, tuple(p.all()))  # fmt: skip
 
     # --- against a base model --------------------------------------------------------------------
-    def problems(self, base: ModelConfig, *, max_lora_rank: int | None = None) -> list[tuple[str, str]]:
-        """Every reason this adapter cannot be served on ``base`` (empty when it can).
+    def problems(
+        self, base: ModelConfig, *, max_lora_rank: int | None = None, dtype: str = "float32"
+    ) -> list[tuple[str, str]]:
+        """Every reason this adapter cannot be served on ``base`` in ``dtype`` (empty when it can).
 
-        Reads the weights' values (NaN / Inf) only when nothing else is wrong."""
+        Reads the weights' values (NaN / Inf, then the update's bound) only when nothing else is wrong."""
         p = Problems()
         where = f"{base.model_type} {base.name!r}"
         for t in self.config_targets:
@@ -307,11 +315,43 @@ class PeftAdapter:
                     NON_FINITE_WEIGHTS,
                     f"tensor {name} holds NaN or Inf values; the adapter diverged in training",
                 )
+        if not p.items:
+            for m in self.modules:
+                problem = self.unrepresentable(m, dtype)
+                if problem:
+                    p.add(UNREPRESENTABLE_WEIGHTS, problem)
         return p.all()
 
-    def check(self, base: ModelConfig, *, max_lora_rank: int | None = None) -> None:
+    def unrepresentable(self, m: LoraModule, dtype: str) -> str | None:
+        """Why module ``m``'s update cannot be served in ``dtype``, or None when it can.
+
+        Bounds from the weights alone (no forward pass): for an input whose values are at most 1 in
+        magnitude (a normalized hidden state), the rank-space values ``scaling * A x`` are at most
+        ``scaling * |A|`` and the update ``scaling * B A x`` at most ``scaling * |B| * |A|``, where |M|
+        is M's largest row sum of absolute values (the exact bound). B's values are the engine's
+        weights too. Any of these beyond ``ACTIVATION_LIMITS[dtype]`` overflows in the forward: the
+        request answers NaN."""
+        limit = ACTIVATION_LIMITS.get(dtype, ACTIVATION_LIMITS["float32"])
+        scale = abs(self.scale(m.rank, m.alpha))
+        # First from each tensor's largest value (its exponent bytes: cheap); the row sums only when
+        # that coarse bound does not already show the module fits.
+        a_max = m.a.shape[1] * tensorfile.max_abs_bound(self.weights, m.a)
+        b_max = m.b.shape[1] * tensorfile.max_abs_bound(self.weights, m.b)
+        if max(scale * a_max, b_max, scale * a_max * b_max) <= limit:
+            return None
+        a_row = _max_row_sum(tensorfile.values(self.weights, m.a), m.a.shape[1])
+        b_row = _max_row_sum(tensorfile.values(self.weights, m.b), m.b.shape[1])
+        shrink, update = scale * a_row, scale * a_row * b_row
+        if max(shrink, b_row, update) <= limit:
+            return None
+        return (f"the LoRA update of {m.name} overflows {dtype}: for inputs of magnitude 1 it reaches "
+                f"{update:.3g} (scaling {scale:g} x largest row sum of |lora_A| {a_row:.3g} x of |lora_B| "
+                f"{b_row:.3g}), beyond {limit:.3g}, the most a {dtype} activation holds; the adapter "
+                "diverged in training or was saved with wrong weights or scaling")  # fmt: skip
+
+    def check(self, base: ModelConfig, *, max_lora_rank: int | None = None, dtype: str = "float32") -> None:
         """Raise ValidationFailed with every problem, if there is any."""
-        problems = self.problems(base, max_lora_rank=max_lora_rank)
+        problems = self.problems(base, max_lora_rank=max_lora_rank, dtype=dtype)
         if problems:
             raise ValidationFailed(problems)
 
@@ -382,6 +422,16 @@ def foreign_tensor(key: str) -> tuple[str, str] | None:
         MODULES_TO_SAVE_NOT_SUPPORTED,
         f"tensor {key} is not a LoRA weight (a saved module?): not supported",
     )
+
+
+def _max_row_sum(values: Any, width: int) -> float:
+    """The largest sum of absolute values over the rows of a row-major matrix ``width`` wide."""
+    if not width or not values:
+        return 0.0
+    if width * 64 < len(values):  # many short rows (lora_B): sum the columns' absolute values row-wise
+        columns = [map(abs, values[k::width]) for k in range(width)]
+        return float(max(map(sum, zip(*columns, strict=True))))
+    return float(max(sum(map(abs, values[i : i + width])) for i in range(0, len(values), width)))
 
 
 def _split_lora_key(key: str) -> tuple[str, str, str] | None:

@@ -83,6 +83,8 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    torch_dtype: str = ""
+    """The dtype the checkpoint was saved in (config.json torch_dtype / dtype), "" when not given."""
     name: str = ""
     """The model's name for messages: the served name, else _name_or_path, else the directory."""
 
@@ -140,6 +142,7 @@ class ModelConfig:
                 if eos is None
                 else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos]),
                 bos_token_id=raw.get("bos_token_id"),
+                torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or ""),
                 name=name,
             )
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:

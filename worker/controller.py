@@ -72,6 +72,7 @@ class Controller:
         *,
         served_model: str,
         max_lora_rank: int,
+        dtype: str = "float32",
         max_concurrent: int = 16,
         on_change: Callable[[int], None] = lambda _id: None,
         engine_ready: asyncio.Event | None = None,
@@ -93,6 +94,7 @@ class Controller:
         self.source_settings = source_settings
         self.served_model = served_model
         self.max_lora_rank = max_lora_rank
+        self.dtype = dtype  # the serving dtype: the bound an adapter's update must fit in
         self.on_change = on_change
         self._limit = asyncio.Semaphore(max_concurrent)
         self._known: dict[int, _Known] = {}
@@ -249,6 +251,7 @@ class Controller:
             max_length=want.max_length,
             served_model=self.served_model,
             sha256=cached.sha256(),
+            dtype=self.dtype,
         )
         known.info = AdapterInfo(
             rank=summary.rank,
@@ -329,6 +332,19 @@ class Controller:
                 recorded.resolved_revision[:12],
             )
             return recorded
+
+    def quarantine(self, adapter_id: int, error: LoraplaneError) -> None:
+        """The engine found this Ready version unservable while serving it (NaN / Inf output): Failed on
+        this worker with the engine's reason, so no new request reaches it, the engine drops it once its
+        requests end, and the report (then the adapter's status and a Warning Event) says why. Pushing a
+        new version (a new ID) is the way back."""
+        known = self._known.get(adapter_id)
+        if known is None or known.version.state != "Ready":
+            return
+        FAILURES.labels(error.reason).inc()
+        message = f"quarantined on this worker while serving: {error.message}"
+        self._set(known, "Failed", error.reason, message)
+        log.warning("adapter %s id %d quarantined: %s", known.desired.adapter, adapter_id, error)
 
     def _release(self, known: _Known, *, discard: bool = False) -> None:
         """Unpin this version's cache entry; ``discard``: a refused version's files, which serve no one,

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from loraplane.crds.errors import LoraplaneError
     from loraplane.worker.engine.sampling import SamplingParams
 
+NON_FINITE_OUTPUT = "NonFiniteOutput"
+"""The reason a request fails with when the engine computed NaN or Inf logits for it; on an adapter's
+request the worker also quarantines that adapter version."""
+
 Kind = Literal["builtin", "vllm"]
 KINDS: tuple[Kind, ...] = ("builtin", "vllm")
 

@@ -123,6 +123,7 @@ class WorkerApp:
         """Create the parts (after load_base_model, inside the running loop)."""
         from loraplane.crds.kube import KubeClient, load_configuration
         from loraplane.crds.models import LoRAWorkerSpec, WorkerCapacity
+        from loraplane.worker import validate
         from loraplane.worker.cache import AdapterCache
         from loraplane.worker.controller import Controller
         from loraplane.worker.report import WorkerReport
@@ -172,6 +173,7 @@ class WorkerApp:
             self.source_settings(),
             served_model=s.served_model_name,
             max_lora_rank=s.max_lora_rank,
+            dtype=validate.serving_dtype(s.dtype, s.engine, s.device, self.base),
             max_concurrent=s.max_concurrent_prepares,
             on_change=self.report.mark_dirty,
             engine_ready=self.engine_ready,

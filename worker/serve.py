@@ -25,7 +25,7 @@ log = logging.getLogger("loraplane.worker")
 async def serve_openai(app: WorkerApp) -> None:
     """The ServeHook of ``loraplane-worker``: runs until cancelled."""
     from loraplane.worker import engines
-    from loraplane.worker.api.server import set_engine
+    from loraplane.worker.api.server import quarantine_in, set_engine
 
     s = app.settings
     assert app.web is not None, "WorkerApp starts its HTTP server before the serve hook"
@@ -40,6 +40,8 @@ async def serve_openai(app: WorkerApp) -> None:
             app.report.on_device = engine.on_device
             app.report.mark_dirty()
         set_engine(app.web, engine)
+        if app.controller is not None:
+            quarantine_in(app.web, app.controller.quarantine)
         if app.engine_ready is not None:
             app.engine_ready.set()
         log.info("%s engine ready: serving %r and its adapters", engine.kind, engine.model_name)

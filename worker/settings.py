@@ -128,6 +128,12 @@ class WorkerSettings:
     """On SIGTERM: seconds requests in flight may take to finish; keep below terminationGracePeriodSeconds."""
     client_timeout_seconds: float = 30.0
     """Seconds a client may take to send its request body (then 408) or to take a stream's next chunk."""
+    max_logprob_entries: int = 65536
+    """Most log probabilities one request may ask for, n x (logprobs + 1) x max_tokens (count): each is
+    Python work on the HTTP server's event loop. Above it: 400 TooManyLogprobs."""
+    max_schema_bytes: int = 16384
+    """Largest response_format JSON schema (bytes, compact JSON): compiling it into a grammar takes CPU
+    time that grows with it. Above it: 400 SchemaTooLarge."""
     engine_stall_seconds: float = 60.0
     """/health fails (and Kubernetes restarts the pod) when the engine loop is dead or stuck this long."""
     engine: str = "builtin"
@@ -459,6 +465,9 @@ def check(s: WorkerSettings) -> WorkerSettings:
         raise ConfigError(
             f"--client-timeout-seconds must be a positive number of seconds, got {s.client_timeout_seconds}"
         )
+    for name in ("max_logprob_entries", "max_schema_bytes"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{flag(name)} must be a positive integer, got {getattr(s, name)}")
     if not s.engine_stall_seconds > 0:
         raise ConfigError(
             f"--engine-stall-seconds must be a positive number of seconds, got {s.engine_stall_seconds}"

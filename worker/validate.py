@@ -68,9 +68,11 @@ def validate_adapter(
     max_length: int | None = None,
     served_model: str | None = None,
     sha256: str | None = None,
+    dtype: str = "float32",
 ) -> AdapterSummary:
     """Check an adapter directory against the base model; every problem is reported at once.
 
+    ``dtype``: the serving dtype (float16, bfloat16, float32), which bounds what the update may reach.
     ``sha256`` may pass the weights digest the cache already computed (else the file is hashed).
 
     Raises:
@@ -80,7 +82,7 @@ def validate_adapter(
     adapter_dir = Path(adapter_dir)
     try:
         a = PeftAdapter.read(adapter_dir)
-        problems = a.problems(base, max_lora_rank=max_lora_rank)
+        problems = a.problems(base, max_lora_rank=max_lora_rank, dtype=dtype)
     except LoraplaneError as e:
         VALIDATION_FAILURES.labels(e.reason).inc()
         raise
@@ -120,6 +122,16 @@ def validate_adapter(
     )
 
 
+def serving_dtype(setting: str, engine: str, device: str, base: ModelConfig) -> str:
+    """The dtype a worker serves in: --dtype, or what "auto" picks (the built-in engine: float32 on
+    CPU, bfloat16 on GPU; vLLM: the checkpoint's own dtype, bfloat16 when it names none)."""
+    if setting != "auto":
+        return setting
+    if engine == "vllm":
+        return base.torch_dtype if base.torch_dtype in ("float16", "float32") else "bfloat16"
+    return "float32" if device == "cpu" else "bfloat16"
+
+
 def _same_model(a: str, b: str) -> bool:
     a, b = a.rstrip("/"), b.rstrip("/")
     return a == b or a.split("/")[-1] == b.split("/")[-1]
@@ -153,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         "or --verify, which then check only the files",
     )
     ap.add_argument("--max-lora-rank", type=int, default=64, help="the worker's maxLoraRank (default 64)")
+    ap.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default="float16",
+        help="the serving dtype the update must fit in (default float16, the narrowest)",
+    )
     ap.add_argument("--max-length", type=int, default=None, help="spec.longContext.maxLength to check")
     ap.add_argument("--served-base-name", dest="served_model", help="the base-model name the worker serves")
     ap.add_argument("--revision", default=None, help="Hub revision when ADAPTER is a Hub repo")
@@ -256,10 +274,10 @@ def _check(args: argparse.Namespace, tmp: Path) -> tuple[int, dict[str, object]]
     say(f"base model {base.name} ({base.model_type}): hidden_size {base.hidden_size}, {base.num_layers} layers, "
         f"vocab {base.vocab_size}, max length {base.max_length}")  # fmt: skip
     say(f"checking {adapter_dir}: config, safetensors header, rank <= {args.max_lora_rank}, target modules, "
-        "tensor shapes, layers, dtypes, NaN / Inf, DoRA / bias / modules_to_save / embeddings, chat template"
+        f"tensor shapes, layers, dtypes, NaN / Inf, the update's bound in {args.dtype}, DoRA / bias / modules_to_save / embeddings, chat template"
         + (f", max length {args.max_length}" if args.max_length else ""))  # fmt: skip
     try:
-        s = validate_adapter(adapter_dir, base, max_lora_rank=args.max_lora_rank,
+        s = validate_adapter(adapter_dir, base, max_lora_rank=args.max_lora_rank, dtype=args.dtype,
                              max_length=args.max_length, served_model=args.served_model)  # fmt: skip
     except ValidationFailed as e:
         return problems(1, list(e.problems), f"REFUSED: {len(e.problems)} problem(s)")

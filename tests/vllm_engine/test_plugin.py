@@ -68,3 +68,28 @@ def test_probe_sees_the_bug_in_the_unpatched_op() -> None:
     original = lora_ops.bgmv_shrink.__wrapped__  # functools.wraps keeps the op vLLM shipped
     assert plugin._mishandles_negative_index(original), "vLLM fixed the op: the plugin stays off there"
     assert not plugin._mishandles_negative_index(lora_ops.bgmv_shrink)
+
+
+def test_non_finite_keys_and_values_never_reach_the_kv_cache() -> None:
+    """vLLM's CPU attention reads a block's positions beyond the sequence (masked by weight, and 0 x NaN
+    is NaN): a NaN written by one request would reach every later owner of the block. The plugin's
+    do_kv_cache_update writes non-finite keys and values as 0; finite ones unchanged."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from loraplane.worker.vllm import plugin
+
+    plugin.register()
+    impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)
+    impl.attn_type, impl.kv_cache_dtype = "decoder", "auto"
+    layer = SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
+    blocks, heads, block_size, head_dim = 2, 1, 32, 32
+    cache = torch.full((blocks, heads, block_size, 2 * head_dim), 7.0)
+    key = torch.randn(3, heads, head_dim)
+    value = torch.randn(3, heads, head_dim)
+    key[1, 0, 5], value[2, 0, 0], value[0, 0, 1] = float("nan"), float("inf"), -float("inf")
+    impl.do_kv_cache_update(layer, key, value, cache, torch.tensor([0, 1, 2]))
+    assert torch.isfinite(cache).all(), "no NaN / Inf in the cache"
+    assert (cache == 0).sum() == 3, "exactly the three non-finite values are written as 0"
+    assert (cache == 7.0).sum() == cache.numel() - 3 * 2 * head_dim, "only the three slots are written"

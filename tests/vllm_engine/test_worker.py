@@ -124,7 +124,7 @@ def served(kube, weights, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             s = Served(kube, namespace, worker, ads, base, paths)
             fleet.wait_for(
                 lambda: all((ads.get(n).get("status") or {}).get("phase") == "Ready" for n in GOOD),
-                240,
+                600,  # vLLM's start on a busy CI machine
                 lambda: worker.log()[-4000:],
             )
             yield s

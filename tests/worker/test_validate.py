@@ -408,7 +408,11 @@ def test_non_finite_weights_are_refused_and_large_finite_ones_are_not(
     d = adapters.write_adapter(tmp_path / "a", target_modules=("q_proj",), layers=(0,))
     w = d / "adapter_model.safetensors"
     _raw_safetensors(w, _lora_pair(dtype, big, width))
-    assert v.validate_adapter(d, base, max_lora_rank=16).rank == 8
+    # The largest finite value is not NaN / Inf; where A x overflows float32 it is another problem.
+    try:
+        assert v.validate_adapter(d, base, max_lora_rank=16).rank == 8
+    except ValidationFailed as e:
+        assert dtype != "F16" and e.problems[0][0] == a.UNREPRESENTABLE_WEIGHTS, e.problems
     for bad in (nan, inf):
         pair = _lora_pair(dtype, big, width)
         name, (dt, shape, data) = next(iter(pair.items()))
@@ -418,6 +422,58 @@ def test_non_finite_weights_are_refused_and_large_finite_ones_are_not(
             v.validate_adapter(d, base, max_lora_rank=16)
         assert e.value.problems == [(a.NON_FINITE_WEIGHTS, f"tensor {name} holds NaN or Inf values; "
                                                            "the adapter diverged in training")]  # fmt: skip
+
+
+def _filled(d: Path, a_value: float, b_value: float, dtype: str = "F32", r: int = 8) -> None:
+    """q_proj of layer 0 (hidden 64) with every lora_A value ``a_value`` and every lora_B value ``b_value``."""
+    np_dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype]
+    save_file({
+        adapters.lora_key(0, "q_proj", "lora_A"): np.full((r, 64), a_value, dtype=np_dtype),
+        adapters.lora_key(0, "q_proj", "lora_B"): np.full((64, r), b_value, dtype=np_dtype),
+    }, str(d / "adapter_model.safetensors"))  # fmt: skip
+
+
+@pytest.mark.parametrize("serving", ["float16", "bfloat16", "float32"])
+def test_an_update_that_overflows_the_serving_dtype_is_refused(
+    tmp_path: Path, base: ModelConfig, serving: str
+) -> None:
+    """Every weight 3e19: finite in the file, so the NaN / Inf scan passes it; B A x overflows any dtype
+    (on vLLM such an adapter used to poison every tenant's KV cache)."""
+    d = adapters.write_adapter(tmp_path / "a", r=8, alpha=16, target_modules=("q_proj",), layers=(0,))
+    _filled(d, 3e19, 3e19)
+    with pytest.raises(ValidationFailed) as e:
+        v.validate_adapter(d, base, max_lora_rank=16, dtype=serving)
+    (reason, message), *_ = e.value.problems
+    assert reason == a.UNREPRESENTABLE_WEIGHTS == "UnrepresentableWeights"
+    assert f"model.layers.0.self_attn.q_proj overflows {serving}" in message and "lora_A" in message, message
+
+
+def test_the_bound_depends_on_the_serving_dtype_and_on_the_product(tmp_path: Path, base: ModelConfig) -> None:
+    d = adapters.write_adapter(tmp_path / "a", r=8, alpha=16, target_modules=("q_proj",), layers=(0,))
+    # scaling 2 x (64 x 4) x (8 x 32) = 131072 for inputs of magnitude 1: beyond float16 (65504) only.
+    _filled(d, 4.0, 32.0, dtype="F16")
+    assert v.validate_adapter(d, base, max_lora_rank=16, dtype="float32").rank == 8
+    assert v.validate_adapter(d, base, max_lora_rank=16, dtype="bfloat16").rank == 8
+    with pytest.raises(ValidationFailed) as e:
+        v.validate_adapter(d, base, max_lora_rank=16, dtype="float16")
+    assert e.value.reason == a.UNREPRESENTABLE_WEIGHTS and "1.31e+05" in e.value.message, e.value.message
+    # A quarter of that fits float16; huge A with a tiny B is fine too (the product is what is applied) ...
+    _filled(d, 1.0, 32.0, dtype="F16")
+    assert v.validate_adapter(d, base, max_lora_rank=16, dtype="float16").rank == 8
+    _filled(d, 1e15, 1e-15)
+    assert v.validate_adapter(d, base, max_lora_rank=16, dtype="float32").rank == 8
+    # ... unless A x alone overflows (the rank-space values the engine holds between A and B).
+    _filled(d, 1e18, 1e-30)
+    with pytest.raises(ValidationFailed):
+        v.validate_adapter(d, base, max_lora_rank=16, dtype="float32")
+
+
+def test_the_cli_checks_the_narrowest_dtype_by_default(tmp_path: Path) -> None:
+    base_dir = adapters.write_base_config(tmp_path / "base")
+    d = adapters.write_adapter(tmp_path / "a", r=8, alpha=16, target_modules=("q_proj",), layers=(0,))
+    _filled(d, 4.0, 32.0, dtype="F16")
+    assert v.main([str(d), "--base-model", str(base_dir)]) == 1
+    assert v.main([str(d), "--base-model", str(base_dir), "--dtype", "bfloat16"]) == 0
 
 
 @pytest.mark.parametrize(("dtype", "width"), [("I8", 1), ("BOOL", 1), ("U16", 2), ("F8_E4M3", 1)])

@@ -463,7 +463,13 @@ async def engine_state(request: web.Request) -> web.StreamResponse:
 def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
     """The OpenAI routes, their error middleware, and what they tell the probes and /metrics."""
     settings = app[SETTINGS]
-    serving = Serving(registry, retry_after_s=settings.retry_after_s, access_log=settings.access_log)
+    serving = Serving(
+        registry,
+        retry_after_s=settings.retry_after_s,
+        access_log=settings.access_log,
+        max_logprob_entries=settings.max_logprob_entries,
+        max_schema_bytes=settings.max_schema_bytes,
+    )
     serving.engine = engine
     app[SERVING] = serving
     app.middlewares.append(middleware)
@@ -478,6 +484,7 @@ def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
         lambda: serving.engine.problem(settings.engine_stall_seconds) if serving.engine else None
     )
     health.metrics.append(lambda: serving.engine.metrics.render() if serving.engine is not None else b"")
+    health.cut.append(serving.cut_all)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model)  # served names may hold "/" (org/name)
     app.router.add_get("/engine", engine_state)

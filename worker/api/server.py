@@ -66,6 +66,12 @@ class ServeSettings:
     client_timeout_seconds: float = 30.0
     """Seconds a client may take to send its body (then 408) or to take a stream's next chunk (then
     the stream is cut off): a client that stalls holds no connection, request or drain for longer."""
+    max_logprob_entries: int = 65536
+    """Most log probabilities one request may ask for: n x (logprobs + 1) x max_tokens. Each is Python
+    work on the server's one event loop; a request above it gets 400 TooManyLogprobs."""
+    max_schema_bytes: int = 16384
+    """Largest response_format JSON schema in bytes (compact JSON). The engine compiles it into a
+    grammar, which takes CPU time that grows with it; a larger one gets 400 SchemaTooLarge."""
     retry_after_s: int = 5
     """Seconds in Retry-After when an adapter is not ready yet, the model is loading, or draining."""
     access_log: bool = True
@@ -91,6 +97,8 @@ class Health:
         self.live: list[Check] = []
         self.ready: list[Check] = []
         self.metrics: list[Callable[[], bytes]] = []
+        self.cut: list[Callable[[Any], int]] = []
+        """End every running request now with the error given (the drain's deadline)."""
         self.draining = False
         self.in_flight = 0
 
@@ -236,9 +244,17 @@ def set_engine(app: web.Application, engine: Engine) -> None:
     app[SERVING].engine = engine
 
 
+def quarantine_in(app: web.Application, quarantine: Callable[[int, Any], None]) -> None:
+    """``quarantine(adapter_id, error)`` takes an adapter version out of service when the engine finds it
+    unservable while serving it (NaN / Inf output)."""
+    from .routes import SERVING
+
+    app[SERVING].quarantine = quarantine
+
+
 async def drain(app: web.Application, seconds: float) -> int:
     """Stop taking generation requests, wait up to ``seconds`` for those in flight; returns how many
-    were still running at the deadline (they then end with ShuttingDown when the engine stops)."""
+    were still running at the deadline (each has then been ended with a ShuttingDown error)."""
     h = app[HEALTH]
     h.draining = True
     log.info("draining: %d requests in flight, up to %.0f s", h.in_flight, seconds)
@@ -247,6 +263,20 @@ async def drain(app: web.Application, seconds: float) -> int:
         await asyncio.sleep(0.05)
     if h.in_flight:
         log.warning("drain deadline reached with %d requests still in flight", h.in_flight)
+        if h.cut:
+            from loraplane.crds.errors import TemporaryError
+
+            # Each ends now with a ShuttingDown event (then [DONE]), ahead of the outputs it has not
+            # sent: a stream with a backlog would otherwise still be writing it when the server closes
+            # the connection, and its client would take a truncated answer for a whole one.
+            error = TemporaryError(
+                "ShuttingDown", "the worker is shutting down; retry (another replica serves it)"
+            )
+            for cut in h.cut:
+                cut(error)
+            until = time.monotonic() + 1.0
+            while h.in_flight and time.monotonic() < until:
+                await asyncio.sleep(0.01)
     else:
         log.info("drained: no requests in flight")
     return h.in_flight

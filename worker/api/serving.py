@@ -12,12 +12,15 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from loraplane.crds.errors import LoraplaneError
 
+from ..engines import NON_FINITE_OUTPUT
 from .errors import ApiError
 from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new_id
 
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from ..registry import AdapterVersion, Registry
 
 access_log = logging.getLogger("loraplane.worker.access")
+
+
+_WAKE: Any = object()  # put in a Generation's queue to wake its reader
 
 
 class Generation:
@@ -46,7 +52,9 @@ class Generation:
         self.n = 1  # choices per prompt
         self.choices = 1  # choices in all: the request ends when all have a finish_reason
         self._prompts: dict[int, int] = {}  # prompt -> its tokens
+        self.on_error: Callable[[LoraplaneError], None] = lambda _: None  # the engine failed it
         self._tokens: dict[int, int] = {}  # choice -> completion tokens
+        self._cut: LoraplaneError | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -72,19 +80,36 @@ class Generation:
         """Outputs until the last one; raises ApiError if the engine failed the request."""
         done: set[int] = set()
         while not self.finished:
-            out = await self.queue.get()
+            if self._cut is not None:  # ahead of any outputs still queued
+                raise ApiError.of(self._cut)
+            if self.queue.empty():
+                out = await self.queue.get()
+            else:  # get() on a full queue never yields: a flood of outputs would hold the loop
+                await asyncio.sleep(0)
+                out = self.queue.get_nowait()
+            if out is _WAKE:
+                continue
             index = out.index
             self._prompts[index // self.n], self._tokens[index] = out.prompt_tokens, out.completion_tokens
             if out.finish_reason is not None:
                 done.add(index)
                 if out.error is not None:
-                    self.cancel()
+                    self.cancel()  # the other prompts of a prompt list
+                    self.on_error(out.error)
                     raise ApiError.of(out.error)
                 self.finished = len(done) >= self.choices
             yield out
 
+    def cut(self, error: LoraplaneError) -> None:
+        """On the loop: end this request with ``error`` now, ahead of the outputs it has not sent yet
+        (the drain's deadline: a stream says why it ends instead of being cut mid-way)."""
+        if not self.finished:
+            self._cut = error
+            self.queue.put_nowait(_WAKE)
+
     def cancel(self) -> None:
-        """The client left before the end (or one prompt failed): free the engine's resources for it."""
+        """The client left before the end (or one prompt failed, or it was cut): free the engine's
+        resources for it."""
         if not self.finished:
             self.finished = True
             for engine_id in self.engine_ids:
@@ -94,11 +119,24 @@ class Generation:
 class Serving:
     """Resolves names, checks requests and submits them; shared by the completion and chat routes."""
 
-    def __init__(self, registry: Registry, *, retry_after_s: int, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        retry_after_s: int,
+        access_log: bool = True,
+        max_logprob_entries: int = 65536,
+        max_schema_bytes: int = 16384,
+    ) -> None:
         self.registry = registry
         self._engine: Engine | None = None
         self.retry_after_s = retry_after_s
         self.access_log = access_log
+        self.max_logprob_entries = max_logprob_entries
+        self.max_schema_bytes = max_schema_bytes
+        # Set by the worker: takes an adapter version out of service (Failed) on this worker.
+        self.quarantine: Callable[[int, LoraplaneError], None] = lambda adapter_id, error: None
+        self.running: weakref.WeakSet[Generation] = weakref.WeakSet()
         # Tokenizing runs off the event loop (a long prompt takes seconds of CPU; streams and probes
         # keep answering meanwhile), on one thread: fast tokenizers are not safe to share across threads.
         self.tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplane-tokenize")
@@ -188,6 +226,28 @@ class Serving:
                 param="tool_choice",
                 code="unsupported",
             )
+        vocab = engine.vocab_size
+        outside = [t for t in extras.get("logit_bias") or {} if not 0 <= t < vocab]
+        if outside:
+            raise ApiError(
+                400,
+                "TokenOutOfRange",
+                f"logit_bias names token ID {outside[0]}; token IDs are in [0, {vocab})",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        schema = (extras.get("response_format") or {}).get("json_schema")
+        if schema is not None:
+            size = len(json.dumps(schema, separators=(",", ":")))
+            if size > self.max_schema_bytes:
+                raise ApiError(
+                    400,
+                    "SchemaTooLarge",
+                    f"response_format.json_schema is {size} bytes of JSON, above this worker's limit of "
+                    f"{self.max_schema_bytes} (--max-schema-bytes); send a smaller schema",
+                    param="response_format",
+                    code="invalid_value",
+                )
         version = self.resolve(request.model)
         adapter = None if version is None else version.engine_adapter()
         param = "prompt" if isinstance(request, CompletionRequest) else "messages"
@@ -211,7 +271,6 @@ class Serving:
             )
         except LoraplaneError as exc:
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
-        vocab = engine.vocab_size
         if any(not 0 <= t < vocab for ids in prompts for t in ids):
             raise ApiError(
                 400,
@@ -220,10 +279,21 @@ class Serving:
                 param=param,
                 code="invalid_value",
             )
+        self._check_logprobs(
+            extras, params.max_tokens or max(1, limit - min(map(len, prompts))), len(prompts)
+        )
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, loop, request_id)
-        generation.adapter_id = None if version is None else version.id
         generation.n, generation.choices = n, n * len(prompts)
+        self.running.add(generation)
+        if version is not None:
+            generation.adapter_id = adapter_id = version.id
+
+            def on_error(error: LoraplaneError) -> None:
+                if error.reason == NON_FINITE_OUTPUT:  # the adapter's weights, not this request
+                    self.quarantine(adapter_id, error)
+
+            generation.on_error = on_error
         try:
             for i, prompt_ids in enumerate(prompts):
                 engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
@@ -241,6 +311,31 @@ class Serving:
             generation.cancel()  # the prompts already queued: all or none
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         return generation, request_id
+
+    def cut_all(self, error: LoraplaneError) -> int:
+        """End every running request with ``error`` now; returns how many."""
+        running = [g for g in self.running if not g.finished]
+        for g in running:
+            g.cut(error)
+        return len(running)
+
+    def _check_logprobs(self, extras: dict[str, Any], max_tokens: int, prompts: int = 1) -> None:
+        logprobs = extras.get("logprobs")
+        if logprobs is None:
+            return
+        n = extras.get("n", 1)
+        entries = prompts * n * (logprobs + 1) * max_tokens
+        if entries > self.max_logprob_entries:
+            per = f"{prompts} prompts x " if prompts > 1 else ""
+            raise ApiError(
+                400,
+                "TooManyLogprobs",
+                f"{per}n ({n}) x (logprobs ({logprobs}) + 1) x max_tokens ({max_tokens}) is {entries} log "
+                f"probabilities, above this worker's limit of {self.max_logprob_entries} "
+                "(--max-logprob-entries); lower n, logprobs or max_tokens",
+                param="logprobs",
+                code="invalid_value",
+            )
 
     def finished(
         self, path: str, model: str, status: int | str, generation: Generation | None, seconds: float

@@ -8,6 +8,10 @@ Ready; a refusal comes back as a LoraplaneError carrying vLLM's own message, and
 alone. ``retire_adapter`` removes an ID once the requests that use it have finished: vLLM re-loads
 an adapter from a running request's path if it was removed under it, so removal waits for the drain.
 
+AsyncLLM lives on its own event loop in its own thread: its output processing (detokenizing every
+logprob alternative) is the heavy Python work of a request, and on the HTTP server's loop it held the
+probes; outputs reach the server through ``on_output``, which is thread-safe (as for the built-in engine).
+
 vLLM's own Prometheus series (``vllm:*``) register in the process-wide registry that the worker's
 ``/metrics`` already serves. On vLLM's CPU backend, ``plugin.py`` fixes a mixed-batch bug.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shlex
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +92,22 @@ class VllmSettings:
         return cls(**values, extra_args=shlex.split(getattr(worker, "vllm_args", "") or ""))
 
 
+def _yield_between_engine_steps(llm: Any) -> None:
+    """AsyncLLM's output handler, on the server's event loop, takes each engine step's outputs with
+    ``await engine_core.get_output_async()``, which does not yield while steps are queued. When the
+    engine core runs ahead of it (n=16 with 20 logprobs: every token's 21 alternatives detokenized)
+    it processed queued steps back to back for seconds (9.8 s measured), and /health with it. One
+    yield per step bounds that to one step's output."""
+    core = llm.engine_core
+    take = core.get_output_async
+
+    async def get_output_async() -> Any:
+        await asyncio.sleep(0)
+        return await take()
+
+    core.get_output_async = get_output_async
+
+
 def engine_args(model_dir: Path, s: VllmSettings) -> Any:
     """vLLM's ``AsyncEngineArgs`` from loraplane's settings plus ``extra_args`` (parsed by vLLM's own
     parser, so a bad flag fails at start with vLLM's message). Raises PermanentError InvalidSettings."""
@@ -140,7 +161,9 @@ class VllmEngine:
     kind: engines.Kind = "vllm"
     features = engines.FEATURES
 
-    def __init__(self, llm: Any, tokenizer: Any, model_name: str) -> None:
+    def __init__(
+        self, llm: Any, tokenizer: Any, model_name: str, loop: asyncio.AbstractEventLoop, thread: Any = None
+    ) -> None:
         self.llm = llm
         self._tokenizer = tokenizer
         self.model_name = model_name
@@ -155,8 +178,15 @@ class VllmEngine:
         self._in_flight: dict[int, int] = {}  # adapter ID -> running requests
         self._retiring: set[int] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, Callable[[LoraplaneError], None]] = {}  # request -> end its open choices
         self._lock = asyncio.Lock()  # add/remove one at a time, so _held follows vLLM's set
-        self._loop = asyncio.get_running_loop()
+        # vLLM's own event loop, in its own thread: AsyncLLM's output processing (detokenizing, every
+        # logprob alternative) runs there, not on the server's loop, so probes and streams keep
+        # answering however much output a request mix makes. Everything that touches self.llm, and
+        # the state above, runs on it; outputs reach the server's loop through on_output (thread-safe).
+        self._loop = loop
+        self._thread = thread
+        _yield_between_engine_steps(llm)
         self.tool_parser: Callable[[Any], Callable[[], Any]] | None = None  # tools.ToolParsers.for_request
 
     @classmethod
@@ -170,16 +200,23 @@ class VllmEngine:
         # the watch keep running meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
-        engine = cls(llm, tokenizer, args.served_model_name[0])
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="loraplane-vllm", daemon=True)
+        thread.start()
+        engine = cls(llm, tokenizer, args.served_model_name[0], loop, thread)
         if settings.tool_call_parser:
             from .tools import ToolParsers
 
             try:
                 engine.tool_parser = ToolParsers(settings.tool_call_parser, tokenizer).for_request
             except Exception:
-                llm.shutdown()
+                engine.stop()
                 raise
         return engine
+
+    async def _on_engine_loop(self, coro: Any) -> Any:
+        """Run ``coro`` on vLLM's loop and await its result from the caller's."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
     # --- what the HTTP side reads ---------------------------------------------------------------
     @property
@@ -202,6 +239,9 @@ class VllmEngine:
 
     # --- adapters --------------------------------------------------------------------------------
     async def add_adapter(self, adapter: Adapter) -> None:
+        await self._on_engine_loop(self._add(adapter))
+
+    async def _add(self, adapter: Adapter) -> None:
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(adapter.name, adapter.id, str(adapter.path))
@@ -237,7 +277,7 @@ class VllmEngine:
             self._retiring.discard(adapter_id)
 
     async def adapter_ids(self) -> set[int]:
-        return set(await self.llm.list_loras())
+        return set(await self._on_engine_loop(self.llm.list_loras()))
 
     def on_device(self) -> set[int]:
         return set(self._held)
@@ -281,13 +321,21 @@ class VllmEngine:
             from vllm.lora.request import LoRARequest
 
             lora = LoRARequest(adapter.name, adapter.id, str(adapter.path))
-            self._in_flight[adapter.id] = self._in_flight.get(adapter.id, 0) + 1
-        task = asyncio.get_running_loop().create_task(
+        self._loop.call_soon_threadsafe(self._start, request_id, prompt_ids, sampling, lora, on_output)
+
+    def _start(
+        self, request_id: str, prompt_ids: list[int], sampling: Any, lora: Any, on_output: Any
+    ) -> None:
+        if lora is not None:
+            self._in_flight[lora.lora_int_id] = self._in_flight.get(lora.lora_int_id, 0) + 1
+        self._tasks[request_id] = self._loop.create_task(
             self._run(request_id, prompt_ids, sampling, lora, on_output)
         )
-        self._tasks[request_id] = task
 
     def cancel(self, request_id: str) -> None:
+        self._loop.call_soon_threadsafe(self._cancel, request_id)
+
+    def _cancel(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
         if task is not None:
             task.cancel()  # AsyncLLM.generate aborts the request in the engine core
@@ -304,6 +352,14 @@ class VllmEngine:
 
         done: set[int] = set()
         tokens: dict[int, int] = {}
+
+        def fail(error: LoraplaneError, choices: Any) -> None:
+            for i in choices:
+                if i not in done:
+                    done.add(i)
+                    on_output(Output("", [], "error", len(prompt_ids), tokens.get(i, 0), error, index=i))
+
+        self._running[request_id] = lambda error: fail(error, range(sampling.n))
         try:
             stream = self.llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), sampling, request_id, lora_request=lora
@@ -311,6 +367,9 @@ class VllmEngine:
             async for result in stream:
                 for c in result.outputs:
                     tokens[c.index] = tokens.get(c.index, 0) + len(c.token_ids)
+                    if c.finish_reason == "error":  # vLLM ended it: NaN logits (plugin.py), or its own error
+                        fail(self._engine_error(c.stop_reason, lora), [c.index])
+                        continue
                     finish = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
                     if finish is not None:
                         done.add(c.index)
@@ -325,16 +384,24 @@ class VllmEngine:
                             logprobs=_logprobs(c, sampling.logprobs),
                         )
                     )
+                # One request's output (n choices with logprobs) is a lot of Python: let the loop's other
+                # work (probes, other streams) run between two of its steps.
+                await asyncio.sleep(0)
         except asyncio.CancelledError:
             pass
         except Exception as e:
-            log.exception("vLLM request %s failed", request_id)
-            error: LoraplaneError = PermanentError("EngineError", f"vLLM: {e}")
-            for i in range(sampling.n):
-                if i not in done:
-                    on_output(Output("", [], "error", len(prompt_ids), tokens.get(i, 0), error, index=i))
+            error: LoraplaneError
+            if _is_client_error(e):  # vLLM's own check of a request value, raised inside generate
+                error = PermanentError(
+                    "InvalidRequest", f"vLLM refused the request{_field(e, sampling)}: {e}"
+                )
+            else:
+                log.exception("vLLM request %s failed", request_id)
+                error = PermanentError("EngineError", f"vLLM: {e}")
+            fail(error, range(sampling.n))
         finally:
             self._tasks.pop(request_id, None)
+            self._running.pop(request_id, None)
             if lora is not None:
                 left = self._in_flight.get(lora.lora_int_id, 1) - 1
                 self._in_flight[lora.lora_int_id] = left
@@ -343,8 +410,41 @@ class VllmEngine:
                     if lora.lora_int_id in self._retiring:
                         self._loop.create_task(self._remove(lora.lora_int_id))
 
+    @staticmethod
+    def _engine_error(stop_reason: Any, lora: Any) -> LoraplaneError:
+        from .plugin import NON_FINITE_OUTPUT
+
+        if stop_reason == NON_FINITE_OUTPUT:
+            whose = (
+                "the base model" if lora is None else f"adapter ID {lora.lora_int_id} ({lora.lora_name!r})"
+            )
+            return PermanentError(
+                NON_FINITE_OUTPUT,
+                f"the logits for this request are NaN or Inf: the weights of {whose} likely overflow the "
+                "serving dtype; other requests are unaffected",
+            )
+        return TemporaryError(
+            "EngineError", "vLLM ended the request with an internal error; retry", delay=1.0
+        )
+
     def stop(self) -> None:
-        """Any thread: requests still running end with an engine error; the engine core exits."""
+        """Any thread: requests still running end with ShuttingDown (a stream says why it was cut),
+        then the engine core exits and vLLM's loop with it."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(60)
+        except Exception:
+            log.exception("vLLM did not shut down cleanly")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    async def _stop(self) -> None:
+        error = TemporaryError(
+            "ShuttingDown", "the worker is shutting down; retry (another replica serves it)"
+        )
+        for request_id, fail in list(self._running.items()):
+            fail(error)
+            self._cancel(request_id)
         self.llm.shutdown()
 
 
@@ -379,8 +479,29 @@ def sampling_params(params: Any, extras: dict[str, Any], *, max_tokens: int) -> 
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
-    except ValueError as e:  # vLLM's own checks (e.g. a logit_bias token outside the vocabulary)
-        raise PermanentError("InvalidSamplingParams", str(e)) from None
+    except Exception as e:
+        if _is_client_error(e):  # vLLM's own checks (e.g. a logit_bias token outside the vocabulary)
+            raise PermanentError("InvalidSamplingParams", str(e)) from None
+        raise
+
+
+def _field(e: BaseException, sampling: Any) -> str:
+    """The request field vLLM refused, for the message: the parameter its VLLMValidationError names;
+    else response_format when the request has one (the prompt, lengths, logprobs and logit_bias are
+    checked before vLLM sees them, so its structured-output check is what is left)."""
+    parameter = getattr(e, "parameter", None)
+    if parameter:
+        return f" (parameter {parameter})"
+    return "'s response_format" if sampling.structured_outputs is not None else ""
+
+
+def _is_client_error(e: BaseException) -> bool:
+    """vLLM's verdict on a request value (what its own server answers with a 400), not a failure of vLLM:
+    its VLLMClientError family (VLLMValidationError names the parameter), and ValueError / TypeError,
+    which its input checks raise."""
+    from vllm.exceptions import VLLMClientError
+
+    return isinstance(e, (VLLMClientError, ValueError, TypeError))
 
 
 def _logprobs(c: Any, wanted: int | None) -> list[TokenLogprob] | None:

@@ -85,16 +85,23 @@ def _worker(kube: Any, tmp_path: Path, model: Path, drain: str, namespace: str) 
 def test_sigterm_drains_streams_in_flight(
     kube: Any, namespace: str, long_model: Path, tmp_path: Path, drain: str
 ) -> None:
+    """Streams in flight run to their end within the drain; cut at the deadline (4 at once), each one
+    ends with a ShuttingDown event and [DONE], never silently (tests/vllm_engine has the vLLM twin)."""
     kube.apply_crds()
     max_tokens = 1000
+    streams = 1 if drain == "60" else 4
     with _worker(kube, tmp_path, long_model, drain, namespace) as w:
         url = f"http://127.0.0.1:{w.port}"
         fleet.wait_for(lambda: _up(url), 120, lambda: f"worker ready\n{w.log()[-3000:]}")
-        events: list[dict[str, Any]] = []
-        first = threading.Event()
-        reader = threading.Thread(target=_stream, args=(url, max_tokens, events, first), daemon=True)
-        reader.start()
-        assert first.wait(30), "the stream did not start"
+        events: list[list[dict[str, Any]]] = [[] for _ in range(streams)]
+        first = [threading.Event() for _ in range(streams)]
+        readers = [
+            threading.Thread(target=_stream, args=(url, max_tokens, events[i], first[i]), daemon=True)
+            for i in range(streams)
+        ]
+        for reader in readers:
+            reader.start()
+        assert all(f.wait(30) for f in first), "the streams did not start"
         w.proc.send_signal(15)  # SIGTERM, as the kubelet sends it
         # At once: not ready, and new requests are refused with a reason while the stream goes on. With a
         # 0.5 s drain the server may be gone before a loaded machine polls: not answering is not ready too.
@@ -104,18 +111,21 @@ def test_sigterm_drains_streams_in_flight(
             r = httpx.post(url + "/v1/completions", json={"model": BASE, "prompt": "x"}, timeout=10)
             assert r.status_code == 503 and r.json()["error"]["type"] == "ShuttingDown"
             assert int(r.headers["Retry-After"]) > 0
-            assert not any("done" in e for e in events), "the stream ended before the drain was checked"
-        reader.join(120)
+            assert not any("done" in e for e in events[0]), "the stream ended before the drain was checked"
+        for reader in readers:
+            reader.join(120)
         code = w.proc.wait(60)
     assert code == 0, w.log()[-3000:]
-    assert events[-1] == {"done": True}
+    for got in events:
+        assert got[-1] == {"done": True}
     if drain == "60":  # the stream ran to its end
-        texts = [e for e in events if "choices" in e]
+        texts = [e for e in events[0] if "choices" in e]
         assert texts[-1]["choices"][0]["finish_reason"] == "length"
         assert "drained: no requests in flight" in w.log()
-    else:  # cut at the deadline: the stream says why
-        assert any(e.get("error", {}).get("type") == "ShuttingDown" for e in events), events[-3:]
-        assert "drain deadline reached with 1 requests still in flight" in w.log()
+    else:  # cut at the deadline: each stream says why
+        for got in events:
+            assert got[-2].get("error", {}).get("type") == "ShuttingDown", got[-3:]
+        assert f"drain deadline reached with {streams} requests still in flight" in w.log()
 
 
 def _status(url: str) -> int:
