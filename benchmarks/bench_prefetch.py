@@ -43,7 +43,8 @@ def _make_adapter(d: Path, mb: int) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16}')
     # A well-formed safetensors file (the cache checks the header as soon as it arrives) of mb MiB.
-    header = json.dumps({"w": {"dtype": "F32", "shape": [mb << 18], "data_offsets": [0, mb << 20]}}).encode()
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"  # a LoRA tensor's name
+    header = json.dumps({key: {"dtype": "F32", "shape": [mb << 18], "data_offsets": [0, mb << 20]}}).encode()
     header += b" " * (-len(header) % 8)
     block = os.urandom(1 << 20)
     with open(d / "adapter_model.safetensors", "wb") as f:

@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from loraplane.crds import ranges
+
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION = "loraplane.io", "v1alpha1"
 BASE = "tiny-llama"
@@ -105,9 +107,10 @@ class Watcher:
         for obj in self._stream("loraworkers"):
             now = time.monotonic()
             with self.cond:
-                for rep in (obj.get("status") or {}).get("adapters") or []:
-                    if rep["state"] == "Ready":
-                        name = rep["adapter"].split("/", 1)[1]
+                # The report lists Ready adapters as ID ranges (crds/ranges.py); names come from the IDs.
+                for adapter_id in ranges.from_blocks((obj.get("status") or {}).get("readyIds")):
+                    name = self.names.get(adapter_id)
+                    if name is not None:
                         self.ready_at.setdefault(name, now)
                 self.cond.notify_all()
 
