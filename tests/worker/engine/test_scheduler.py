@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraplane.crds.errors import LoraplaneError, PermanentError
+from loraplane.worker.engine import tiers
 from loraplane.worker.engine.runner import AdapterWeights, ModelRunner
 from loraplane.worker.engine.sampling import SamplingParams
 from loraplane.worker.engine.scheduler import SchedulerSettings
@@ -222,17 +223,33 @@ def _poisoned(src: Path, out: Path, value: float) -> Path:
     return out
 
 
+def _overflowing(weights: AdapterWeights) -> AdapterWeights:
+    """Weights whose forward overflows (lora_B x 1e30). The reader refuses such a file on paper
+    (UnrepresentableWeights), so these engine tests scale the weights after it: they test the engine's own
+    defence, for an adapter whose output overflows where validation's bound for inputs of magnitude 1
+    did not see it coming."""
+    scaled = {key: (a, b * 1e30) for key, (a, b) in weights.weights.items()}
+    return dataclasses.replace(weights, weights=scaled)
+
+
 def test_adapters_with_nan_or_overflowing_weights_fail_only_their_own_requests(
-    tiny_llama: Path, adapters: dict[str, Path], tmp_path: Path, drivers: Any
+    tiny_llama: Path, adapters: dict[str, Path], tmp_path: Path, drivers: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 11: a NaN adapter at temperature 1 beside a good adapter in the same steps made the whole step
     fail (8 of 40 good requests with it). Now its requests fail by name and the others are untouched: NaN
-    weights are refused when the adapter loads; finite weights whose output overflows (1e30) reach the
-    step, and only their rows, with NaN/Inf logits, fail."""
+    weights are refused when the adapter loads (so are weights whose update overflows float32 on paper:
+    UnrepresentableWeights); weights whose output overflows anyway (scaled after the reader, see
+    _overflowing) reach the step, and only their rows, with NaN/Inf logits, fail."""
     bad = {
         "nan": _poisoned(adapters["a3"], tmp_path / "nan", float("nan")),
-        "huge": _poisoned(adapters["a0"], tmp_path / "huge", 1e30),
+        "huge": _poisoned(adapters["a0"], tmp_path / "huge", 1.0),  # scaled on load below
     }
+    load = tiers.load_adapter_weights
+    monkeypatch.setattr(
+        tiers,
+        "load_adapter_weights",
+        lambda d, *a, **k: _overflowing(load(d, *a, **k)) if Path(d).name == "huge" else load(d, *a, **k),
+    )
     d = drivers(tiny_llama, {"good": adapters["a1"], **bad}, max_num_seqs=8, max_model_len=64)
     sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
 
@@ -327,8 +344,7 @@ def test_kv_left_by_a_non_finite_sequence_never_reaches_another(
     from loraplane.worker.engine.runner import SeqStep, load_adapter_weights
 
     runner = ModelRunner(tiny_llama, max_loras=1, max_lora_rank=16, max_seqs=4, max_model_len=64)
-    huge = _poisoned(adapters["a0"], tmp_path / "huge", 1e30)
-    runner.set_slot(0, load_adapter_weights(huge, runner.config, adapter_id=1))
+    runner.set_slot(0, _overflowing(load_adapter_weights(adapters["a0"], runner.config, adapter_id=1)))
     runner.allocate(0, 48)
     assert not torch.isfinite(runner.step([SeqStep(0, prompt(40), 0)])).all()
     runner.free(0)  # its three blocks, full of NaN, go back to the pool
