@@ -19,12 +19,10 @@ for CPU per adapter, and the memory per adapter (the slope of peak RSS between t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+# tests/support/adapters.py and a free port, as bench_worker.py finds them (benchmarks/ is on sys.path).
+from bench_worker import adapters_module, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION = "loraplane.io", "v1alpha1"
@@ -62,21 +63,8 @@ def _serve(conn: Any) -> None:
         conn.send(counts)
 
 
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_adapters(root: Path, n: int) -> None:
-    adapters = _load("adapters", REPO / "tests" / "support" / "adapters.py")
+    adapters = adapters_module()
     for i in range(n):
         out = root / f"a{i:05d}"
         if out.exists():
@@ -223,7 +211,7 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
             sys.executable, "-m", "loraplane.worker.main", "--kubeconfig", kubeconfig, "--base-model", str(base),
             "--served-model-name", BASE, "--cache-dir", str(tmp / f"cache-{n}-{workers}-{w}"),
             "--local-roots", str(root), "--worker-name", f"w{w}", "--pod-namespace", ns, "--namespaces", ns,
-            "--host", "127.0.0.1", "--port", str(_free_port()), "--log-level", "WARNING", "--mode", "control",
+            "--host", "127.0.0.1", "--port", str(free_port()), "--log-level", "WARNING", "--mode", "control",
         ]))  # fmt: skip
     children = []
     for name, cmd in popen:
@@ -310,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     points = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    adapters = _load("adapters", REPO / "tests" / "support" / "adapters.py")
+    adapters = adapters_module()
     base = adapters.write_base_config(tmp / "base")
     root = tmp / "adapters"
     top = max(n for n, _ in points)

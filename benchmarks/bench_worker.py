@@ -47,14 +47,14 @@ def _serve(conn: Any) -> None:
     threading.Event().wait()
 
 
-def _adapters_module() -> Any:
+def adapters_module() -> Any:
     spec = importlib.util.spec_from_file_location("adapters", REPO / "tests" / "support" / "adapters.py")
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     with kube.api_client() as api:
         client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
 
-    adapters = _adapters_module()
+    adapters = adapters_module()
     base = adapters.write_base_config(tmp / "base")
     root = tmp / "adapters"
     print(f"writing {2 * args.n} adapters (rank 8, q/v of 2 layers) under {root} ...", flush=True)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.Popen(
             [sys.executable, "-m", "loraplane.worker.main", "--kubeconfig", kubeconfig, "--base-model", str(base),
              "--served-model-name", BASE, "--cache-dir", str(tmp / "cache"), "--local-roots", str(root),
-             "--worker-name", "w1", "--pod-namespace", ns, "--host", "127.0.0.1", "--port", str(_free_port()),
+             "--worker-name", "w1", "--pod-namespace", ns, "--host", "127.0.0.1", "--port", str(free_port()),
              "--log-level", "WARNING", "--mode", "control"],
             stdout=logs["worker"], stderr=subprocess.STDOUT, env=env,
         ),
