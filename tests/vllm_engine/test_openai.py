@@ -21,22 +21,10 @@ from typing import Any
 import openai
 import pytest
 from support import fleet, models
+from vllm_engine.test_worker import BASE, SHAPE, VLLM_ARGS, peft_greedy
 
 pytestmark = [pytest.mark.kubectl, pytest.mark.slow, pytest.mark.timeout(900)]
 
-BASE = fleet.BASE_MODEL
-SHAPE = dict(
-    hidden_size=128,  # vLLM's CPU attention needs head_dim 64
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    intermediate_size=256,
-    max_position_embeddings=1024,
-)
-VLLM_ARGS = (
-    "--kv-cache-memory-bytes=64M --enforce-eager "
-    # Compact JSON: a tiny random model would otherwise fill max_tokens with legal whitespace.
-    """--structured-outputs-config='{"backend": "xgrammar", "disable_any_whitespace": true}'"""
-)
 NAMED_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}{% if m.get('name') %}:{{ m['name'] }}{% endif %}>"
     "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -137,26 +125,6 @@ def _render(base: Path, messages: list[dict[str, Any]], template: str | None) ->
     )
 
 
-def peft_greedy(base: Path, adapter: Path | None, prompt: list[int], max_tokens: int) -> list[int]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    if adapter is not None:
-        with models.quiet_peft():
-            model = PeftModel.from_pretrained(model, str(adapter))
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_models_retrieve(served: Served) -> None:
     card = served.client.models.retrieve("templated")
     assert card.id == "templated" and card.model_extra["loraplane"]["id"] == 13
@@ -199,7 +167,7 @@ def test_adapter_chat_template_and_names(served: Served) -> None:
             model=model, messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
         )
         assert got.usage.prompt_tokens == len(ids), model
-        assert got.choices[0].message.content == decode(peft_greedy(served.base, adapter, ids, 6)), model
+        assert got.choices[0].message.content == decode(peft_greedy(served.base, adapter, 6, ids)), model
 
 
 def test_named_tool_choice_forces_the_call(served: Served) -> None:
