@@ -3,7 +3,10 @@
 Three servers on one checkpoint and the same ``--adapters`` adapters (rank ``--rank`` on all seven
 projections), each in its own process tree:
   vllm-serve      vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) with
-                  ``--enable-lora --lora-modules a0=... a1=...``;
+                  ``--enable-lora --lora-modules a0=... a1=...``. In .venv-vllm, vLLM loads loraplane's
+                  plugin (worker/vllm/plugin.py) in every vLLM process, this server's too;
+  vllm-bare       the same server with no plugin loaded (VLLM_PLUGINS=""): bare vLLM, so the plugin's
+                  own cost in the engine core shows as vllm-serve / vllm-bare;
   worker-vllm     the worker's HTTP app with ``--engine vllm`` (bench_engines.py's ``--serve``);
   worker-builtin  the same with the built-in engine; ``worker-builtin@T`` runs it with
                   LORAPLANE_MMAP_THRESHOLD=T (bytes, or ``glibc``: see worker/engine/heap.py), so
@@ -14,9 +17,9 @@ model in the engine-core process (``uni``). Two request streams from ``--clients
 "lora" (round robin over the adapters) and "base" (every request on the base model). Rounds interleave
 servers and streams (the order flips each round), so load on the machine hits all alike.
 
-Printed: output tokens/s per (server, stream); worker-vllm / vllm-serve per stream (target >= 0.97)
-and worker-builtin LoRA / base (target >= 0.85), each as the median of the per-round ratios with their
-spread; and each server's peak RSS (VmHWM summed over its process tree: the API process and vLLM's
+Printed: output tokens/s per (server, stream); worker-vllm / vllm-serve per stream (target >= 0.97;
+also / vllm-bare when it runs) and worker-builtin LoRA / base (target >= 0.85), each as the median
+of the per-round ratios with their spread; and each server's peak RSS (VmHWM summed over its process tree: the API process and vLLM's
 engine core; shared library pages count once per process). No absolute time is asserted anywhere.
 
     .venv-vllm/bin/python benchmarks/bench_vs_vllm.py [--rounds 3] [--requests 96] [--servers ...]
@@ -25,6 +28,7 @@ engine core; shared library pages count once per process). No absolute time is a
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +41,8 @@ from pathlib import Path
 # Weights, the worker's server and the load generator are bench_engines.py's (benchmarks/ is on sys.path).
 from bench_engines import BASE, make_weights, run_load, start_server
 
-SERVERS = ("vllm-serve", "worker-vllm", "worker-builtin")
+SERVERS = ("vllm-serve", "vllm-bare", "worker-vllm", "worker-builtin")
+DEFAULT_SERVERS = ("vllm-serve", "worker-vllm", "worker-builtin")
 MAX_MODEL_LEN = 512  # bench_engines.serve's setting for the worker
 KV_BYTES = "2G"  # bench_engines.serve's --vllm-args on CPU
 
@@ -51,9 +56,10 @@ def free_port() -> int:
 
 
 def start_vllm_serve(
-    base: Path, adapters: list[Path], args: argparse.Namespace, log: Path
+    base: Path, adapters: list[Path], args: argparse.Namespace, log: Path, *, plugins: bool = True
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """vLLM's own OpenAI server with the worker's engine settings; returns once /v1/models answers."""
+    """vLLM's own OpenAI server with the worker's engine settings; returns once /v1/models answers.
+    ``plugins`` False: vLLM loads no general plugin (loraplane's included)."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
@@ -67,14 +73,15 @@ def start_vllm_serve(
         cmd += ["--gpu-memory-utilization", "0.9"]
     else:
         cmd += ["--gpu-memory-utilization", "0.3", f"--kv-cache-memory-bytes={KV_BYTES}"]
+    env = None if plugins else {**os.environ, "VLLM_PLUGINS": ""}  # "" names no plugin: none loads
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(
-                f"vllm-serve exited ({proc.returncode}); see its log:\n{log.read_text()[-3000:]}"
+                f"{log.stem} exited ({proc.returncode}); see its log:\n{log.read_text()[-3000:]}"
             )
         try:
             with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
@@ -84,7 +91,7 @@ def start_vllm_serve(
             time.sleep(1)
     stop(proc)
     raise SystemExit(
-        f"vllm-serve did not answer within {args.start_timeout} s; log:\n{log.read_text()[-3000:]}"
+        f"{log.stem} did not answer within {args.start_timeout} s; log:\n{log.read_text()[-3000:]}"
     )
 
 
@@ -137,7 +144,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--servers",
-        default=",".join(SERVERS),
+        default=",".join(DEFAULT_SERVERS),
         help="comma-separated: " + ", ".join(SERVERS) + ", worker-builtin@T",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -167,8 +174,8 @@ def main() -> None:
 
             def start(name: str) -> None:  # all at once: vLLM's start is mostly waiting (minutes each)
                 log = root / f"{name}.log"
-                if name == "vllm-serve":
-                    running[name] = start_vllm_serve(base, adapters, args, log)
+                if name in ("vllm-serve", "vllm-bare"):
+                    running[name] = start_vllm_serve(base, adapters, args, log, plugins=name == "vllm-serve")
                 else:
                     kind, _, threshold = name.removeprefix("worker-").partition("@")
                     env = {"LORAPLANE_MMAP_THRESHOLD": threshold} if threshold else None
@@ -215,12 +222,12 @@ def main() -> None:
             f"  {name:14s}: LoRA {statistics.median(lora):8.1f} tok/s, base {statistics.median(base_):8.1f} tok/s, "
             f"peak RSS {rss[name] / 2**20:.0f} MiB; LoRA / base {ratios(lora, base_)}"
         )
-    for name, target in (("worker-vllm", " (target >= 0.97)"), ("worker-builtin", "")):
-        if name in servers and "vllm-serve" in servers:
+    pairs = [("worker-vllm", "vllm-serve", " (target >= 0.97)"), ("worker-builtin", "vllm-serve", "")]
+    pairs += [("worker-vllm", "vllm-bare", " (target >= 0.97)"), ("vllm-serve", "vllm-bare", "")]
+    for name, bare, target in pairs:
+        if name in servers and bare in servers:
             for mode in ("lora", "base"):
-                print(
-                    f"  {name} / vllm-serve ({mode}): {ratios(tput[(name, mode)], tput[('vllm-serve', mode)])}{target}"
-                )
+                print(f"  {name} / {bare} ({mode}): {ratios(tput[(name, mode)], tput[(bare, mode)])}{target}")
     for name in (s for s in servers if s.startswith("worker-builtin@") and "worker-builtin" in servers):
         for mode in ("lora", "base"):
             print(

@@ -1,6 +1,7 @@
-"""bench_vs_vllm.py runs end to end in a small configuration: vLLM's own OpenAI server, the worker with
-``--engine vllm`` and with the built-in engine, on one tiny checkpoint (the figures are printed, never
-asserted; the full-size run and its figures are in docs/benchmarks.md)."""
+"""bench_vs_vllm.py runs end to end in a small configuration: vLLM's own OpenAI server (with and without
+loraplane's plugin), the worker with ``--engine vllm`` and with the built-in engine, on one tiny
+checkpoint (the figures are printed, never asserted; the full-size run and its figures are in
+docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 def test_bench_vs_vllm_runs_and_prints_its_figures() -> None:
     small = ["--hidden", "128", "--layers", "1", "--adapters", "2", "--max-loras", "2", "--clients", "2"]
     small += ["--requests", "4", "--max-tokens", "4", "--rounds", "1", "--start-timeout", "900"]
+    small += ["--servers", "vllm-serve,vllm-bare,worker-vllm,worker-builtin"]
     proc = subprocess.run(
         [sys.executable, str(BENCH / "bench_vs_vllm.py"), *small],
         capture_output=True,
@@ -29,6 +31,8 @@ def test_bench_vs_vllm_runs_and_prints_its_figures() -> None:
     for line in (
         "worker-vllm / vllm-serve (lora)",
         "worker-vllm / vllm-serve (base)",
+        "worker-vllm / vllm-bare (lora)",
+        "vllm-serve / vllm-bare (base)",
         "peak RSS",
         "LoRA / base",
     ):
