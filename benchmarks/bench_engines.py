@@ -74,8 +74,8 @@ def make_weights(root: Path, args: argparse.Namespace) -> tuple[Path, list[Path]
 
 async def serve(args: argparse.Namespace) -> None:
     """One engine behind the worker's HTTP app; prints its port, then serves until killed."""
-    from loraplane.worker import engines
-    from loraplane.worker.api.server import ServeSettings, build_app, set_engine, start
+    from loraplane.worker import assembly
+    from loraplane.worker.api.webapp import ServeSettings, build_app, set_engine, start
     from loraplane.worker.registry import AdapterVersion, Registry
 
     registry = Registry()
@@ -93,7 +93,7 @@ async def serve(args: argparse.Namespace) -> None:
         tensor_parallel_size=1,
         vllm_args="" if args.device == "cuda" else "--kv-cache-memory-bytes=2G",
     )
-    engine = await engines.start(args.serve, Path(args.base), settings)
+    engine = await assembly.start_engine(args.serve, Path(args.base), settings)
     set_engine(app, engine)
     for i, path in enumerate(json.loads(args.adapter_dirs)):
         version = AdapterVersion(

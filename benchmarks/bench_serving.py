@@ -41,13 +41,13 @@ import torch
 # The reference shape, shared with the engine benchmark (scripts run with benchmarks/ on sys.path).
 from bench_engine import SHAPE
 
-from loraplane.worker.engine.metrics import PREFIX
-from loraplane.worker.engine.model import PROJECTIONS, CausalLM, ModelConfig
-from loraplane.worker.engine.runner import ModelRunner
-from loraplane.worker.engine.sampling import SamplingParams
-from loraplane.worker.engine.scheduler import SchedulerSettings
-from loraplane.worker.engine.service import Engine, EngineSettings
-from loraplane.worker.engines import Output
+from loraplane.worker.builtin.metrics import PREFIX
+from loraplane.worker.builtin.model import PROJECTIONS, CausalLM, ModelConfig
+from loraplane.worker.builtin.runner import ModelRunner
+from loraplane.worker.builtin.scheduler import SchedulerSettings
+from loraplane.worker.builtin.service import Engine, EngineSettings
+from loraplane.worker.inference.engines import Output
+from loraplane.worker.inference.sampling import SamplingParams
 from loraplane.worker.registry import AdapterVersion, Registry
 
 RANK = 16

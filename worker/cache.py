@@ -14,7 +14,7 @@ and writes again; with nothing left to evict it is CacheFull, naming the volume.
 
 Bad files never become entries: the weights' safetensors header is checked (tensorfile, as the
 loader checks it) as soon as its bytes arrive, and a bad one stops the download at once instead of
-after gigabytes; so does a header naming a tensor that is no LoRA weight (``adapter.foreign_tensor``:
+after gigabytes; so does a header naming a tensor that is no LoRA weight (``peft.foreign_tensor``:
 a saved module, new embeddings, DoRA), which validation would refuse. An entry whose adapter then fails validation leaves the cache (``discard``).
 """
 
@@ -38,8 +38,9 @@ from typing import Any, BinaryIO
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from loraplane.crds.errors import LoraplaneError, ValidationFailed
-from loraplane.worker import adapter, provenance, sources, tensorfile
+from loraplane.errors import LoraplaneError, ValidationFailed
+from loraplane.worker import provenance, sources
+from loraplane.worker.inference import peft, tensorfile
 from loraplane.worker.sources import ResolvedSource, SourceSettings
 
 log = logging.getLogger(__name__)
@@ -569,9 +570,9 @@ class _HeaderCheck:
             prefix = os.pread(self.fd, min(self.need, written), 0)
             header = tensorfile.parse_header(prefix, self.rf.name, self.rf.size)
             self.done = True
-            foreign = adapter.Problems()
+            foreign = peft.Problems()
             for key in header.tensors:
-                if (problem := adapter.foreign_tensor(key)) is not None:
+                if (problem := peft.foreign_tensor(key)) is not None:
                     foreign.add(*problem)
             if foreign.items:  # validation would refuse it: decide now, not after the rest of the file
                 raise ValidationFailed(foreign.all())

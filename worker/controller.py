@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
-from loraplane.crds.errors import LoraplaneError
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
-from loraplane.worker import basemodel, provenance, sources, validate
+from loraplane.errors import LoraplaneError
+from loraplane.worker import provenance, sources, validate
 from loraplane.worker.cache import AdapterCache, CachedAdapter
-from loraplane.worker.engines import Adapter
+from loraplane.worker.inference import basemodel
+from loraplane.worker.inference.engines import Adapter
 from loraplane.worker.registry import AdapterVersion, Registry, State
 from loraplane.worker.watch import AdapterWatch, DesiredAdapter
 

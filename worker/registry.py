@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .engines import Adapter
+from .inference.engines import Adapter
 
 State = Literal["Pending", "Prefetching", "Validating", "Ready", "Failed"]
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from loraplane.crds.errors import LoraplaneError, PermanentError, ValidationFailed
 from loraplane.crds.models import DIGEST_PATTERN
+from loraplane.errors import LoraplaneError, PermanentError, ValidationFailed
 from loraplane.worker import chattemplate, provenance
-from loraplane.worker.adapter import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE, PeftAdapter
-from loraplane.worker.basemodel import ModelConfig
+from loraplane.worker.inference.basemodel import ModelConfig
+from loraplane.worker.inference.peft import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE, PeftAdapter
 
 CONTEXT_TOO_LONG = "ContextTooLong"
 

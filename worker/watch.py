@@ -22,10 +22,11 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from loraplane.crds import conditions, errors
-from loraplane.crds.errors import LoraplaneError
-from loraplane.crds.kube import Backoff, KubeClient, rv_behind
+from loraplane import errors
+from loraplane.crds import conditions
 from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, parse_adapter, version_of
+from loraplane.errors import LoraplaneError
+from loraplane.kube import Backoff, KubeClient, rv_behind
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from loraplane.worker.engine.service import Engine
+from loraplane.worker.builtin.service import Engine
 from loraplane.worker.registry import AdapterVersion, Registry
 
 BASE = "tiny-llama"

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from safetensors.numpy import load_file, save_file
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 from loraplane.worker.sources import refs

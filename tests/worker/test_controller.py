@@ -12,9 +12,9 @@ import pytest
 from support import adapters as adapters_mod
 from support import servers
 
-from loraplane.worker.basemodel import ModelConfig
 from loraplane.worker.cache import AdapterCache
 from loraplane.worker.controller import Controller
+from loraplane.worker.inference.basemodel import ModelConfig
 from loraplane.worker.registry import Registry
 from loraplane.worker.sources import SourceSettings
 from loraplane.worker.watch import DesiredAdapter

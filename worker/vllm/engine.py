@@ -29,10 +29,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
+from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
-from .. import engines
-from ..engines import Adapter, Output, TokenLogprob
+from ..inference import engines
+from ..inference.engines import Adapter, Output, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class _Metrics:
 
 
 class VllmEngine:
-    """``loraplane.worker.engines.Engine`` on vLLM's ``AsyncLLM``."""
+    """``loraplane.worker.inference.engines.Engine`` on vLLM's ``AsyncLLM``."""
 
     kind: engines.Kind = "vllm"
     features = engines.FEATURES

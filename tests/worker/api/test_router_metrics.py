@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.api import BASE, MakeServer
 from support.procs import wait_for
 
-from loraplane.worker.engine.sampling import SamplingParams
-from loraplane.worker.engines import Output
+from loraplane.worker.inference.engines import Output
+from loraplane.worker.inference.sampling import SamplingParams
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 

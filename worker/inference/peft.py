@@ -3,7 +3,7 @@
 In the spirit of vLLM's ``PEFTHelper``: ``PeftAdapter.read`` builds one object from the config
 (size-capped) and the weights' header (tensorfile: no torch, never a pickle); ``problems`` lists
 every reason it cannot be served on a given base model, collected rather than raised one by one.
-Validation (validate.py) and the engine's loader (engine/runner.py) both go through it, so an
+Validation (validate.py) and the built-in engine's loader (builtin/runner.py) both go through it, so an
 adapter that is Ready is one the engine loads, and both refuse the same things with the same words.
 Per-module rank and alpha follow PEFT's rule (rank_pattern / alpha_pattern keys match a dotted
 suffix of the module name, as regexes).
@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplane.crds.errors import PermanentError, ValidationFailed
-from loraplane.worker import tensorfile
-from loraplane.worker.basemodel import BLOCKS, FILE_MISSING, MAX_CONFIG_BYTES, ModelConfig, read_json
+from loraplane.errors import PermanentError, ValidationFailed
+from loraplane.worker.inference import tensorfile
+from loraplane.worker.inference.basemodel import (
+    BLOCKS,
+    FILE_MISSING,
+    MAX_CONFIG_BYTES,
+    ModelConfig,
+    read_json,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

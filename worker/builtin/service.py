@@ -1,7 +1,7 @@
 """The engine as one object the worker process starts: runner + adapter tiers + the scheduler thread.
 
 ``Engine.start(model_dir, settings)`` loads the base model and starts the engine thread. It implements
-``loraplane.worker.engines.Engine`` and knows nothing of the registry: the worker calls
+``loraplane.worker.inference.engines.Engine`` and knows nothing of the registry: the worker calls
 ``retire_adapter`` when a version will get no new requests (its CPU and device copies are dropped
 once no admitted request uses it). The HTTP side calls ``submit`` from its event loop; ``limit_for``
 gives the length bound a request is checked against: the adapter's longContext.maxLength, else the
@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
-from .. import engines
-from ..engines import Adapter, Output
+from ..inference import engines
+from ..inference.engines import Adapter, Output
+from ..inference.sampling import SamplingParams
 from . import heap
 from .metrics import Metrics
 from .runner import ModelRunner
-from .sampling import SamplingParams
 from .scheduler import Request, Scheduler, SchedulerSettings
 from .tiers import AdapterTiers
 

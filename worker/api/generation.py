@@ -18,14 +18,14 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from loraplane.crds.errors import LoraplaneError
+from loraplane.errors import LoraplaneError
 
-from ..engines import NON_FINITE_OUTPUT
+from ..inference.engines import NON_FINITE_OUTPUT
 from .errors import ApiError
 from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new_id
 
 if TYPE_CHECKING:
-    from ..engines import Engine, Output
+    from ..inference.engines import Engine, Output
     from ..registry import AdapterVersion, Registry
 
 access_log = logging.getLogger("loraplane.worker.access")

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from loraplane.crds.errors import PermanentError
-from loraplane.worker.adapter import PeftAdapter
+from loraplane.errors import PermanentError
+from loraplane.worker.inference.peft import PeftAdapter
 
 from .kvcache import KVCache, bytes_per_token, pool_tokens
 from .lora import LoraBatch, LoraSlots
