@@ -50,7 +50,11 @@ def test_the_import_contracts_are_kept(tmp_path: Path) -> None:
         ("worker/zz_probe.py", "def f():\n    import loraplane.operator.allocation\n", "Layers"),
         ("crds/zz_probe.py", "import torch\n", "The control plane"),
         ("worker/inference/zz_probe.py", "import torch\n", "What the engines share"),
-        ("worker/vllm/zz_probe.py", "import loraplane.worker.builtin.heap\n", "The two engines are independent"),
+        (
+            "worker/vllm/zz_probe.py",
+            "import loraplane.worker.builtin.heap\n",
+            "The two engines are independent",
+        ),
         ("worker/api/zz_probe.py", "import loraplane.worker.builtin.heap\n", "The HTTP layer"),
     ],
 )

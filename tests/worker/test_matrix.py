@@ -30,7 +30,7 @@ class Worker:
     settings: s.SourceSettings
     cache: c.AdapterCache
     base: bm.ModelConfig
-    good: c.CachedAdapter
+    good: c.CacheEntry
 
     def run(
         self,

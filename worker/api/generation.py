@@ -26,7 +26,7 @@ from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new
 
 if TYPE_CHECKING:
     from ..inference.engines import Engine, Output
-    from ..registry import AdapterVersion, Registry
+    from ..registry import Registry, VersionEntry
 
 access_log = logging.getLogger("loraplane.worker.access")
 
@@ -163,7 +163,7 @@ class Serving:
             )
         return self.engine
 
-    def resolve(self, name: str) -> AdapterVersion | None:
+    def resolve(self, name: str) -> VersionEntry | None:
         """The adapter version ``name`` means now (None: the base model), or an ApiError saying why not."""
         engine = self.require_engine()
         if name == engine.model_name:
@@ -249,7 +249,7 @@ class Serving:
                     code="invalid_value",
                 )
         version = self.resolve(request.model)
-        adapter = None if version is None else version.engine_adapter()
+        adapter = None if version is None else version.lora_spec()
         param = "prompt" if isinstance(request, CompletionRequest) else "messages"
         n = extras.get("n", 1)
         if isinstance(request, CompletionRequest) and len(request.prompt_list()) * n > MAX_CHOICES:

@@ -1,7 +1,7 @@
 """The one interface both serving engines implement: the built-in torch engine and vLLM.
 
 An engine knows nothing of Kubernetes or the registry: the worker (``assembly.py``) wires them. It is
-handed adapter *versions* as ``Adapter(id, name, path)`` with the cluster-unique ID as its key, loads
+handed adapter *versions* as ``LoraSpec(id, name, path)`` with the cluster-unique ID as its key, loads
 one before the control path reports it Ready (``add_adapter``), and forgets one once no request uses
 it (``retire_adapter``). Requests come in as prompt token IDs, ``SamplingParams`` (the fields every
 engine implements) and ``extras`` (optional features, each named in ``FEATURES``); the API refuses
@@ -43,7 +43,7 @@ FEATURES = frozenset(
 
 
 @dataclass(frozen=True)
-class Adapter:
+class LoraSpec:
     """One adapter version as an engine sees it."""
 
     id: int
@@ -95,7 +95,7 @@ class Engine(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+    def limit_for(self, adapter: LoraSpec | None) -> tuple[int, str]:
         """(max prompt + output tokens, what sets it) for the base model (None) or an adapter."""
         ...
 
@@ -104,7 +104,7 @@ class Engine(Protocol):
         *,
         request_id: str,
         model: str,
-        adapter: Adapter | None,
+        adapter: LoraSpec | None,
         prompt_ids: list[int],
         params: SamplingParams,
         extras: dict[str, Any],
@@ -116,7 +116,7 @@ class Engine(Protocol):
 
     def cancel(self, request_id: str) -> None: ...
 
-    async def add_adapter(self, adapter: Adapter) -> None:
+    async def add_adapter(self, adapter: LoraSpec) -> None:
         """Load an adapter before it is served (warm). Raises LoraplaneError with the engine's reason."""
         ...
 
@@ -140,7 +140,7 @@ class Engine(Protocol):
 
 
 def limit_for(
-    adapter: Adapter | None, *, max_model_len: int, max_position_embeddings: int
+    adapter: LoraSpec | None, *, max_model_len: int, max_position_embeddings: int
 ) -> tuple[int, str]:
     """The length bound of a request: the adapter's longContext.maxLength, else the base model's
     max_position_embeddings, never above the engine's max_model_len (its KV cache)."""

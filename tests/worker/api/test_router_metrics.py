@@ -63,7 +63,7 @@ def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict
         s.engine.submit(
             request_id=f"r-{model}",
             model=model,
-            adapter=s.registry.lookup(model).engine_adapter(),
+            adapter=s.registry.lookup(model).lora_spec(),
             prompt_ids=[1, 5, 9],
             params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
             on_output=on_output,

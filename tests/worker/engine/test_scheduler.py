@@ -26,7 +26,7 @@ from loraplane.worker.builtin.scheduler import SchedulerSettings
 from loraplane.worker.builtin.service import Engine, EngineSettings
 from loraplane.worker.inference.engines import Output
 from loraplane.worker.inference.sampling import SamplingParams
-from loraplane.worker.registry import AdapterVersion, Registry
+from loraplane.worker.registry import Registry, VersionEntry
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -50,7 +50,7 @@ class Driver:
         self.registry = Registry()
         for i, (name, path) in enumerate(sorted(adapters.items())):
             self.registry.upsert(
-                AdapterVersion(
+                VersionEntry(
                     id=100 + i,
                     served_name=name,
                     adapter=f"t/{name}",
@@ -77,7 +77,7 @@ class Driver:
         self.engine.submit(
             request_id=f"r{self._n}",
             model=model or "base",
-            adapter=None if model is None else self.registry.lookup(model).engine_adapter(),
+            adapter=None if model is None else self.registry.lookup(model).lora_spec(),
             prompt_ids=prompt,
             params=params,
             on_output=on_output,
