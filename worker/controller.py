@@ -25,9 +25,10 @@ from prometheus_client import Counter, Gauge
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
 from loraplane.errors import LoraplaneError
 from loraplane.worker import provenance, sources, validate
-from loraplane.worker.cache import AdapterCache, CacheEntry
+from loraplane.worker.cache import CacheEntry
 from loraplane.worker.inference import basemodel
 from loraplane.worker.inference.engines import LoraSpec
+from loraplane.worker.prefetch import Prefetcher
 from loraplane.worker.registry import Registry, State, VersionEntry
 from loraplane.worker.watch import AdapterWatch, DesiredVersion
 
@@ -67,7 +68,7 @@ class Controller:
     def __init__(
         self,
         registry: Registry,
-        cache: AdapterCache,
+        prefetcher: Prefetcher,
         base: basemodel.ModelConfig,
         source_settings: sources.SourceSettings,
         *,
@@ -90,7 +91,8 @@ class Controller:
         self.engine_ready = engine_ready
         # Set by the worker once its engine runs: loads a validated version before it is Ready.
         self.load_adapter: Callable[[LoraSpec], Awaitable[None]] | None = None
-        self.cache = cache
+        self.prefetcher = prefetcher
+        self.cache = prefetcher.index
         self.base = base
         self.source_settings = source_settings
         self.served_model = served_model
@@ -236,7 +238,7 @@ class Controller:
         self._set(known, "Prefetching")
         resolved = await self._resolve(want)
         # Pinned in the same step as the prefetch, so no other prefetch can evict it in between.
-        cached: CacheEntry = await asyncio.to_thread(self.cache.prefetch, resolved, pin=True)
+        cached: CacheEntry = await asyncio.to_thread(self.prefetcher.prefetch, resolved, pin=True)
         if known.cache_key != cached.cache_key:
             self._release(known)
             known.cache_key = cached.cache_key

@@ -34,9 +34,10 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from loraplane.kube import KubeClient
-    from loraplane.worker.cache import AdapterCache
+    from loraplane.worker.cache import CacheIndex
     from loraplane.worker.controller import Controller
     from loraplane.worker.inference.basemodel import ModelConfig
+    from loraplane.worker.prefetch import Prefetcher
     from loraplane.worker.registry import Registry
     from loraplane.worker.report import WorkerReport
     from loraplane.worker.sources import SourceSettings
@@ -64,7 +65,8 @@ class WorkerApp:
         self.registry: Registry = Registry()
         self.model_dir: Path | None = None
         self.base: ModelConfig | None = None
-        self.cache: AdapterCache | None = None
+        self.cache: CacheIndex | None = None
+        self.prefetcher: Prefetcher | None = None
         self.api: KubeClient | None = None
         self.watch: AdapterWatch | None = None
         self.controller: Controller | None = None
@@ -124,18 +126,17 @@ class WorkerApp:
         from loraplane.crds.models import LoRAWorkerSpec, WorkerCapacity
         from loraplane.kube import KubeClient, load_configuration
         from loraplane.worker import validate
-        from loraplane.worker.cache import AdapterCache
+        from loraplane.worker.cache import CacheIndex
         from loraplane.worker.controller import Controller
+        from loraplane.worker.prefetch import Prefetcher
         from loraplane.worker.report import WorkerReport
         from loraplane.worker.watch import AdapterWatch
 
         s = self.settings
         assert self.base is not None, "load_base_model() first"
-        self.cache = AdapterCache(
-            Path(s.cache_dir),
-            max(s.cache_bytes, 1),
-            s.max_concurrent_downloads,
-            sources_settings=self.source_settings(),
+        self.cache = CacheIndex(Path(s.cache_dir), max(s.cache_bytes, 1))
+        self.prefetcher = Prefetcher(
+            self.cache, s.max_concurrent_downloads, sources_settings=self.source_settings()
         )
         self.api = KubeClient(
             self.kube_configuration or load_configuration(s.kubeconfig), user_agent="loraplane-worker"
@@ -168,7 +169,7 @@ class WorkerApp:
         )
         self.controller = Controller(
             self.registry,
-            self.cache,
+            self.prefetcher,
             self.base,
             self.source_settings(),
             served_model=s.served_model_name,

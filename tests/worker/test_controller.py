@@ -12,9 +12,10 @@ import pytest
 from support import adapters as adapters_mod
 from support import servers
 
-from loraplane.worker.cache import AdapterCache
+from loraplane.worker.cache import CacheIndex
 from loraplane.worker.controller import Controller
 from loraplane.worker.inference.basemodel import ModelConfig
+from loraplane.worker.prefetch import Prefetcher
 from loraplane.worker.registry import Registry
 from loraplane.worker.sources import SourceSettings
 from loraplane.worker.watch import DesiredVersion
@@ -30,10 +31,11 @@ def world(tmp_path):
 
 def _controller(base, root, cache_dir, **kw):
     settings = SourceSettings(local_roots=(root,), hf_endpoint=servers.closed_url(), timeout_s=2)
-    cache = AdapterCache(cache_dir, 64 << 20, 2, retries=0, sources_settings=settings)
+    prefetcher = Prefetcher(CacheIndex(cache_dir, 64 << 20), 2, retries=0, sources_settings=settings)
+    cache = prefetcher.index
     registry = Registry()
     return (
-        Controller(registry, cache, base, settings, served_model="tiny", max_lora_rank=64, **kw),
+        Controller(registry, prefetcher, base, settings, served_model="tiny", max_lora_rank=64, **kw),
         registry,
         cache,
     )
