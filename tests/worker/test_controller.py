@@ -15,6 +15,7 @@ from support import servers
 from loraplane.worker.cache import CacheIndex
 from loraplane.worker.controller import Controller
 from loraplane.worker.inference.basemodel import ModelConfig
+from loraplane.worker.inference.engines import EngineSlot
 from loraplane.worker.prefetch import Prefetcher
 from loraplane.worker.registry import Registry
 from loraplane.worker.sources import SourceSettings
@@ -138,12 +139,13 @@ def test_a_pool_that_requires_signatures_loads_only_verified_adapters(world, tmp
 
     async def scenario():
         trust = provenance.Trust(public_keys=(public,))
-        c, _, cache = _controller(base, root, cache_dir, trust=trust, require_signatures=True)
 
-        async def load(adapter):
-            loaded.append(adapter.id)
+        class Recording:  # the engine side: what the controller hands over before Ready
+            async def add_adapter(self, adapter):
+                loaded.append(adapter.id)
 
-        c.load_adapter = load
+        engine = EngineSlot(Recording())  # type: ignore[arg-type]
+        c, _, cache = _controller(base, root, cache_dir, trust=trust, require_signatures=True, engine=engine)
         c.reconcile({
             1: DesiredVersion(1, "ns/a", "a", str(signed), None, None, "u", digest=digest),
             2: _want(2, unsigned, name="b", key="ns/b"),

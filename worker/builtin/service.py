@@ -171,16 +171,7 @@ class Engine:
         limit, source = self.limit_for(adapter)
         if self.runner.kv.total_tokens < limit:  # a KV budget smaller than one max-length sequence
             limit, source = self.runner.kv.total_tokens, "the size of this worker's KV cache"
-        if not prompt_ids:
-            raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
-        wanted = len(prompt_ids) + (params.max_tokens or 1)
-        if wanted > limit:
-            raise PermanentError(
-                "PromptTooLong",
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) is "
-                f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
-                "lower max_tokens",
-            )
+        engines.check_prompt(prompt_ids, params.max_tokens, limit, source)
         request = Request(
             request_id=request_id,
             model=model,
