@@ -53,7 +53,7 @@ _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 @dataclass
 class VllmSettings:
-    """The engine arguments loraplane sets; ``from_worker`` copies them from the worker's settings."""
+    """The engine arguments loraplane sets (the worker builds them from its settings: settings.EngineConfig.vllm)."""
 
     served_model_name: str = ""
     device: str = "auto"
@@ -71,23 +71,6 @@ class VllmSettings:
     """vLLM engine arguments, as on vLLM's command line (e.g. ["--enforce-eager"])."""
     tool_call_parser: str = ""
     """vLLM's tool parser for tool_choice "auto" (tools.py); empty: "auto" is refused."""
-
-    @classmethod
-    def from_worker(cls, worker: Any) -> VllmSettings:
-        names = (
-            "served_model_name",
-            "device",
-            "dtype",
-            "max_loras",
-            "max_cpu_loras",
-            "max_lora_rank",
-            "max_model_len",
-            "gpu_memory_utilization",
-            "tensor_parallel_size",
-            "tool_call_parser",
-        )
-        values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
-        return cls(**values, extra_args=shlex.split(getattr(worker, "vllm_args", "") or ""))
 
 
 def _yield_between_engine_steps(llm: Any) -> None:
