@@ -121,6 +121,11 @@ class KVCache:
         self._groups: list[_Group] = []
         self._write_slots = torch.empty(0, dtype=torch.long)
         self._step: list[tuple[int, int]] = []
+        # The gathered K and V of a step (b x kv_len rows, 12 MiB a layer at 32 x 96 tokens of hidden
+        # 1024 in fp32), written into buffers kept across layers and steps: allocated fresh, each one
+        # above the mmap threshold (heap.py) was mapped, faulted in and unmapped 2 x layers times a
+        # step (21 ms against 2-3 ms for the gather itself; docs/benchmarks.md, issue 25).
+        self._gather_buffers: list[torch.Tensor] = [torch.empty(0, dtype=dtype, device=device)] * 2
 
     @property
     def nbytes(self) -> int:
@@ -276,9 +281,18 @@ class KVCache:
         heads, d = q.shape[1], q.shape[2]
         for g in self._groups:  # at most two: decodes and prefills
             qg = q.index_select(0, g.token_index).view(g.b, g.n_max, heads, d).transpose(1, 2)
-            kg = kf.index_select(0, g.kv_index).view(g.b, g.kv_len, -1, d).transpose(1, 2)
-            vg = vf.index_select(0, g.kv_index).view(g.b, g.kv_len, -1, d).transpose(1, 2)
+            kg = self._gather(0, kf, g.kv_index).view(g.b, g.kv_len, -1, d).transpose(1, 2)
+            vg = self._gather(1, vf, g.kv_index).view(g.b, g.kv_len, -1, d).transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
             og = og.transpose(1, 2).reshape(g.b * g.n_max, heads, d)
             out.index_copy_(0, g.flat_tokens, og.index_select(0, g.flat_positions))
         return out
+
+    def _gather(self, buffer: int, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``source.index_select(0, index)`` into gather buffer ``buffer`` (grown when too small)."""
+        rows = index.shape[0]
+        size = rows * source[0].numel()
+        if self._gather_buffers[buffer].numel() < size:
+            self._gather_buffers[buffer] = source.new_empty(size)
+        out = self._gather_buffers[buffer][:size].view(rows, *source.shape[1:])
+        return torch.index_select(source, 0, index, out=out)
