@@ -74,10 +74,16 @@ def invalid(obj: dict[str, Any], error: LoraplaneError) -> dict[str, Any]:
 
 
 def desired(
-    obj: dict[str, Any], adapter: LoRAAdapter, ids: IdState, holder: str | None, agg: Aggregate | None
+    obj: dict[str, Any],
+    adapter: LoRAAdapter,
+    ids: IdState,
+    holder: str | None,
+    agg: Aggregate | None,
+    placement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The status ``obj`` should have. ``holder``: the adapter holding its served name when another one
-    does (None: this one); ``agg``: the workers' view of ``ids.id`` (None while it has no ID)."""
+    does (None: this one); ``agg``: the workers' view of ``ids.id`` (None while it has no ID), counted
+    over the workers of ``placement`` (status.placement; None: on every live worker)."""
     status, conds, gen = _base(obj)
     spec = adapter.spec
     if ids.waiting is not None:
@@ -93,7 +99,13 @@ def desired(
     cond.set_name_available(conds, adapter.served_name, spec.baseModel, holder, gen)
 
     agg = agg if ids.waiting is None and agg is not None else Aggregate()
+    wanted = placement["replicas"] if placement is not None else agg.total
     status["workers"] = agg.counts
+    status["ready"] = f"{agg.ready}/{wanted}"
+    if placement is not None:
+        status["placement"] = placement
+    else:
+        status.pop("placement", None)
     if agg.info:
         status["adapter"] = agg.info
     if status.get("previousId") is not None and agg.all_switched:
@@ -110,6 +122,8 @@ def desired(
         )
 
     phase, reason, message = phase_of(agg)
+    if placement is not None and not placement["workers"] and phase == "Registered":
+        reason, message = placement["reason"], placement["message"]  # placed nowhere: say why
     if ids.waiting is not None:
         phase, reason, message = "Pending", ids.waiting.reason, f"waiting for an ID: {ids.waiting.message}"
     elif holder is not None:

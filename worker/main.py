@@ -122,7 +122,7 @@ class WorkerApp:
     def build(self) -> None:
         """Create the parts (after load_base_model, inside the running loop)."""
         from loraplane.crds.kube import KubeClient, load_configuration
-        from loraplane.crds.models import LoRAWorkerSpec, WorkerCapacity
+        from loraplane.crds.models import LoRAWorkerSpec, PoolPlacement, WorkerCapacity
         from loraplane.worker import validate
         from loraplane.worker.cache import AdapterCache
         from loraplane.worker.controller import Controller
@@ -140,7 +140,8 @@ class WorkerApp:
         self.api = KubeClient(
             self.kube_configuration or load_configuration(s.kubeconfig), user_agent="loraplane-worker"
         )
-        self.watch = AdapterWatch(self.api, s.served_model_name, s.namespaces)
+        me = f"{s.object_namespace}/{s.object_name}"
+        self.watch = AdapterWatch(self.api, s.served_model_name, s.namespaces, me=me)
         spec = LoRAWorkerSpec(
             baseModel=s.served_model_name,
             podName=s.pod_name or None,
@@ -151,9 +152,11 @@ class WorkerApp:
                 maxLoraRank=s.max_lora_rank,
                 maxCpuLoras=s.max_cpu_loras,
                 cacheBytes=s.cache_bytes,
+                maxAdapters=s.max_adapters or None,
             ),
+            placement=PoolPlacement(defaultReplicas=s.default_replicas, maxReplicas=s.max_replicas),
         )
-        cache = self.cache
+        cache, watch = self.cache, self.watch
         self.report = WorkerReport(
             self.api,
             name=s.object_name,
@@ -162,6 +165,7 @@ class WorkerApp:
             lookup=lambda i: self.controller.report(i) if self.controller else None,
             known_ids=lambda: self.controller.known_ids() if self.controller else [],
             cache_bytes_used=lambda: cache.used_bytes,
+            assigned=lambda: len(watch.desired),
             pod_name=s.pod_name,
             batch_seconds=s.report_batch_seconds,
             heartbeat_seconds=s.heartbeat_seconds,

@@ -38,6 +38,8 @@ async def serve_openai(app: WorkerApp) -> None:
             app.controller.load_adapter = engine.add_adapter
         if app.report is not None:
             app.report.on_device = engine.on_device
+            # Demand for the operator's replicas (engines that can say what waits, per adapter).
+            app.report.waiting = getattr(engine, "waiting_by_adapter", None)
             app.report.mark_dirty()
         set_engine(app.web, engine)
         if app.controller is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from loraplane.crds.models import BASE_MODEL_PATTERN, K8S_NAME_PATTERN
+from loraplane.crds.models import BASE_MODEL_PATTERN, K8S_NAME_PATTERN, REPLICAS_MAX
 from loraplane.version import __version__
 
 ENV_PREFIX = "LORAPLANE_"
@@ -64,6 +64,14 @@ class WorkerSettings:
     """Directory of the adapter disk cache (a volume kept across restarts avoids re-downloading)."""
     cache_bytes: int = 20 << 30
     """Disk cache budget in bytes (default 20 GiB); least recently used adapters not served are evicted."""
+    max_adapters: int = 0
+    """Adapters the operator may place on this worker (count), reported in its LoRAWorker; 0: as many as
+    fit --cache-bytes. Only adapters with replicas are placed; those on every worker ignore it."""
+    default_replicas: int = 0
+    """Replicas of an adapter of this pool without spec.replicas (count): the operator places it on that
+    many workers. 0: every worker (small catalogues). Every worker of a pool should say the same."""
+    max_replicas: int = 0
+    """Most replicas demand may raise an adapter of this pool to (count); 0: no scaling by demand."""
     max_concurrent_downloads: int = 4
     """Downloads running at once (count)."""
     max_concurrent_prepares: int = 16
@@ -435,6 +443,12 @@ def check(s: WorkerSettings) -> WorkerSettings:
         )
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {s.port}")
+    for name in ("max_adapters", "default_replicas", "max_replicas"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{flag(name)} must be zero or a positive count, got {getattr(s, name)}")
+    for name in ("default_replicas", "max_replicas"):
+        if getattr(s, name) > REPLICAS_MAX:
+            raise ConfigError(f"{flag(name)} must be at most {REPLICAS_MAX}, got {getattr(s, name)}")
     for name in ("heartbeat_seconds", "report_batch_seconds"):
         if not getattr(s, name) > 0:
             raise ConfigError(f"{flag(name)} must be a positive number of seconds, got {getattr(s, name)}")

@@ -10,7 +10,9 @@ resourceVersion is below ours (its store was replaced or restored: resuming woul
 it never issues). It reconnects with the shared backoff when the API server goes away. Each scope
 keeps its objects until it relists, so a worker never drops an adapter because it has not looked yet.
 
-Adapters without ``status.id`` (not registered yet) or without ``NameAvailable=True`` are not desired.
+Adapters without ``status.id`` (not registered yet) or without ``NameAvailable=True`` are not desired,
+nor are adapters the operator placed on other workers (``status.placement`` present and not naming this
+worker's LoRAWorker): a worker prefetches, validates and serves only what is placed on it.
 """
 
 from __future__ import annotations
@@ -58,14 +60,24 @@ class DesiredAdapter:
     """spec.signature.required: serve it only with a valid signature."""
 
 
-def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | None:
-    """The desired version for one LoRAAdapter object, or None when this worker should not serve it."""
+def placed_here(obj: dict[str, Any], me: str | None) -> bool:
+    """Whether the adapter is this worker's to hold: no status.placement (every worker), or it names
+    ``me`` (namespace/name of this worker's LoRAWorker) as a worker or a draining one."""
+    placed = (obj.get("status") or {}).get("placement")
+    if me is None or not isinstance(placed, dict):
+        return True
+    return me in (placed.get("workers") or ()) or me in (placed.get("draining") or ())
+
+
+def desired_from(obj: dict[str, Any], served_model: str, me: str | None = None) -> DesiredAdapter | None:
+    """The desired version for one LoRAAdapter object, or None when this worker (``me``: the
+    namespace/name of its LoRAWorker) should not serve it."""
     spec = obj.get("spec") or {}
     if spec.get("baseModel") != served_model:
         return None
     meta = obj.get("metadata") or {}
     key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-    if meta.get("deletionTimestamp"):
+    if meta.get("deletionTimestamp") or not placed_here(obj, me):
         return None
     try:
         adapter = parse_adapter(obj)
@@ -110,9 +122,12 @@ class AdapterWatch:
     ``synced`` is set once every scope has listed at least once.
     """
 
-    def __init__(self, api: KubeClient, served_model: str, namespaces: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, api: KubeClient, served_model: str, namespaces: tuple[str, ...] = (), me: str | None = None
+    ) -> None:
         self.api = api
         self.served_model = served_model
+        self.me = me  # namespace/name of this worker's LoRAWorker, as status.placement names it
         self.scopes: tuple[str, ...] = namespaces or ("",)
         self.desired: dict[int, DesiredAdapter] = {}
         self.by_adapter: dict[str, int] = {}
@@ -182,7 +197,7 @@ class AdapterWatch:
         for obj in body.get("items") or []:
             meta = obj.get("metadata") or {}
             items[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = desired_from(
-                obj, self.served_model
+                obj, self.served_model, self.me
             )
         old = self._objects[scope]
         self._objects[scope] = items  # replaces: objects deleted while we were away disappear
@@ -209,7 +224,7 @@ class AdapterWatch:
                 self._objects[scope].pop(key, None)
                 self._apply(key, old, None)
             elif kind in ("ADDED", "MODIFIED"):
-                new = self._objects[scope][key] = desired_from(obj, self.served_model)
+                new = self._objects[scope][key] = desired_from(obj, self.served_model, self.me)
                 self._apply(key, old, new)
             self._publish()
 

@@ -1,0 +1,241 @@
+"""Placement with real processes: the operator and control-mode workers against the API server fixture.
+
+Adapters with spec.replicas go to that many live workers (status.placement), which alone prefetch and
+validate them; a killed worker's adapters move to others within the heartbeat window, and it gets back
+exactly what it had when it returns (no reshuffle); a worker added takes only the adapters that rank it
+first; a full worker (--max-adapters) is skipped with a reason; adapters without replicas stay on
+every worker, unless the pool sets --default-replicas.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from support import adapters as adapters_mod
+from support import fleet
+
+HEARTBEAT_WINDOW = 4.0  # the operator's; workers beat every 2 s (support.procs.WorkerProc)
+
+
+def _placed(ads: fleet.Adapters, names: list[str]) -> dict[str, tuple[str, ...]]:
+    out = {}
+    for n in names:
+        p = (ads.get(n).get("status") or {}).get("placement") or {}
+        out[n] = tuple(sorted(p.get("workers") or ()))
+    return out
+
+
+def _worker_status(kube: Any, namespace: str, name: str) -> dict[str, Any]:
+    from kubernetes import client
+
+    with kube.api_client() as api:
+        obj = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            fleet.GROUP, fleet.VERSION, namespace, "loraworkers", name
+        )
+    return obj.get("status") or {}
+
+
+def _all_ready(ads: fleet.Adapters, names: list[str], want: str) -> bool:
+    return all((ads.get(n).get("status") or {}).get("ready") == want for n in names)
+
+
+def _events(kube: Any, namespace: str, reason: str) -> list[Any]:
+    from kubernetes import client
+
+    with kube.api_client() as api:
+        return [e for e in client.CoreV1Api(api).list_namespaced_event(namespace).items if e.reason == reason]
+
+
+def _setup(tmp_path: Path, n: int) -> tuple[Path, Path, list[str]]:
+    base = adapters_mod.write_base_config(tmp_path / "base")
+    root = tmp_path / "adapters"
+    names = [f"a{i:02d}" for i in range(n)]
+    for i, name in enumerate(names):
+        adapters_mod.write_adapter(root / name, seed=i % 4)
+    return base, root, names
+
+
+def _worker(kube: Any, tmp_path: Path, namespace: str, name: str, base: Path, root: Path, *extra: str):
+    return fleet.WorkerProc(
+        kube.kubeconfig, tmp_path, name=name, namespace=namespace, base_dir=base, local_root=root,
+        extra=list(extra),
+    )  # fmt: skip
+
+
+def test_spread_kill_return_and_add(kube, crds, namespace, tmp_path) -> None:
+    base, root, names = _setup(tmp_path, 12)
+    ads = fleet.Adapters(kube, namespace)
+    op = fleet.OperatorProc(
+        kube.kubeconfig, namespace, tmp_path / "operator.log", heartbeat_window=HEARTBEAT_WINDOW
+    )
+    workers = {f"w{i}": _worker(kube, tmp_path, namespace, f"w{i}", base, root) for i in range(4)}
+    late = _worker(kube, tmp_path, namespace, "w4", base, root)
+    refs = {w: f"{namespace}/{w}" for w in [*workers, "w4"]}
+    procs = [*workers.values(), late]
+    logs = lambda: op.log()[-3000:] + "".join(p.log()[-800:] for p in procs)  # noqa: E731
+    try:
+        op.start()
+        for w in workers.values():
+            w.start()
+        fleet.wait_for(
+            lambda: (
+                all(_worker_status(kube, namespace, w).get("heartbeatTime") for w in workers)
+                if _has_workers(kube, namespace, len(workers))
+                else False
+            ),
+            60,
+            logs,
+        )
+        for name in names:
+            ads.create(_with_replicas(fleet.adapter_obj(name, str(root / name)), 2))
+        fleet.wait_for(lambda: _all_ready(ads, names, "2/2"), 90, logs)
+        before = _placed(ads, names)
+        assert all(len(set(p)) == 2 for p in before.values()), before
+        # Each worker holds only what is placed on it: 24 placements, not 12 x 4.
+        per_worker = {w: sum(refs[w] in p for p in before.values()) for w in workers}
+        assert sum(per_worker.values()) == 24 and max(per_worker.values()) <= 9, per_worker
+        for w, count in per_worker.items():
+            st = fleet.wait_for(
+                lambda w=w, count=count: (
+                    s if (s := _worker_status(kube, namespace, w)).get("ready") == count else None
+                ),
+                30,
+                lambda w=w: f"{w}: ready {_worker_status(kube, namespace, w)}, placed {per_worker}",
+            )
+            assert st["assigned"] == count
+
+        # Kill w3 (SIGKILL: its LoRAWorker stays, its heartbeat stops): its adapters move, no other does.
+        on_w3 = {n for n, p in before.items() if refs["w3"] in p}
+        assert on_w3, before
+        workers["w3"].kill()
+        fleet.wait_for(
+            lambda: all(refs["w3"] not in p for p in _placed(ads, names).values()),
+            HEARTBEAT_WINDOW + 10,
+            logs,
+        )
+        fleet.wait_for(lambda: _all_ready(ads, names, "2/2"), 60, logs)
+        after_kill = _placed(ads, names)
+        moved = {n for n in names if after_kill[n] != before[n]}
+        assert moved == on_w3, (moved, on_w3)
+        assert all(len(set(after_kill[n]) & set(before[n])) == 1 for n in on_w3), after_kill
+        assert _events(kube, namespace, "Moved"), "a Moved Event for the adapters that moved"
+
+        # w3 comes back: exactly its old adapters return to it (rendezvous: the set decides), nothing else.
+        workers["w3"] = _worker(kube, tmp_path, namespace, "w3", base, root).start()
+        procs.append(workers["w3"])
+        fleet.wait_for(lambda: _placed(ads, names) == before, 30, lambda: f"{_placed(ads, names)}\n{logs()}")
+        fleet.wait_for(lambda: _all_ready(ads, names, "2/2"), 60, logs)
+
+        # A fifth worker takes only the adapters that rank it in their top two.
+        late.start()
+        fleet.wait_for(lambda: any(refs["w4"] in p for p in _placed(ads, names).values()), 30, lambda: logs())
+        fleet.wait_for(lambda: _all_ready(ads, names, "2/2"), 60, logs)
+        after_add = _placed(ads, names)
+        moved = {n for n in names if after_add[n] != before[n]}
+        assert moved == {n for n in names if refs["w4"] in after_add[n]}, (before, after_add)
+        assert len(moved) <= 8, after_add  # about 24 / 5; never a reshuffle
+        for n in moved:
+            assert len(set(after_add[n]) & set(before[n])) == 1, (before[n], after_add[n])
+    finally:
+        for p in procs:
+            if p.alive():
+                p.stop()
+        op.stop()
+        ads.close()
+
+
+def _has_workers(kube: Any, namespace: str, n: int) -> bool:
+    from kubernetes import client
+
+    with kube.api_client() as api:
+        items = client.CustomObjectsApi(api).list_namespaced_custom_object(
+            fleet.GROUP, fleet.VERSION, namespace, "loraworkers"
+        )["items"]
+    return len(items) >= n
+
+
+def _with_replicas(obj: dict[str, Any], replicas: int | None) -> dict[str, Any]:
+    if replicas is not None:
+        obj["spec"]["replicas"] = replicas
+    return obj
+
+
+def test_full_workers_are_skipped_and_unset_replicas_mean_every_worker(
+    kube, crds, namespace, tmp_path
+) -> None:
+    base, root, names = _setup(tmp_path, 4)
+    ads = fleet.Adapters(kube, namespace)
+    op = fleet.OperatorProc(
+        kube.kubeconfig, namespace, tmp_path / "operator.log", heartbeat_window=HEARTBEAT_WINDOW
+    )
+    workers = [
+        _worker(kube, tmp_path, namespace, f"w{i}", base, root, "--max-adapters", "2") for i in range(2)
+    ]
+    logs = lambda: op.log()[-3000:] + "".join(p.log()[-800:] for p in workers)  # noqa: E731
+    try:
+        op.start()
+        for w in workers:
+            w.start()
+        fleet.wait_for(lambda: _has_workers(kube, namespace, 2), 60, logs)
+        # Unset replicas: every worker, as before placement existed; no status.placement at all.
+        ads.create(fleet.adapter_obj("every", str(root / names[0])))
+        fleet.wait_for(lambda: _all_ready(ads, ["every"], "2/2"), 60, logs)
+        assert "placement" not in ads.get("every")["status"]
+        # Two slots per worker: two adapters on both fill them; a third is placed nowhere, with the reason.
+        for name in names[1:3]:
+            ads.create(_with_replicas(fleet.adapter_obj(name, str(root / name)), 2))
+        fleet.wait_for(lambda: _all_ready(ads, names[1:3], "2/2"), 60, logs)
+        ads.create(_with_replicas(fleet.adapter_obj(names[3], str(root / names[3])), 1))
+
+        def refused() -> dict[str, Any] | None:
+            s = ads.get(names[3]).get("status") or {}
+            return s if (s.get("placement") or {}).get("reason") == "InsufficientCapacity" else None
+
+        st = fleet.wait_for(refused, 30, logs)
+        assert st["placement"]["workers"] == [] and st["ready"] == "0/1", st
+        assert "--max-adapters" in st["placement"]["message"] and f"{namespace}/w0" in st["message"], st
+        ready = {c["type"]: c for c in st["conditions"]}["Ready"]
+        assert ready["reason"] == "InsufficientCapacity", ready
+        warn = fleet.wait_for(lambda: _events(kube, namespace, "InsufficientCapacity"), 10, "a Warning Event")
+        assert warn[0].type == "Warning"
+        for w in ("w0", "w1"):  # the full workers never loaded it
+            assert _worker_status(kube, namespace, w).get("assigned") == 3  # "every" + two placed
+        # Room again: the short adapter is placed as soon as another one goes.
+        ads.delete(names[1])
+        fleet.wait_for(lambda: _all_ready(ads, [names[3]], "1/1"), 30, logs)
+    finally:
+        for w in workers:
+            if w.alive():
+                w.stop()
+        op.stop()
+        ads.close()
+
+
+def test_pool_default_replicas(kube, crds, namespace, tmp_path) -> None:
+    base, root, names = _setup(tmp_path, 3)
+    ads = fleet.Adapters(kube, namespace)
+    op = fleet.OperatorProc(
+        kube.kubeconfig, namespace, tmp_path / "operator.log", heartbeat_window=HEARTBEAT_WINDOW
+    )
+    workers = [
+        _worker(kube, tmp_path, namespace, f"w{i}", base, root, "--default-replicas", "1") for i in range(2)
+    ]
+    logs = lambda: op.log()[-3000:] + "".join(p.log()[-800:] for p in workers)  # noqa: E731
+    try:
+        op.start()
+        for w in workers:
+            w.start()
+        fleet.wait_for(lambda: _has_workers(kube, namespace, 2), 60, logs)
+        ads.create(fleet.adapter_obj(names[0], str(root / names[0])))  # the pool's default: 1
+        ads.create(_with_replicas(fleet.adapter_obj(names[1], str(root / names[1])), 0))  # 0: every worker
+        fleet.wait_for(lambda: _all_ready(ads, [names[0]], "1/1"), 60, logs)
+        fleet.wait_for(lambda: _all_ready(ads, [names[1]], "2/2"), 60, logs)
+        assert len(ads.get(names[0])["status"]["placement"]["workers"]) == 1
+        assert "placement" not in ads.get(names[1])["status"]
+    finally:
+        for w in workers:
+            if w.alive():
+                w.stop()
+        op.stop()
+        ads.close()
