@@ -2,10 +2,10 @@
 
 An adapter with replicas k > 0 is placed on k live workers of its base model. Every worker gets a
 score per adapter, a hash of (adapter uid, worker namespace/name); the adapter goes to the k highest
-scores among the workers that have room (highest random weight, HRW). So placement is stable: a
-worker that leaves moves only its own adapters (each to its next-ranked worker), one that joins takes
-only the adapters that rank it in their top k (about N x k / (W + 1)), and one that comes back gets
-exactly the adapters it had: the set decides, not the history.
+scores among the workers that have room (highest random weight, HRW). Once placed it stays: a worker
+that leaves moves only its own adapters (each to its next-ranked worker with room), one that joins
+takes only the adapters that rank it in their top k (about N x k / (W + 1); those alone are placed
+afresh), and one that comes back gets back the adapters it had (it ranks in their top k again).
 
 Room: a worker already holding the adapter always has room for it; another one must stay under
   - its own capacity: ``spec.capacity.maxAdapters`` adapters, and ``spec.capacity.cacheBytes`` bytes
@@ -125,20 +125,27 @@ def place(
     replicas: int,
     pool: dict[str, Capacity],
     loads: Loads,
+    *,
+    rebalance: bool = False,
 ) -> Decision:
     """The ``replicas`` workers of ``pool`` (live workers -> capacity) for one adapter, HRW with room.
 
     ``loads`` holds every adapter's current placement, this one's included (it is not counted against
-    the workers that already hold it)."""
+    the workers that already hold it). The live workers that hold it keep it (a reconcile for any other
+    reason moves nothing); ``rebalance`` (a worker joined that ranks in its top ``replicas``) places it
+    afresh from the ranking, where its current workers still always have room."""
     held = set(loads.placed_on(adapter))
     size = loads.size_of(adapter)
     others = sum(loads.count.get(w, 0) for w in pool) - len(held & pool.keys())
     bound = math.ceil(BOUND_FACTOR * (others + replicas) / max(len(pool), 1))
-    chosen: list[str] = []
+    order = ranking(uid, pool)
+    chosen: list[str] = [] if rebalance else [w for w in order if w in held][:replicas]
     full: list[str] = []
-    for w in ranking(uid, pool):
+    for w in order:
         if len(chosen) == replicas:
             break
+        if w in chosen:
+            continue
         if w not in held:
             why = full_reason(w, pool[w], loads, size)
             if why is not None:
@@ -147,6 +154,7 @@ def place(
             if loads.count.get(w, 0) >= bound:
                 continue  # balanced onto the next-ranked worker
         chosen.append(w)
+    chosen.sort(key=order.index)
     if len(chosen) < replicas and full:
         reason = NO_CAPACITY
         message = f"placed on {len(chosen)} of {replicas} workers; full: " + "; ".join(full)

@@ -91,6 +91,7 @@ class Reconciler:
         )
         self._extra: dict[str, int] = {}  # adapter ref -> replicas added by demand
         self._defaults: dict[str, int] = {}  # base model -> the pool's default replicas (live workers)
+        self._rebalance: set[str] = set()  # adapters to place afresh: a worker joined in their top replicas
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -214,6 +215,7 @@ class Reconciler:
             self.loads.know_size(ref, None)
             self.demand.forget(ref)
             self._extra.pop(ref, None)
+            self._rebalance.discard(ref)
             touched = self.names.release(ref)
             await self._handover(touched, deleted=ref)
             if freed:  # room on its workers: adapters short of replicas in that pool may take it
@@ -313,10 +315,16 @@ class Reconciler:
             # Adapters on every worker (no placement) count this one in their total; placed ones move
             # only if they were on it, or it joined and ranks in their top replicas (about 1/W of them).
             joined = ref if live else None
-            await self.reconcile_where(
-                lambda o: (o.get("spec") or {}).get("baseModel") in models and _touched_by(o, ref, joined),
-                trigger="worker",
-            )
+            refs = [
+                r
+                for r, o in self.adapters.items()
+                if (o.get("spec") or {}).get("baseModel") in models and _touched_by(o, ref, joined)
+            ]
+            if joined is not None:
+                self._rebalance.update(refs)
+            if refs:
+                metrics.RECONCILES.labels(trigger="worker").inc(len(refs))
+                await asyncio.gather(*(self.reconcile(r, counted=True) for r in refs))
             return
         if not live:
             return
@@ -528,6 +536,7 @@ class Reconciler:
         if base == 0:
             self.loads.drop(ref)
             self._extra.pop(ref, None)
+            self._rebalance.discard(ref)
             return None
         pool = self._pool(base_model)
         old = (obj.get("status") or {}).get("placement") or {}
@@ -542,7 +551,9 @@ class Reconciler:
             replicas,
             {w.ref: placement.Capacity(w.max_adapters, w.cache_bytes) for w in pool},
             self.loads,
+            rebalance=ref in self._rebalance,
         )
+        self._rebalance.discard(ref)
         self.loads.set(ref, decision.workers, self.loads.size_of(ref))
         workers = list(decision.workers)
         old_workers = list(old.get("workers") or [])
