@@ -237,5 +237,9 @@ class Demand:
             self._pressure.pop(adapter, None)  # nothing to remember
         return extra
 
+    def tracked(self) -> set[str]:
+        """Adapters whose clocks run (their demand was high or they are waiting out a quiet window)."""
+        return set(self._pressure)
+
     def forget(self, adapter: str) -> None:
         self._pressure.pop(adapter, None)

@@ -593,7 +593,7 @@ class Reconciler:
                     if (r := self._by_id.get(i)) is not None:
                         waiting[r] = waiting.get(r, 0) + n
         jobs = []
-        for ref in waiting.keys() | self._extra.keys():
+        for ref in waiting.keys() | self._extra.keys() | self.demand.tracked():
             obj = self.adapters.get(ref)
             placed = ((obj or {}).get("status") or {}).get("placement")
             if obj is None or not isinstance(placed, dict):

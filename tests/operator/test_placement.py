@@ -9,12 +9,15 @@ every worker, unless the pool sets --default-replicas.
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from pathlib import Path
 from typing import Any
 
 from support import adapters as adapters_mod
 from support import fleet
 
+BASE = "meta-llama/Llama-2-7b-hf"
 HEARTBEAT_WINDOW = 4.0  # the operator's; workers beat every 2 s (support.procs.WorkerProc)
 
 
@@ -247,3 +250,72 @@ def test_pool_default_replicas(kube, crds, namespace, tmp_path) -> None:
                 w.stop()
         op.stop()
         ads.close()
+
+
+def _future(offset: float) -> str:
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=offset)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_replicas_follow_demand_with_hysteresis(adapters, operators, namespace, scope, wait, kube) -> None:
+    """Workers written by hand (a heartbeat an hour ahead keeps them live) report requests waiting for
+    one adapter; the operator adds replicas only after the demand held for --demand-up-seconds, never
+    above the pool's maxReplicas, and gives them back one by one after --demand-down-seconds of quiet."""
+    up, down = 2.0, 6.0
+    operators(
+        *scope(namespace),
+        "--demand-waiting", "4", "--demand-up-seconds", str(up), "--demand-down-seconds", str(down),
+    )  # fmt: skip
+    spec = {
+        "baseModel": BASE,
+        "capacity": {"maxLoras": 4, "maxLoraRank": 16, "maxCpuLoras": 8, "cacheBytes": 0},
+        "placement": {"maxReplicas": 3},
+    }
+    for w in ("w0", "w1", "w2", "w3"):
+        adapters.create_worker(namespace, w, spec, {"heartbeatTime": _future(3600)})
+    adapters.create(namespace, "hot", {"baseModel": BASE, "path": "/models/hot", "replicas": 1})
+    st = adapters.wait_status(
+        namespace, "hot", lambda s: len((s.get("placement") or {}).get("workers") or []) == 1, "placed on 1"
+    )
+    adapter_id, first = st["id"], st["placement"]["workers"][0].split("/")[1]
+
+    def waiting(n: int | None) -> None:
+        adapters.co.patch_namespaced_custom_object_status(
+            "loraplane.io", "v1alpha1", namespace, "loraworkers", first,
+            {"status": {"waiting": {str(adapter_id): n} if n else None}},
+        )  # fmt: skip
+
+    def replicas() -> int:
+        return (adapters.status(namespace, "hot").get("placement") or {}).get("replicas", 0)
+
+    # A burst shorter than the up window changes nothing.
+    waiting(20)
+    time.sleep(up / 2)
+    waiting(None)
+    time.sleep(up * 1.5)
+    assert replicas() == 1
+    # Sustained demand: one replica per up window, up to the pool's maxReplicas (3), never above.
+    waiting(20)
+    t0 = time.monotonic()
+    wait(lambda: replicas() == 2, 15, "a second replica")
+    assert time.monotonic() - t0 >= up * 0.9
+    wait(lambda: replicas() == 3, 15, "a third replica")
+    time.sleep(up * 2)
+    st = adapters.status(namespace, "hot")
+    assert st["placement"]["replicas"] == 3 and len(set(st["placement"]["workers"])) == 3, st
+    assert st["placement"]["reason"] == "ScaledUp" and "requests kept waiting" in st["placement"]["message"]
+    # Quiet: the added replicas go back one per down window, not at once.
+    waiting(None)
+    t0 = time.monotonic()
+    time.sleep(down / 2)
+    assert replicas() == 3
+    wait(lambda: replicas() == 2, down + 10, "one replica given back")
+    assert time.monotonic() - t0 >= down * 0.9
+    wait(lambda: replicas() == 1, down + 10, "back to spec.replicas")
+    st = adapters.status(namespace, "hot")
+    assert st["placement"]["reason"] == "ScaledDown" and len(st["placement"]["workers"]) == 1, st
+    scaled = [
+        e.reason
+        for e in adapters.core.list_namespaced_event(namespace).items
+        if e.involved_object.name == "hot"
+    ]
+    assert "ScaledUp" in scaled and "ScaledDown" in scaled, scaled
