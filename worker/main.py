@@ -141,7 +141,9 @@ class WorkerApp:
             self.kube_configuration or load_configuration(s.kubeconfig), user_agent="loraplane-worker"
         )
         me = f"{s.object_namespace}/{s.object_name}"
-        self.watch = AdapterWatch(self.api, s.served_model_name, s.namespaces, me=me)
+        self.watch = AdapterWatch(
+            self.api, s.served_model_name, s.namespaces, me=me, elsewhere=self.registry.elsewhere
+        )
         spec = LoRAWorkerSpec(
             baseModel=s.served_model_name,
             podName=s.pod_name or None,

@@ -123,11 +123,20 @@ class AdapterWatch:
     """
 
     def __init__(
-        self, api: KubeClient, served_model: str, namespaces: tuple[str, ...] = (), me: str | None = None
+        self,
+        api: KubeClient,
+        served_model: str,
+        namespaces: tuple[str, ...] = (),
+        me: str | None = None,
+        elsewhere: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.api = api
         self.served_model = served_model
         self.me = me  # namespace/name of this worker's LoRAWorker, as status.placement names it
+        # Served name -> the workers an adapter placed elsewhere is on (Registry.elsewhere), and the
+        # served name each object has there, so a delete or a rename removes its entry.
+        self.elsewhere: dict[str, tuple[str, ...]] = {} if elsewhere is None else elsewhere
+        self._elsewhere_of: dict[str, str] = {}
         self.scopes: tuple[str, ...] = namespaces or ("",)
         self.desired: dict[int, DesiredAdapter] = {}
         self.by_adapter: dict[str, int] = {}
@@ -196,9 +205,9 @@ class AdapterWatch:
         items = {}
         for obj in body.get("items") or []:
             meta = obj.get("metadata") or {}
-            items[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = desired_from(
-                obj, self.served_model, self.me
-            )
+            key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+            items[key] = desired_from(obj, self.served_model, self.me)
+            self._note_elsewhere(key, obj)
         old = self._objects[scope]
         self._objects[scope] = items  # replaces: objects deleted while we were away disappear
         self._listed.add(scope)
@@ -223,9 +232,11 @@ class AdapterWatch:
             if kind == "DELETED":
                 self._objects[scope].pop(key, None)
                 self._apply(key, old, None)
+                self._note_elsewhere(key, None)
             elif kind in ("ADDED", "MODIFIED"):
                 new = self._objects[scope][key] = desired_from(obj, self.served_model, self.me)
                 self._apply(key, old, new)
+                self._note_elsewhere(key, obj)
             self._publish()
 
     def _apply(self, key: str, old: DesiredAdapter | None, new: DesiredAdapter | None) -> None:
@@ -241,6 +252,23 @@ class AdapterWatch:
             self.desired[new.id] = new
             self.by_adapter[key] = new.id
             self._dirty.add(new.id)
+
+    def _note_elsewhere(self, key: str, obj: dict[str, Any] | None) -> None:
+        """Keep ``elsewhere`` current for one object: its served name while it is placed on others."""
+        gone = self._elsewhere_of.pop(key, None)
+        if gone is not None:
+            self.elsewhere.pop(gone, None)
+        if (
+            obj is None
+            or placed_here(obj, self.me)
+            or (obj.get("spec") or {}).get("baseModel") != self.served_model
+        ):
+            return
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        served = spec.get("name") or (obj.get("metadata") or {}).get("name")
+        if isinstance(served, str) and status.get("id"):
+            self.elsewhere[served] = tuple((status.get("placement") or {}).get("workers") or ())
+            self._elsewhere_of[key] = served
 
     def take_dirty(self) -> set[int]:
         """The IDs whose desired version changed since the last call."""
