@@ -4,8 +4,9 @@ An adapter with replicas k > 0 is placed on k live workers of its base model. Ev
 score per adapter, a hash of (adapter uid, worker namespace/name); the adapter goes to the k highest
 scores among the workers that have room (highest random weight, HRW). Once placed it stays: a worker
 that leaves moves only its own adapters (each to its next-ranked worker with room), one that joins
-takes only the adapters that rank it in their top k (about N x k / (W + 1); those alone are placed
-afresh), and one that comes back gets back the adapters it had (it ranks in their top k again).
+takes only the adapters that rank it above one of their workers (about N x k / (W + 1)), from their
+lowest-ranked worker, and one that comes back gets back the adapters it had (it ranks in their top k
+again).
 
 Room: a worker already holding the adapter always has room for it; another one must stay under
   - its own capacity: ``spec.capacity.maxAdapters`` adapters, and ``spec.capacity.cacheBytes`` bytes
@@ -126,34 +127,37 @@ def place(
     pool: dict[str, Capacity],
     loads: Loads,
     *,
-    rebalance: bool = False,
+    joined: Iterable[str] = (),
 ) -> Decision:
     """The ``replicas`` workers of ``pool`` (live workers -> capacity) for one adapter, HRW with room.
 
     ``loads`` holds every adapter's current placement, this one's included (it is not counted against
-    the workers that already hold it). The live workers that hold it keep it (a reconcile for any other
-    reason moves nothing); ``rebalance`` (a worker joined that ranks in its top ``replicas``) places it
-    afresh from the ranking, where its current workers still always have room."""
+    the workers that already hold it). The live workers that hold it keep it, so a reconcile for any
+    other reason moves nothing; ``joined``: workers that came and may take it from its lowest-ranked
+    workers (where they rank above them), so a worker joining moves adapters onto itself only."""
     held = set(loads.placed_on(adapter))
     size = loads.size_of(adapter)
     others = sum(loads.count.get(w, 0) for w in pool) - len(held & pool.keys())
     bound = math.ceil(BOUND_FACTOR * (others + replicas) / max(len(pool), 1))
     order = ranking(uid, pool)
-    chosen: list[str] = [] if rebalance else [w for w in order if w in held][:replicas]
+    newcomers = set(joined) - held
+    chosen: list[str] = []
     full: list[str] = []
-    for w in order:
-        if len(chosen) == replicas:
-            break
-        if w in chosen:
-            continue
-        if w not in held:
-            why = full_reason(w, pool[w], loads, size)
-            if why is not None:
-                full.append(why)
+    for candidates in ([w for w in order if w in held or w in newcomers], order):
+        for w in candidates:
+            if len(chosen) == replicas:
+                break
+            if w in chosen:
                 continue
-            if loads.count.get(w, 0) >= bound:
-                continue  # balanced onto the next-ranked worker
-        chosen.append(w)
+            if w not in held:
+                why = full_reason(w, pool[w], loads, size)
+                if why is not None:
+                    if why not in full:
+                        full.append(why)
+                    continue
+                if loads.count.get(w, 0) >= bound:
+                    continue  # balanced onto the next-ranked worker
+            chosen.append(w)
     chosen.sort(key=order.index)
     if len(chosen) < replicas and full:
         reason = NO_CAPACITY

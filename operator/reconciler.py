@@ -91,7 +91,9 @@ class Reconciler:
         )
         self._extra: dict[str, int] = {}  # adapter ref -> replicas added by demand
         self._defaults: dict[str, int] = {}  # base model -> the pool's default replicas (live workers)
-        self._rebalance: set[str] = set()  # adapters to place afresh: a worker joined in their top replicas
+        self._joined: dict[
+            str, set[str]
+        ] = {}  # adapter ref -> workers that came and rank in its top replicas
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -215,7 +217,7 @@ class Reconciler:
             self.loads.know_size(ref, None)
             self.demand.forget(ref)
             self._extra.pop(ref, None)
-            self._rebalance.discard(ref)
+            self._joined.pop(ref, None)
             touched = self.names.release(ref)
             await self._handover(touched, deleted=ref)
             if freed:  # room on its workers: adapters short of replicas in that pool may take it
@@ -307,8 +309,8 @@ class Reconciler:
         defaults = {m: self._pool_default(m) for m in models}
         if any(self._defaults.get(m, 0) != d for m, d in defaults.items()):
             self._defaults.update(defaults)  # the pool's default replicas changed: every adapter may move
-            await self.reconcile_where(
-                lambda o: (o.get("spec") or {}).get("baseModel") in models, trigger="worker"
+            self._in_background(
+                [r for r, o in self.adapters.items() if (o.get("spec") or {}).get("baseModel") in models]
             )
             return
         if live != was_live or (moved and (live or was_live)):
@@ -321,16 +323,38 @@ class Reconciler:
                 if (o.get("spec") or {}).get("baseModel") in models and _touched_by(o, ref, joined)
             ]
             if joined is not None:
-                self._rebalance.update(refs)
-            if refs:
-                metrics.RECONCILES.labels(trigger="worker").inc(len(refs))
-                await asyncio.gather(*(self.reconcile(r, counted=True) for r in refs))
+                for r in refs:
+                    self._joined.setdefault(r, set()).add(joined)
+            self._in_background(refs)
             return
         if not live:
             return
         self._due |= {r for i in changed if (r := self._by_id.get(i)) is not None}
         if self._due and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    def _in_background(self, refs: list[str]) -> None:
+        """Reconcile ``refs`` (a worker came or went) in a task, so the worker's next events, its
+        heartbeats above all, are not held up behind hundreds of status writes: held up longer than the
+        heartbeat window, the worker would look dead to the next periodic check and its adapters move."""
+        if not refs:
+            return
+        metrics.RECONCILES.labels(trigger="worker").inc(len(refs))
+
+        async def run() -> None:
+            try:
+                await asyncio.gather(*(self.reconcile(r, counted=True) for r in refs))
+            except Exception:  # A background task: log; the adapters' next event or the tick retries.
+                log.exception("recomputing adapters after a worker came or went failed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def idle(self) -> None:
+        """Wait until the background reconciles started so far are done (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.settings.report_window)
@@ -536,7 +560,7 @@ class Reconciler:
         if base == 0:
             self.loads.drop(ref)
             self._extra.pop(ref, None)
-            self._rebalance.discard(ref)
+            self._joined.pop(ref, None)
             return None
         pool = self._pool(base_model)
         old = (obj.get("status") or {}).get("placement") or {}
@@ -551,9 +575,8 @@ class Reconciler:
             replicas,
             {w.ref: placement.Capacity(w.max_adapters, w.cache_bytes) for w in pool},
             self.loads,
-            rebalance=ref in self._rebalance,
+            joined=self._joined.pop(ref, ()),
         )
-        self._rebalance.discard(ref)
         self.loads.set(ref, decision.workers, self.loads.size_of(ref))
         workers = list(decision.workers)
         old_workers = list(old.get("workers") or [])
