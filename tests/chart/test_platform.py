@@ -217,8 +217,8 @@ def test_inference_pools_validate_against_the_crd_schema() -> None:
 
 def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
     """Run the rendered test Pod's command against a worker serving a tiny model on 127.0.0.1."""
-    from loraplane.worker.api.server import ServeSettings, build_app, serve_in_thread
-    from loraplane.worker.engine.service import Engine, EngineSettings
+    from loraplane.worker.api.webapp import ServeSettings, build_app, serve_in_thread
+    from loraplane.worker.builtin.service import Engine, EngineSettings
     from loraplane.worker.registry import Registry
 
     values = {

@@ -29,10 +29,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
+from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
-from .. import engines
-from ..engines import Adapter, Output, TokenLogprob
+from ..inference import engines
+from ..inference.engines import LoraSpec, Output, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class _Metrics:
 
 
 class VllmEngine:
-    """``loraplane.worker.engines.Engine`` on vLLM's ``AsyncLLM``."""
+    """``loraplane.worker.inference.engines.Engine`` on vLLM's ``AsyncLLM``."""
 
     kind: engines.Kind = "vllm"
     features = engines.FEATURES
@@ -227,7 +227,7 @@ class VllmEngine:
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+    def limit_for(self, adapter: LoraSpec | None) -> tuple[int, str]:
         return engines.limit_for(
             adapter, max_model_len=self.max_model_len, max_position_embeddings=self.max_position_embeddings
         )
@@ -238,10 +238,10 @@ class VllmEngine:
         return None
 
     # --- adapters --------------------------------------------------------------------------------
-    async def add_adapter(self, adapter: Adapter) -> None:
+    async def add_adapter(self, adapter: LoraSpec) -> None:
         await self._on_engine_loop(self._add(adapter))
 
-    async def _add(self, adapter: Adapter) -> None:
+    async def _add(self, adapter: LoraSpec) -> None:
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(adapter.name, adapter.id, str(adapter.path))
@@ -292,7 +292,7 @@ class VllmEngine:
         *,
         request_id: str,
         model: str,
-        adapter: Adapter | None,
+        adapter: LoraSpec | None,
         prompt_ids: list[int],
         params: Any,
         on_output: Callable[[Output], None],
