@@ -36,6 +36,7 @@ from loraplane.operator.names import Claim, Key, NameIndex
 from loraplane.operator.settings import OperatorSettings
 
 log = logging.getLogger("loraplane.operator")
+PLACEMENT_MESSAGE_MAX = 1024  # status.placement.message's schema limit (many full workers are named)
 
 
 def ref_of(obj: dict[str, Any]) -> str:
@@ -601,7 +602,12 @@ class Reconciler:
                 for w in (*old_workers, *(old.get("draining") or ()))
                 if w not in workers and _ready_on(by_ref.get(w), adapter_id)
             ]
-        out: dict[str, Any] = {"replicas": replicas, "workers": workers, "reason": reason, "message": message}
+        out: dict[str, Any] = {
+            "replicas": replicas,
+            "workers": workers,
+            "reason": reason,
+            "message": cond.truncate(message, PLACEMENT_MESSAGE_MAX),
+        }
         if draining:
             out["draining"] = sorted(set(draining))
         return out
