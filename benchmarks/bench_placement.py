@@ -292,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         m = moved(after_kill, back)
         me = f"{ns}/{victim}"
         onto = sum(me in back[a] and me not in after_kill[a] for a in back)
-        again = all(me in back[a] for a in placed if me in placed[a])
+        again = sum(me in back[a] for a in placed if me in placed[a])
         print(
-            f"assignments moved on its return {m}, onto {victim}: {onto} (it holds again all {lost} it had: "
-            f"{'yes' if again else 'NO'}; {onto - lost} more rank it in their top {k} and had been kept off "
-            "it by the bounded load)"
+            f"assignments moved on its return {m}, onto {victim}: {onto} (target: its own {lost} and no other); "
+            f"it holds again {again} of the {lost} it had (the rest rank it below their current workers: "
+            "the bounded load had put them on it)"
         )
         before_add = {name: fleet.downloads(name) for name in names}
 

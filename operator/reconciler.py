@@ -510,10 +510,10 @@ class Reconciler:
                 ids = status_mod.IdState(taken, version, decision.previous_id)
         holder = self.names.holder((spec.baseModel, adapter.served_name))
         other = holder.ref if holder is not None and holder.ref != ref_of(obj) else None
-        agg, placed = None, None
+        agg, placed, placed_ready = None, None, 0
         if ids.id is not None:
             if other is None:
-                placed = self._place(ref_of(obj), obj, spec.replicas, spec.baseModel, ids.id)
+                placed, placed_ready = self._place(ref_of(obj), obj, spec.replicas, spec.baseModel, ids.id)
             else:
                 self.loads.drop(ref_of(obj))  # not served under a taken name: placed nowhere
             prior = current.previousId if current else None
@@ -528,7 +528,7 @@ class Reconciler:
                 self.settings.heartbeat_window,
                 only=None if placed is None else {*placed["workers"], *(placed.get("draining") or ())},
             )
-        return status_mod.desired(obj, adapter, ids, other, agg, placed), taken
+        return status_mod.desired(obj, adapter, ids, other, agg, placed, placed_ready), taken
 
     # ---- placement -------------------------------------------------------------------------------
 
@@ -555,14 +555,15 @@ class Reconciler:
 
     def _place(
         self, ref: str, obj: dict[str, Any], spec_replicas: int | None, base_model: str, adapter_id: int
-    ) -> dict[str, Any] | None:
-        """status.placement for one adapter (None: on every worker), and its workers held in ``loads``."""
+    ) -> tuple[dict[str, Any] | None, int]:
+        """status.placement for one adapter (None: on every worker), its workers held in ``loads``, and
+        how many of them have it Ready (draining ones not counted)."""
         base = self._replicas(spec_replicas, base_model)
         if base == 0:
             self.loads.drop(ref)
             self._extra.pop(ref, None)
             self._joined.pop(ref, None)
-            return None
+            return None, 0
         pool = self._pool(base_model)
         old = (obj.get("status") or {}).get("placement") or {}
         if ref not in self._extra and old.get("replicas", 0) > base:
@@ -610,7 +611,7 @@ class Reconciler:
         }
         if draining:
             out["draining"] = sorted(set(draining))
-        return out
+        return out, len(ready)
 
     async def _scale_by_demand(self) -> None:
         """Add or give back replicas by the requests waiting per adapter (placement.Demand's rule)."""

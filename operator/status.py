@@ -80,10 +80,12 @@ def desired(
     holder: str | None,
     agg: Aggregate | None,
     placement: dict[str, Any] | None = None,
+    placed_ready: int = 0,
 ) -> dict[str, Any]:
     """The status ``obj`` should have. ``holder``: the adapter holding its served name when another one
     does (None: this one); ``agg``: the workers' view of ``ids.id`` (None while it has no ID), counted
-    over the workers of ``placement`` (status.placement; None: on every live worker)."""
+    over the workers of ``placement`` (status.placement; None: on every live worker), of which
+    ``placed_ready`` (its draining workers not counted) have it Ready."""
     status, conds, gen = _base(obj)
     spec = adapter.spec
     if ids.waiting is not None:
@@ -99,9 +101,11 @@ def desired(
     cond.set_name_available(conds, adapter.served_name, spec.baseModel, holder, gen)
 
     agg = agg if ids.waiting is None and agg is not None else Aggregate()
-    wanted = placement["replicas"] if placement is not None else agg.total
     status["workers"] = agg.counts
-    status["ready"] = f"{agg.ready}/{wanted}"
+    if placement is None:
+        status["ready"] = f"{agg.ready}/{agg.total}"
+    else:  # Ready on the workers it is placed on, not counting those it is leaving
+        status["ready"] = f"{placed_ready if ids.waiting is None else 0}/{placement['replicas']}"
     if placement is not None:
         status["placement"] = placement
     else:
