@@ -72,7 +72,8 @@ class WorkerReport:
     look at every adapter again); ``run()`` writes in batches.
 
     ``lookup`` returns one adapter's report (None: the worker no longer has it) and ``known_ids`` the
-    IDs it has; ``on_device`` (optional, from the engine) returns the IDs in device slots now;
+    IDs it has; ``on_device`` (optional, from the engine) returns the IDs in device slots now (None: the
+    engine has not started, and the status says nothing of the device yet);
     ``cache_bytes_used`` the cache's bytes in use.
     """
 
@@ -88,7 +89,7 @@ class WorkerReport:
         cache_bytes_used: Callable[[], int] = lambda: 0,
         assigned: Callable[[], int] | None = None,
         waiting: Callable[[], dict[int, int]] | None = None,
-        on_device: Callable[[], set[int]] | None = None,
+        on_device: Callable[[], set[int] | None] | None = None,
         pod_name: str = "",
         batch_seconds: float = 0.2,
         heartbeat_seconds: float = 10.0,
@@ -204,7 +205,7 @@ class WorkerReport:
         for i in ids:
             self._update(i, self.lookup(i))
         if self.on_device is not None:
-            device = self.on_device()
+            device = self.on_device() or set()
             if device != self._device:
                 self._device = device
 
@@ -274,7 +275,7 @@ class WorkerReport:
             counts["assigned"] = self.assigned()
         if self.waiting is not None:
             counts["waiting"] = self._waiting()
-        if self.on_device is not None:
+        if self.on_device is not None and self.on_device() is not None:  # None: no engine yet
             counts["onDevice"] = sum(1 for i in self._device if i in self._state)
             counts["onDeviceIds"] = ranges.encode(self._device) or None
         return counts
@@ -359,7 +360,7 @@ class WorkerReport:
                 await asyncio.wait_for(self._dirty.wait(), timeout=min(left, DEVICE_POLL_SECONDS))
                 return True
             except TimeoutError:
-                if self.on_device is not None and self.on_device() != self._device:
+                if self.on_device is not None and (self.on_device() or set()) != self._device:
                     return True
         return False
 
