@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from loraplane.crds.errors import APIConflictError, APIError, APINotFoundError
+from loraplane.errors import APIConflictError, APIError, APINotFoundError
 from loraplane.operator import events
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ and writes again; with nothing left to evict it is CacheFull, naming the volume.
 
 Bad files never become entries: the weights' safetensors header is checked (tensorfile, as the
 loader checks it) as soon as its bytes arrive, and a bad one stops the download at once instead of
-after gigabytes; so does a header naming a tensor that is no LoRA weight (``adapter.foreign_tensor``:
+after gigabytes; so does a header naming a tensor that is no LoRA weight (``peft.foreign_tensor``:
 a saved module, new embeddings, DoRA), which validation would refuse. An entry whose adapter then fails validation leaves the cache (``discard``).
 """
 
@@ -38,8 +38,9 @@ from typing import Any, BinaryIO
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from loraplane.crds.errors import LoraplaneError, ValidationFailed
-from loraplane.worker import adapter, provenance, sources, tensorfile
+from loraplane.errors import LoraplaneError, ValidationFailed
+from loraplane.worker import provenance, sources
+from loraplane.worker.inference import peft, tensorfile
 from loraplane.worker.sources import ResolvedSource, SourceSettings
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class CachedFile:
 
 
 @dataclass(frozen=True)
-class CachedAdapter:
+class CacheEntry:
     """A complete cache entry: ``path`` holds adapter_config.json and adapter_model.safetensors (and
     model.sig when the source has one)."""
 
@@ -161,7 +162,7 @@ class AdapterCache:
         self._entries_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._tmp_dir, ignore_errors=True)
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        found: list[tuple[float, CachedAdapter]] = []
+        found: list[tuple[float, CacheEntry]] = []
         for d in self._entries_dir.iterdir():
             entry = self._read_entry(d)
             if entry is None:
@@ -173,7 +174,7 @@ class AdapterCache:
             self._lru[entry.cache_key] = entry
         self._update_gauges()
 
-    def _read_entry(self, d: Path) -> CachedAdapter | None:
+    def _read_entry(self, d: Path) -> CacheEntry | None:
         """The entry in d if its manifest is valid and every file has the recorded size; else None."""
         try:
             data = json.loads((d / MANIFEST).read_text())
@@ -183,7 +184,7 @@ class AdapterCache:
                     return None
             if data["cache_key"] != d.name:
                 return None
-            return CachedAdapter(
+            return CacheEntry(
                 d.name, d, sum(f.size for f in files), files, data["uri"], data["resolved_revision"]
             )
         except (OSError, ValueError, KeyError, TypeError):
@@ -195,12 +196,12 @@ class AdapterCache:
         with self._lock:
             return self._lru.bytes
 
-    def entries(self) -> list[CachedAdapter]:
+    def entries(self) -> list[CacheEntry]:
         """Complete entries, least recently used first."""
         with self._lock:
             return list(self._lru.values())
 
-    def lookup(self, cache_key: str, *, pin: bool = False) -> CachedAdapter | None:
+    def lookup(self, cache_key: str, *, pin: bool = False) -> CacheEntry | None:
         """The complete entry for cache_key, with no network; marks it recently used.
 
         With ``pin`` the entry is pinned in the same step, so no eviction can slip in between."""
@@ -238,7 +239,7 @@ class AdapterCache:
             return self._pins[cache_key] > 0
 
     # --- prefetch --------------------------------------------------------------------------------
-    def prefetch(self, resolved: ResolvedSource, *, pin: bool = False) -> CachedAdapter:
+    def prefetch(self, resolved: ResolvedSource, *, pin: bool = False) -> CacheEntry:
         """The complete entry for ``resolved``, downloading it if needed. Blocking, thread-safe.
 
         With ``pin`` the entry is returned pinned (unpin it when it is no longer served); pinning
@@ -319,7 +320,7 @@ class AdapterCache:
             )
         with self._lock:
             used = self._lru.bytes + self._reserved
-            victims: list[CachedAdapter] = []
+            victims: list[CacheEntry] = []
             for key, entry in self._lru.items():  # oldest first
                 if used + size <= self.budget_bytes:
                     break
@@ -343,7 +344,7 @@ class AdapterCache:
         for entry in victims:
             self._discard(entry.path)
 
-    def _download_with_retries(self, resolved: ResolvedSource) -> CachedAdapter:
+    def _download_with_retries(self, resolved: ResolvedSource) -> CacheEntry:
         attempts = self.retries + 1
         last: LoraplaneError | None = None
         for attempt in range(1, attempts + 1):
@@ -381,7 +382,7 @@ class AdapterCache:
             ) from last
         raise last
 
-    def _download_making_space(self, resolved: ResolvedSource) -> CachedAdapter:
+    def _download_making_space(self, resolved: ResolvedSource) -> CacheEntry:
         """``_download``; when the volume is full, evict what is not served and write again (each
         round evicts at least one entry, so this ends)."""
         while True:
@@ -422,7 +423,7 @@ class AdapterCache:
             evicted += 1
         return evicted
 
-    def _download(self, resolved: ResolvedSource) -> CachedAdapter:
+    def _download(self, resolved: ResolvedSource) -> CacheEntry:
         stage = self._tmp_dir / f"{resolved.cache_key}.{uuid.uuid4().hex[:8]}"
         try:
             stage.mkdir(parents=True)
@@ -530,13 +531,13 @@ class AdapterCache:
         CACHE_ENTRIES.set(len(self._lru))
 
 
-class _Entries(OrderedDict[str, CachedAdapter]):
+class _Entries(OrderedDict[str, CacheEntry]):
     """Entries by cache key, keeping their total size (a sum over every entry per prefetch made one
     adapter's cost grow with the number of adapters)."""
 
     bytes = 0
 
-    def __setitem__(self, key: str, entry: CachedAdapter) -> None:
+    def __setitem__(self, key: str, entry: CacheEntry) -> None:
         old = self.get(key)
         self.bytes += entry.size_bytes - (old.size_bytes if old is not None else 0)
         super().__setitem__(key, entry)
@@ -569,9 +570,9 @@ class _HeaderCheck:
             prefix = os.pread(self.fd, min(self.need, written), 0)
             header = tensorfile.parse_header(prefix, self.rf.name, self.rf.size)
             self.done = True
-            foreign = adapter.Problems()
+            foreign = peft.Problems()
             for key in header.tensors:
-                if (problem := adapter.foreign_tensor(key)) is not None:
+                if (problem := peft.foreign_tensor(key)) is not None:
                     foreign.add(*problem)
             if foreign.items:  # validation would refuse it: decide now, not after the rest of the file
                 raise ValidationFailed(foreign.all())

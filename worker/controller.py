@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
-from loraplane.crds.errors import LoraplaneError
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
-from loraplane.worker import basemodel, provenance, sources, validate
-from loraplane.worker.cache import AdapterCache, CachedAdapter
-from loraplane.worker.engines import Adapter
-from loraplane.worker.registry import AdapterVersion, Registry, State
-from loraplane.worker.watch import AdapterWatch, DesiredAdapter
+from loraplane.errors import LoraplaneError
+from loraplane.worker import provenance, sources, validate
+from loraplane.worker.cache import AdapterCache, CacheEntry
+from loraplane.worker.inference import basemodel
+from loraplane.worker.inference.engines import LoraSpec
+from loraplane.worker.registry import Registry, State, VersionEntry
+from loraplane.worker.watch import AdapterWatch, DesiredVersion
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class _Known:
     """The controller's own bookkeeping for one adapter version: what it should be is ``desired`` (from
     the watch), where it stands is ``version`` (the registry entry, kept here as last written)."""
 
-    desired: DesiredAdapter
-    version: AdapterVersion
+    desired: DesiredVersion
+    version: VersionEntry
     info: AdapterInfo | None = None
     cache_key: str | None = None  # pinned while known
     task: asyncio.Task[None] | None = None
@@ -88,7 +89,7 @@ class Controller:
         # reported Ready: a status that says Ready while nothing can be served is the failure we avoid.
         self.engine_ready = engine_ready
         # Set by the worker once its engine runs: loads a validated version before it is Ready.
-        self.load_adapter: Callable[[Adapter], Awaitable[None]] | None = None
+        self.load_adapter: Callable[[LoraSpec], Awaitable[None]] | None = None
         self.cache = cache
         self.base = base
         self.source_settings = source_settings
@@ -100,7 +101,7 @@ class Controller:
         self._known: dict[int, _Known] = {}
         self._versions: dict[str, set[int]] = {}  # namespace/name -> its known version IDs
         self._counts = dict.fromkeys(STATES, 0)  # known versions by state (the gauge)
-        self._desired: dict[int, DesiredAdapter] = {}
+        self._desired: dict[int, DesiredVersion] = {}
         self.synced = asyncio.Event()  # set once the first desired state has been applied
 
     # --- the loop --------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Controller:
 
     def reconcile(
         self,
-        desired: dict[int, DesiredAdapter],
+        desired: dict[int, DesiredVersion],
         changed: set[int] | None = None,
         by_adapter: dict[str, int] | None = None,
     ) -> None:
@@ -137,7 +138,7 @@ class Controller:
         for adapter_id in list(changed):
             touched = desired.get(adapter_id) or self._known.get(adapter_id)
             if touched is not None:
-                key = touched.adapter if isinstance(touched, DesiredAdapter) else touched.desired.adapter
+                key = touched.adapter if isinstance(touched, DesiredVersion) else touched.desired.adapter
                 changed |= self._versions.get(key, set())
         for adapter_id in sorted(changed):
             want = desired.get(adapter_id)
@@ -172,8 +173,8 @@ class Controller:
             # volume fills. An older version of a still-wanted adapter stays cached (a rollback hits).
             self._drop(adapter_id, forget=newer is None)
 
-    def _start(self, want: DesiredAdapter) -> None:
-        version = AdapterVersion(
+    def _start(self, want: DesiredVersion) -> None:
+        version = VersionEntry(
             id=want.id, served_name=want.served_name, adapter=want.adapter, max_length=want.max_length
         )
         known = _Known(want, version)
@@ -235,7 +236,7 @@ class Controller:
         self._set(known, "Prefetching")
         resolved = await self._resolve(want)
         # Pinned in the same step as the prefetch, so no other prefetch can evict it in between.
-        cached: CachedAdapter = await asyncio.to_thread(self.cache.prefetch, resolved, pin=True)
+        cached: CacheEntry = await asyncio.to_thread(self.cache.prefetch, resolved, pin=True)
         if known.cache_key != cached.cache_key:
             self._release(known)
             known.cache_key = cached.cache_key
@@ -279,7 +280,7 @@ class Controller:
             await self.load_adapter(
                 dataclasses.replace(
                     known.version, local_dir=cached.path, chat_template=summary.chat_template
-                ).engine_adapter()
+                ).lora_spec()
             )
         self._set(
             known,
@@ -295,7 +296,7 @@ class Controller:
         log.info("adapter %s id %d Ready (rank %d, %s)", want.adapter, want.id, summary.rank, resolved.uri)
         self._retire_older(known)
 
-    def _provenance(self, want: DesiredAdapter, cached: CachedAdapter) -> str | None:
+    def _provenance(self, want: DesiredVersion, cached: CacheEntry) -> str | None:
         """Check the pinned digest and the signature before anything reads the files; the signer, if any.
 
         A refusal is permanent: the version is Failed and its files leave the cache (``_prepare``)."""
@@ -308,7 +309,7 @@ class Controller:
             cached.path / provenance.SIGNATURE_FILE, cached.file_digests, self.trust, where
         )
 
-    async def _resolve(self, want: DesiredAdapter) -> sources.ResolvedSource:
+    async def _resolve(self, want: DesiredVersion) -> sources.ResolvedSource:
         """Resolve the path; when the Hub is unreachable, fall back to the resolution recorded when the
         cached copy was fetched, so a restarted worker serves from its cache through a Hub outage."""
         try:

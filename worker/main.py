@@ -3,7 +3,7 @@
 ``WorkerApp`` holds the pieces (settings, base model info, registry, cache, watch, controller, report)
 and runs them on one event loop. The HTTP side is a hook: ``app.serve`` (a coroutine function taking
 the app) is started with the rest, so the OpenAI API server can run inside this process and read the
-same registry. One HTTP server (``loraplane.worker.api.server``) answers /health, /ready, /metrics and
+same registry. One HTTP server (``loraplane.worker.api.webapp``) answers /health, /ready, /metrics and
 /adapters in both modes, and the OpenAI API when serving. SIGTERM and SIGINT stop it cleanly: the
 server drains (no new requests; those in flight finish within --drain-seconds), tasks are cancelled,
 the LoRAWorker object is deleted, the exit code is 0.
@@ -33,10 +33,10 @@ from loraplane.worker.settings import ConfigError, WorkerSettings
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from loraplane.crds.kube import KubeClient
-    from loraplane.worker.basemodel import ModelConfig
+    from loraplane.kube import KubeClient
     from loraplane.worker.cache import AdapterCache
     from loraplane.worker.controller import Controller
+    from loraplane.worker.inference.basemodel import ModelConfig
     from loraplane.worker.registry import Registry
     from loraplane.worker.report import WorkerReport
     from loraplane.worker.sources import SourceSettings
@@ -92,7 +92,7 @@ class WorkerApp:
 
     def load_base_model(self) -> None:
         """Find the checkpoint (a directory, or the Hub's config and weights) and read its config."""
-        from loraplane.worker.basemodel import ModelConfig
+        from loraplane.worker.inference.basemodel import ModelConfig
 
         s = self.settings
         model_dir = Path(s.base_model).expanduser()
@@ -121,8 +121,8 @@ class WorkerApp:
 
     def build(self) -> None:
         """Create the parts (after load_base_model, inside the running loop)."""
-        from loraplane.crds.kube import KubeClient, load_configuration
         from loraplane.crds.models import LoRAWorkerSpec, WorkerCapacity
+        from loraplane.kube import KubeClient, load_configuration
         from loraplane.worker import validate
         from loraplane.worker.cache import AdapterCache
         from loraplane.worker.controller import Controller
@@ -206,7 +206,7 @@ class WorkerApp:
                     raise error or RuntimeError(f"{task.get_name()} ended unexpectedly")
         finally:
             if stopper.done() and self.web is not None:  # a stop, not a crash: let requests finish
-                from loraplane.worker.api.server import drain
+                from loraplane.worker.api.webapp import drain
 
                 await drain(self.web, self.settings.drain_seconds)
             for task in [stopper, *tasks, *helpers]:
@@ -224,7 +224,7 @@ class WorkerApp:
 
     async def _http(self) -> None:
         """The HTTP server; with a serve hook, the hook then loads the engine and attaches it."""
-        from loraplane.worker.api.server import start
+        from loraplane.worker.api.webapp import start
 
         self.web = self.http_app()
         runner, self.port = await start(self.web, self.settings.host, self.settings.port)
@@ -246,7 +246,7 @@ class WorkerApp:
         """The worker's HTTP app: probes, /metrics, /adapters, and the OpenAI API when serving.
         /ready also waits for the first adapter list, so a pod joins its Service only when it serves
         what the cluster asks of it."""
-        from loraplane.worker.api.server import HEALTH, ServeSettings, build_app
+        from loraplane.worker.api.webapp import HEALTH, ServeSettings, build_app
 
         def reports() -> list[dict[str, object]]:
             return [
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
         return 2
     _configure_logging(settings.log_level, settings.log_format)
     if serve is None and settings.mode == "serve":
-        from loraplane.worker.serve import serve_openai
+        from loraplane.worker.assembly import serve_openai
 
         serve = serve_openai
     app = WorkerApp(settings, serve=serve)
@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None, *, serve: ServeHook | None = None) -> in
     except Exception as e:  # a LoraplaneError names the problem; anything else too, without a trace
         print(f"loraplane-worker: --base-model {settings.base_model}: {e}", file=sys.stderr)
         return 2
-    from loraplane.crds.errors import CredentialsError
-    from loraplane.crds.kube import load_configuration
+    from loraplane.errors import CredentialsError
+    from loraplane.kube import load_configuration
 
     try:
         app.kube_configuration = load_configuration(settings.kubeconfig or None)

@@ -25,8 +25,6 @@ from typing import Any
 from prometheus_client import Counter
 
 from loraplane.crds import ranges
-from loraplane.crds.errors import APIConflictError, APIError, APINotFoundError
-from loraplane.crds.kube import Backoff, KubeClient
 from loraplane.crds.models import (
     API_VERSION,
     WORKER_KIND,
@@ -34,6 +32,8 @@ from loraplane.crds.models import (
     LoRAWorkerSpec,
     WorkerAdapterReport,
 )
+from loraplane.errors import APIConflictError, APIError, APINotFoundError
+from loraplane.kube import Backoff, KubeClient
 
 log = logging.getLogger(__name__)
 

@@ -258,8 +258,8 @@ def test_body_based_routing_is_off_by_default_and_scoped_to_its_namespace() -> N
 
 def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
     """Run the rendered test Pod's command against a worker serving a tiny model on 127.0.0.1."""
-    from loraplane.worker.api.server import ServeSettings, build_app, serve_in_thread
-    from loraplane.worker.engine.service import Engine, EngineSettings
+    from loraplane.worker.api.webapp import ServeSettings, build_app, serve_in_thread
+    from loraplane.worker.builtin.service import Engine, EngineSettings
     from loraplane.worker.registry import Registry
 
     values = {

@@ -156,9 +156,9 @@ def peft_greedy(base: Path, adapter: Path | None, max_tokens: int, prompt: list[
 
 def builtin_greedy(base: Path, adapters: dict[str, Path], max_tokens: int) -> dict[str | None, list[int]]:
     """The built-in engine's greedy tokens on the same checkpoint and adapters (its own process)."""
-    from loraplane.worker.engine.sampling import SamplingParams
-    from loraplane.worker.engine.service import Engine, EngineSettings
-    from loraplane.worker.engines import Adapter
+    from loraplane.worker.builtin.service import Engine, EngineSettings
+    from loraplane.worker.inference.engines import LoraSpec
+    from loraplane.worker.inference.sampling import SamplingParams
 
     engine = Engine.start(base, EngineSettings(device="cpu", dtype="float32", max_model_len=256))
     try:
@@ -172,7 +172,7 @@ def builtin_greedy(base: Path, adapters: dict[str, Path], max_tokens: int) -> di
                 if o.finish_reason is not None:
                     done.set()
 
-            adapter = None if name is None else Adapter(id=100 + i, name=name, path=adapters[name])
+            adapter = None if name is None else LoraSpec(id=100 + i, name=name, path=adapters[name])
             if adapter is not None:
                 asyncio.run(engine.add_adapter(adapter))
             engine.submit(

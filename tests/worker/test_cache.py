@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from safetensors.numpy import load_file, save_file
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 from loraplane.worker.sources import refs
@@ -153,7 +153,7 @@ def test_one_download_per_key_under_concurrency(tmp_path: Path, hf_hub: Any) -> 
     r = s.resolve(_hub_repo(hf_hub, tmp_path, "a", extra_tensors=_pad(100_000)), None, settings)
     hf_hub.chunk_delay_s = 0.01
     cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
-    results: list[c.CachedAdapter] = []
+    results: list[c.CacheEntry] = []
     threads = [threading.Thread(target=lambda: results.append(cache.prefetch(r))) for _ in range(4)]
     for t in threads:
         t.start()

@@ -12,12 +12,12 @@ import pytest
 from support import adapters as adapters_mod
 from support import servers
 
-from loraplane.worker.basemodel import ModelConfig
 from loraplane.worker.cache import AdapterCache
 from loraplane.worker.controller import Controller
+from loraplane.worker.inference.basemodel import ModelConfig
 from loraplane.worker.registry import Registry
 from loraplane.worker.sources import SourceSettings
-from loraplane.worker.watch import DesiredAdapter
+from loraplane.worker.watch import DesiredVersion
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def _controller(base, root, cache_dir, **kw):
 
 
 def _want(adapter_id, path, *, name="sql", key="ns/sql", stale=False):
-    return DesiredAdapter(adapter_id, key, name, str(path), None, None, "u", stale=stale)
+    return DesiredVersion(adapter_id, key, name, str(path), None, None, "u", stale=stale)
 
 
 async def _until(fn, timeout=10.0):
@@ -143,9 +143,9 @@ def test_a_pool_that_requires_signatures_loads_only_verified_adapters(world, tmp
 
         c.load_adapter = load
         c.reconcile({
-            1: DesiredAdapter(1, "ns/a", "a", str(signed), None, None, "u", digest=digest),
+            1: DesiredVersion(1, "ns/a", "a", str(signed), None, None, "u", digest=digest),
             2: _want(2, unsigned, name="b", key="ns/b"),
-            3: DesiredAdapter(3, "ns/c", "c", str(signed), None, None, "u", digest="sha256:" + "0" * 64),
+            3: DesiredVersion(3, "ns/c", "c", str(signed), None, None, "u", digest="sha256:" + "0" * 64),
         })  # fmt: skip
         await _until(lambda: c.states() == {1: "Ready", 2: "Failed", 3: "Failed"})
         reports = {r.id: r for r in c.reports()}

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError, ValidationFailed
-from loraplane.worker import adapter as a
-from loraplane.worker import basemodel as bm
+from loraplane.errors import LoraplaneError, ValidationFailed
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 from loraplane.worker import validate as v
+from loraplane.worker.inference import basemodel as bm
+from loraplane.worker.inference import peft as a
 
 MAX_RANK = 16
 
@@ -30,7 +30,7 @@ class Worker:
     settings: s.SourceSettings
     cache: c.AdapterCache
     base: bm.ModelConfig
-    good: c.CachedAdapter
+    good: c.CacheEntry
 
     def run(
         self,

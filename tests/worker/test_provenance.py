@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from support import adapters, servers, signing
 
-from loraplane.crds.errors import LoraplaneError
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import provenance as p
 from loraplane.worker import sources as s

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import adapter as a
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import settings as worker_settings
 from loraplane.worker import sources as s
+from loraplane.worker.inference import peft as a
 from loraplane.worker.sources import gcs as g
 
 gcs = servers.gcs

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import adapter as a
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
+from loraplane.worker.inference import peft as a
 
 hf_hub = servers.hf_hub
 REPO = "team-a/sql-lora"

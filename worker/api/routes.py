@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import responses, tools
 from .errors import ApiError
+from .generation import Generation, Serving, model_label
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -41,11 +42,10 @@ from .protocol import (
     ModelList,
     Usage,
 )
-from .server import GENERATION_PATHS, HEALTH, SETTINGS
-from .serving import Generation, Serving, model_label
+from .webapp import GENERATION_PATHS, HEALTH, SETTINGS
 
 if TYPE_CHECKING:
-    from ..engines import Output
+    from ..inference.engines import Output
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ logprob alternative) is the heavy Python work of a request, and on the HTTP serv
 probes; outputs reach the server through ``on_output``, which is thread-safe (as for the built-in engine).
 
 vLLM's own Prometheus series (``vllm:*``) register in the process-wide registry that the worker's
-``/metrics`` already serves. The adapter-residency series vLLM does not export yet (``residency.py``)
+``/metrics`` already serves. The adapter-residency series vLLM does not export yet (``inference/residency.py``)
 come from vLLM's model runner itself, through ``plugin.LORA_STATE``. On vLLM's CPU backend,
 ``plugin.py`` fixes a mixed-batch bug.
 """
@@ -33,10 +33,10 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
+from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
-from .. import engines, residency
-from ..engines import Adapter, Output, TokenLogprob
+from ..inference import engines, residency
+from ..inference.engines import LoraSpec, Output, TokenLogprob
 from . import plugin
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class _Metrics:
 
 
 class _Residency(Collector):
-    """vLLM's adapter-residency series (``residency.py``) from the engine's latest snapshot of vLLM's
+    """vLLM's adapter-residency series (``inference/residency.py``) from the engine's latest snapshot of vLLM's
     caches. A scrape cannot wait for vLLM (it runs on the HTTP server's loop), so each scrape asks for
     a fresh snapshot and publishes the last one: at most one scrape interval old, and fresh after
     every add and remove."""
@@ -179,7 +179,7 @@ class _Residency(Collector):
 
 
 class VllmEngine:
-    """``loraplane.worker.engines.Engine`` on vLLM's ``AsyncLLM``."""
+    """``loraplane.worker.inference.engines.Engine`` on vLLM's ``AsyncLLM``."""
 
     kind: engines.Kind = "vllm"
     features = engines.FEATURES
@@ -256,7 +256,7 @@ class VllmEngine:
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+    def limit_for(self, adapter: LoraSpec | None) -> tuple[int, str]:
         return engines.limit_for(
             adapter, max_model_len=self.max_model_len, max_position_embeddings=self.max_position_embeddings
         )
@@ -267,10 +267,10 @@ class VllmEngine:
         return None
 
     # --- adapters --------------------------------------------------------------------------------
-    async def add_adapter(self, adapter: Adapter) -> None:
+    async def add_adapter(self, adapter: LoraSpec) -> None:
         await self._on_engine_loop(self._add(adapter))
 
-    async def _add(self, adapter: Adapter) -> None:
+    async def _add(self, adapter: LoraSpec) -> None:
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(adapter.name, adapter.id, str(adapter.path))
@@ -347,7 +347,7 @@ class VllmEngine:
         *,
         request_id: str,
         model: str,
-        adapter: Adapter | None,
+        adapter: LoraSpec | None,
         prompt_ids: list[int],
         params: Any,
         on_output: Callable[[Output], None],

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from support.api import BASE, MakeServer, Served
 
-from loraplane.worker.api.server import ServeSettings, build_app, serve_in_thread
-from loraplane.worker.engine.scheduler import SchedulerSettings
-from loraplane.worker.engine.service import Engine, EngineSettings
+from loraplane.worker.api.webapp import ServeSettings, build_app, serve_in_thread
+from loraplane.worker.builtin.scheduler import SchedulerSettings
+from loraplane.worker.builtin.service import Engine, EngineSettings
 from loraplane.worker.registry import Registry
 
 

@@ -12,7 +12,7 @@ import pytest
 from support.api import MakeServer
 
 from loraplane import telemetry
-from loraplane.worker.api.server import ServeSettings, build_app, serve_in_thread
+from loraplane.worker.api.webapp import ServeSettings, build_app, serve_in_thread
 
 ACCESS = "loraplane.worker.access"
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from support.api import BASE, MakeServer, Served, reference_greedy, reference_text
 
-from loraplane.worker.engine.sampling import SamplingParams
+from loraplane.worker.inference.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -352,8 +352,8 @@ def test_health_ready_and_metrics(served: Served) -> None:
 
 
 def test_ready_waits_for_the_base_model(tiny_llama: Path) -> None:
-    from loraplane.worker.api.server import build_app, serve_in_thread, set_engine
-    from loraplane.worker.engine.service import Engine, EngineSettings
+    from loraplane.worker.api.webapp import build_app, serve_in_thread, set_engine
+    from loraplane.worker.builtin.service import Engine, EngineSettings
     from loraplane.worker.registry import Registry
 
     registry = Registry()

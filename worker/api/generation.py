@@ -18,15 +18,15 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from loraplane.crds.errors import LoraplaneError
+from loraplane.errors import LoraplaneError
 
-from ..engines import NON_FINITE_OUTPUT
+from ..inference.engines import NON_FINITE_OUTPUT
 from .errors import ApiError
 from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new_id
 
 if TYPE_CHECKING:
-    from ..engines import Engine, Output
-    from ..registry import AdapterVersion, Registry
+    from ..inference.engines import Engine, Output
+    from ..registry import Registry, VersionEntry
 
 access_log = logging.getLogger("loraplane.worker.access")
 
@@ -163,7 +163,7 @@ class Serving:
             )
         return self.engine
 
-    def resolve(self, name: str) -> AdapterVersion | None:
+    def resolve(self, name: str) -> VersionEntry | None:
         """The adapter version ``name`` means now (None: the base model), or an ApiError saying why not."""
         engine = self.require_engine()
         if name == engine.model_name:
@@ -249,7 +249,7 @@ class Serving:
                     code="invalid_value",
                 )
         version = self.resolve(request.model)
-        adapter = None if version is None else version.engine_adapter()
+        adapter = None if version is None else version.lora_spec()
         param = "prompt" if isinstance(request, CompletionRequest) else "messages"
         n = extras.get("n", 1)
         if isinstance(request, CompletionRequest) and len(request.prompt_list()) * n > MAX_CHOICES:

@@ -36,7 +36,7 @@ from .auth import ApiKeys
 from .errors import ApiError
 
 if TYPE_CHECKING:
-    from ..engines import Engine
+    from ..inference.engines import Engine
     from ..registry import Registry
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ async def drain(app: web.Application, seconds: float) -> int:
     if h.in_flight:
         log.warning("drain deadline reached with %d requests still in flight", h.in_flight)
         if h.cut:
-            from loraplane.crds.errors import TemporaryError
+            from loraplane.errors import TemporaryError
 
             # Each ends now with a ShuttingDown event (then [DONE]), ahead of the outputs it has not
             # sent: a stream with a backlog would otherwise still be writing it when the server closes

@@ -7,7 +7,7 @@ Two kinds of series:
   latency, batch size, adapter loads and evictions, engine steps), and each adapter's residency
   (``loraplane_worker_adapter_residency{model, id, tier}`` 1 or 0 for device, cpu and disk: vLLM has
   no such signal).
-- The series routers read, under vLLM's names, labels and meaning (``residency.py`` says where each
+- The series routers read, under vLLM's names, labels and meaning (``inference/residency.py`` says where each
   comes from upstream): ``vllm:num_requests_waiting``, ``vllm:num_requests_running``,
   ``vllm:kv_cache_usage_perc`` (a fraction, 1 = full), ``vllm:lora_requests_info`` (value: when it
   was sampled; labels ``max_lora``, ``running_lora_adapters``, ``waiting_lora_adapters``:
@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 import loraplane.telemetry  # noqa: F401  (no _created series)
-from loraplane.worker import residency
+from loraplane.worker.inference import residency
 
 if TYPE_CHECKING:
     from .service import Engine

@@ -1,7 +1,7 @@
 """The one interface both serving engines implement: the built-in torch engine and vLLM.
 
-An engine knows nothing of Kubernetes or the registry: the worker (``serve.py``) wires them. It is
-handed adapter *versions* as ``Adapter(id, name, path)`` with the cluster-unique ID as its key, loads
+An engine knows nothing of Kubernetes or the registry: the worker (``assembly.py``) wires them. It is
+handed adapter *versions* as ``LoraSpec(id, name, path)`` with the cluster-unique ID as its key, loads
 one before the control path reports it Ready (``add_adapter``), and forgets one once no request uses
 it (``retire_adapter``). Requests come in as prompt token IDs, ``SamplingParams`` (the fields every
 engine implements) and ``extras`` (optional features, each named in ``FEATURES``); the API refuses
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from loraplane.crds.errors import LoraplaneError
-    from loraplane.worker.engine.sampling import SamplingParams
+    from loraplane.errors import LoraplaneError
+    from loraplane.worker.inference.sampling import SamplingParams
 
 NON_FINITE_OUTPUT = "NonFiniteOutput"
 """The reason a request fails with when the engine computed NaN or Inf logits for it; on an adapter's
@@ -43,7 +43,7 @@ FEATURES = frozenset(
 
 
 @dataclass(frozen=True)
-class Adapter:
+class LoraSpec:
     """One adapter version as an engine sees it."""
 
     id: int
@@ -95,7 +95,7 @@ class Engine(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+    def limit_for(self, adapter: LoraSpec | None) -> tuple[int, str]:
         """(max prompt + output tokens, what sets it) for the base model (None) or an adapter."""
         ...
 
@@ -104,7 +104,7 @@ class Engine(Protocol):
         *,
         request_id: str,
         model: str,
-        adapter: Adapter | None,
+        adapter: LoraSpec | None,
         prompt_ids: list[int],
         params: SamplingParams,
         extras: dict[str, Any],
@@ -116,7 +116,7 @@ class Engine(Protocol):
 
     def cancel(self, request_id: str) -> None: ...
 
-    async def add_adapter(self, adapter: Adapter) -> None:
+    async def add_adapter(self, adapter: LoraSpec) -> None:
         """Load an adapter before it is served (warm). Raises LoraplaneError with the engine's reason."""
         ...
 
@@ -140,7 +140,7 @@ class Engine(Protocol):
 
 
 def limit_for(
-    adapter: Adapter | None, *, max_model_len: int, max_position_embeddings: int
+    adapter: LoraSpec | None, *, max_model_len: int, max_position_embeddings: int
 ) -> tuple[int, str]:
     """The length bound of a request: the adapter's longContext.maxLength, else the base model's
     max_position_embeddings, never above the engine's max_model_len (its KV cache)."""
@@ -151,19 +151,3 @@ def limit_for(
     if max_position_embeddings <= max_model_len:
         return max_position_embeddings, "the base model's max_position_embeddings"
     return max_model_len, "the worker's max_model_len"
-
-
-async def start(kind: Kind, model_dir: Path, worker_settings: Any) -> Engine:
-    """Load the base model into the engine a worker pool chose, on the running event loop (the vLLM
-    engine serves from it; the built-in one loads in a thread and runs its own)."""
-    if kind == "vllm":
-        from loraplane.worker.vllm.engine import VllmEngine, VllmSettings
-
-        return await VllmEngine.start(model_dir, VllmSettings.from_worker(worker_settings))
-    import asyncio
-
-    from loraplane.worker.engine.service import Engine as BuiltinEngine
-    from loraplane.worker.engine.service import EngineSettings
-
-    settings = EngineSettings.from_worker(worker_settings)
-    return await asyncio.to_thread(BuiltinEngine.start, model_dir, settings)

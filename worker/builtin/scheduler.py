@@ -39,12 +39,13 @@ from pathlib import Path
 
 import torch
 
-from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
+from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
-from ..engines import Output
+from ..inference.engines import Output
+from ..inference.sampling import SamplingParams
 from .metrics import Metrics
 from .runner import ModelRunner, SeqStep
-from .sampling import SamplingParams, TextTail, sample
+from .sampling import TextTail, generator_for, sample
 from .tiers import PREFETCH_WINDOW, AdapterTiers
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ class Scheduler:
             if not kv.can_allocate(reserve):
                 break  # wait for running requests to free KV, oldest first
             try:  # everything about the request itself that can fail, before any state changes
-                generator = req.params.generator(self.runner.device)
+                generator = generator_for(req.params, self.runner.device)
                 tail = TextTail(self.runner.tokenizer, req.params.stop)
             except Exception as exc:
                 self._finish(req, "error", self._refused(exc))

@@ -1,7 +1,7 @@
 """The engine as one object the worker process starts: runner + adapter tiers + the scheduler thread.
 
 ``Engine.start(model_dir, settings)`` loads the base model and starts the engine thread. It implements
-``loraplane.worker.engines.Engine`` and knows nothing of the registry: the worker calls
+``loraplane.worker.inference.engines.Engine`` and knows nothing of the registry: the worker calls
 ``retire_adapter`` when a version will get no new requests (its CPU and device copies are dropped
 once no admitted request uses it). The HTTP side calls ``submit`` from its event loop; ``limit_for``
 gives the length bound a request is checked against: the adapter's longContext.maxLength, else the
@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
-from .. import engines
-from ..engines import Adapter, Output
+from ..inference import engines
+from ..inference.engines import LoraSpec, Output
+from ..inference.sampling import SamplingParams
 from . import heap
 from .metrics import Metrics
 from .runner import ModelRunner
-from .sampling import SamplingParams
 from .scheduler import Request, Scheduler, SchedulerSettings
 from .tiers import AdapterTiers
 
@@ -81,7 +81,7 @@ class Engine:
         self.runner = runner
         self.settings = settings
         self.model_name = model_name
-        self.adapters: dict[int, Adapter] = {}  # the versions handed over by add_adapter, by ID
+        self.adapters: dict[int, LoraSpec] = {}  # the versions handed over by add_adapter, by ID
         self.metrics = Metrics()
         self.tiers = AdapterTiers(runner, max_cpu_loras=settings.max_cpu_loras, metrics=self.metrics)
         self.scheduler = Scheduler(runner, self.tiers, self.metrics, settings.scheduler)
@@ -142,7 +142,7 @@ class Engine:
     def vocab_size(self) -> int:
         return int(self.runner.config.vocab_size)
 
-    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+    def limit_for(self, adapter: LoraSpec | None) -> tuple[int, str]:
         """(max prompt + output tokens, what sets it) for the base model (None) or an adapter."""
         return engines.limit_for(
             adapter,
@@ -155,7 +155,7 @@ class Engine:
         *,
         request_id: str,
         model: str,
-        adapter: Adapter | None,
+        adapter: LoraSpec | None,
         prompt_ids: list[int],
         params: SamplingParams,
         on_output: Callable[[Output], None],
@@ -209,7 +209,7 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
 
-    async def add_adapter(self, adapter: Adapter) -> None:
+    async def add_adapter(self, adapter: LoraSpec) -> None:
         """Record the version (metrics show where its weights are). The validator read the weights; the
         engine thread loads them into CPU memory and a device slot at the first request (tiers.py)."""
         self.adapters[adapter.id] = adapter

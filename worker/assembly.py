@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from loraplane.worker.inference.engines import Engine, Kind
     from loraplane.worker.main import WorkerApp
 
 log = logging.getLogger("loraplane.worker")
@@ -24,8 +27,7 @@ log = logging.getLogger("loraplane.worker")
 
 async def serve_openai(app: WorkerApp) -> None:
     """The ServeHook of ``loraplane-worker``: runs until cancelled."""
-    from loraplane.worker import engines
-    from loraplane.worker.api.server import quarantine_in, set_engine
+    from loraplane.worker.api.webapp import quarantine_in, set_engine
 
     s = app.settings
     assert app.web is not None, "WorkerApp starts its HTTP server before the serve hook"
@@ -33,7 +35,7 @@ async def serve_openai(app: WorkerApp) -> None:
     engine = None
     try:
         assert app.model_dir is not None, "load_base_model() runs before the HTTP side"
-        engine = await engines.start(s.engine, app.model_dir, s)  # type: ignore[arg-type]
+        engine = await start_engine(s.engine, app.model_dir, s)  # type: ignore[arg-type]
         if app.controller is not None:
             app.controller.load_adapter = engine.add_adapter
         if app.report is not None:
@@ -51,3 +53,19 @@ async def serve_openai(app: WorkerApp) -> None:
             # Here, not in a thread: a cancelled await would skip it, and vLLM's engine-core process
             # outlives a worker that exits without shutting it down.
             engine.stop()
+
+
+async def start_engine(kind: Kind, model_dir: Path, worker_settings: Any) -> Engine:
+    """Load the base model into the engine a worker pool chose, on the running event loop (the vLLM
+    engine serves from it; the built-in one loads in a thread and runs its own)."""
+    if kind == "vllm":
+        from loraplane.worker.vllm.engine import VllmEngine, VllmSettings
+
+        return await VllmEngine.start(model_dir, VllmSettings.from_worker(worker_settings))
+    import asyncio
+
+    from loraplane.worker.builtin.service import Engine as BuiltinEngine
+    from loraplane.worker.builtin.service import EngineSettings
+
+    settings = EngineSettings.from_worker(worker_settings)
+    return await asyncio.to_thread(BuiltinEngine.start, model_dir, settings)
