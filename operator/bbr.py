@@ -166,6 +166,7 @@ class Publisher:
         self.api = reconciler.api
         self.namespace = settings.bbr_namespace
         self._written: dict[str, dict[str, Any]] = {}  # ConfigMap name -> the object last seen/written
+        self._have: dict[str, frozenset[str]] = {}  # ConfigMap name -> the names it lists (parsed once)
         self._warned: dict[str, str] = {}  # adapter ref -> conflict message already posted
         self._dirty = asyncio.Event()
         self._bases: set[str] = set()
@@ -222,16 +223,20 @@ class Publisher:
     async def _list(self) -> None:
         body = await self.api.request("GET", self._path(), params={"labelSelector": SELECTOR})
         self._written = {o["metadata"]["name"]: o for o in body.get("items") or []}
+        self._have = {name: frozenset(_names(o)) for name, o in self._written.items()}
 
-    def desired(self) -> tuple[dict[str, Shard], dict[str, str]]:
-        """ConfigMap name -> its content, and the adapters left out (ref -> why), from the caches."""
+    def desired(self) -> tuple[list[tuple[str, str, Any, str]], set[str]]:
+        """The inputs of the map, copied from the caches (on the event loop, which changes them)."""
         rec = self.reconciler
-        holders = []
-        for key, claim in rec.names.holders():
-            holders.append((key[0], key[1], claim, claim.ref))
-        bases = {key[0] for key, _ in rec.names.holders()}
-        bases |= {w.base_model for w in rec.workers.values() if w.base_model}
+        holders = [(key[0], key[1], claim, claim.ref) for key, claim in rec.names.holders()]
+        bases = {h[0] for h in holders} | {w.base_model for w in rec.workers.values() if w.base_model}
         self._bases = bases
+        return holders, bases
+
+    def compute(
+        self, holders: list[tuple[str, str, Any, str]], bases: set[str]
+    ) -> tuple[dict[str, Shard], dict[str, str]]:
+        """ConfigMap name -> its content, and the adapters left out (ref -> why)."""
         routed, left_out = desired_map(holders, bases)
         out: dict[str, Shard] = {}
         for base, names in routed.items():
@@ -242,8 +247,9 @@ class Publisher:
     async def sync(self) -> int:
         """Write what changed; returns the number of writes. Names that move between ConfigMaps are
         removed from the old one first (see the module docstring)."""
-        want, left_out = self.desired()
-        have = {name: set(_names(obj)) for name, obj in self._written.items()}
+        # The map is computed off the event loop: at 100,000 adapters it takes a second or more.
+        want, left_out = await asyncio.to_thread(self.compute, *self.desired())
+        have = {name: set(self._have.get(name, ())) for name in self._written}
         gained: dict[str, set[str]] = {n: set(s.names) - have.get(n, set()) for n, s in want.items()}
         all_gained = set().union(*gained.values()) if gained else set()
         writes = 0
@@ -318,8 +324,10 @@ class Publisher:
                 continue
             except APINotFoundError:  # deleted under us
                 self._written.pop(shard.name, None)
+                self._have.pop(shard.name, None)
                 continue
             self._written[shard.name] = result
+            self._have[shard.name] = shard.names
             return 1
         raise APIConflictError(409, "Conflict", f"ConfigMap {self.namespace}/{shard.name} kept changing")
 
@@ -332,6 +340,7 @@ class Publisher:
         except APINotFoundError:
             pass
         self._written.pop(name, None)
+        self._have.pop(name, None)
         return 1
 
     def _warn(self, left_out: dict[str, str]) -> None:
