@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
@@ -25,10 +25,11 @@ from prometheus_client import Counter, Gauge
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
 from loraplane.errors import LoraplaneError
 from loraplane.worker import provenance, sources, validate
-from loraplane.worker.cache import AdapterCache, CacheEntry
+from loraplane.worker.cache import CacheEntry
 from loraplane.worker.inference import basemodel
-from loraplane.worker.inference.engines import LoraSpec
-from loraplane.worker.registry import Registry, State, VersionEntry
+from loraplane.worker.inference.engines import EngineSlot
+from loraplane.worker.prefetch import Prefetcher
+from loraplane.worker.registry import Registry, State, VersionEntry, takes_over
 from loraplane.worker.watch import AdapterWatch, DesiredVersion
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Controller:
     def __init__(
         self,
         registry: Registry,
-        cache: AdapterCache,
+        prefetcher: Prefetcher,
         base: basemodel.ModelConfig,
         source_settings: sources.SourceSettings,
         *,
@@ -76,7 +77,7 @@ class Controller:
         dtype: str = "float32",
         max_concurrent: int = 16,
         on_change: Callable[[int], None] = lambda _id: None,
-        engine_ready: asyncio.Event | None = None,
+        engine: EngineSlot | None = None,
         trust: provenance.Trust | None = None,
         require_signatures: bool = False,
     ) -> None:
@@ -85,12 +86,12 @@ class Controller:
         # those whose spec.signature asks for one).
         self.trust = trust or provenance.Trust()
         self.require_signatures = require_signatures
-        # Set once the engine can serve (base weights loaded). Until then a validated adapter is not
-        # reported Ready: a status that says Ready while nothing can be served is the failure we avoid.
-        self.engine_ready = engine_ready
-        # Set by the worker once its engine runs: loads a validated version before it is Ready.
-        self.load_adapter: Callable[[LoraSpec], Awaitable[None]] | None = None
-        self.cache = cache
+        # The engine (None: a control-mode worker, which serves nothing). A validated version is loaded
+        # into it before it is reported Ready, so not before the base weights are loaded: a status that
+        # says Ready while nothing can be served is the failure we avoid.
+        self.engine = engine
+        self.prefetcher = prefetcher
+        self.cache = prefetcher.index
         self.base = base
         self.source_settings = source_settings
         self.served_model = served_model
@@ -163,12 +164,10 @@ class Controller:
                 continue
             newer = by_adapter.get(known.desired.adapter)
             newer_known = self._known.get(newer) if newer is not None else None
-            if (
-                newer is not None
-                and known.version.state == "Ready"
-                and (newer_known is None or newer_known.version.state != "Ready")
+            if newer is not None and not takes_over(
+                known.version, newer_known.version if newer_known is not None else None
             ):
-                continue  # keep serving the old version until the new one is Ready (or has an ID)
+                continue  # keep serving the old version until the new one is Ready
             # Deleted (or no longer this worker's): its files leave the cache now, not when the
             # volume fills. An older version of a still-wanted adapter stays cached (a rollback hits).
             self._drop(adapter_id, forget=newer is None)
@@ -236,7 +235,7 @@ class Controller:
         self._set(known, "Prefetching")
         resolved = await self._resolve(want)
         # Pinned in the same step as the prefetch, so no other prefetch can evict it in between.
-        cached: CacheEntry = await asyncio.to_thread(self.cache.prefetch, resolved, pin=True)
+        cached: CacheEntry = await asyncio.to_thread(self.prefetcher.prefetch, resolved, pin=True)
         if known.cache_key != cached.cache_key:
             self._release(known)
             known.cache_key = cached.cache_key
@@ -269,15 +268,15 @@ class Controller:
         for warning in summary.warnings:
             log.warning("adapter %s id %d: %s", want.adapter, want.id, warning)
         message = "; ".join(summary.warnings) or None
-        if self.engine_ready is not None and not self.engine_ready.is_set():
-            self._set(
-                known, "Validating", "WaitingForEngine", "validated; waiting for the base model to load"
-            )
-            await self.engine_ready.wait()
-        if self.load_adapter is not None:
+        if self.engine is not None:
+            if not self.engine.filled():
+                self._set(
+                    known, "Validating", "WaitingForEngine", "validated; waiting for the base model to load"
+                )
+            engine = await self.engine.wait()
             # Warm: the engine holds the weights before the name can route a request to them; an engine
             # that refuses the adapter fails it here, with the engine's reason, and nothing else.
-            await self.load_adapter(
+            await engine.add_adapter(
                 dataclasses.replace(
                     known.version, local_dir=cached.path, chat_template=summary.chat_template
                 ).lora_spec()
@@ -360,7 +359,10 @@ class Controller:
     def _retire_older(self, ready: _Known) -> None:
         """The new version is Ready: drop the older versions of the same adapter that are no longer desired."""
         for adapter_id in list(self._versions.get(ready.desired.adapter, ())):
-            if adapter_id not in self._desired:
+            older = self._known.get(adapter_id)
+            if adapter_id not in self._desired and (
+                older is None or takes_over(older.version, ready.version)
+            ):
                 self._drop(adapter_id)
 
     # --- state -----------------------------------------------------------------------------------

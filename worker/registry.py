@@ -55,6 +55,17 @@ class VersionEntry:
 Listener = Callable[[VersionEntry | None, VersionEntry | None], None]
 
 
+def takes_over(current: VersionEntry | None, new: VersionEntry | None) -> bool:
+    """The hand-over rule between two versions of a served name (the only place it is decided): ``new``
+    takes the name and its traffic from ``current`` once it is Ready, or at once when ``current`` serves
+    nothing (it is not Ready, or there is none). A newer version that has no entry yet (None) takes over
+    only from one that serves nothing. The registry moves the name by it; the controller keeps an old
+    version alive, or drops it, by it."""
+    if current is None or current.state != "Ready":
+        return True
+    return new is not None and (new.id == current.id or new.state == "Ready")
+
+
 @dataclass
 class Registry:
     """Adapter versions by ID, and which ID each served name points at."""
@@ -71,12 +82,7 @@ class Registry:
             old = self._by_id.get(version.id)
             self._by_id[version.id] = version
             holder = self._by_id.get(self._current.get(version.served_name, -1))
-            if (
-                holder is None
-                or holder.id == version.id
-                or version.state == "Ready"
-                or holder.state != "Ready"
-            ):
+            if takes_over(holder, version):
                 self._current[version.served_name] = version.id
         self._notify(old, version)
 

@@ -305,7 +305,7 @@ def _fetch_for_cli(
 ) -> tuple[Path, dict[str, str]]:
     """A local directory checked against --local-roots (default: itself) and read in place; any other
     spec.path resolved and downloaded into a temporary cache. With the adapter files' sha256s."""
-    from loraplane.worker import cache, sources
+    from loraplane.worker import cache, prefetch, sources
 
     spec = args.adapter
     local = Path(spec[7:] if spec.startswith("file://") else spec)
@@ -319,7 +319,9 @@ def _fetch_for_cli(
         return local, provenance.file_digests(local)
     settings = sources.SourceSettings(s3_endpoint_url=args.s3_endpoint_url)
     resolved = sources.resolve(spec, args.revision, settings)
-    entry = cache.AdapterCache(tmp, 1 << 40, sources_settings=settings, retries=1).prefetch(resolved)
+    entry = prefetch.Prefetcher(
+        cache.CacheIndex(tmp, 1 << 40), sources_settings=settings, retries=1
+    ).prefetch(resolved)
     say(f"fetched {resolved.uri} at {resolved.resolved_revision} into {entry.path}")
     return entry.path, entry.file_digests
 

@@ -260,6 +260,7 @@ def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
     """Run the rendered test Pod's command against a worker serving a tiny model on 127.0.0.1."""
     from loraplane.worker.api.webapp import ServeSettings, build_app, serve_in_thread
     from loraplane.worker.builtin.service import Engine, EngineSettings
+    from loraplane.worker.inference.engines import EngineSlot
     from loraplane.worker.registry import Registry
 
     values = {
@@ -289,7 +290,7 @@ def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
     engine = Engine.load(base, EngineSettings(served_model_name="tiny", max_model_len=64))
     engine.run()
     try:
-        with serve_in_thread(build_app(engine, Registry(), ServeSettings())) as url:
+        with serve_in_thread(build_app(EngineSlot(engine), Registry(), ServeSettings())) as url:
             ok = run(url)
             assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stdout + ok.stderr
             wrong = run(url, model="other")

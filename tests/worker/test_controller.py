@@ -12,9 +12,11 @@ import pytest
 from support import adapters as adapters_mod
 from support import servers
 
-from loraplane.worker.cache import AdapterCache
+from loraplane.worker.cache import CacheIndex
 from loraplane.worker.controller import Controller
 from loraplane.worker.inference.basemodel import ModelConfig
+from loraplane.worker.inference.engines import EngineSlot
+from loraplane.worker.prefetch import Prefetcher
 from loraplane.worker.registry import Registry
 from loraplane.worker.sources import SourceSettings
 from loraplane.worker.watch import DesiredVersion
@@ -30,10 +32,11 @@ def world(tmp_path):
 
 def _controller(base, root, cache_dir, **kw):
     settings = SourceSettings(local_roots=(root,), hf_endpoint=servers.closed_url(), timeout_s=2)
-    cache = AdapterCache(cache_dir, 64 << 20, 2, retries=0, sources_settings=settings)
+    prefetcher = Prefetcher(CacheIndex(cache_dir, 64 << 20), 2, retries=0, sources_settings=settings)
+    cache = prefetcher.index
     registry = Registry()
     return (
-        Controller(registry, cache, base, settings, served_model="tiny", max_lora_rank=64, **kw),
+        Controller(registry, prefetcher, base, settings, served_model="tiny", max_lora_rank=64, **kw),
         registry,
         cache,
     )
@@ -136,12 +139,13 @@ def test_a_pool_that_requires_signatures_loads_only_verified_adapters(world, tmp
 
     async def scenario():
         trust = provenance.Trust(public_keys=(public,))
-        c, _, cache = _controller(base, root, cache_dir, trust=trust, require_signatures=True)
 
-        async def load(adapter):
-            loaded.append(adapter.id)
+        class Recording:  # the engine side: what the controller hands over before Ready
+            async def add_adapter(self, adapter):
+                loaded.append(adapter.id)
 
-        c.load_adapter = load
+        engine = EngineSlot(Recording())  # type: ignore[arg-type]
+        c, _, cache = _controller(base, root, cache_dir, trust=trust, require_signatures=True, engine=engine)
         c.reconcile({
             1: DesiredVersion(1, "ns/a", "a", str(signed), None, None, "u", digest=digest),
             2: _want(2, unsigned, name="b", key="ns/b"),

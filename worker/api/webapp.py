@@ -1,7 +1,7 @@
 """The worker's one HTTP server: probes, /metrics and /adapters always; the OpenAI API when serving.
 
-``build_app(engine, registry, settings)`` builds it; ``engine`` may be None while the base model loads
-(/health answers at once, /ready and the /v1 routes answer 503 until ``set_engine``). A control-mode
+``build_app(engine, registry, settings)`` builds it; ``engine`` (an ``EngineSlot``) is empty while the
+base model loads (/health answers at once, /ready and the /v1 routes answer 503 until it is filled). A control-mode
 worker builds it with ``openai=False``: the same probes, auth and /adapters, no /v1 routes and no
 engine imported. No route loads an adapter from a path: adapters reach the engine only through the
 registry, which the control path fills from LoRAAdapter objects.
@@ -25,18 +25,18 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from .. import redaction
+from ..inference.engines import EngineSlot
 from .auth import ApiKeys
 from .errors import ApiError
 
 if TYPE_CHECKING:
-    from ..inference.engines import Engine
     from ..registry import Registry
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/re
 
 @dataclass
 class ServeSettings:
-    """HTTP-side settings. Build from the worker's settings with ``from_worker``."""
+    """HTTP-side settings (the worker builds them from its settings: settings.WorkerSettings.serve_settings)."""
 
     host: str = "127.0.0.1"
     """Address to listen on."""
@@ -80,14 +80,6 @@ class ServeSettings:
     """On SIGTERM: seconds requests in flight may take to finish (below the pod's grace period)."""
     engine_stall_seconds: float = 60.0
     """/health fails when the engine loop has not come round for this many seconds."""
-
-    @classmethod
-    def from_worker(cls, worker: Any, **overrides: Any) -> ServeSettings:
-        """From ``loraplane.worker.settings.WorkerSettings`` (fields of the same name are copied)."""
-        values = {f.name: getattr(worker, f.name) for f in fields(cls) if hasattr(worker, f.name)}
-        values["access_log"] = getattr(worker, "access_log_on", True)
-        values.update(overrides)
-        return cls(**values)
 
 
 class Health:
@@ -204,14 +196,18 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(
-    engine: Engine | None,
+    engine: EngineSlot | None,
     registry: Registry | None,
     settings: ServeSettings | None = None,
     *,
     openai: bool = True,
     reports: Callable[[], list[dict[str, Any]]] | None = None,
+    quarantine: Callable[[int, Any], None] | None = None,
 ) -> web.Application:
-    """The app: probes, /metrics, /adapters (when ``reports`` is given) and, with ``openai``, /v1."""
+    """The app: probes, /metrics, /adapters (when ``reports`` is given) and, with ``openai``, /v1 on the
+    engine in ``engine`` (a slot filled once the base model is loaded). ``quarantine(adapter_id, error)``
+    takes an adapter version out of service when the engine finds it unservable while serving it (NaN /
+    Inf output)."""
     settings = settings or ServeSettings()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[gate])
     app[SETTINGS] = settings
@@ -233,23 +229,8 @@ def build_app(
         from .routes import add_openai  # the engine side (torch) only where it serves
 
         assert registry is not None, "the OpenAI API reads the registry"
-        add_openai(app, engine, registry)
+        add_openai(app, engine or EngineSlot(), registry, quarantine)
     return app
-
-
-def set_engine(app: web.Application, engine: Engine) -> None:
-    """The base model finished loading: start serving (and answering /ready)."""
-    from .routes import SERVING
-
-    app[SERVING].engine = engine
-
-
-def quarantine_in(app: web.Application, quarantine: Callable[[int, Any], None]) -> None:
-    """``quarantine(adapter_id, error)`` takes an adapter version out of service when the engine finds it
-    unservable while serving it (NaN / Inf output)."""
-    from .routes import SERVING
-
-    app[SERVING].quarantine = quarantine
 
 
 async def drain(app: web.Application, seconds: float) -> int:

@@ -35,7 +35,7 @@ _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "
 
 @dataclass
 class EngineSettings:
-    """How the engine is sized. Build from the worker's settings with ``from_worker``."""
+    """How the engine is sized (the worker builds it from its settings: settings.EngineConfig.builtin)."""
 
     device: str = "cpu"
     """Torch device: cpu, cuda, cuda:N, or auto (cuda when available)."""
@@ -56,18 +56,6 @@ class EngineSettings:
     on CPU a quarter of the available memory; never more than max_num_seqs x max_model_len tokens."""
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     """Batch and queue bounds."""
-
-    @classmethod
-    def from_worker(cls, worker: Any, **overrides: Any) -> EngineSettings:
-        """From ``loraplane.worker.settings.WorkerSettings`` (fields of the same name are copied)."""
-        names = ("device", "dtype", "max_loras", "max_lora_rank", "max_cpu_loras", "served_model_name")
-        values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
-        values["max_model_len"] = getattr(worker, "max_model_len", 0) or None  # 0: the model's default
-        values["kv_cache_bytes"] = getattr(worker, "kv_cache_bytes", 0)
-        sched = {n: getattr(worker, n) for n in ("max_num_seqs", "max_batched_tokens") if hasattr(worker, n)}
-        values["scheduler"] = SchedulerSettings(**sched)
-        values.update(overrides)
-        return cls(**values)
 
 
 class Engine:
@@ -171,16 +159,7 @@ class Engine:
         limit, source = self.limit_for(adapter)
         if self.runner.kv.total_tokens < limit:  # a KV budget smaller than one max-length sequence
             limit, source = self.runner.kv.total_tokens, "the size of this worker's KV cache"
-        if not prompt_ids:
-            raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
-        wanted = len(prompt_ids) + (params.max_tokens or 1)
-        if wanted > limit:
-            raise PermanentError(
-                "PromptTooLong",
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) is "
-                f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
-                "lower max_tokens",
-            )
+        engines.check_prompt(prompt_ids, params.max_tokens, limit, source)
         request = Request(
             request_id=request_id,
             model=model,

@@ -10,10 +10,13 @@ with a 400 any extra an engine does not list in its ``features``, so no paramete
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from loraplane.errors import PermanentError
 
 if TYPE_CHECKING:
     from loraplane.errors import LoraplaneError
@@ -87,7 +90,7 @@ class Engine(Protocol):
     kind: Kind
     model_name: str
     features: frozenset[str]
-    metrics: Any  # .requests (a labelled counter) and .render() -> Prometheus text
+    metrics: Any  # .render() -> Prometheus text of the engine's own series
 
     @property
     def tokenizer(self) -> Any: ...
@@ -139,6 +142,41 @@ class Engine(Protocol):
     def stop(self) -> None: ...
 
 
+class EngineSlot:
+    """The worker's engine, which starts after the other parts: the HTTP server answers /health and the
+    control path validates adapters while the base model loads. The parts are built with the slot and
+    read the engine from it; the assembly fills it once, when the engine can serve."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.engine = engine
+        self._filled = asyncio.Event()
+        if engine is not None:
+            self._filled.set()
+
+    def fill(self, engine: Engine) -> None:
+        assert self.engine is None, "an engine slot is filled once"
+        self.engine = engine
+        self._filled.set()
+
+    def filled(self) -> bool:
+        return self.engine is not None
+
+    async def wait(self) -> Engine:
+        """The engine, once it can serve."""
+        await self._filled.wait()
+        assert self.engine is not None
+        return self.engine
+
+    def on_device(self) -> set[int]:
+        """The engine's adapter IDs in device slots (none before it starts): the report's ``loaded``."""
+        return set() if self.engine is None else self.engine.on_device()
+
+    def retire_adapter(self, adapter_id: int) -> None:
+        """No new request will use this version (an engine that has not started holds none)."""
+        if self.engine is not None:
+            self.engine.retire_adapter(adapter_id)
+
+
 def limit_for(
     adapter: LoraSpec | None, *, max_model_len: int, max_position_embeddings: int
 ) -> tuple[int, str]:
@@ -151,3 +189,18 @@ def limit_for(
     if max_position_embeddings <= max_model_len:
         return max_position_embeddings, "the base model's max_position_embeddings"
     return max_model_len, "the worker's max_model_len"
+
+
+def check_prompt(prompt_ids: list[int], max_tokens: int | None, limit: int, source: str) -> None:
+    """Refuse an empty prompt (EmptyPrompt), and one whose tokens plus ``max_tokens`` (1 when unset)
+    exceed ``limit`` (PromptTooLong, naming the limit and ``source``, what sets it)."""
+    if not prompt_ids:
+        raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
+    wanted = len(prompt_ids) + (max_tokens or 1)
+    if wanted > limit:
+        raise PermanentError(
+            "PromptTooLong",
+            f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens or 1}) is "
+            f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
+            "lower max_tokens",
+        )

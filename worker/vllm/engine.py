@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
@@ -60,7 +60,7 @@ _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 @dataclass
 class VllmSettings:
-    """The engine arguments loraplane sets; ``from_worker`` copies them from the worker's settings."""
+    """The engine arguments loraplane sets (the worker builds them from its settings: settings.EngineConfig.vllm)."""
 
     served_model_name: str = ""
     device: str = "auto"
@@ -78,23 +78,6 @@ class VllmSettings:
     """vLLM engine arguments, as on vLLM's command line (e.g. ["--enforce-eager"])."""
     tool_call_parser: str = ""
     """vLLM's tool parser for tool_choice "auto" (tools.py); empty: "auto" is refused."""
-
-    @classmethod
-    def from_worker(cls, worker: Any) -> VllmSettings:
-        names = (
-            "served_model_name",
-            "device",
-            "dtype",
-            "max_loras",
-            "max_cpu_loras",
-            "max_lora_rank",
-            "max_model_len",
-            "gpu_memory_utilization",
-            "tensor_parallel_size",
-            "tool_call_parser",
-        )
-        values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
-        return cls(**values, extra_args=shlex.split(getattr(worker, "vllm_args", "") or ""))
 
 
 def _yield_between_engine_steps(llm: Any) -> None:
@@ -145,16 +128,12 @@ def engine_args(model_dir: Path, s: VllmSettings) -> Any:
 
 
 class _Metrics:
-    """The worker-level series the HTTP side counts; vLLM's own series are in the default registry."""
+    """vLLM's own series are in the process-wide registry, rendered with the control path's (the HTTP
+    side counts requests for either engine); this engine adds only the adapter-residency series vLLM
+    does not export yet (``_Residency``)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "loraplane_worker_requests",
-            "Finished /v1 generation requests by HTTP status",
-            ["model", "status"],
-            registry=self.registry,
-        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -354,16 +333,7 @@ class VllmEngine:
         extras: dict[str, Any] | None = None,
     ) -> None:
         limit, source = self.limit_for(adapter)
-        if not prompt_ids:
-            raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
-        wanted = len(prompt_ids) + (params.max_tokens or 1)
-        if wanted > limit:
-            raise PermanentError(
-                "PromptTooLong",
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) is "
-                f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
-                "lower max_tokens",
-            )
+        engines.check_prompt(prompt_ids, params.max_tokens, limit, source)
         if adapter is not None and adapter.id not in self._held:
             raise TemporaryError(
                 "AdapterNotReady", f"adapter ID {adapter.id} is not loaded in vLLM", delay=1.0
