@@ -73,6 +73,24 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         help="seconds over which workers' report changes are gathered before adapters are recomputed",
     )
     p.add_argument(
+        "--demand-waiting",
+        type=int,
+        default=d.demand_waiting,
+        help="waiting requests per replica at or above which an adapter's demand is high",
+    )
+    p.add_argument(
+        "--demand-up-seconds",
+        type=float,
+        default=d.demand_up_seconds,
+        help="seconds of high demand before an adapter gets one more replica (up to the pool's --max-replicas)",
+    )
+    p.add_argument(
+        "--demand-down-seconds",
+        type=float,
+        default=d.demand_down_seconds,
+        help="seconds with nothing waiting before an adapter gives back one replica added by demand",
+    )
+    p.add_argument(
         "--shard",
         default="0/1",
         metavar="INDEX/COUNT",
@@ -89,6 +107,11 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         help="text, or json: one object per line with the same fields as the worker's",
     )
     a = p.parse_args(argv)
+    if a.demand_waiting < 1 or a.demand_up_seconds < 0 or a.demand_down_seconds < a.demand_up_seconds:
+        p.error(
+            "--demand-waiting must be >= 1, --demand-up-seconds >= 0 and --demand-down-seconds >= "
+            "--demand-up-seconds (a longer quiet window is what keeps replicas from flapping)"
+        )
     if a.report_window < 0:
         p.error("--report-window must be >= 0 (seconds)")
     if a.block_size < 1 or a.safety_gap < 0 or a.heartbeat_window <= 0 or a.liveness_interval <= 0:
@@ -115,6 +138,9 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         heartbeat_window=a.heartbeat_window,
         liveness_interval=a.liveness_interval,
         report_window=a.report_window,
+        demand_waiting=a.demand_waiting,
+        demand_up_seconds=a.demand_up_seconds,
+        demand_down_seconds=a.demand_down_seconds,
         metrics_port=a.metrics_port,
         metrics_address=a.metrics_address,
         log_format=a.log_format,

@@ -68,5 +68,16 @@ class OperatorSettings:
     """Seconds over which changes in workers' reports are gathered before the adapters they touch are
     recomputed: W workers that turn one adapter Ready within the window cost one status write, not W."""
 
+    demand_waiting: int = 4
+    """Requests waiting per replica (count, summed over an adapter's workers' status.waiting) at or above
+    which an adapter's demand is high (docs/operator.md, Placement)."""
+
+    demand_up_seconds: float = 30.0
+    """Seconds demand must stay high before one replica is added (up to the pool's --max-replicas)."""
+
+    demand_down_seconds: float = 300.0
+    """Seconds with no request waiting before one replica added by demand is given back; much longer
+    than demand_up_seconds, so a load around the threshold never flaps."""
+
     write_retries: int = 8
     """Attempts at a resourceVersion-checked write before giving up until the next event (count)."""

@@ -25,6 +25,10 @@ RUNS = {
         ["--points", "20:1,60:1", "--timeout", "120"],
         ["CPU ms per adapter operator", "KiB per adapter", "writes per adapter by kind"],
     ),
+    "bench_placement.py": (
+        ["--n", "40", "--workers", "3", "--heartbeat-window", "4", "--timeout", "120"],
+        ["target 27 +-20%", "downloads in total 80", "moved on kill", "moved on its return", "moved on add"],
+    ),
     # The built-in engine only here; vLLM's side runs where vLLM is (.venv-vllm), see docs/benchmarks.md.
     "bench_engines.py": (
         ["--engines", "builtin", "--hidden", "128", "--layers", "1", "--adapters", "2", "--clients", "2"]

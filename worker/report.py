@@ -41,6 +41,7 @@ STATUS_WRITES = Counter("loraplane_worker_report_writes", "LoRAWorker status wri
 SETTLE_FRACTION = 0.25  # of the batch interval: the wait before writing a change after a quiet spell
 DEVICE_POLL_SECONDS = 1.0  # how often the engine's device slots are compared with the last report
 MAX_EXCEPTIONS = 200  # details of Failed / waiting adapters kept in the object; the rest are in the ID sets
+MAX_WAITING = 16  # adapters named in status.waiting (those with the most waiting requests)
 RECENT_READY = 32  # details (info) of the adapters that became Ready last
 DETAIL_MESSAGE_MAX = 512  # characters of a detail's message (the full one is in the worker's log)
 ID_SETS = {"Ready": "readyIds", "Failed": "failedIds", "Loading": "loadingIds"}
@@ -86,6 +87,8 @@ class WorkerReport:
         lookup: Callable[[int], WorkerAdapterReport | None],
         known_ids: Callable[[], Iterable[int]],
         cache_bytes_used: Callable[[], int] = lambda: 0,
+        assigned: Callable[[], int] | None = None,
+        waiting: Callable[[], dict[int, int]] | None = None,
         on_device: Callable[[], set[int] | None] | None = None,
         pod_name: str = "",
         batch_seconds: float = 0.2,
@@ -97,6 +100,8 @@ class WorkerReport:
         self.lookup = lookup
         self.known_ids = known_ids
         self.cache_bytes_used = cache_bytes_used
+        self.assigned = assigned
+        self.waiting = waiting
         self.on_device = on_device
         self.pod_name = pod_name
         self.batch_seconds = batch_seconds
@@ -114,6 +119,7 @@ class WorkerReport:
         self._overflow: OrderedDict[int, dict[str, Any]] = OrderedDict()  # exceptions without room
         self._recent: OrderedDict[int, None] = OrderedDict()  # Ready IDs with a detail, oldest first
         self._device: set[int] = set()
+        self._sent_waiting: set[str] = set()
         self._pending_blocks: set[tuple[str, str]] = set()
         self._pending_details: set[int] = set()
         self._full = True  # the next write replaces the whole status
@@ -265,14 +271,30 @@ class WorkerReport:
             "loading": sum(map(len, self._members["Loading"].values())),
             "cacheBytesUsed": self.cache_bytes_used(),
         }
+        if self.assigned is not None:
+            counts["assigned"] = self.assigned()
+        if self.waiting is not None:
+            counts["waiting"] = self._waiting()
         if self.on_device is not None and self.on_device() is not None:  # None: no engine yet
             counts["onDevice"] = sum(1 for i in self._device if i in self._state)
             counts["onDeviceIds"] = ranges.encode(self._device) or None
         return counts
 
+    def _waiting(self) -> dict[str, int] | None:
+        """Requests waiting per adapter ID, for the MAX_WAITING adapters with the most (None: none waits).
+        A merge patch replaces the whole map (it is small), so it is sent whole, with nulls for the IDs
+        it no longer names."""
+        top = sorted(((n, i) for i, n in self.waiting().items() if n > 0), reverse=True)[:MAX_WAITING]  # type: ignore[misc]
+        now = {str(i): n for n, i in top}
+        out: dict[str, Any] = dict.fromkeys(self._sent_waiting - now.keys()) | now
+        self._sent_waiting = set(now)
+        return out or None
+
     def status_body(self) -> dict[str, Any]:
         """The whole status, as the first write sends it."""
         status = {k: v for k, v in self._counts().items() if v is not None}
+        if "waiting" in status:
+            status["waiting"] = {i: n for i, n in status["waiting"].items() if n is not None}
         for kind, field in ID_SETS.items():
             blocks = sorted(self._members[kind].items(), key=lambda kv: int(kv[0]))
             status[field] = {b: ranges.encode(ids) for b, ids in blocks if ids}
