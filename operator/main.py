@@ -98,6 +98,27 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         "period (efficiency only; IDs are unique without it)",
     )
     p.add_argument("--shard-grace", type=float, default=d.shard_grace, help="seconds before taking over")
+    bbr = p.add_argument_group("body-based routing (Gateway API Inference Extension)")
+    bbr.add_argument(
+        "--bbr-namespace",
+        default=d.bbr_namespace,
+        help="keep BBR ConfigMaps (served name -> base model) in this namespace; empty: off (default)",
+    )
+    bbr.add_argument(
+        "--bbr-window",
+        type=float,
+        default=d.bbr_window,
+        help="seconds adapter changes are gathered per write",
+    )
+    bbr.add_argument(
+        "--bbr-resync", type=float, default=d.bbr_resync, help="seconds between repairs of the ConfigMaps"
+    )
+    bbr.add_argument(
+        "--bbr-max-bytes",
+        type=int,
+        default=d.bbr_max_bytes,
+        help="bytes of adapter names per ConfigMap before a base model's are split over several",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="debug logs")
     p.add_argument("--version", action="version", version=f"loraplane-operator {__version__}")
     p.add_argument(
@@ -118,6 +139,8 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         p.error(
             "--block-size must be >= 1, --safety-gap >= 0, --heartbeat-window and --liveness-interval > 0"
         )
+    if a.bbr_window < 0 or a.bbr_resync <= 0 or not 1000 <= a.bbr_max_bytes <= 1_000_000:
+        p.error("--bbr-window must be >= 0, --bbr-resync > 0, --bbr-max-bytes within 1000..1000000 (bytes)")
     try:
         index, count = (int(x) for x in a.shard.split("/"))
         if not 0 <= index < count:
@@ -146,6 +169,10 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         log_format=a.log_format,
         health_port=a.health_port,
         peering=a.peering,
+        bbr_namespace=a.bbr_namespace,
+        bbr_window=a.bbr_window,
+        bbr_resync=a.bbr_resync,
+        bbr_max_bytes=a.bbr_max_bytes,
     ), a.verbose
 
 

@@ -21,6 +21,10 @@ RUNS = {
         ["raw single-client PATCH/s", "x raw PATCH/s", "API writes per ID"],
     ),
     "bench_worker.py": (["--n", "5"], ["p99"]),
+    "bench_bbr.py": (
+        ["--n", "40", "--window", "0.2", "--recompute", "100"],
+        ["ConfigMap writes", "us per adapter"],
+    ),
     "bench_scale.py": (
         ["--points", "20:1,60:1", "--timeout", "120"],
         ["CPU ms per adapter operator", "KiB per adapter", "writes per adapter by kind"],
