@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 if TYPE_CHECKING:
     from loraplane.crds.errors import LoraplaneError
     from loraplane.worker.engine.sampling import SamplingParams
+    from loraplane.worker.fairness import Tenant
 
 NON_FINITE_OUTPUT = "NonFiniteOutput"
 """The reason a request fails with when the engine computed NaN or Inf logits for it; on an adapter's
@@ -109,8 +110,10 @@ class Engine(Protocol):
         params: SamplingParams,
         extras: dict[str, Any],
         on_output: Callable[[Output], None],
+        tenant: Tenant | None = None,
     ) -> object:
         """Queue a request; ``on_output`` may be called from any thread. Raises LoraplaneError.
+        ``tenant``: its fair-share flow, weight and priority (``fairness.py``; None: the default flow).
         What it returns is the engine's own (the built-in one returns its Request); callers ignore it."""
         ...
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loraplane import parent
 from loraplane.worker import settings as settings_mod
@@ -62,6 +62,7 @@ class WorkerApp:
         self.settings = settings
         self.serve = serve
         self.registry: Registry = Registry()
+        self.adapter_limits: dict[str, Any] = {}  # namespace/name -> this worker's share (api/limits.py)
         self.model_dir: Path | None = None
         self.base: ModelConfig | None = None
         self.cache: AdapterCache | None = None
@@ -141,6 +142,7 @@ class WorkerApp:
             self.kube_configuration or load_configuration(s.kubeconfig), user_agent="loraplane-worker"
         )
         self.watch = AdapterWatch(self.api, s.served_model_name, s.namespaces)
+        self.watch.on_limits = self._set_limits
         spec = LoRAWorkerSpec(
             baseModel=s.served_model_name,
             podName=s.pod_name or None,
@@ -242,6 +244,19 @@ class WorkerApp:
         finally:
             await runner.cleanup()
 
+    def _set_limits(self, adapter: str, spec: Any, replicas: int) -> None:
+        """The watch saw an adapter's spec.limits (None: gone): this worker's share applies at once."""
+        from loraplane.worker.api.limits import Limits
+
+        limits = Limits.of_adapter(spec, replicas)
+        if limits == self.adapter_limits.get(adapter):
+            return
+        if limits is None:
+            self.adapter_limits.pop(adapter, None)
+        else:
+            self.adapter_limits[adapter] = limits
+        log.info("adapter %s: limits on this worker %s (%d replicas)", adapter, limits, replicas)
+
     def http_app(self) -> web.Application:
         """The worker's HTTP app: probes, /metrics, /adapters, and the OpenAI API when serving.
         /ready also waits for the first adapter list, so a pod joins its Service only when it serves
@@ -264,6 +279,10 @@ class WorkerApp:
         app[HEALTH].ready.append(
             lambda: None if self.ready.is_set() else "the first adapter list is not applied yet"
         )
+        if self.serve is not None:
+            from loraplane.worker.api.routes import SERVING
+
+            app[SERVING].limiter.book = self.adapter_limits
         return app
 
 

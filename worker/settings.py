@@ -56,6 +56,10 @@ class WorkerSettings:
     max_batched_tokens: int = 2048
     """Tokens in one engine step (count): prompt chunks + one per running sequence; >= --max-num-seqs.
     Long prompts are read in chunks, so they never hold up the requests beside them."""
+    scheduling_policy: str = "fair"
+    """Which waiting request runs next when the engine is saturated: fair (fair share between adapters and
+    API-key tenants by the tokens they were served, interactive before batch; docs/worker.md, "Tenants")
+    or fcfs (oldest first). Both engines."""
     kv_cache_bytes: int = 0
     """KV cache memory budget in bytes (e.g. 8Gi); requests reserve prompt + max_tokens of it. 0: on GPU
     the free memory after loading less 10% of the total, on CPU a quarter of the available memory;
@@ -440,6 +444,8 @@ def check(s: WorkerSettings) -> WorkerSettings:
             raise ConfigError(f"{flag(name)} must be a positive number of seconds, got {getattr(s, name)}")
     if not _DEVICE_RE.match(s.device):
         raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {s.device!r}")
+    if s.scheduling_policy not in ("fair", "fcfs"):
+        raise ConfigError(f"--scheduling-policy must be fair or fcfs, got {s.scheduling_policy!r}")
     if s.dtype not in _DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(_DTYPES)}, got {s.dtype!r}")
     if s.max_model_len < 0:

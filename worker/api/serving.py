@@ -22,11 +22,13 @@ from loraplane.crds.errors import LoraplaneError
 
 from ..engines import NON_FINITE_OUTPUT
 from .errors import ApiError
+from .limits import Limiter, Ticket
 from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new_id
 
 if TYPE_CHECKING:
     from ..engines import Engine, Output
     from ..registry import AdapterVersion, Registry
+    from .auth import Key
 
 access_log = logging.getLogger("loraplane.worker.access")
 
@@ -55,6 +57,7 @@ class Generation:
         self.on_error: Callable[[LoraplaneError], None] = lambda _: None  # the engine failed it
         self._tokens: dict[int, int] = {}  # choice -> completion tokens
         self._cut: LoraplaneError | None = None
+        self.ticket: Ticket | None = None  # what it holds of its adapter's and key's limits
 
     @property
     def prompt_tokens(self) -> int:
@@ -137,6 +140,7 @@ class Serving:
         # Set by the worker: takes an adapter version out of service (Failed) on this worker.
         self.quarantine: Callable[[int, LoraplaneError], None] = lambda adapter_id, error: None
         self.running: weakref.WeakSet[Generation] = weakref.WeakSet()
+        self.limiter = Limiter()  # the worker points its book at the watch's limits
         # Tokenizing runs off the event loop (a long prompt takes seconds of CPU; streams and probes
         # keep answering meanwhile), on one thread: fast tokenizers are not safe to share across threads.
         self.tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplane-tokenize")
@@ -197,8 +201,14 @@ class Serving:
             )
         return version
 
-    async def submit(self, request: CompletionRequest | ChatCompletionRequest) -> tuple[Generation, str]:
-        """Check, tokenize and queue a request; returns its Generation and the response id."""
+    async def submit(
+        self,
+        request: CompletionRequest | ChatCompletionRequest,
+        key: Key | None = None,
+        priority: str | None = None,
+    ) -> tuple[Generation, str]:
+        """Check, tokenize, admit past the limits (``key``: the caller's API key; ``priority``: its
+        header) and queue a request; returns its Generation and the response id."""
         engine = self.require_engine()
         for param, message in request.unsupported():
             raise ApiError(400, "UnsupportedParameter", message, param=param, code="unsupported")
@@ -282,9 +292,23 @@ class Serving:
         self._check_logprobs(
             extras, params.max_tokens or max(1, limit - min(map(len, prompts))), len(prompts)
         )
+        admission = self.limiter.admit(
+            adapter=None if version is None else version.adapter,
+            model=request.model,
+            key=key,
+            priority=priority,
+            prompt_tokens=sum(map(len, prompts)),
+            max_tokens=params.max_tokens,
+            asked=bool(request.model_fields_set & {"max_tokens", "max_completion_tokens"}),
+            room=limit - min(map(len, prompts)),
+            choices=n * len(prompts),
+        )
+        if admission.max_tokens != params.max_tokens:
+            params = dataclasses.replace(params, max_tokens=admission.max_tokens)
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, loop, request_id)
         generation.n, generation.choices = n, n * len(prompts)
+        generation.ticket = admission.ticket
         self.running.add(generation)
         if version is not None:
             generation.adapter_id = adapter_id = version.id
@@ -305,10 +329,13 @@ class Serving:
                     params=params,
                     extras=extras,
                     on_output=generation.on_output_for(i),
+                    tenant=admission.tenant,
                 )
                 generation.engine_ids.append(engine_id)
         except LoraplaneError as exc:
             generation.cancel()  # the prompts already queued: all or none
+            if generation.ticket is not None:
+                generation.ticket.done(0)
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         return generation, request_id
 
@@ -340,7 +367,10 @@ class Serving:
     def finished(
         self, path: str, model: str, status: int | str, generation: Generation | None, seconds: float
     ) -> None:
-        """A /v1 generation request ended: count it, and write its access log line (unless turned off)."""
+        """A /v1 generation request ended: count it, give back what it held of its limits, and write its
+        access log line (unless turned off)."""
+        if generation is not None and generation.ticket is not None:
+            generation.ticket.done(generation.prompt_tokens + generation.completion_tokens)
         if self.engine is not None:
             self.engine.metrics.requests.labels(model=model, status=str(status)).inc()
         if not self.access_log:

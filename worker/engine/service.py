@@ -23,6 +23,7 @@ from loraplane.crds.errors import PermanentError
 
 from .. import engines
 from ..engines import Adapter, Output
+from ..fairness import DEFAULT, Tenant
 from . import heap
 from .metrics import Metrics
 from .runner import ModelRunner
@@ -65,6 +66,8 @@ class EngineSettings:
         values["max_model_len"] = getattr(worker, "max_model_len", 0) or None  # 0: the model's default
         values["kv_cache_bytes"] = getattr(worker, "kv_cache_bytes", 0)
         sched = {n: getattr(worker, n) for n in ("max_num_seqs", "max_batched_tokens") if hasattr(worker, n)}
+        if hasattr(worker, "scheduling_policy"):
+            sched["policy"] = worker.scheduling_policy
         values["scheduler"] = SchedulerSettings(**sched)
         values.update(overrides)
         return cls(**values)
@@ -160,6 +163,7 @@ class Engine:
         params: SamplingParams,
         on_output: Callable[[Output], None],
         extras: dict[str, Any] | None = None,
+        tenant: Tenant | None = None,
     ) -> Request:
         """Queue a request for the base model (adapter None) or an adapter version (kept by its ID).
         ``extras`` must be empty: this engine implements none of ``engines.FEATURES``.
@@ -190,6 +194,7 @@ class Engine:
             params=params,
             max_len=limit,
             on_output=on_output,
+            tenant=tenant or DEFAULT,
         )
         self.scheduler.submit(request)
         return request

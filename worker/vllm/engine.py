@@ -33,6 +33,7 @@ from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
 
 from .. import engines
 from ..engines import Adapter, Output, TokenLogprob
+from ..fairness import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,7 @@ class VllmEngine:
         params: Any,
         on_output: Callable[[Output], None],
         extras: dict[str, Any] | None = None,
+        tenant: Tenant | None = None,
     ) -> None:
         limit, source = self.limit_for(adapter)
         if not prompt_ids:
