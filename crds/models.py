@@ -349,6 +349,11 @@ class LoRAWorkerStatus(_Model):
         default=None, description="IDs Pending, Prefetching or Validating. " + ID_BLOCKS_HELP
     )
     onDeviceIds: RangeString | None = Field(default=None, description="IDs in device slots now, as ranges.")
+    throttledIds: RangeString | None = Field(
+        default=None,
+        description="IDs of adapters that refused a request over their spec.limits on this worker within the "
+        "last minute, as ranges (the 256 most recent).",
+    )
     adapters: dict[str, WorkerAdapterDetail] | None = Field(
         default=None,
         max_length=MAX_DETAILS,

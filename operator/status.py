@@ -109,6 +109,8 @@ def desired(
             conds, "Unknown", cond.NOT_YET_VALIDATED, "no worker has validated the weights yet", gen
         )
 
+    if spec.limits is not None:
+        cond.set_throttled(conds, agg.throttled, agg.throttled_by, gen)
     phase, reason, message = phase_of(agg)
     if ids.waiting is not None:
         phase, reason, message = "Pending", ids.waiting.reason, f"waiting for an ID: {ids.waiting.message}"

@@ -97,6 +97,8 @@ class WorkerReport:
         self.known_ids = known_ids
         self.cache_bytes_used = cache_bytes_used
         self.on_device = on_device
+        self.throttled: Callable[[], set[int]] | None = None  # IDs refused over their limits lately
+        self._throttled: set[int] = set()
         self.pod_name = pod_name
         self.batch_seconds = batch_seconds
         self.heartbeat_seconds = heartbeat_seconds
@@ -201,6 +203,8 @@ class WorkerReport:
             device = self.on_device()
             if device != self._device:
                 self._device = device
+        if self.throttled is not None:
+            self._throttled = self.throttled()
 
     def _update(self, i: int, rep: WorkerAdapterReport | None) -> None:
         kind = _kind(rep.state) if rep is not None else None
@@ -267,6 +271,8 @@ class WorkerReport:
         if self.on_device is not None:
             counts["onDevice"] = sum(1 for i in self._device if i in self._state)
             counts["onDeviceIds"] = ranges.encode(self._device) or None
+        if self.throttled is not None:
+            counts["throttledIds"] = ranges.encode(self._throttled) or None
         return counts
 
     def status_body(self) -> dict[str, Any]:
@@ -338,6 +344,8 @@ class WorkerReport:
                 return True
             except TimeoutError:
                 if self.on_device is not None and self.on_device() != self._device:
+                    return True
+                if self.throttled is not None and self.throttled() != self._throttled:
                     return True
         return False
 

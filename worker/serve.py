@@ -37,7 +37,10 @@ async def serve_openai(app: WorkerApp) -> None:
         if app.controller is not None:
             app.controller.load_adapter = engine.add_adapter
         if app.report is not None:
+            from loraplane.worker.api.routes import SERVING
+
             app.report.on_device = engine.on_device
+            app.report.throttled = app.web[SERVING].limiter.throttled_ids
             app.report.mark_dirty()
         set_engine(app.web, engine)
         if app.controller is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from .auth import Key
 
 PRIORITY_HEADER = "X-Loraplane-Priority"
+THROTTLED_WINDOW_S = 60.0
+"""An adapter counts as throttled this long after its last 429 (LoRAWorker status.throttledIds)."""
+MAX_THROTTLED = 256
+"""Most adapter IDs reported throttled at once (the newest): the report stays small."""
 
 THROTTLED = Counter(
     "loraplane_worker_throttled_requests",
@@ -109,17 +113,14 @@ class _Usage:
 class Ticket:
     """Admission past the limits: ``done(tokens used)`` gives back what it held (once)."""
 
-    limiter: Limiter
     holders: list[tuple[_Usage, Limits]]
     reserved: int
-    tenant: str
     open: bool = True
 
     def done(self, used: int) -> None:
         if not self.open:
             return
         self.open = False
-        TENANT_TOKENS.labels(tenant=self.tenant).inc(used)
         unused = max(0, self.reserved - used)
         now = time.monotonic()
         for usage, limits in self.holders:
@@ -144,17 +145,20 @@ class Admission:
 @dataclass
 class Limiter:
     """Limits per adapter (``book``: namespace/name -> this worker's share) and per key; the
-    ``throttled`` map (adapter namespace/name -> when it last got a 429) feeds the worker's report."""
+    ``throttled`` map (adapter ID -> when it last got a 429) feeds the worker's report (LoRAWorker
+    status.throttledIds, which the operator turns into the adapter's Throttled condition)."""
 
     book: dict[str, Limits] = field(default_factory=dict)
-    throttled: dict[str, float] = field(default_factory=dict)
+    throttled: dict[int, float] = field(default_factory=dict)
     _adapters: dict[str, _Usage] = field(default_factory=dict)
     _keys: dict[str, _Usage] = field(default_factory=dict)
+    _counters: dict[tuple[str, bool], Any] = field(default_factory=dict)
 
     def admit(
         self,
         *,
         adapter: str | None,
+        adapter_id: int | None,
         model: str,
         key: Key | None,
         priority: str | None,
@@ -176,7 +180,12 @@ class Limiter:
         weight = (adapter_limits.weight if adapter_limits else 1) * (key_limits.weight if key_limits else 1)
         tenant = Tenant(f"{tenant_name}/{model}", float(weight), batch)
         label = tenant_name
-        TENANT_REQUESTS.labels(tenant=label, priority="batch" if batch else "interactive").inc()
+        counter = self._counters.get((label, batch))
+        if counter is None:  # one labels() lookup per (tenant, priority), not per request
+            counter = self._counters[(label, batch)] = TENANT_REQUESTS.labels(
+                tenant=label, priority="batch" if batch else "interactive"
+            )
+        counter.inc()
         in_play = [
             (kind, name, limits)
             for kind, name, limits in (("adapter", adapter, adapter_limits), ("key", tenant_name, key_limits))
@@ -203,13 +212,13 @@ class Limiter:
         holders: list[tuple[_Usage, Limits]] = []
         for kind, name, limits in in_play:
             usage = (self._adapters if kind == "adapter" else self._keys).setdefault(str(name), _Usage())
-            self._check(kind, name, limits, usage, cost, now, model, label, adapter, tenant_name)
+            self._check(kind, name, limits, usage, cost, now, model, label, adapter, adapter_id, tenant_name)
             holders.append((usage, limits))
         for usage, limits in holders:  # all passed: take from each
             usage.running += 1
             if limits.tokens_per_minute:
                 usage.level -= cost
-        return Admission(tenant, max_tokens, Ticket(self, holders, cost, label), label)
+        return Admission(tenant, max_tokens, Ticket(holders, cost), label)
 
     def _check(
         self,
@@ -222,11 +231,12 @@ class Limiter:
         model: str,
         label: str,
         adapter: str | None,
+        adapter_id: int | None,
         tenant_name: str,
     ) -> None:
         whose = _whose(kind, adapter, tenant_name)
         if limits.max_concurrent_requests and usage.running >= limits.max_concurrent_requests:
-            self._refused(kind, adapter, model, label, "maxConcurrentRequests")
+            self._refused(kind, adapter_id, model, label, "maxConcurrentRequests")
             raise _too_many(
                 f"{usage.running} requests of the {whose} are running, its limit on this worker "
                 f"(maxConcurrentRequests) is {limits.max_concurrent_requests}; retry when one finishes",
@@ -247,23 +257,27 @@ class Limiter:
             usage.refill(per_minute, now)
             if usage.level < cost:
                 wait = math.ceil((cost - usage.level) * 60.0 / per_minute)
-                self._refused(kind, adapter, model, label, "tokensPerMinute")
+                self._refused(kind, adapter_id, model, label, "tokensPerMinute")
                 raise _too_many(
                     f"the {whose} used its {per_minute} tokens per minute on this worker (tokensPerMinute); "
                     f"this request needs {cost}; retry in {wait} s",
                     wait,
                 )
 
-    def _refused(self, kind: str, adapter: str | None, model: str, label: str, limit: str) -> None:
+    def _refused(self, kind: str, adapter_id: int | None, model: str, label: str, limit: str) -> None:
         THROTTLED.labels(tenant=label, model=model, limit=limit).inc()
-        if kind == "adapter" and adapter is not None:
-            self.throttled[adapter] = time.monotonic()
+        if kind == "adapter" and adapter_id is not None:
+            self.throttled.pop(adapter_id, None)  # re-inserted last: the dict stays in time order
+            self.throttled[adapter_id] = time.monotonic()
+            if len(self.throttled) > MAX_THROTTLED:
+                del self.throttled[next(iter(self.throttled))]
 
-    def throttled_since(self, seconds: float) -> set[str]:
-        """Adapters (namespace/name) that got a 429 within the last ``seconds``; forgets older ones."""
+    def throttled_ids(self, seconds: float = THROTTLED_WINDOW_S) -> set[int]:
+        """Adapter IDs that got a 429 within the last ``seconds`` (the report polls it; cheap: the map
+        is in time order and at most MAX_THROTTLED long); forgets older ones."""
         cutoff = time.monotonic() - seconds
-        for name in [n for n, t in self.throttled.items() if t < cutoff]:
-            del self.throttled[name]
+        while self.throttled and next(iter(self.throttled.values())) < cutoff:
+            del self.throttled[next(iter(self.throttled))]
         return set(self.throttled)
 
 

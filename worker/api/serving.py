@@ -22,7 +22,7 @@ from loraplane.crds.errors import LoraplaneError
 
 from ..engines import NON_FINITE_OUTPUT
 from .errors import ApiError
-from .limits import Limiter, Ticket
+from .limits import TENANT_TOKENS, Limiter, Ticket
 from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new_id
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class Generation:
         self._tokens: dict[int, int] = {}  # choice -> completion tokens
         self._cut: LoraplaneError | None = None
         self.ticket: Ticket | None = None  # what it holds of its adapter's and key's limits
+        self.tenant = ""  # its API-key tenant (metrics label)
 
     @property
     def prompt_tokens(self) -> int:
@@ -294,6 +295,7 @@ class Serving:
         )
         admission = self.limiter.admit(
             adapter=None if version is None else version.adapter,
+            adapter_id=None if version is None else version.id,
             model=request.model,
             key=key,
             priority=priority,
@@ -308,7 +310,7 @@ class Serving:
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, loop, request_id)
         generation.n, generation.choices = n, n * len(prompts)
-        generation.ticket = admission.ticket
+        generation.ticket, generation.tenant = admission.ticket, admission.label
         self.running.add(generation)
         if version is not None:
             generation.adapter_id = adapter_id = version.id
@@ -369,8 +371,11 @@ class Serving:
     ) -> None:
         """A /v1 generation request ended: count it, give back what it held of its limits, and write its
         access log line (unless turned off)."""
-        if generation is not None and generation.ticket is not None:
-            generation.ticket.done(generation.prompt_tokens + generation.completion_tokens)
+        if generation is not None:
+            used = generation.prompt_tokens + generation.completion_tokens
+            TENANT_TOKENS.labels(tenant=generation.tenant).inc(used)
+            if generation.ticket is not None:
+                generation.ticket.done(used)
         if self.engine is not None:
             self.engine.metrics.requests.labels(model=model, status=str(status)).inc()
         if not self.access_log:

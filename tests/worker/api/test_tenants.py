@@ -128,6 +128,12 @@ def test_adapter_concurrency_limit_applies_live_and_per_replica(worker: Worker) 
     try:
         e = wait_refused(lambda: w.complete("a0"))
         assert_rate_limited(e, "maxConcurrentRequests")
+        # Reported in the worker's LoRAWorker, for the operator's Throttled condition.
+        fleet.wait_for(
+            lambda: any("9100" in (o.get("status") or {}).get("throttledIds", "") for o in w.ads.workers()),
+            15,
+            "throttledIds in the LoRAWorker",
+        )
         assert w.complete("a1").choices[0].finish_reason == "length", "another adapter is not limited"
         w.limits("a0", {"maxConcurrentRequests": 2})  # edited: applies without a restart
         fleet.wait_for(lambda: refused(lambda: w.complete("a0")) is None, 15, "the raised limit")
