@@ -36,8 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraplane.worker.engine.model import PROJECTIONS, CausalLM, ModelConfig, rms_norm
-from loraplane.worker.engine.runner import AdapterWeights, ModelRunner, SeqStep
+from loraplane.worker.builtin.model import PROJECTIONS, CausalLM, ModelConfig, rms_norm
+from loraplane.worker.builtin.runner import AdapterWeights, ModelRunner, SeqStep
 
 SHAPE = dict(
     model_type="llama",

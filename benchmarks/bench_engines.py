@@ -74,12 +74,15 @@ def make_weights(root: Path, args: argparse.Namespace) -> tuple[Path, list[Path]
 
 async def serve(args: argparse.Namespace) -> None:
     """One engine behind the worker's HTTP app; prints its port, then serves until killed."""
-    from loraplane.worker import engines
-    from loraplane.worker.api.server import ServeSettings, build_app, set_engine, start
-    from loraplane.worker.registry import AdapterVersion, Registry
+    from loraplane.worker import assembly
+    from loraplane.worker.api.webapp import ServeSettings, build_app, start
+    from loraplane.worker.inference.engines import EngineSlot
+    from loraplane.worker.registry import Registry, VersionEntry
 
     registry = Registry()
-    app = build_app(None, registry, ServeSettings(host="127.0.0.1", port=0, access_log=False))
+    slot = EngineSlot()
+    registry.on_retired(slot.retire_adapter)
+    app = build_app(slot, registry, ServeSettings(host="127.0.0.1", port=0, access_log=False))
     runner, port = await start(app, "127.0.0.1", 0)
     settings = argparse.Namespace(
         device=args.device,
@@ -93,14 +96,14 @@ async def serve(args: argparse.Namespace) -> None:
         tensor_parallel_size=1,
         vllm_args="" if args.device == "cuda" else "--kv-cache-memory-bytes=2G",
     )
-    engine = await engines.start(args.serve, Path(args.base), settings)
-    set_engine(app, engine)
+    engine = await assembly.start_engine(args.serve, Path(args.base), settings)
+    slot.fill(engine)
     for i, path in enumerate(json.loads(args.adapter_dirs)):
-        version = AdapterVersion(
+        version = VersionEntry(
             id=1000 + i, served_name=f"a{i}", adapter=f"bench/a{i}", state="Ready",
             local_dir=Path(path),
         )  # fmt: skip
-        await engine.add_adapter(version.engine_adapter())
+        await engine.add_adapter(version.lora_spec())
         registry.upsert(version)
     print(f"{PORT_LINE}{port}", flush=True)
     stop = asyncio.Event()

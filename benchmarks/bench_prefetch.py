@@ -2,7 +2,7 @@
 
 For each source kind (local directory; S3 through boto3 against moto's server on 127.0.0.1;
 the Hub through huggingface_hub against the tests' local Hub endpoint) it times
-AdapterCache.prefetch of an adapter whose weights file is --mb MiB into a fresh cache, and
+Prefetcher.prefetch of an adapter whose weights file is --mb MiB into a fresh cache, and
 shutil.copyfile of the same file into the same directory tree, alternating, --repeat times, and
 prints the medians and ratio = copy_time / prefetch_time (1.0 = as fast as a copy; target >= 0.8
 for local). The prefetch hashes every byte (sha256), verifies sizes and checksums and fsyncs
@@ -31,6 +31,7 @@ from pathlib import Path
 
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
+from loraplane.worker.prefetch import Prefetcher
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -68,7 +69,7 @@ def _copy(src: Path, work: Path, *, fsync: bool) -> Callable[[], object]:
 def _prefetch(resolved: s.ResolvedSource, work: Path, settings: s.SourceSettings) -> Callable[[], object]:
     def run() -> None:
         root = work / f"cache-{time.monotonic_ns()}"
-        c.AdapterCache(root, 1 << 40, sources_settings=settings).prefetch(resolved)
+        Prefetcher(c.CacheIndex(root, 1 << 40), sources_settings=settings).prefetch(resolved)
 
     return run
 

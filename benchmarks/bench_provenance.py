@@ -3,7 +3,7 @@
 An adapter with a --mb MiB weights file, signed with a key by model-signing. Timed, alternating,
 --repeat times (medians printed):
 
-  prefetch        AdapterCache.prefetch of the local adapter into a fresh cache (hashes as it copies)
+  prefetch        Prefetcher.prefetch of the local adapter into a fresh cache (hashes as it copies)
   digest+verify   what the worker adds after it: spec.digest from the cache's hashes, and the
                   signature checked against them (loraplane.worker.provenance)
   library verify  model_signing.verifying.Config().verify(): the same check reading every file again
@@ -33,6 +33,7 @@ from support import signing
 from loraplane.worker import cache as c
 from loraplane.worker import provenance
 from loraplane.worker import sources as s
+from loraplane.worker.prefetch import Prefetcher
 
 
 def main() -> None:
@@ -59,8 +60,8 @@ def main() -> None:
         for i in range(args.repeat):
             cache_dir = root / f"cache{i}"
             t0 = time.perf_counter()
-            entry = c.AdapterCache(
-                cache_dir, 8 << 30, sources_settings=settings, max_file_bytes=4 << 30
+            entry = Prefetcher(
+                c.CacheIndex(cache_dir, 8 << 30), sources_settings=settings, max_file_bytes=4 << 30
             ).prefetch(s.resolve(str(d), None, settings))
             t1 = time.perf_counter()
             digest = entry.digest

@@ -41,14 +41,14 @@ import torch
 # The reference shape, shared with the engine benchmark (scripts run with benchmarks/ on sys.path).
 from bench_engine import SHAPE
 
-from loraplane.worker.engine.metrics import PREFIX
-from loraplane.worker.engine.model import PROJECTIONS, CausalLM, ModelConfig
-from loraplane.worker.engine.runner import ModelRunner
-from loraplane.worker.engine.sampling import SamplingParams
-from loraplane.worker.engine.scheduler import SchedulerSettings
-from loraplane.worker.engine.service import Engine, EngineSettings
-from loraplane.worker.engines import Output
-from loraplane.worker.registry import AdapterVersion, Registry
+from loraplane.worker.builtin.metrics import PREFIX
+from loraplane.worker.builtin.model import PROJECTIONS, CausalLM, ModelConfig
+from loraplane.worker.builtin.runner import ModelRunner
+from loraplane.worker.builtin.scheduler import SchedulerSettings
+from loraplane.worker.builtin.service import Engine, EngineSettings
+from loraplane.worker.inference.engines import Output
+from loraplane.worker.inference.sampling import SamplingParams
+from loraplane.worker.registry import Registry, VersionEntry
 
 RANK = 16
 _ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -124,7 +124,7 @@ def drive(engine: Engine, registry: Registry, stream: list[int], args: argparse.
         engine.submit(
             request_id=f"r{i}",
             model=f"adapter-{adapter}",
-            adapter=registry.by_id(adapter + 1).engine_adapter(),
+            adapter=registry.by_id(adapter + 1).lora_spec(),
             prompt_ids=prompt,
             params=params,
             on_output=on_output,
@@ -181,7 +181,7 @@ def run_child(args: argparse.Namespace) -> None:
     registry = Registry()
     for k in range(n):
         registry.upsert(
-            AdapterVersion(
+            VersionEntry(
                 id=k + 1,
                 served_name=f"adapter-{k}",
                 adapter=f"bench/adapter-{k}",

@@ -6,7 +6,7 @@ projections), each in its own process tree:
                   ``--enable-lora --lora-modules a0=... a1=...``;
   worker-vllm     the worker's HTTP app with ``--engine vllm`` (bench_engines.py's ``--serve``);
   worker-builtin  the same with the built-in engine; ``worker-builtin@T`` runs it with
-                  LORAPLANE_MMAP_THRESHOLD=T (bytes, or ``glibc``: see worker/engine/heap.py), so
+                  LORAPLANE_MMAP_THRESHOLD=T (bytes, or ``glibc``: see worker/builtin/heap.py), so
                   malloc settings compare side by side (``--servers worker-builtin,worker-builtin@glibc``).
 Both vLLM servers get the same engine settings: max_loras ``--max-loras``, max_cpu_loras = adapters,
 max_lora_rank, dtype auto, max_model_len 512, 2 GiB of KV cache (``--kv-cache-memory-bytes``), the

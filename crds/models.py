@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loraplane.crds import paths, ranges
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
 GROUP = "loraplane.io"
 VERSION = "v1alpha1"

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from loraplane.crds.errors import APIConflictError, APINotFoundError, PermanentError
-from loraplane.crds.kube import KubeClient
 from loraplane.crds.models import ID_MAX, LoRAAdapterStatus
+from loraplane.errors import APIConflictError, APINotFoundError, PermanentError
+from loraplane.kube import KubeClient
 from loraplane.operator import metrics
 from loraplane.operator.settings import RECOVER_ANNOTATION, OperatorSettings
 

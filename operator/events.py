@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplane.crds import conditions as cond
-from loraplane.crds.errors import APIError
-from loraplane.crds.kube import KubeClient
 from loraplane.crds.models import ADAPTER_KIND, API_VERSION
+from loraplane.errors import APIError
+from loraplane.kube import KubeClient
 
 log = logging.getLogger("loraplane.operator.events")
 

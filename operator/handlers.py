@@ -16,9 +16,9 @@ from typing import Any
 
 import kopf
 
-from loraplane.crds.errors import APIError
-from loraplane.crds.kube import Backoff, KubeClient, bearer_token, load_configuration
 from loraplane.crds.models import ADAPTER_PLURAL, GROUP, VERSION, WORKER_PLURAL
+from loraplane.errors import APIError
+from loraplane.kube import Backoff, KubeClient, bearer_token, load_configuration
 from loraplane.operator import metrics
 from loraplane.operator.reconciler import Reconciler
 from loraplane.operator.settings import OperatorSettings

@@ -143,8 +143,8 @@ def _port_taken(flag: str, address: str, port: int) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parent.exit_with_parent()  # started by `loraplane demo`: stop with it, even when it is killed
     settings, verbose = parse_args(argv)
-    from loraplane.crds.errors import CredentialsError
-    from loraplane.crds.kube import load_configuration
+    from loraplane.errors import CredentialsError
+    from loraplane.kube import load_configuration
 
     try:
         load_configuration(settings.kubeconfig)  # Fail now, naming the fix, rather than retry forever.
@@ -190,7 +190,7 @@ async def _supervise(settings: OperatorSettings) -> None:
     after a backoff, with the same memo (the reconciler keeps the highest ID it has seen)."""
     import kopf
 
-    from loraplane.crds.kube import Backoff
+    from loraplane.kube import Backoff
     from loraplane.operator import handlers
 
     memo = kopf.Memo()

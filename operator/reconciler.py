@@ -19,8 +19,6 @@ import zlib
 from typing import Any
 
 from loraplane.crds import conditions as cond
-from loraplane.crds.errors import APIConflictError, APIError, APINotFoundError, PermanentError
-from loraplane.crds.kube import KubeClient, rv_behind
 from loraplane.crds.models import (
     ADAPTER_PLURAL,
     GROUP,
@@ -29,6 +27,8 @@ from loraplane.crds.models import (
     parse_adapter,
     version_of,
 )
+from loraplane.errors import APIConflictError, APIError, APINotFoundError, PermanentError
+from loraplane.kube import KubeClient, rv_behind
 from loraplane.operator import aggregate as agg_mod
 from loraplane.operator import allocation, events, metrics
 from loraplane.operator import status as status_mod

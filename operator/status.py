@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplane.crds import conditions as cond
-from loraplane.crds.errors import LoraplaneError
 from loraplane.crds.models import INVALID_SPEC, LoRAAdapter
+from loraplane.errors import LoraplaneError
 from loraplane.operator.aggregate import Aggregate, phase_of
 
 MESSAGE_MAX = 4096  # status.message's schema limit

@@ -1,8 +1,11 @@
 """The design's "never" arrows, as import-linter contracts (pyproject.toml [tool.importlinter]) run in CI.
 
 The contracts: the layers (entry points > operator | worker, which never import each other > the API >
-shared utilities), the engines import no control path, HTTP layer or Kubernetes client, localkube
-imports nothing of loraplane, and the control plane imports no local server and no numeric stack.
+the Kubernetes client | telemetry > errors | version), the engines and what they share (worker/inference)
+import no control path, HTTP layer or Kubernetes API or client, the two engines never import each other,
+worker/inference imports neither engine and no torch, the HTTP layer reaches an engine only through the
+interface, localkube imports nothing of loraplane, and the control plane imports no local server and no
+numeric stack.
 import-linter reads the import graph statically, function-level imports and indirect chains included,
 over the checkout laid out under its import names (support.importnames).
 """
@@ -38,10 +41,21 @@ def test_the_import_contracts_are_kept(tmp_path: Path) -> None:
     ("module", "source", "contract"),
     [
         # an engine reaching the watch through a third module: indirect chains count
-        ("worker/engine/zz_probe.py", "from loraplane.worker import zz_helper\n", "The engines import"),
+        (
+            "worker/builtin/zz_probe.py",
+            "from loraplane.worker import zz_helper\n",
+            "The engines and what they share",
+        ),
         ("localkube/zz_probe.py", "import loraplane.version\n", "localkube imports nothing"),
         ("worker/zz_probe.py", "def f():\n    import loraplane.operator.allocation\n", "Layers"),
         ("crds/zz_probe.py", "import torch\n", "The control plane"),
+        ("worker/inference/zz_probe.py", "import torch\n", "What the engines share"),
+        (
+            "worker/vllm/zz_probe.py",
+            "import loraplane.worker.builtin.heap\n",
+            "The two engines are independent",
+        ),
+        ("worker/api/zz_probe.py", "import loraplane.worker.builtin.heap\n", "The HTTP layer"),
     ],
 )
 def test_a_broken_contract_is_reported(tmp_path: Path, module: str, source: str, contract: str) -> None:

@@ -17,18 +17,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
-from loraplane.crds.errors import LoraplaneError
 from loraplane.crds.models import AdapterInfo, WorkerAdapterReport
-from loraplane.worker import basemodel, provenance, sources, validate
-from loraplane.worker.cache import AdapterCache, CachedAdapter
-from loraplane.worker.engines import Adapter
-from loraplane.worker.registry import AdapterVersion, Registry, State
-from loraplane.worker.watch import AdapterWatch, DesiredAdapter
+from loraplane.errors import LoraplaneError
+from loraplane.worker import provenance, sources, validate
+from loraplane.worker.cache import CacheEntry
+from loraplane.worker.inference import basemodel
+from loraplane.worker.inference.engines import EngineSlot
+from loraplane.worker.prefetch import Prefetcher
+from loraplane.worker.registry import Registry, State, VersionEntry, takes_over
+from loraplane.worker.watch import AdapterWatch, DesiredVersion
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,8 @@ class _Known:
     """The controller's own bookkeeping for one adapter version: what it should be is ``desired`` (from
     the watch), where it stands is ``version`` (the registry entry, kept here as last written)."""
 
-    desired: DesiredAdapter
-    version: AdapterVersion
+    desired: DesiredVersion
+    version: VersionEntry
     info: AdapterInfo | None = None
     cache_key: str | None = None  # pinned while known
     task: asyncio.Task[None] | None = None
@@ -66,7 +68,7 @@ class Controller:
     def __init__(
         self,
         registry: Registry,
-        cache: AdapterCache,
+        prefetcher: Prefetcher,
         base: basemodel.ModelConfig,
         source_settings: sources.SourceSettings,
         *,
@@ -75,7 +77,7 @@ class Controller:
         dtype: str = "float32",
         max_concurrent: int = 16,
         on_change: Callable[[int], None] = lambda _id: None,
-        engine_ready: asyncio.Event | None = None,
+        engine: EngineSlot | None = None,
         trust: provenance.Trust | None = None,
         require_signatures: bool = False,
     ) -> None:
@@ -84,12 +86,12 @@ class Controller:
         # those whose spec.signature asks for one).
         self.trust = trust or provenance.Trust()
         self.require_signatures = require_signatures
-        # Set once the engine can serve (base weights loaded). Until then a validated adapter is not
-        # reported Ready: a status that says Ready while nothing can be served is the failure we avoid.
-        self.engine_ready = engine_ready
-        # Set by the worker once its engine runs: loads a validated version before it is Ready.
-        self.load_adapter: Callable[[Adapter], Awaitable[None]] | None = None
-        self.cache = cache
+        # The engine (None: a control-mode worker, which serves nothing). A validated version is loaded
+        # into it before it is reported Ready, so not before the base weights are loaded: a status that
+        # says Ready while nothing can be served is the failure we avoid.
+        self.engine = engine
+        self.prefetcher = prefetcher
+        self.cache = prefetcher.index
         self.base = base
         self.source_settings = source_settings
         self.served_model = served_model
@@ -100,7 +102,7 @@ class Controller:
         self._known: dict[int, _Known] = {}
         self._versions: dict[str, set[int]] = {}  # namespace/name -> its known version IDs
         self._counts = dict.fromkeys(STATES, 0)  # known versions by state (the gauge)
-        self._desired: dict[int, DesiredAdapter] = {}
+        self._desired: dict[int, DesiredVersion] = {}
         self.synced = asyncio.Event()  # set once the first desired state has been applied
 
     # --- the loop --------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ class Controller:
 
     def reconcile(
         self,
-        desired: dict[int, DesiredAdapter],
+        desired: dict[int, DesiredVersion],
         changed: set[int] | None = None,
         by_adapter: dict[str, int] | None = None,
     ) -> None:
@@ -137,7 +139,7 @@ class Controller:
         for adapter_id in list(changed):
             touched = desired.get(adapter_id) or self._known.get(adapter_id)
             if touched is not None:
-                key = touched.adapter if isinstance(touched, DesiredAdapter) else touched.desired.adapter
+                key = touched.adapter if isinstance(touched, DesiredVersion) else touched.desired.adapter
                 changed |= self._versions.get(key, set())
         for adapter_id in sorted(changed):
             want = desired.get(adapter_id)
@@ -162,18 +164,16 @@ class Controller:
                 continue
             newer = by_adapter.get(known.desired.adapter)
             newer_known = self._known.get(newer) if newer is not None else None
-            if (
-                newer is not None
-                and known.version.state == "Ready"
-                and (newer_known is None or newer_known.version.state != "Ready")
+            if newer is not None and not takes_over(
+                known.version, newer_known.version if newer_known is not None else None
             ):
-                continue  # keep serving the old version until the new one is Ready (or has an ID)
+                continue  # keep serving the old version until the new one is Ready
             # Deleted (or no longer this worker's): its files leave the cache now, not when the
             # volume fills. An older version of a still-wanted adapter stays cached (a rollback hits).
             self._drop(adapter_id, forget=newer is None)
 
-    def _start(self, want: DesiredAdapter) -> None:
-        version = AdapterVersion(
+    def _start(self, want: DesiredVersion) -> None:
+        version = VersionEntry(
             id=want.id, served_name=want.served_name, adapter=want.adapter, max_length=want.max_length
         )
         known = _Known(want, version)
@@ -235,7 +235,7 @@ class Controller:
         self._set(known, "Prefetching")
         resolved = await self._resolve(want)
         # Pinned in the same step as the prefetch, so no other prefetch can evict it in between.
-        cached: CachedAdapter = await asyncio.to_thread(self.cache.prefetch, resolved, pin=True)
+        cached: CacheEntry = await asyncio.to_thread(self.prefetcher.prefetch, resolved, pin=True)
         if known.cache_key != cached.cache_key:
             self._release(known)
             known.cache_key = cached.cache_key
@@ -268,18 +268,18 @@ class Controller:
         for warning in summary.warnings:
             log.warning("adapter %s id %d: %s", want.adapter, want.id, warning)
         message = "; ".join(summary.warnings) or None
-        if self.engine_ready is not None and not self.engine_ready.is_set():
-            self._set(
-                known, "Validating", "WaitingForEngine", "validated; waiting for the base model to load"
-            )
-            await self.engine_ready.wait()
-        if self.load_adapter is not None:
+        if self.engine is not None:
+            if not self.engine.filled():
+                self._set(
+                    known, "Validating", "WaitingForEngine", "validated; waiting for the base model to load"
+                )
+            engine = await self.engine.wait()
             # Warm: the engine holds the weights before the name can route a request to them; an engine
             # that refuses the adapter fails it here, with the engine's reason, and nothing else.
-            await self.load_adapter(
+            await engine.add_adapter(
                 dataclasses.replace(
                     known.version, local_dir=cached.path, chat_template=summary.chat_template
-                ).engine_adapter()
+                ).lora_spec()
             )
         self._set(
             known,
@@ -295,7 +295,7 @@ class Controller:
         log.info("adapter %s id %d Ready (rank %d, %s)", want.adapter, want.id, summary.rank, resolved.uri)
         self._retire_older(known)
 
-    def _provenance(self, want: DesiredAdapter, cached: CachedAdapter) -> str | None:
+    def _provenance(self, want: DesiredVersion, cached: CacheEntry) -> str | None:
         """Check the pinned digest and the signature before anything reads the files; the signer, if any.
 
         A refusal is permanent: the version is Failed and its files leave the cache (``_prepare``)."""
@@ -308,7 +308,7 @@ class Controller:
             cached.path / provenance.SIGNATURE_FILE, cached.file_digests, self.trust, where
         )
 
-    async def _resolve(self, want: DesiredAdapter) -> sources.ResolvedSource:
+    async def _resolve(self, want: DesiredVersion) -> sources.ResolvedSource:
         """Resolve the path; when the Hub is unreachable, fall back to the resolution recorded when the
         cached copy was fetched, so a restarted worker serves from its cache through a Hub outage."""
         try:
@@ -359,7 +359,10 @@ class Controller:
     def _retire_older(self, ready: _Known) -> None:
         """The new version is Ready: drop the older versions of the same adapter that are no longer desired."""
         for adapter_id in list(self._versions.get(ready.desired.adapter, ())):
-            if adapter_id not in self._desired:
+            older = self._known.get(adapter_id)
+            if adapter_id not in self._desired and (
+                older is None or takes_over(older.version, ready.version)
+            ):
                 self._drop(adapter_id)
 
     # --- state -----------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplane.crds.errors import LoraplaneError, PermanentError
+from loraplane.errors import LoraplaneError, PermanentError
 from loraplane.worker import chattemplate
-from loraplane.worker.adapter import ADAPTER_FILES
-from loraplane.worker.adapter import SIGNATURE_FILE as SIGNATURE_FILE
+from loraplane.worker.inference.peft import ADAPTER_FILES
+from loraplane.worker.inference.peft import SIGNATURE_FILE as SIGNATURE_FILE
 
 log = logging.getLogger(__name__)
 

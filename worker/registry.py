@@ -15,13 +15,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .engines import Adapter
+from .inference.engines import LoraSpec
 
 State = Literal["Pending", "Prefetching", "Validating", "Ready", "Failed"]
 
 
 @dataclass(frozen=True)
-class AdapterVersion:
+class VersionEntry:
     """One adapter version as the worker knows it. Immutable: updates replace the whole entry."""
 
     id: int
@@ -37,13 +37,13 @@ class AdapterVersion:
     warnings: tuple[str, ...] = ()
     chat_template: str | None = None  # the adapter's own (None: the base model's)
 
-    def with_state(self, state: State, **changes: Any) -> AdapterVersion:
+    def with_state(self, state: State, **changes: Any) -> VersionEntry:
         return replace(self, state=state, **changes)
 
-    def engine_adapter(self) -> Adapter:
+    def lora_spec(self) -> LoraSpec:
         """What an engine is handed: the ID, the served name, this version's cache directory."""
         assert self.local_dir is not None, "only a prefetched version goes to an engine"
-        return Adapter(
+        return LoraSpec(
             id=self.id,
             name=self.served_name,
             path=self.local_dir,
@@ -52,35 +52,41 @@ class AdapterVersion:
         )
 
 
-Listener = Callable[[AdapterVersion | None, AdapterVersion | None], None]
+Listener = Callable[[VersionEntry | None, VersionEntry | None], None]
+
+
+def takes_over(current: VersionEntry | None, new: VersionEntry | None) -> bool:
+    """The hand-over rule between two versions of a served name (the only place it is decided): ``new``
+    takes the name and its traffic from ``current`` once it is Ready, or at once when ``current`` serves
+    nothing (it is not Ready, or there is none). A newer version that has no entry yet (None) takes over
+    only from one that serves nothing. The registry moves the name by it; the controller keeps an old
+    version alive, or drops it, by it."""
+    if current is None or current.state != "Ready":
+        return True
+    return new is not None and (new.id == current.id or new.state == "Ready")
 
 
 @dataclass
 class Registry:
     """Adapter versions by ID, and which ID each served name points at."""
 
-    _by_id: dict[int, AdapterVersion] = field(default_factory=dict)
+    _by_id: dict[int, VersionEntry] = field(default_factory=dict)
     _current: dict[str, int] = field(default_factory=dict)  # served name -> id
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _listeners: list[Listener] = field(default_factory=list)
 
-    def upsert(self, version: AdapterVersion) -> None:
+    def upsert(self, version: VersionEntry) -> None:
         """Add or update a version. The served name moves to it only once it is Ready, or when the
         name has no Ready version yet (so a user sees why the new one is not servable)."""
         with self._lock:
             old = self._by_id.get(version.id)
             self._by_id[version.id] = version
             holder = self._by_id.get(self._current.get(version.served_name, -1))
-            if (
-                holder is None
-                or holder.id == version.id
-                or version.state == "Ready"
-                or holder.state != "Ready"
-            ):
+            if takes_over(holder, version):
                 self._current[version.served_name] = version.id
         self._notify(old, version)
 
-    def remove(self, adapter_id: int) -> AdapterVersion | None:
+    def remove(self, adapter_id: int) -> VersionEntry | None:
         """Forget a version (deleted, name lost, or replaced by a Ready newer one)."""
         with self._lock:
             old = self._by_id.pop(adapter_id, None)
@@ -97,21 +103,21 @@ class Registry:
             self._notify(old, None)
         return old
 
-    def lookup(self, served_name: str) -> AdapterVersion | None:
+    def lookup(self, served_name: str) -> VersionEntry | None:
         """The version a new request for ``served_name`` gets (Ready or not), or None if unknown."""
         with self._lock:
             adapter_id = self._current.get(served_name)
             return None if adapter_id is None else self._by_id.get(adapter_id)
 
-    def by_id(self, adapter_id: int) -> AdapterVersion | None:
+    def by_id(self, adapter_id: int) -> VersionEntry | None:
         with self._lock:
             return self._by_id.get(adapter_id)
 
-    def snapshot(self) -> list[AdapterVersion]:
+    def snapshot(self) -> list[VersionEntry]:
         with self._lock:
             return sorted(self._by_id.values(), key=lambda v: v.id)
 
-    def ready(self) -> list[AdapterVersion]:
+    def ready(self) -> list[VersionEntry]:
         """Ready versions that their served name currently points at (what /v1/models lists)."""
         with self._lock:
             return sorted(
@@ -123,7 +129,7 @@ class Registry:
         """Call ``retire(id)`` when a version will get no new requests (removed, or Failed): an engine
         then frees it once the requests already running on it finish."""
 
-        def listener(old: AdapterVersion | None, new: AdapterVersion | None) -> None:
+        def listener(old: VersionEntry | None, new: VersionEntry | None) -> None:
             if old is not None and (new is None or new.state == "Failed"):
                 retire(old.id)
 
@@ -134,6 +140,6 @@ class Registry:
         with self._lock:
             self._listeners.append(listener)
 
-    def _notify(self, old: AdapterVersion | None, new: AdapterVersion | None) -> None:
+    def _notify(self, old: VersionEntry | None, new: VersionEntry | None) -> None:
         for listener in list(self._listeners):
             listener(old, new)

@@ -25,8 +25,6 @@ from typing import Any
 from prometheus_client import Counter
 
 from loraplane.crds import ranges
-from loraplane.crds.errors import APIConflictError, APIError, APINotFoundError
-from loraplane.crds.kube import Backoff, KubeClient
 from loraplane.crds.models import (
     API_VERSION,
     WORKER_KIND,
@@ -34,6 +32,8 @@ from loraplane.crds.models import (
     LoRAWorkerSpec,
     WorkerAdapterReport,
 )
+from loraplane.errors import APIConflictError, APIError, APINotFoundError
+from loraplane.kube import Backoff, KubeClient
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class WorkerReport:
         known_ids: Callable[[], Iterable[int]],
         cache_bytes_used: Callable[[], int] = lambda: 0,
         on_device: Callable[[], set[int]] | None = None,
+        throttled: Callable[[], set[int]] | None = None,
         pod_name: str = "",
         batch_seconds: float = 0.2,
         heartbeat_seconds: float = 10.0,
@@ -97,7 +98,7 @@ class WorkerReport:
         self.known_ids = known_ids
         self.cache_bytes_used = cache_bytes_used
         self.on_device = on_device
-        self.throttled: Callable[[], set[int]] | None = None  # IDs refused over their limits lately
+        self.throttled = throttled  # IDs refused over their limits lately (api/limits.py)
         self._throttled: set[int] = set()
         self.pod_name = pod_name
         self.batch_seconds = batch_seconds

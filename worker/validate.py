@@ -1,6 +1,6 @@
 """Check a PEFT LoRA adapter against the base model before it goes anywhere near a device.
 
-The adapter is read by ``adapter.PeftAdapter`` (config + safetensors header, no torch, never a
+The adapter is read by ``adapter.PeftCheckpoint`` (config + safetensors header, no torch, never a
 pickle), the same reader the engine loads with, so what passes here is what the engine serves.
 Every problem is collected before one ``ValidationFailed`` is raised (the vLLM
 ``peft_helper.validate_legal`` habit). The base model is a ``basemodel.ModelConfig``, built from
@@ -26,11 +26,11 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from loraplane.crds.errors import LoraplaneError, PermanentError, ValidationFailed
 from loraplane.crds.models import DIGEST_PATTERN
+from loraplane.errors import LoraplaneError, PermanentError, ValidationFailed
 from loraplane.worker import chattemplate, provenance
-from loraplane.worker.adapter import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE, PeftAdapter
-from loraplane.worker.basemodel import ModelConfig
+from loraplane.worker.inference.basemodel import ModelConfig
+from loraplane.worker.inference.peft import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE, PeftCheckpoint
 
 CONTEXT_TOO_LONG = "ContextTooLong"
 
@@ -81,7 +81,7 @@ def validate_adapter(
     """
     adapter_dir = Path(adapter_dir)
     try:
-        a = PeftAdapter.read(adapter_dir)
+        a = PeftCheckpoint.read(adapter_dir)
         problems = a.problems(base, max_lora_rank=max_lora_rank, dtype=dtype)
     except LoraplaneError as e:
         VALIDATION_FAILURES.labels(e.reason).inc()
@@ -305,7 +305,7 @@ def _fetch_for_cli(
 ) -> tuple[Path, dict[str, str]]:
     """A local directory checked against --local-roots (default: itself) and read in place; any other
     spec.path resolved and downloaded into a temporary cache. With the adapter files' sha256s."""
-    from loraplane.worker import cache, sources
+    from loraplane.worker import cache, prefetch, sources
 
     spec = args.adapter
     local = Path(spec[7:] if spec.startswith("file://") else spec)
@@ -319,7 +319,9 @@ def _fetch_for_cli(
         return local, provenance.file_digests(local)
     settings = sources.SourceSettings(s3_endpoint_url=args.s3_endpoint_url)
     resolved = sources.resolve(spec, args.revision, settings)
-    entry = cache.AdapterCache(tmp, 1 << 40, sources_settings=settings, retries=1).prefetch(resolved)
+    entry = prefetch.Prefetcher(
+        cache.CacheIndex(tmp, 1 << 40), sources_settings=settings, retries=1
+    ).prefetch(resolved)
     say(f"fetched {resolved.uri} at {resolved.resolved_revision} into {entry.path}")
     return entry.path, entry.file_digests
 

@@ -1,7 +1,7 @@
 """The worker's view of which adapters it should serve: list, then watch, LoRAAdapter objects.
 
 One loop per watched scope (all namespaces, or each configured namespace) keeps the objects it has
-seen and turns them into the desired state, ``{id: DesiredAdapter}``, for this worker's base model.
+seen and turns them into the desired state, ``{id: DesiredVersion}``, for this worker's base model.
 It lists, watches from the list's resourceVersion, and resumes from the last event's resourceVersion
 when a watch ends, after checking that the server has reached it. It relists instead when the server
 answers 410 Gone (the HTTP status or the in-stream ERROR event), 404 (the CRD was deleted, or an API
@@ -23,10 +23,11 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from loraplane.crds import conditions, errors
-from loraplane.crds.errors import LoraplaneError
-from loraplane.crds.kube import Backoff, KubeClient, rv_behind
+from loraplane import errors
+from loraplane.crds import conditions
 from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, AdapterLimits, parse_adapter, version_of
+from loraplane.errors import LoraplaneError
+from loraplane.kube import Backoff, KubeClient, rv_behind
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ RECONNECTS = Counter(
 
 
 @dataclass(frozen=True)
-class DesiredAdapter:
+class DesiredVersion:
     """One adapter version this worker should serve, from a LoRAAdapter object."""
 
     id: int
@@ -63,7 +64,7 @@ class DesiredAdapter:
     """Workers with the adapter Ready (status.workers.ready, at least 1): the limits' divisor."""
 
 
-def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | None:
+def desired_from(obj: dict[str, Any], served_model: str) -> DesiredVersion | None:
     """The desired version for one LoRAAdapter object, or None when this worker should not serve it."""
     spec = obj.get("spec") or {}
     if spec.get("baseModel") != served_model:
@@ -92,7 +93,7 @@ def desired_from(obj: dict[str, Any], served_model: str) -> DesiredAdapter | Non
     )
     want = adapter.spec
     moved = status.version is not None and status.version != version_of(want.path, want.revision, want.digest)
-    return DesiredAdapter(
+    return DesiredVersion(
         id=status.id,
         adapter=key,
         served_name=adapter.served_name,
@@ -121,14 +122,14 @@ class AdapterWatch:
         self.api = api
         self.served_model = served_model
         self.scopes: tuple[str, ...] = namespaces or ("",)
-        self.desired: dict[int, DesiredAdapter] = {}
+        self.desired: dict[int, DesiredVersion] = {}
         self.by_adapter: dict[str, int] = {}
         self._dirty: set[int] = set()
         self.changed = asyncio.Event()
         self.synced = asyncio.Event()
         # Per scope, object key -> what it asks of this worker (None: nothing), computed once per event
         # so that a relist or a burst of events does not re-validate every object each time.
-        self._objects: dict[str, dict[str, DesiredAdapter | None]] = {scope: {} for scope in self.scopes}
+        self._objects: dict[str, dict[str, DesiredVersion | None]] = {scope: {} for scope in self.scopes}
         self._listed: set[str] = set()
         self._rv: dict[str, str | None] = dict.fromkeys(self.scopes)  # where each scope resumes
         self.relists = 0  # how many lists ran (the first included): for tests and metrics
@@ -222,7 +223,7 @@ class AdapterWatch:
                 self._apply(key, old, new)
             self._publish()
 
-    def _apply(self, key: str, old: DesiredAdapter | None, new: DesiredAdapter | None) -> None:
+    def _apply(self, key: str, old: DesiredVersion | None, new: DesiredVersion | None) -> None:
         """One object's desired version went from ``old`` to ``new``."""
         if self.on_limits is not None and (new is not None or old is not None):
             self.on_limits(key, new.limits if new else None, new.replicas if new else 1)

@@ -217,8 +217,9 @@ def test_inference_pools_validate_against_the_crd_schema() -> None:
 
 def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
     """Run the rendered test Pod's command against a worker serving a tiny model on 127.0.0.1."""
-    from loraplane.worker.api.server import ServeSettings, build_app, serve_in_thread
-    from loraplane.worker.engine.service import Engine, EngineSettings
+    from loraplane.worker.api.webapp import ServeSettings, build_app, serve_in_thread
+    from loraplane.worker.builtin.service import Engine, EngineSettings
+    from loraplane.worker.inference.engines import EngineSlot
     from loraplane.worker.registry import Registry
 
     values = {
@@ -248,7 +249,7 @@ def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
     engine = Engine.load(base, EngineSettings(served_model_name="tiny", max_model_len=64))
     engine.run()
     try:
-        with serve_in_thread(build_app(engine, Registry(), ServeSettings())) as url:
+        with serve_in_thread(build_app(EngineSlot(engine), Registry(), ServeSettings())) as url:
             ok = run(url)
             assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stdout + ok.stderr
             wrong = run(url, model="other")

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from loraplane.crds import errors
-from loraplane.crds.kube import KubeClient, load_configuration, rv_behind
+from loraplane import errors
+from loraplane.kube import KubeClient, load_configuration, rv_behind
 
 
 def _run(coro):

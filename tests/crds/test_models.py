@@ -10,8 +10,8 @@ import celpy
 import pytest
 
 from loraplane.crds import paths
-from loraplane.crds.errors import PermanentError
 from loraplane.crds.models import LoRAAdapterStatus, parse_adapter
+from loraplane.errors import PermanentError
 
 GOOD = ["org/name", "hf://org/name", "/models/a", "file:///models/a", "s3://bucket/a/b", "s3://my.bucket-1"]
 GOOD += ["gs://bucket/a/b", "gs://my_bucket.v-1"]

@@ -9,15 +9,13 @@ new ones, and no request fails.
 
 from __future__ import annotations
 
-import json
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from support import fleet, models
+from support.swap import swap_under_streaming
 
 pytestmark = [pytest.mark.kubectl, pytest.mark.slow]
 
@@ -113,75 +111,19 @@ def test_apply_serve_and_swap(kube, namespace: str, tmp_path: Path, weights) -> 
         # A new version of 'alpha' (its path now points at beta's weights) while clients keep
         # streaming: a new ID, requests in flight finish on the old weights, no request fails.
         long_tokens = 200
-        old_long = tokenizer_decode(peft_greedy(base, adapters["alpha"], long_tokens))
-        new_long = tokenizer_decode(peft_greedy(base, adapters["beta"], long_tokens))
-        done = threading.Event()
-        runs: list[tuple[float, float, str]] = []  # (start, end, text)
-        errors: list[BaseException] = []
-
-        def keep_streaming() -> None:
-            while not done.is_set():
-                start = time.monotonic()
-                try:
-                    stream = client.completions.create(
-                        model="alpha",
-                        prompt=PROMPT,
-                        max_tokens=long_tokens,
-                        temperature=0,
-                        stream=True,
-                        extra_body={"ignore_eos": True},  # as PEFT's reference, which runs to max_tokens
-                    )
-                    text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
-                    runs.append((start, time.monotonic(), text))
-                except BaseException as exc:  # collected and asserted below
-                    errors.append(exc)
-                    return
-
-        threads = [threading.Thread(target=keep_streaming) for _ in range(2)]
-        for t in threads:
-            t.start()
-        fleet.wait_for(lambda: len(runs) >= 2 or errors, 60, "two completed streams before the change")
-        patched_at = time.monotonic()
-        kube.kubectl(
-            "patch", "lora", "alpha", "-n", namespace, "--type", "merge",
-            "-p", json.dumps({"spec": {"path": f"file://{adapters['beta']}"}}),
+        swap = swap_under_streaming(
+            client, kube, ads, name="alpha", new_path=adapters["beta"], prompt=PROMPT,
+            max_tokens=long_tokens, wait_s=60, diagnose=lambda: op.log()[-2000:],
         )  # fmt: skip
-        new_id = fleet.wait_for(
-            lambda: (
-                (ads.get("alpha").get("status") or {}).get("id") not in (None, ids["alpha"])
-                and ads.get("alpha")["status"]["id"]
-            ),
-            60,
-            lambda: op.log()[-2000:],
-        )
-        assert new_id > max(ids.values()), "a new version gets a new, never used ID"
+        assert swap.new_id > max(ids.values()), "a new version gets a new, never used ID"
         # status.previousId lives only until the workers switch; the Event keeps the record.
         events = kube.kubectl(
             "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=alpha"
         ).stdout
-        assert f"assigned ID {new_id} " in events and f"replacing ID {ids['alpha']}" in events, events
-
-        def served_id() -> int | None:
-            listed = {m.id: (m.model_extra or {}).get("loraplane") or {} for m in client.models.list().data}
-            return listed.get("alpha", {}).get("id")
-
-        fleet.wait_for(lambda: served_id() == new_id, 60, lambda: worker.log()[-3000:])
-        served_at = time.monotonic()
-        fleet.wait_for(lambda: any(start > served_at for start, _, _ in runs) or errors, 60, "a stream after")
-        done.set()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        odd = [text for _, _, text in runs if text not in (old_long, new_long)]
-        assert not odd, (
-            f"every answer is one whole version; got {odd[0]!r}, want {old_long!r} or {new_long!r}"
-        )
-        in_flight = [text for start, end, text in runs if start < patched_at < end]
-        assert in_flight and all(text == old_long for text in in_flight), (
-            "in-flight requests finish on the old"
-        )
-        assert all(text == new_long for start, _, text in runs if start > served_at), (
-            "new requests get the new"
+        assert f"assigned ID {swap.new_id} " in events and f"replacing ID {ids['alpha']}" in events, events
+        swap.check(
+            tokenizer_decode(peft_greedy(base, adapters["alpha"], long_tokens)),
+            tokenizer_decode(peft_greedy(base, adapters["beta"], long_tokens)),
         )
         metrics = worker.metrics()  # one /metrics for the control path and the engine
         names = sorted(metrics)

@@ -14,7 +14,6 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from loraplane.crds.kube import KubeClient, load_configuration
 from loraplane.crds.models import (
     ADAPTER_PLURAL,
     API_VERSION,
@@ -23,6 +22,7 @@ from loraplane.crds.models import (
     WorkerAdapterReport,
     WorkerCapacity,
 )
+from loraplane.kube import KubeClient, load_configuration
 from loraplane.operator.reconciler import Reconciler
 from loraplane.operator.settings import OperatorSettings
 from loraplane.worker.report import WorkerReport

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from loraplane.crds import conditions as cond
-from loraplane.crds.errors import PermanentError
 from loraplane.crds.models import parse_adapter, version_of
+from loraplane.errors import PermanentError
 from loraplane.operator import aggregate, events, status
 from loraplane.operator.allocation import LEDGER_MISSING, LedgerError
 

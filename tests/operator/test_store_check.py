@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from kubernetes import client
 
-from loraplane.crds.kube import KubeClient
+from loraplane.kube import KubeClient
 from loraplane.operator.reconciler import Reconciler
 from loraplane.operator.settings import OperatorSettings
 

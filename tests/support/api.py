@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from loraplane.worker.engine.service import Engine
-from loraplane.worker.registry import AdapterVersion, Registry
+from loraplane.worker.builtin.service import Engine
+from loraplane.worker.registry import Registry, VersionEntry
 
 BASE = "tiny-llama"
 
@@ -62,8 +62,8 @@ class Served:
     engine: Engine
     registry: Registry
 
-    def add(self, adapter_id: int, name: str, path: Path | None, **fields: Any) -> AdapterVersion:
-        version = AdapterVersion(
+    def add(self, adapter_id: int, name: str, path: Path | None, **fields: Any) -> VersionEntry:
+        version = VersionEntry(
             id=adapter_id,
             served_name=name,
             adapter=f"team/{name}",
@@ -72,7 +72,7 @@ class Served:
             **fields,
         )
         if version.state == "Ready" and path is not None:  # as the worker does: the engine first
-            asyncio.run(self.engine.add_adapter(version.engine_adapter()))
+            asyncio.run(self.engine.add_adapter(version.lora_spec()))
         self.registry.upsert(version)
         return version
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from support import fleet, models
+from support.swap import swap_under_streaming
 
 pytestmark = [pytest.mark.kubectl, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -156,9 +156,9 @@ def peft_greedy(base: Path, adapter: Path | None, max_tokens: int, prompt: list[
 
 def builtin_greedy(base: Path, adapters: dict[str, Path], max_tokens: int) -> dict[str | None, list[int]]:
     """The built-in engine's greedy tokens on the same checkpoint and adapters (its own process)."""
-    from loraplane.worker.engine.sampling import SamplingParams
-    from loraplane.worker.engine.service import Engine, EngineSettings
-    from loraplane.worker.engines import Adapter
+    from loraplane.worker.builtin.service import Engine, EngineSettings
+    from loraplane.worker.inference.engines import LoraSpec
+    from loraplane.worker.inference.sampling import SamplingParams
 
     engine = Engine.start(base, EngineSettings(device="cpu", dtype="float32", max_model_len=256))
     try:
@@ -172,7 +172,7 @@ def builtin_greedy(base: Path, adapters: dict[str, Path], max_tokens: int) -> di
                 if o.finish_reason is not None:
                     done.set()
 
-            adapter = None if name is None else Adapter(id=100 + i, name=name, path=adapters[name])
+            adapter = None if name is None else LoraSpec(id=100 + i, name=name, path=adapters[name])
             if adapter is not None:
                 asyncio.run(engine.add_adapter(adapter))
             engine.submit(
@@ -338,73 +338,16 @@ def test_swap_under_streaming_load_keeps_engine_ids_equal_to_ready(served: Serve
     ids = s.ads.ids()
     old_id = ids["alpha"]
     long_tokens = 60
-    old_long = decode(peft_greedy(s.base, s.paths["alpha"], long_tokens))
-    new_long = decode(peft_greedy(s.base, s.paths["beta"], long_tokens))
-    done = threading.Event()
-    runs: list[tuple[float, float, str]] = []
-    errors: list[BaseException] = []
-    samples: list[dict[str, Any]] = []
-
-    def keep_streaming() -> None:
-        deadline = time.monotonic() + 300
-        while not done.is_set() and time.monotonic() < deadline:
-            start = time.monotonic()
-            try:
-                stream = s.client.completions.create(
-                    model="alpha",
-                    prompt=PROMPT,
-                    max_tokens=long_tokens,
-                    temperature=0,
-                    stream=True,
-                    extra_body={"ignore_eos": True},
-                )
-                text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
-                runs.append((start, time.monotonic(), text))
-            except BaseException as exc:  # collected and asserted below
-                errors.append(exc)
-                return
-
-    def sample() -> None:
-        deadline = time.monotonic() + 300
-        while not done.is_set() and time.monotonic() < deadline:
-            samples.append(s.engine())
-            time.sleep(0.05)
-
-    threads = [threading.Thread(target=keep_streaming) for _ in range(2)] + [threading.Thread(target=sample)]
-    for t in threads:
-        t.start()
-    fleet.wait_for(lambda: len(runs) >= 2 or errors, 120, "two streams before the change")
-    patched_at = time.monotonic()
-    s.kube.kubectl(
-        "patch", "lora", "alpha", "-n", s.namespace, "--type", "merge",
-        "-p", json.dumps({"spec": {"path": f"file://{s.paths['beta']}"}}),
+    swap = swap_under_streaming(
+        s.client, s.kube, s.ads, name="alpha", new_path=s.paths["beta"], prompt=PROMPT,
+        max_tokens=long_tokens, wait_s=120, sample=s.engine, diagnose=lambda: s.worker.log()[-3000:],
     )  # fmt: skip
-    new_id = fleet.wait_for(
-        lambda: (
-            ((s.ads.get("alpha").get("status") or {}).get("id") not in (None, old_id))
-            and s.ads.get("alpha")["status"]["id"]
-        ),
-        60,
-        "a new ID for alpha",
-    )
+    new_id, samples = swap.new_id, swap.samples
     assert new_id > max(ids.values())
-
-    def served_id() -> int | None:
-        listed = {m.id: (m.model_extra or {}).get("loraplane") or {} for m in s.client.models.list().data}
-        return listed.get("alpha", {}).get("id")
-
-    fleet.wait_for(lambda: served_id() == new_id, 120, lambda: s.worker.log()[-3000:])
-    served_at = time.monotonic()
-    fleet.wait_for(lambda: any(start > served_at for start, _, _ in runs) or errors, 120, "a stream after")
-    done.set()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    odd = [text for _, _, text in runs if text not in (old_long, new_long)]
-    assert not odd, f"every answer is one whole version; got {odd[0]!r}"
-    assert any(start < patched_at < end for start, end, _ in runs)
-    assert all(text == old_long for start, end, text in runs if start < patched_at < end)
-    assert all(text == new_long for start, _, text in runs if start > served_at)
+    swap.check(
+        decode(peft_greedy(s.base, s.paths["alpha"], long_tokens)),
+        decode(peft_greedy(s.base, s.paths["beta"], long_tokens)),
+    )
 
     # At every sample: each ID Ready throughout the sample is held by vLLM (warm), and vLLM holds
     # nothing but Ready IDs, IDs being loaded before Ready, and retired IDs still draining.

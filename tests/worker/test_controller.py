@@ -12,12 +12,14 @@ import pytest
 from support import adapters as adapters_mod
 from support import servers
 
-from loraplane.worker.basemodel import ModelConfig
-from loraplane.worker.cache import AdapterCache
+from loraplane.worker.cache import CacheIndex
 from loraplane.worker.controller import Controller
+from loraplane.worker.inference.basemodel import ModelConfig
+from loraplane.worker.inference.engines import EngineSlot
+from loraplane.worker.prefetch import Prefetcher
 from loraplane.worker.registry import Registry
 from loraplane.worker.sources import SourceSettings
-from loraplane.worker.watch import DesiredAdapter
+from loraplane.worker.watch import DesiredVersion
 
 
 @pytest.fixture
@@ -30,17 +32,18 @@ def world(tmp_path):
 
 def _controller(base, root, cache_dir, **kw):
     settings = SourceSettings(local_roots=(root,), hf_endpoint=servers.closed_url(), timeout_s=2)
-    cache = AdapterCache(cache_dir, 64 << 20, 2, retries=0, sources_settings=settings)
+    prefetcher = Prefetcher(CacheIndex(cache_dir, 64 << 20), 2, retries=0, sources_settings=settings)
+    cache = prefetcher.index
     registry = Registry()
     return (
-        Controller(registry, cache, base, settings, served_model="tiny", max_lora_rank=64, **kw),
+        Controller(registry, prefetcher, base, settings, served_model="tiny", max_lora_rank=64, **kw),
         registry,
         cache,
     )
 
 
 def _want(adapter_id, path, *, name="sql", key="ns/sql", stale=False):
-    return DesiredAdapter(adapter_id, key, name, str(path), None, None, "u", stale=stale)
+    return DesiredVersion(adapter_id, key, name, str(path), None, None, "u", stale=stale)
 
 
 async def _until(fn, timeout=10.0):
@@ -136,16 +139,17 @@ def test_a_pool_that_requires_signatures_loads_only_verified_adapters(world, tmp
 
     async def scenario():
         trust = provenance.Trust(public_keys=(public,))
-        c, _, cache = _controller(base, root, cache_dir, trust=trust, require_signatures=True)
 
-        async def load(adapter):
-            loaded.append(adapter.id)
+        class Recording:  # the engine side: what the controller hands over before Ready
+            async def add_adapter(self, adapter):
+                loaded.append(adapter.id)
 
-        c.load_adapter = load
+        engine = EngineSlot(Recording())  # type: ignore[arg-type]
+        c, _, cache = _controller(base, root, cache_dir, trust=trust, require_signatures=True, engine=engine)
         c.reconcile({
-            1: DesiredAdapter(1, "ns/a", "a", str(signed), None, None, "u", digest=digest),
+            1: DesiredVersion(1, "ns/a", "a", str(signed), None, None, "u", digest=digest),
             2: _want(2, unsigned, name="b", key="ns/b"),
-            3: DesiredAdapter(3, "ns/c", "c", str(signed), None, None, "u", digest="sha256:" + "0" * 64),
+            3: DesiredVersion(3, "ns/c", "c", str(signed), None, None, "u", digest="sha256:" + "0" * 64),
         })  # fmt: skip
         await _until(lambda: c.states() == {1: "Ready", 2: "Failed", 3: "Failed"})
         reports = {r.id: r for r in c.reports()}

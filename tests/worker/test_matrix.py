@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError, ValidationFailed
-from loraplane.worker import adapter as a
-from loraplane.worker import basemodel as bm
+from loraplane.errors import LoraplaneError, ValidationFailed
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
 from loraplane.worker import validate as v
+from loraplane.worker.inference import basemodel as bm
+from loraplane.worker.inference import peft as a
+from loraplane.worker.prefetch import Prefetcher
 
 MAX_RANK = 16
 
@@ -28,9 +29,9 @@ class Worker:
 
     root: Path
     settings: s.SourceSettings
-    cache: c.AdapterCache
+    cache: Prefetcher
     base: bm.ModelConfig
-    good: c.CachedAdapter
+    good: c.CacheEntry
 
     def run(
         self,
@@ -45,7 +46,7 @@ class Worker:
         return v.validate_adapter(entry.path, self.base, max_lora_rank=MAX_RANK, sha256=entry.sha256())
 
     def good_is_intact(self) -> None:
-        assert self.cache.lookup(self.good.cache_key) == self.good and self.cache.is_pinned(
+        assert self.cache.index.lookup(self.good.cache_key) == self.good and self.cache.index.is_pinned(
             self.good.cache_key
         )
         v.validate_adapter(self.good.path, self.base, max_lora_rank=MAX_RANK)
@@ -56,7 +57,9 @@ def worker(tmp_path: Path) -> Worker:
     root = tmp_path / "adapters"
     settings = s.SourceSettings(local_roots=(root,), timeout_s=2)
     base = bm.ModelConfig.from_dir(adapters.write_base_config(tmp_path / "base"))
-    cache = c.AdapterCache(tmp_path / "cache", 2 << 20, retries=1, backoff_s=0.01, sources_settings=settings)
+    cache = Prefetcher(
+        c.CacheIndex(tmp_path / "cache", 2 << 20), retries=1, backoff_s=0.01, sources_settings=settings
+    )
     good = s.resolve(str(adapters.write_adapter(root / "good")), None, settings)
     entry = cache.prefetch(good, pin=True)
     return Worker(root, settings, cache, base, entry)

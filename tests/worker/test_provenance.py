@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from support import adapters, servers, signing
 
-from loraplane.crds.errors import LoraplaneError
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import provenance as p
 from loraplane.worker import sources as s
+from loraplane.worker.prefetch import Prefetcher
 from loraplane.worker.sources.gcs import GcsSettings
 
 moto_s3 = servers.moto_s3
@@ -104,7 +105,9 @@ def test_every_source_gives_the_same_digest_and_its_signature(
         "adapter_model.safetensors",
         "model.sig",
     ]
-    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(resolved)
+    entry = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings).prefetch(
+        resolved
+    )
     assert entry.digest == p.digest_of(p.file_digests(d)) == _signed_subject(d / "model.sig")
     assert sorted(x.name for x in entry.path.iterdir()) == [
         "adapter_config.json",
@@ -233,7 +236,7 @@ def test_a_hub_revision_and_a_digest_pin_both(
     hf_hub.add_commit("team-a/sql", adapters.write_adapter(tmp_path / "v2", seed=2))
     pin = p.digest_of(p.file_digests(v1))
     settings = s.SourceSettings(hf_endpoint=hf_hub.url, timeout_s=5, state_dir=tmp_path / "state")
-    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+    cache = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings)
     p.check_digest(pin, cache.prefetch(s.resolve("hf://team-a/sql", "v1", settings)).digest, "v1")
     with pytest.raises(LoraplaneError) as e:
         p.check_digest(pin, cache.prefetch(s.resolve("hf://team-a/sql", None, settings)).digest, "main")

@@ -8,9 +8,9 @@ import json
 import time
 
 from loraplane.crds import ranges
-from loraplane.crds.errors import APINotFoundError
-from loraplane.crds.kube import KubeClient, load_configuration
 from loraplane.crds.models import AdapterInfo, LoRAWorkerSpec, WorkerAdapterReport, WorkerCapacity
+from loraplane.errors import APINotFoundError
+from loraplane.kube import KubeClient, load_configuration
 from loraplane.operator.aggregate import worker_view
 from loraplane.worker.report import MAX_EXCEPTIONS, RECENT_READY, WorkerReport
 

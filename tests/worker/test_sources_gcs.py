@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import adapter as a
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import settings as worker_settings
 from loraplane.worker import sources as s
+from loraplane.worker.inference import peft as a
+from loraplane.worker.prefetch import Prefetcher
 from loraplane.worker.sources import gcs as g
 
 gcs = servers.gcs
@@ -60,7 +61,7 @@ def test_prefetch_from_gcs(tmp_path: Path, uploaded: tuple[str, Path, s.SourceSe
     uri, d, settings = uploaded
     r = s.resolve(uri, "2026-12-01", settings)
     assert r.requested_revision == "2026-12-01"
-    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
+    entry = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings).prefetch(r)
     for name in a.ADAPTER_FILES:
         assert (entry.path / name).read_bytes() == (d / name).read_bytes()
     assert entry.sha256() == hashlib.sha256((d / "adapter_model.safetensors").read_bytes()).hexdigest()
@@ -98,11 +99,11 @@ def test_object_deleted_after_resolving(
     uri, _, settings = uploaded
     r = s.resolve(uri, None, settings)
     gcs.client.bucket(uri[5:].split("/")[0]).blob("team-a/sql/adapter_model.safetensors").delete()
-    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, retries=0)
+    cache = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings, retries=0)
     with pytest.raises(LoraplaneError) as e:
         cache.prefetch(r)
     assert e.value.reason == s.FILE_MISSING and "disappeared" in e.value.message
-    assert cache.entries() == []
+    assert cache.index.entries() == []
 
 
 def test_object_replaced_after_resolving(uploaded: tuple[str, Path, s.SourceSettings], gcs: Any) -> None:

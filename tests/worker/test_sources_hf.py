@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import adapter as a
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
+from loraplane.worker.inference import peft as a
+from loraplane.worker.prefetch import Prefetcher
 
 hf_hub = servers.hf_hub
 REPO = "team-a/sql-lora"
@@ -58,7 +59,7 @@ def test_prefetch_fetches_only_the_adapter_files(tmp_path: Path, repo: tuple[Any
     hub, sha, d = repo
     settings = _settings(hub, tmp_path)
     r = s.resolve(REPO, None, settings)
-    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
+    entry = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings).prefetch(r)
     for name in a.ADAPTER_FILES:
         assert (entry.path / name).read_bytes() == (d / name).read_bytes()
     assert sorted(hub.file_gets()) == sorted(f"/{REPO}/resolve/{sha}/{n}" for n in a.ADAPTER_FILES)
@@ -73,7 +74,7 @@ def test_pinned_revisions_resolve_to_their_commit(tmp_path: Path, hf_hub: Any) -
     assert s.resolve(REPO, "v1", settings).resolved_revision == v1
     main = s.resolve(REPO, "main", settings)
     assert main.resolved_revision == v2 and main.cache_key != by_sha.cache_key
-    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(by_sha)
+    entry = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings).prefetch(by_sha)
     assert (entry.path / "adapter_model.safetensors").read_bytes() == (
         tmp_path / "v1" / "adapter_model.safetensors"
     ).read_bytes()
@@ -96,7 +97,9 @@ def test_token_from_the_environment_is_sent_and_never_logged(
     for name in ("huggingface_hub", "httpx", "httpcore"):  # their own levels too: everything at DEBUG
         caplog.set_level(logging.DEBUG, logger=name)
     r = s.resolve(REPO, None, settings)
-    c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, progress_log_bytes=0).prefetch(r)
+    Prefetcher(
+        c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings, progress_log_bytes=0
+    ).prefetch(r)
     assert all(authorized for _, _, authorized in hub.requests[1:])
     assert hub.token not in caplog.text and hub.token not in repr(r)
 
@@ -145,10 +148,12 @@ def test_repo_deleted_after_registration(tmp_path: Path, repo: tuple[Any, str, P
     settings = _settings(hub, tmp_path)
     r = s.resolve(REPO, None, settings)
     hub.delete_repo(REPO)
-    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, retries=0)
+    cache = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings, retries=0)
     with pytest.raises(LoraplaneError) as e:
         cache.prefetch(r)
-    assert e.value.reason == s.FILE_MISSING and "disappeared" in e.value.message and cache.entries() == []
+    assert (
+        e.value.reason == s.FILE_MISSING and "disappeared" in e.value.message and cache.index.entries() == []
+    )
 
 
 def test_offline_mode_from_a_warm_cache(
@@ -158,14 +163,14 @@ def test_offline_mode_from_a_warm_cache(
     hub, sha, _ = repo
     online = _settings(hub, tmp_path)
     r = s.resolve(REPO, "main", online)
-    c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=online).prefetch(r)
+    Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=online).prefetch(r)
     seen = len(hub.requests)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     offline = s.SourceSettings(hf_endpoint=servers.closed_url(), state_dir=tmp_path / "state")
     again = s.resolve(REPO, "main", offline)
     assert again == r and again.resolved_revision == sha
-    restarted = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=offline)
-    assert restarted.lookup(again.cache_key) is not None
+    restarted = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=offline)
+    assert restarted.index.lookup(again.cache_key) is not None
     assert restarted.prefetch(again).cache_key == r.cache_key
     assert len(hub.requests) == seen
     with pytest.raises(s.SourceError) as e:
@@ -184,7 +189,7 @@ def test_offline_mode_from_a_preseeded_hub_cache(tmp_path: Path, repo: tuple[Any
     offline = s.SourceSettings(hf_endpoint=servers.closed_url(), hf_offline=True, hf_cache_dir=hub_cache)
     r = s.resolve(REPO, None, offline)
     assert r.resolved_revision == sha and r.local_dir is not None
-    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=offline).prefetch(r)
+    entry = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=offline).prefetch(r)
     assert (entry.path / "adapter_model.safetensors").read_bytes() == (
         d / "adapter_model.safetensors"
     ).read_bytes()

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from support import adapters, servers
 
-from loraplane.crds.errors import LoraplaneError
-from loraplane.worker import adapter as a
+from loraplane.errors import LoraplaneError
 from loraplane.worker import cache as c
 from loraplane.worker import sources as s
+from loraplane.worker.inference import peft as a
+from loraplane.worker.prefetch import Prefetcher
 
 moto_s3 = servers.moto_s3
 
@@ -63,7 +64,7 @@ def test_the_s3_example_with_its_revision_label_resolves(tmp_path: Path, moto_s3
 def test_prefetch_from_s3(tmp_path: Path, uploaded: tuple[str, Path, s.SourceSettings]) -> None:
     uri, d, settings = uploaded
     r = s.resolve(uri, None, settings)
-    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
+    entry = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings).prefetch(r)
     for name in a.ADAPTER_FILES:
         assert (entry.path / name).read_bytes() == (d / name).read_bytes()
     assert entry.sha256() == hashlib.sha256((d / "adapter_model.safetensors").read_bytes()).hexdigest()
@@ -105,11 +106,11 @@ def test_object_deleted_after_resolving(
     r = s.resolve(uri, None, settings)
     bucket = uri[5:].split("/")[0]
     moto_s3.client.delete_object(Bucket=bucket, Key="team-a/sql/adapter_model.safetensors")
-    cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings, retries=0)
+    cache = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings, retries=0)
     with pytest.raises(LoraplaneError) as e:
         cache.prefetch(r)
     assert e.value.reason == s.FILE_MISSING and "disappeared" in e.value.message
-    assert cache.entries() == []
+    assert cache.index.entries() == []
 
 
 def test_object_replaced_after_resolving(
@@ -165,7 +166,7 @@ def test_no_credential_reaches_the_logs_at_debug(
     try:
         # a timeout of its own: a fresh boto3 client, which reads the credentials above
         settings = s.SourceSettings(s3_endpoint_url=moto_s3.endpoint_url, timeout_s=7.25)
-        cache = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings)
+        cache = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings)
         cache.prefetch(s.resolve(f"s3://{bucket}/x", "v1", settings))
     finally:
         root.removeHandler(handler)
@@ -202,5 +203,5 @@ def test_the_adapters_chat_template_is_fetched_from_s3(tmp_path: Path, moto_s3: 
     settings = s.SourceSettings(s3_endpoint_url=moto_s3.endpoint_url, timeout_s=5)
     r = s.resolve(f"s3://{bucket}/team-a/chat", None, settings)
     assert [f.name for f in r.files] == [*a.ADAPTER_FILES, "chat_template.jinja"]
-    entry = c.AdapterCache(tmp_path / "cache", 1 << 30, sources_settings=settings).prefetch(r)
+    entry = Prefetcher(c.CacheIndex(tmp_path / "cache", 1 << 30), sources_settings=settings).prefetch(r)
     assert (entry.path / "chat_template.jinja").read_text() == "{{ messages }}"

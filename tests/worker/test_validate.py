@@ -17,11 +17,11 @@ import pytest
 from safetensors.numpy import save_file
 from support import adapters
 
-from loraplane.crds.errors import PermanentError, ValidationFailed
-from loraplane.worker import adapter as a
-from loraplane.worker import basemodel as bm
+from loraplane.errors import PermanentError, ValidationFailed
 from loraplane.worker import validate as v
-from loraplane.worker.basemodel import ModelConfig
+from loraplane.worker.inference import basemodel as bm
+from loraplane.worker.inference import peft as a
+from loraplane.worker.inference.basemodel import ModelConfig
 
 L0Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -364,7 +364,7 @@ def test_the_data_path_stays_free_of_torch() -> None:
     code = (
         "import sys\n"
         "import loraplane.worker.validate, loraplane.worker.cache, loraplane.worker.sources\n"
-        "import loraplane.worker.sources.hub, loraplane.worker.sources.s3, loraplane.worker.basemodel\n"
+        "import loraplane.worker.sources.hub, loraplane.worker.sources.s3, loraplane.worker.inference.basemodel\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -552,7 +552,7 @@ DRIFT_CASES: list[tuple[str, Any, str, str]] = [
 def test_validation_and_the_engine_loader_refuse_alike(
     tmp_path: Path, damage, reason: str, fragment: str
 ) -> None:
-    from loraplane.worker.engine.runner import load_adapter_weights  # torch: only this test
+    from loraplane.worker.builtin.runner import load_adapter_weights  # torch: only this test
 
     base_dir = adapters.write_base_config(tmp_path / "base")
     base = ModelConfig.from_dir(base_dir)
@@ -577,7 +577,7 @@ def test_alpha_pattern_is_served_as_peft_scales_it(tmp_path: Path) -> None:
     from support import models
     from transformers import AutoModelForCausalLM
 
-    from loraplane.worker.engine.runner import load_adapter_weights
+    from loraplane.worker.builtin.runner import load_adapter_weights
 
     base_dir = models.make_tiny_llama(tmp_path / "base")
     out = models.make_peft_adapter(base_dir, tmp_path / "a", r=4, alpha=8, rank_pattern={"q_proj": 8},

@@ -20,7 +20,7 @@ from support import fleet
 from support.apiserver import bump_resource_version, create_namespace
 
 from loraplane.crds.models import version_of
-from loraplane.worker.watch import DesiredAdapter, desired_from
+from loraplane.worker.watch import DesiredVersion, desired_from
 
 
 def _ready_lines(log: str) -> dict[int, int]:
@@ -203,20 +203,20 @@ DIGEST = "sha256:" + "ab" * 32
 @pytest.mark.parametrize(
     "obj, expected",
     [
-        (_obj("a"), DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1")),
+        (_obj("a"), DesiredVersion(7, "ns/a", "a", "/models/x", None, None, "u1")),
         (_obj("a", spec={"name": "sql", "revision": "v2", "longContext": {"maxLength": 4096}}),
-         DesiredAdapter(7, "ns/a", "sql", "/models/x", "v2", 4096, "u1")),
+         DesiredVersion(7, "ns/a", "sql", "/models/x", "v2", 4096, "u1")),
         (_obj("a", version=version_of("/models/x", None)),  # status.id is this spec's version
-         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1")),
+         DesiredVersion(7, "ns/a", "a", "/models/x", None, None, "u1")),
         (_obj("a", version="0123456789abcdef"),  # the spec moved on; status.id names the previous version
-         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
-        (_obj("a", observed=3), DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1")),
+         DesiredVersion(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
+        (_obj("a", observed=3), DesiredVersion(7, "ns/a", "a", "/models/x", None, None, "u1")),
         (_obj("a", spec={"digest": DIGEST, "signature": {}}, version=version_of("/models/x", None, DIGEST)),
-         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", digest=DIGEST, signature_required=True)),
+         DesiredVersion(7, "ns/a", "a", "/models/x", None, None, "u1", digest=DIGEST, signature_required=True)),
         (_obj("a", spec={"digest": DIGEST}, version=version_of("/models/x", None)),  # pinned: a new version
-         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True, digest=DIGEST)),
+         DesiredVersion(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True, digest=DIGEST)),
         (_obj("a", observed=2),  # NameAvailable decided for an older spec (the name may have changed)
-         DesiredAdapter(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
+         DesiredVersion(7, "ns/a", "a", "/models/x", None, None, "u1", stale=True)),
         (_obj("a", name_available=None), None),  # the operator has not decided the name yet
         (_obj("a", base="other"), None),  # another base model
         (_obj("a", adapter_id=None), None),  # no ID yet

@@ -250,7 +250,7 @@ def test_control_mode_serves_the_same_probes_and_locks_adapters(kube, namespace,
     # The control-mode server imports no engine (no torch): a dry-run worker starts fast.
     code = (
         "import sys\n"
-        "from loraplane.worker.api.server import build_app\n"
+        "from loraplane.worker.api.webapp import build_app\n"
         "build_app(None, None, openai=False, reports=list)\n"
         "assert 'torch' not in sys.modules, 'the control-mode server imported torch'\n"
     )

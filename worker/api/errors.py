@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from loraplane.crds.errors import LoraplaneError, TemporaryError
+from loraplane.errors import LoraplaneError, TemporaryError
 
 # reason -> (HTTP status, OpenAI-style code)
 _STATUS: dict[str, tuple[int, str]] = {

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
-from ..fairness import Tenant
+from ..inference.fairness import Tenant
 from .errors import ApiError
 
 if TYPE_CHECKING:

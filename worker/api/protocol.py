@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
-from ..engine.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingParams
+from ..inference.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingParams
 from . import tools as _tools
 
 INT32_MAX = 2**31 - 1

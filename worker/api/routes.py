@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import responses, tools
 from .errors import ApiError
+from .generation import Generation, Serving, model_label
 from .limits import PRIORITY_HEADER, priority_of
 from .protocol import (
     AssistantMessage,
@@ -42,11 +43,12 @@ from .protocol import (
     ModelList,
     Usage,
 )
-from .server import API_KEY, GENERATION_PATHS, HEALTH, SETTINGS
-from .serving import Generation, Serving, model_label
+from .webapp import API_KEY, GENERATION_PATHS, HEALTH, SETTINGS
 
 if TYPE_CHECKING:
-    from ..engines import Output
+    from loraplane.errors import LoraplaneError
+
+    from ..inference.engines import EngineSlot, Output
     from .auth import Key
 
 log = logging.getLogger(__name__)
@@ -467,17 +469,23 @@ async def engine_state(request: web.Request) -> web.StreamResponse:
     )
 
 
-def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
+def add_openai(
+    app: web.Application,
+    engine: EngineSlot,
+    registry: Any,
+    quarantine: Callable[[int, LoraplaneError], None] | None = None,
+) -> None:
     """The OpenAI routes, their error middleware, and what they tell the probes and /metrics."""
     settings = app[SETTINGS]
     serving = Serving(
         registry,
+        engine,
         retry_after_s=settings.retry_after_s,
         access_log=settings.access_log,
         max_logprob_entries=settings.max_logprob_entries,
         max_schema_bytes=settings.max_schema_bytes,
+        quarantine=quarantine,
     )
-    serving.engine = engine
     app[SERVING] = serving
     app.middlewares.append(middleware)
 
@@ -490,7 +498,7 @@ def add_openai(app: web.Application, engine: Any, registry: Any) -> None:
     health.live.append(
         lambda: serving.engine.problem(settings.engine_stall_seconds) if serving.engine else None
     )
-    health.metrics.append(lambda: serving.engine.metrics.render() if serving.engine is not None else b"")
+    health.metrics.append(serving.render_metrics)
     health.cut.append(serving.cut_all)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model)  # served names may hold "/" (org/name)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from loraplane.crds.errors import LoraplaneError
+from loraplane.errors import LoraplaneError
 from loraplane.worker.sources.refs import (
     FILE_MISSING,
     LISTED_FILES,

@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loraplane.crds.errors import LoraplaneError
+from loraplane.errors import LoraplaneError
 from loraplane.worker import chattemplate, redaction
-from loraplane.worker.adapter import (
+from loraplane.worker.inference.basemodel import FILE_MISSING, TOO_LARGE
+from loraplane.worker.inference.peft import (
     ADAPTER_FILES,
     CONFIG_FILE,
     PICKLE_FILE,
@@ -26,7 +27,6 @@ from loraplane.worker.adapter import (
     SIGNATURE_FILE,
     WEIGHTS_FILE,
 )
-from loraplane.worker.basemodel import FILE_MISSING, TOO_LARGE
 from loraplane.worker.provenance import SIGNED_FILES as SIGNED_FILES
 
 CHUNK = 4 << 20

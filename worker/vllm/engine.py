@@ -14,7 +14,7 @@ probes; outputs reach the server through ``on_output``, which is thread-safe (as
 
 Fair share without forking vLLM (docs/engines.md): the worker keeps vLLM's queue short. At most
 ``max_num_seqs`` requests are in vLLM at once (as many as it runs together); the others wait here and
-are released by the same rule as the built-in engine's admission (``fairness.py``: interactive before
+are released by the same rule as the built-in engine's admission (``inference/fairness.py``: interactive before
 batch, then the flow with the smallest virtual token counter, output tokens counted as they stream),
 with batch requests holding at most ``batch_share`` of those rows. vLLM cannot be told to preempt a
 running request, so a newcomer waits for the next request to finish (not for the queue ahead of it).
@@ -34,13 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
-from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
-
-from .. import engines
-from ..engines import Adapter, Output, TokenLogprob
-from ..fairness import DEFAULT, FairShare, Tenant
+from ..inference import engines
+from ..inference.engines import LoraSpec, Output, TokenLogprob
+from ..inference.fairness import DEFAULT, FairShare, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -154,23 +152,15 @@ def engine_args(model_dir: Path, s: VllmSettings) -> Any:
 
 
 class _Metrics:
-    """The worker-level series the HTTP side counts; vLLM's own series are in the default registry."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "loraplane_worker_requests",
-            "Finished /v1 generation requests by HTTP status",
-            ["model", "status"],
-            registry=self.registry,
-        )
+    """vLLM's own series are in the process-wide registry, rendered with the control path's: nothing
+    of this engine's own to add (the HTTP side counts requests for either engine)."""
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return b""
 
 
 class VllmEngine:
-    """``loraplane.worker.engines.Engine`` on vLLM's ``AsyncLLM``."""
+    """``loraplane.worker.inference.engines.Engine`` on vLLM's ``AsyncLLM``."""
 
     kind: engines.Kind = "vllm"
     features = engines.FEATURES
@@ -252,7 +242,7 @@ class VllmEngine:
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+    def limit_for(self, adapter: LoraSpec | None) -> tuple[int, str]:
         return engines.limit_for(
             adapter, max_model_len=self.max_model_len, max_position_embeddings=self.max_position_embeddings
         )
@@ -263,10 +253,10 @@ class VllmEngine:
         return None
 
     # --- adapters --------------------------------------------------------------------------------
-    async def add_adapter(self, adapter: Adapter) -> None:
+    async def add_adapter(self, adapter: LoraSpec) -> None:
         await self._on_engine_loop(self._add(adapter))
 
-    async def _add(self, adapter: Adapter) -> None:
+    async def _add(self, adapter: LoraSpec) -> None:
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(adapter.name, adapter.id, str(adapter.path))
@@ -317,7 +307,7 @@ class VllmEngine:
         *,
         request_id: str,
         model: str,
-        adapter: Adapter | None,
+        adapter: LoraSpec | None,
         prompt_ids: list[int],
         params: Any,
         on_output: Callable[[Output], None],
@@ -325,16 +315,7 @@ class VllmEngine:
         tenant: Tenant | None = None,
     ) -> None:
         limit, source = self.limit_for(adapter)
-        if not prompt_ids:
-            raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
-        wanted = len(prompt_ids) + (params.max_tokens or 1)
-        if wanted > limit:
-            raise PermanentError(
-                "PromptTooLong",
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) is "
-                f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
-                "lower max_tokens",
-            )
+        engines.check_prompt(prompt_ids, params.max_tokens, limit, source)
         if adapter is not None and adapter.id not in self._held:
             raise TemporaryError(
                 "AdapterNotReady", f"adapter ID {adapter.id} is not loaded in vLLM", delay=1.0

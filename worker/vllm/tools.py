@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
 
 class ToolParsers:

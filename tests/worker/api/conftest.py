@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from support.api import BASE, MakeServer, Served
 
-from loraplane.worker.api.server import ServeSettings, build_app, serve_in_thread
-from loraplane.worker.engine.scheduler import SchedulerSettings
-from loraplane.worker.engine.service import Engine, EngineSettings
+from loraplane.worker.api.webapp import ServeSettings, build_app, serve_in_thread
+from loraplane.worker.builtin.scheduler import SchedulerSettings
+from loraplane.worker.builtin.service import Engine, EngineSettings
+from loraplane.worker.inference.engines import EngineSlot
 from loraplane.worker.registry import Registry
 
 
@@ -41,7 +42,8 @@ def make_server(tiny_llama: Path) -> Iterator[MakeServer]:
         if start:
             engine.run()
         stack.append(engine.stop)
-        server = serve_in_thread(build_app(engine, registry, ServeSettings(**serve)))
+        registry.on_retired(engine.retire_adapter)  # as the worker's assembly wires them
+        server = serve_in_thread(build_app(EngineSlot(engine), registry, ServeSettings(**serve)))
         url = server.__enter__()
         stack.append(lambda: server.__exit__(None, None, None))
         return Served(url, engine, registry)

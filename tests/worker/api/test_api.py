@@ -12,7 +12,7 @@ import openai
 import pytest
 from support.api import BASE, MakeServer, Served, reference_greedy, reference_text
 
-from loraplane.worker.engine.sampling import SamplingParams
+from loraplane.worker.inference.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -352,19 +352,21 @@ def test_health_ready_and_metrics(served: Served) -> None:
 
 
 def test_ready_waits_for_the_base_model(tiny_llama: Path) -> None:
-    from loraplane.worker.api.server import build_app, serve_in_thread, set_engine
-    from loraplane.worker.engine.service import Engine, EngineSettings
+    from loraplane.worker.api.webapp import build_app, serve_in_thread
+    from loraplane.worker.builtin.service import Engine, EngineSettings
+    from loraplane.worker.inference.engines import EngineSlot
     from loraplane.worker.registry import Registry
 
     registry = Registry()
-    app = build_app(None, registry)
+    slot = EngineSlot()
+    app = build_app(slot, registry)
     with serve_in_thread(app) as url:
         assert httpx.get(url + "/ready").status_code == 503
         r = httpx.post(url + "/v1/completions", json={"model": BASE, "prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["type"] == "EngineLoading"
         engine = Engine.start(tiny_llama, EngineSettings(served_model_name=BASE))
         try:
-            set_engine(app, engine)
+            slot.fill(engine)
             assert httpx.get(url + "/ready").status_code == 200
         finally:
             engine.stop()

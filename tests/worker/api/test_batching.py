@@ -19,10 +19,10 @@ import pytest
 import torch
 from support.api import BASE, MakeServer, reference_greedy, reference_text
 
-from loraplane.crds.errors import LoraplaneError
-from loraplane.worker.engine.metrics import Metrics
-from loraplane.worker.engine.runner import ModelRunner
-from loraplane.worker.engine.tiers import AdapterTiers
+from loraplane.errors import LoraplaneError
+from loraplane.worker.builtin.metrics import Metrics
+from loraplane.worker.builtin.runner import ModelRunner
+from loraplane.worker.builtin.tiers import AdapterTiers
 
 # (served model, PEFT adapter or None, prompt token IDs, max_tokens, start delay in s)
 REQUESTS = [
@@ -143,5 +143,7 @@ def test_bad_adapter_fails_its_request_without_evicting(
         for _ in range(400):
             t.ensure(9, bad)
             threading.Event().wait(0.01)
-    assert err.value.reason == "FileMissing"  # the validator's reason: both read through worker/adapter.py
+    assert (
+        err.value.reason == "FileMissing"
+    )  # the validator's reason: both read through worker/inference/peft.py
     assert t.slot_of[1] == good and torch.count_nonzero(t.runner.lora.scaling) == 2

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.api import BASE, MakeServer
 from support.procs import wait_for
 
-from loraplane.worker.engine.sampling import SamplingParams
-from loraplane.worker.engines import Output
+from loraplane.worker.inference.engines import Output
+from loraplane.worker.inference.sampling import SamplingParams
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -63,7 +63,7 @@ def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict
         s.engine.submit(
             request_id=f"r-{model}",
             model=model,
-            adapter=s.registry.lookup(model).engine_adapter(),
+            adapter=s.registry.lookup(model).lora_spec(),
             prompt_ids=[1, 5, 9],
             params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
             on_output=on_output,

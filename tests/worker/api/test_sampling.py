@@ -13,8 +13,9 @@ import pytest
 import torch
 from support.api import BASE, MakeServer
 
-from loraplane.crds.errors import PermanentError
-from loraplane.worker.engine.sampling import SamplingParams, TextTail, sample
+from loraplane.errors import PermanentError
+from loraplane.worker.builtin.sampling import TextTail, generator_for, sample
+from loraplane.worker.inference.sampling import SamplingParams
 
 
 class PieceTokenizer:
@@ -69,8 +70,8 @@ def test_seeded_draws_do_not_depend_on_the_batch() -> None:
     steps = [torch.randn(3, vocab) for _ in range(20)]
     seeded = SamplingParams(temperature=1.0, seed=123)
     other = SamplingParams(temperature=0.7, top_p=0.9)
-    alone_gen = seeded.generator(torch.device("cpu"))
-    mixed_gen = seeded.generator(torch.device("cpu"))
+    alone_gen = generator_for(seeded, torch.device("cpu"))
+    mixed_gen = generator_for(seeded, torch.device("cpu"))
     alone, mixed = [], []
     for logits in steps:
         alone += sample(logits[1:2], [seeded], [alone_gen])
@@ -103,7 +104,10 @@ def test_a_row_without_a_distribution_fails_alone_and_moves_no_other_generator()
     logits = torch.randn(3, 40)
     logits[2] = float("nan")  # what no temperature or filter can make a distribution of
     seeded = SamplingParams(temperature=1.0, seed=9)
-    alone_gen, mixed_gen = seeded.generator(torch.device("cpu")), seeded.generator(torch.device("cpu"))
+    alone_gen, mixed_gen = (
+        generator_for(seeded, torch.device("cpu")),
+        generator_for(seeded, torch.device("cpu")),
+    )
     alone = [sample(logits[1:2], [seeded], [alone_gen])[0] for _ in range(5)]
     mixed = [
         sample(

@@ -9,7 +9,7 @@ from typing import Any
 
 from loraplane.worker.api import tools
 from loraplane.worker.api.protocol import ChatCompletionRequest
-from loraplane.worker.engines import Output
+from loraplane.worker.inference.engines import Output
 
 WEATHER = {
     "type": "function",

@@ -14,9 +14,9 @@ import pytest
 import torch
 from support import models
 
-from loraplane.crds.errors import PermanentError
-from loraplane.worker.engine.model import ModelConfig
-from loraplane.worker.engine.runner import ModelRunner, SeqStep
+from loraplane.errors import PermanentError
+from loraplane.worker.builtin.model import ModelConfig
+from loraplane.worker.builtin.runner import ModelRunner, SeqStep
 
 ATOL = 1e-4
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from loraplane.worker.engine.runner import ModelRunner, SeqStep, load_adapter_weights
+from loraplane.worker.builtin.runner import ModelRunner, SeqStep, load_adapter_weights
 
 ATOL = 1e-4
 PROMPTS = [

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraplane.crds.errors import PermanentError
-from loraplane.worker.engine.runner import AdapterWeights, ModelRunner, SeqStep, load_adapter_weights
+from loraplane.errors import PermanentError
+from loraplane.worker.builtin.runner import AdapterWeights, ModelRunner, SeqStep, load_adapter_weights
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def _rename_tensor(d: Path) -> None:
     save_file(tensors, str(path))
 
 
-# The loader reads through validation's reader (worker/adapter.py): the same reasons as validation.
+# The loader reads through validation's reader (worker/inference/peft.py): the same reasons as validation.
 ADAPTER_CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("no adapter_config.json", lambda d: (d / "adapter_config.json").unlink(), "FileMissing"),
     ("pickled weights only", lambda d: (d / "adapter_model.safetensors").unlink(), "FileMissing"),

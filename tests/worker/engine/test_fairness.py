@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from loraplane.worker.engine.sampling import SamplingParams
-from loraplane.worker.engine.scheduler import SchedulerSettings
-from loraplane.worker.engine.service import Engine, EngineSettings
-from loraplane.worker.engines import Output
-from loraplane.worker.fairness import FairShare, Tenant
+from loraplane.worker.builtin.scheduler import SchedulerSettings
+from loraplane.worker.builtin.service import Engine, EngineSettings
+from loraplane.worker.inference.engines import Output
+from loraplane.worker.inference.fairness import FairShare, Tenant
+from loraplane.worker.inference.sampling import SamplingParams
 
 LONG = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

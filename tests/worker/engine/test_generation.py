@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from loraplane.worker.engine.runner import ModelRunner, SeqStep, load_adapter_weights
+from loraplane.worker.builtin.runner import ModelRunner, SeqStep, load_adapter_weights
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 
 PROBE = """
 import ctypes, ctypes.util, sys
-from loraplane.worker.engine import heap
+from loraplane.worker.builtin import heap
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p

@@ -18,14 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraplane.crds.errors import LoraplaneError, PermanentError
-from loraplane.worker.engine import tiers
-from loraplane.worker.engine.runner import AdapterWeights, ModelRunner
-from loraplane.worker.engine.sampling import SamplingParams
-from loraplane.worker.engine.scheduler import SchedulerSettings
-from loraplane.worker.engine.service import Engine, EngineSettings
-from loraplane.worker.engines import Output
-from loraplane.worker.registry import AdapterVersion, Registry
+from loraplane.errors import LoraplaneError, PermanentError
+from loraplane.worker.builtin import tiers
+from loraplane.worker.builtin.runner import AdapterWeights, ModelRunner
+from loraplane.worker.builtin.sampling import generator_for
+from loraplane.worker.builtin.scheduler import SchedulerSettings
+from loraplane.worker.builtin.service import Engine, EngineSettings
+from loraplane.worker.inference.engines import Output
+from loraplane.worker.inference.sampling import SamplingParams
+from loraplane.worker.registry import Registry, VersionEntry
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -49,7 +50,7 @@ class Driver:
         self.registry = Registry()
         for i, (name, path) in enumerate(sorted(adapters.items())):
             self.registry.upsert(
-                AdapterVersion(
+                VersionEntry(
                     id=100 + i,
                     served_name=name,
                     adapter=f"t/{name}",
@@ -76,7 +77,7 @@ class Driver:
         self.engine.submit(
             request_id=f"r{self._n}",
             model=model or "base",
-            adapter=None if model is None else self.registry.lookup(model).engine_adapter(),
+            adapter=None if model is None else self.registry.lookup(model).lora_spec(),
             prompt_ids=prompt,
             params=params,
             on_output=on_output,
@@ -311,7 +312,7 @@ def test_sampling_fields_beyond_the_engines_range(tiny_llama: Path, drivers: Any
         with pytest.raises(PermanentError) as err:
             SamplingParams(temperature=1.0, **bad)
         assert err.value.reason == "InvalidSamplingParams", bad
-    assert SamplingParams(temperature=1.0, seed=-(2**63)).generator(torch.device("cpu")) is not None
+    assert generator_for(SamplingParams(temperature=1.0, seed=-(2**63)), torch.device("cpu")) is not None
     d = drivers(tiny_llama, {}, max_num_seqs=4, max_model_len=64)
     unchecked = SamplingParams(temperature=1.0, max_tokens=4)
     object.__setattr__(unchecked, "seed", 2**70)  # as if a caller skipped the check
@@ -341,7 +342,7 @@ def test_kv_left_by_a_non_finite_sequence_never_reaches_another(
     """A sequence with NaN K/V frees its blocks; the next owner reads masked positions of those blocks (and
     padding) beside a longer row. softmax(QK)V turns a masked NaN into NaN (0 * NaN), so blocks are zeroed
     when taken and padding reads a block that is never written."""
-    from loraplane.worker.engine.runner import SeqStep, load_adapter_weights
+    from loraplane.worker.builtin.runner import SeqStep, load_adapter_weights
 
     runner = ModelRunner(tiny_llama, max_loras=1, max_lora_rank=16, max_seqs=4, max_model_len=64)
     runner.set_slot(0, _overflowing(load_adapter_weights(adapters["a0"], runner.config, adapter_id=1)))

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from loraplane.crds.errors import LoraplaneError, PermanentError
+from loraplane.errors import LoraplaneError, PermanentError
 
 from .metrics import Metrics
 from .runner import AdapterWeights, ModelRunner, load_adapter_weights

@@ -18,16 +18,18 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from loraplane.crds.errors import LoraplaneError
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from ..engines import NON_FINITE_OUTPUT
+from loraplane.errors import LoraplaneError
+
+from ..inference.engines import NON_FINITE_OUTPUT
 from .errors import ApiError
 from .limits import TENANT_TOKENS, Limiter, Ticket
 from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new_id
 
 if TYPE_CHECKING:
-    from ..engines import Engine, Output
-    from ..registry import AdapterVersion, Registry
+    from ..inference.engines import Engine, EngineSlot, Output
+    from ..registry import Registry, VersionEntry
     from .auth import Key
 
 access_log = logging.getLogger("loraplane.worker.access")
@@ -126,36 +128,45 @@ class Serving:
     def __init__(
         self,
         registry: Registry,
+        engine: EngineSlot,
         *,
         retry_after_s: int,
         access_log: bool = True,
         max_logprob_entries: int = 65536,
         max_schema_bytes: int = 16384,
+        quarantine: Callable[[int, LoraplaneError], None] | None = None,
     ) -> None:
         self.registry = registry
-        self._engine: Engine | None = None
+        self.slot = engine  # empty while the base model loads
         self.retry_after_s = retry_after_s
         self.access_log = access_log
         self.max_logprob_entries = max_logprob_entries
         self.max_schema_bytes = max_schema_bytes
-        # Set by the worker: takes an adapter version out of service (Failed) on this worker.
-        self.quarantine: Callable[[int, LoraplaneError], None] = lambda adapter_id, error: None
+        # Takes an adapter version out of service (Failed) on this worker (the controller's).
+        self.quarantine = quarantine or (lambda adapter_id, error: None)
         self.running: weakref.WeakSet[Generation] = weakref.WeakSet()
         self.limiter = Limiter()  # the worker points its book at the watch's limits
+        # Counted here, where a request ends, for either engine; rendered with the engine's own series.
+        self.metrics = CollectorRegistry()
+        self.requests = Counter(
+            "loraplane_worker_requests",
+            "Finished /v1 generation requests by HTTP status",
+            ["model", "status"],
+            registry=self.metrics,
+        )
         # Tokenizing runs off the event loop (a long prompt takes seconds of CPU; streams and probes
         # keep answering meanwhile), on one thread: fast tokenizers are not safe to share across threads.
         self.tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplane-tokenize")
 
     @property
     def engine(self) -> Engine | None:
-        return self._engine
+        return self.slot.engine
 
-    @engine.setter
-    def engine(self, engine: Engine | None) -> None:
-        """Attach the engine; from then on a version that gets no new requests is retired in it."""
-        if engine is not None and self._engine is None:
-            self.registry.on_retired(engine.retire_adapter)
-        self._engine = engine
+    def render_metrics(self) -> bytes:
+        """The request counter and the engine's own series, once an engine serves (Prometheus text)."""
+        if self.engine is None:
+            return b""
+        return generate_latest(self.metrics) + self.engine.metrics.render()
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -168,7 +179,7 @@ class Serving:
             )
         return self.engine
 
-    def resolve(self, name: str) -> AdapterVersion | None:
+    def resolve(self, name: str) -> VersionEntry | None:
         """The adapter version ``name`` means now (None: the base model), or an ApiError saying why not."""
         engine = self.require_engine()
         if name == engine.model_name:
@@ -260,7 +271,7 @@ class Serving:
                     code="invalid_value",
                 )
         version = self.resolve(request.model)
-        adapter = None if version is None else version.engine_adapter()
+        adapter = None if version is None else version.lora_spec()
         param = "prompt" if isinstance(request, CompletionRequest) else "messages"
         n = extras.get("n", 1)
         if isinstance(request, CompletionRequest) and len(request.prompt_list()) * n > MAX_CHOICES:
@@ -377,7 +388,7 @@ class Serving:
             if generation.ticket is not None:
                 generation.ticket.done(used)
         if self.engine is not None:
-            self.engine.metrics.requests.labels(model=model, status=str(status)).inc()
+            self.requests.labels(model=model, status=str(status)).inc()
         if not self.access_log:
             return
         fields: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """The one interface both serving engines implement: the built-in torch engine and vLLM.
 
-An engine knows nothing of Kubernetes or the registry: the worker (``serve.py``) wires them. It is
-handed adapter *versions* as ``Adapter(id, name, path)`` with the cluster-unique ID as its key, loads
+An engine knows nothing of Kubernetes or the registry: the worker (``assembly.py``) wires them. It is
+handed adapter *versions* as ``LoraSpec(id, name, path)`` with the cluster-unique ID as its key, loads
 one before the control path reports it Ready (``add_adapter``), and forgets one once no request uses
 it (``retire_adapter``). Requests come in as prompt token IDs, ``SamplingParams`` (the fields every
 engine implements) and ``extras`` (optional features, each named in ``FEATURES``); the API refuses
@@ -10,15 +10,18 @@ with a 400 any extra an engine does not list in its ``features``, so no paramete
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from loraplane.errors import PermanentError
+
 if TYPE_CHECKING:
-    from loraplane.crds.errors import LoraplaneError
-    from loraplane.worker.engine.sampling import SamplingParams
-    from loraplane.worker.fairness import Tenant
+    from loraplane.errors import LoraplaneError
+    from loraplane.worker.inference.fairness import Tenant
+    from loraplane.worker.inference.sampling import SamplingParams
 
 NON_FINITE_OUTPUT = "NonFiniteOutput"
 """The reason a request fails with when the engine computed NaN or Inf logits for it; on an adapter's
@@ -44,7 +47,7 @@ FEATURES = frozenset(
 
 
 @dataclass(frozen=True)
-class Adapter:
+class LoraSpec:
     """One adapter version as an engine sees it."""
 
     id: int
@@ -88,7 +91,7 @@ class Engine(Protocol):
     kind: Kind
     model_name: str
     features: frozenset[str]
-    metrics: Any  # .requests (a labelled counter) and .render() -> Prometheus text
+    metrics: Any  # .render() -> Prometheus text of the engine's own series
 
     @property
     def tokenizer(self) -> Any: ...
@@ -96,7 +99,7 @@ class Engine(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+    def limit_for(self, adapter: LoraSpec | None) -> tuple[int, str]:
         """(max prompt + output tokens, what sets it) for the base model (None) or an adapter."""
         ...
 
@@ -105,7 +108,7 @@ class Engine(Protocol):
         *,
         request_id: str,
         model: str,
-        adapter: Adapter | None,
+        adapter: LoraSpec | None,
         prompt_ids: list[int],
         params: SamplingParams,
         extras: dict[str, Any],
@@ -113,13 +116,13 @@ class Engine(Protocol):
         tenant: Tenant | None = None,
     ) -> object:
         """Queue a request; ``on_output`` may be called from any thread. Raises LoraplaneError.
-        ``tenant``: its fair-share flow, weight and priority (``fairness.py``; None: the default flow).
+        ``tenant``: its fair-share flow, weight and priority (``inference/fairness.py``; None: the default flow).
         What it returns is the engine's own (the built-in one returns its Request); callers ignore it."""
         ...
 
     def cancel(self, request_id: str) -> None: ...
 
-    async def add_adapter(self, adapter: Adapter) -> None:
+    async def add_adapter(self, adapter: LoraSpec) -> None:
         """Load an adapter before it is served (warm). Raises LoraplaneError with the engine's reason."""
         ...
 
@@ -142,8 +145,43 @@ class Engine(Protocol):
     def stop(self) -> None: ...
 
 
+class EngineSlot:
+    """The worker's engine, which starts after the other parts: the HTTP server answers /health and the
+    control path validates adapters while the base model loads. The parts are built with the slot and
+    read the engine from it; the assembly fills it once, when the engine can serve."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.engine = engine
+        self._filled = asyncio.Event()
+        if engine is not None:
+            self._filled.set()
+
+    def fill(self, engine: Engine) -> None:
+        assert self.engine is None, "an engine slot is filled once"
+        self.engine = engine
+        self._filled.set()
+
+    def filled(self) -> bool:
+        return self.engine is not None
+
+    async def wait(self) -> Engine:
+        """The engine, once it can serve."""
+        await self._filled.wait()
+        assert self.engine is not None
+        return self.engine
+
+    def on_device(self) -> set[int]:
+        """The engine's adapter IDs in device slots (none before it starts): the report's ``loaded``."""
+        return set() if self.engine is None else self.engine.on_device()
+
+    def retire_adapter(self, adapter_id: int) -> None:
+        """No new request will use this version (an engine that has not started holds none)."""
+        if self.engine is not None:
+            self.engine.retire_adapter(adapter_id)
+
+
 def limit_for(
-    adapter: Adapter | None, *, max_model_len: int, max_position_embeddings: int
+    adapter: LoraSpec | None, *, max_model_len: int, max_position_embeddings: int
 ) -> tuple[int, str]:
     """The length bound of a request: the adapter's longContext.maxLength, else the base model's
     max_position_embeddings, never above the engine's max_model_len (its KV cache)."""
@@ -156,17 +194,16 @@ def limit_for(
     return max_model_len, "the worker's max_model_len"
 
 
-async def start(kind: Kind, model_dir: Path, worker_settings: Any) -> Engine:
-    """Load the base model into the engine a worker pool chose, on the running event loop (the vLLM
-    engine serves from it; the built-in one loads in a thread and runs its own)."""
-    if kind == "vllm":
-        from loraplane.worker.vllm.engine import VllmEngine, VllmSettings
-
-        return await VllmEngine.start(model_dir, VllmSettings.from_worker(worker_settings))
-    import asyncio
-
-    from loraplane.worker.engine.service import Engine as BuiltinEngine
-    from loraplane.worker.engine.service import EngineSettings
-
-    settings = EngineSettings.from_worker(worker_settings)
-    return await asyncio.to_thread(BuiltinEngine.start, model_dir, settings)
+def check_prompt(prompt_ids: list[int], max_tokens: int | None, limit: int, source: str) -> None:
+    """Refuse an empty prompt (EmptyPrompt), and one whose tokens plus ``max_tokens`` (1 when unset)
+    exceed ``limit`` (PromptTooLong, naming the limit and ``source``, what sets it)."""
+    if not prompt_ids:
+        raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
+    wanted = len(prompt_ids) + (max_tokens or 1)
+    if wanted > limit:
+        raise PermanentError(
+            "PromptTooLong",
+            f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens or 1}) is "
+            f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
+            "lower max_tokens",
+        )

@@ -1,9 +1,9 @@
 """A PEFT LoRA adapter as the worker reads it: adapter_config.json and the safetensors header, once.
 
-In the spirit of vLLM's ``PEFTHelper``: ``PeftAdapter.read`` builds one object from the config
+In the spirit of vLLM's ``PEFTHelper``: ``PeftCheckpoint.read`` builds one object from the config
 (size-capped) and the weights' header (tensorfile: no torch, never a pickle); ``problems`` lists
 every reason it cannot be served on a given base model, collected rather than raised one by one.
-Validation (validate.py) and the engine's loader (engine/runner.py) both go through it, so an
+Validation (validate.py) and the built-in engine's loader (builtin/runner.py) both go through it, so an
 adapter that is Ready is one the engine loads, and both refuse the same things with the same words.
 Per-module rank and alpha follow PEFT's rule (rank_pattern / alpha_pattern keys match a dotted
 suffix of the module name, as regexes).
@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplane.crds.errors import PermanentError, ValidationFailed
-from loraplane.worker import tensorfile
-from loraplane.worker.basemodel import BLOCKS, FILE_MISSING, MAX_CONFIG_BYTES, ModelConfig, read_json
+from loraplane.errors import PermanentError, ValidationFailed
+from loraplane.worker.inference import tensorfile
+from loraplane.worker.inference.basemodel import (
+    BLOCKS,
+    FILE_MISSING,
+    MAX_CONFIG_BYTES,
+    ModelConfig,
+    read_json,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -109,7 +115,7 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class PeftAdapter:
+class PeftCheckpoint:
     """One adapter directory, read: its config's fields, its tensors, and what is wrong with them."""
 
     path: Path
@@ -152,7 +158,7 @@ class PeftAdapter:
 
     # --- reading ---------------------------------------------------------------------------------
     @classmethod
-    def read(cls, adapter_dir: Path) -> PeftAdapter:
+    def read(cls, adapter_dir: Path) -> PeftCheckpoint:
         """Read the config and the header; what cannot be read at all is raised at once.
 
         Raises:
@@ -193,7 +199,7 @@ class PeftAdapter:
     @classmethod
     def _build(
         cls, adapter_dir: Path, cfg: dict[str, Any], header: tensorfile.Header, p: Problems
-    ) -> PeftAdapter:
+    ) -> PeftCheckpoint:
         peft_type = str(cfg.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             p.add(

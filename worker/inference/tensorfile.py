@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
 MAX_HEADER_BYTES = 16 << 20  # a LoRA header lists a few hundred tensors: ~100 KiB; 16 MiB is generous
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

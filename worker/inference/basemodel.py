@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraplane.crds.errors import PermanentError
-from loraplane.worker import tensorfile
+from loraplane.errors import PermanentError
+from loraplane.worker.inference import tensorfile
 
 MAX_CONFIG_BYTES = 1 << 20
 #: the seven LoRA target projections, in layer order, and the block each lives in.

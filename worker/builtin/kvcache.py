@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
 BLOCK_SIZE = 16
 #: on a GPU with no explicit budget, the KV pool takes the free memory but this fraction of the total,

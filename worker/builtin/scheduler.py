@@ -5,7 +5,7 @@ the step within ``max_batched_tokens`` and runs it. The plan, in this order:
 
 1. one token for every running request that has its first token already (decode);
 2. the next chunk of every prompt still being read, at most ``long_prefill_tokens`` each;
-3. waiting requests in fair-share order (``fairness.py``: interactive before batch, then the flow,
+3. waiting requests in fair-share order (``inference/fairness.py``: interactive before batch, then the flow,
    an API-key tenant and adapter pair, that got the fewest prompt + output tokens, by the virtual
    token counter; ``policy="fcfs"``: oldest first), whose adapter is in a device slot and whose KV
    reservation fits: a short prompt whole, a long one as its first chunk (one long prompt is read at
@@ -49,13 +49,14 @@ from pathlib import Path
 
 import torch
 
-from loraplane.crds.errors import LoraplaneError, PermanentError, TemporaryError
+from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
-from ..engines import Output
-from ..fairness import DEFAULT, FairShare, Tenant
+from ..inference.engines import Output
+from ..inference.fairness import DEFAULT, FairShare, Tenant
+from ..inference.sampling import SamplingParams
 from .metrics import Metrics
 from .runner import ModelRunner, SeqStep
-from .sampling import SamplingParams, TextTail, sample
+from .sampling import TextTail, generator_for, sample
 from .tiers import PREFETCH_WINDOW, AdapterTiers
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ class Scheduler:
                 break  # wait for running requests to free KV, in admission order
             try:  # everything about the request itself that can fail, before any state changes
                 if req.tail is None:  # (a preempted request keeps its own)
-                    req.generator = req.params.generator(self.runner.device)
+                    req.generator = generator_for(req.params, self.runner.device)
                     req.tail = TextTail(self.runner.tokenizer, req.params.stop)
             except Exception as exc:
                 self._finish(req, "error", self._refused(exc))

@@ -1,7 +1,7 @@
 """The engine as one object the worker process starts: runner + adapter tiers + the scheduler thread.
 
 ``Engine.start(model_dir, settings)`` loads the base model and starts the engine thread. It implements
-``loraplane.worker.engines.Engine`` and knows nothing of the registry: the worker calls
+``loraplane.worker.inference.engines.Engine`` and knows nothing of the registry: the worker calls
 ``retire_adapter`` when a version will get no new requests (its CPU and device copies are dropped
 once no admitted request uses it). The HTTP side calls ``submit`` from its event loop; ``limit_for``
 gives the length bound a request is checked against: the adapter's longContext.maxLength, else the
@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
-from .. import engines
-from ..engines import Adapter, Output
-from ..fairness import DEFAULT, Tenant
+from ..inference import engines
+from ..inference.engines import LoraSpec, Output
+from ..inference.fairness import DEFAULT, Tenant
+from ..inference.sampling import SamplingParams
 from . import heap
 from .metrics import Metrics
 from .runner import ModelRunner
-from .sampling import SamplingParams
 from .scheduler import Request, Scheduler, SchedulerSettings
 from .tiers import AdapterTiers
 
@@ -84,7 +84,7 @@ class Engine:
         self.runner = runner
         self.settings = settings
         self.model_name = model_name
-        self.adapters: dict[int, Adapter] = {}  # the versions handed over by add_adapter, by ID
+        self.adapters: dict[int, LoraSpec] = {}  # the versions handed over by add_adapter, by ID
         self.metrics = Metrics()
         self.tiers = AdapterTiers(runner, max_cpu_loras=settings.max_cpu_loras, metrics=self.metrics)
         self.scheduler = Scheduler(runner, self.tiers, self.metrics, settings.scheduler)
@@ -145,7 +145,7 @@ class Engine:
     def vocab_size(self) -> int:
         return int(self.runner.config.vocab_size)
 
-    def limit_for(self, adapter: Adapter | None) -> tuple[int, str]:
+    def limit_for(self, adapter: LoraSpec | None) -> tuple[int, str]:
         """(max prompt + output tokens, what sets it) for the base model (None) or an adapter."""
         return engines.limit_for(
             adapter,
@@ -158,7 +158,7 @@ class Engine:
         *,
         request_id: str,
         model: str,
-        adapter: Adapter | None,
+        adapter: LoraSpec | None,
         prompt_ids: list[int],
         params: SamplingParams,
         on_output: Callable[[Output], None],
@@ -175,16 +175,7 @@ class Engine:
         limit, source = self.limit_for(adapter)
         if self.runner.kv.total_tokens < limit:  # a KV budget smaller than one max-length sequence
             limit, source = self.runner.kv.total_tokens, "the size of this worker's KV cache"
-        if not prompt_ids:
-            raise PermanentError("EmptyPrompt", "the prompt is empty; send at least one token")
-        wanted = len(prompt_ids) + (params.max_tokens or 1)
-        if wanted > limit:
-            raise PermanentError(
-                "PromptTooLong",
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens or 1}) is "
-                f"{wanted} tokens, above the limit of {limit} set by {source}; shorten the prompt or "
-                "lower max_tokens",
-            )
+        engines.check_prompt(prompt_ids, params.max_tokens, limit, source)
         request = Request(
             request_id=request_id,
             model=model,
@@ -214,7 +205,7 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
 
-    async def add_adapter(self, adapter: Adapter) -> None:
+    async def add_adapter(self, adapter: LoraSpec) -> None:
         """Record the version (metrics show where its weights are). The validator read the weights; the
         engine thread loads them into CPU memory and a device slot at the first request (tiers.py)."""
         self.adapters[adapter.id] = adapter

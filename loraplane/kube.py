@@ -3,7 +3,7 @@
 Why our own and not a library: the operator and the worker make a dozen kinds of call (list, watch,
 get, create, a resourceVersion-checked PUT, merge patches) on objects they validate with the pydantic
 models in this package; an aiohttp client of this size does that with one error hierarchy
-(``crds.errors.API*Error``, one class per status, keeping the Kubernetes Status) and one retry policy
+(``errors.API*Error``, one class per status, keeping the Kubernetes Status) and one retry policy
 (``Backoff``). The official ``kubernetes`` package (already a dependency) only loads credentials:
 kubeconfig (exec plugins and OIDC included) or the in-cluster service account. Its refresh hook is
 called before every request, so a projected service-account token that rotates (about hourly on a
@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from loraplane.crds import errors
+from loraplane import errors
 
 MAX_EVENT_BYTES = 16 << 20  # one watch event (a whole object); Kubernetes caps objects at 1.5 MiB
 _ERROR_TEXT = 500  # characters of a non-Status error body kept in messages

@@ -20,10 +20,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from loraplane.crds.errors import PermanentError
-from loraplane.worker import tensorfile
-from loraplane.worker.basemodel import PROJECTIONS as PROJECTIONS
-from loraplane.worker.basemodel import ModelConfig
+from loraplane.errors import PermanentError
+from loraplane.worker.inference import tensorfile
+from loraplane.worker.inference.basemodel import PROJECTIONS as PROJECTIONS
+from loraplane.worker.inference.basemodel import ModelConfig
 
 
 class Rope:

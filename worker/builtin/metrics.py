@@ -49,12 +49,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            PREFIX + "requests",
-            "Finished /v1 generation requests by HTTP status",
-            ["model", "status"],
-            registry=r,
-        )
         self.prompt_tokens = Counter(
             PREFIX + "prompt_tokens", "Prompt tokens of admitted requests", ["model"], registry=r
         )

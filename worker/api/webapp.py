@@ -1,7 +1,7 @@
 """The worker's one HTTP server: probes, /metrics and /adapters always; the OpenAI API when serving.
 
-``build_app(engine, registry, settings)`` builds it; ``engine`` may be None while the base model loads
-(/health answers at once, /ready and the /v1 routes answer 503 until ``set_engine``). A control-mode
+``build_app(engine, registry, settings)`` builds it; ``engine`` (an ``EngineSlot``) is empty while the
+base model loads (/health answers at once, /ready and the /v1 routes answer 503 until it is filled). A control-mode
 worker builds it with ``openai=False``: the same probes, auth and /adapters, no /v1 routes and no
 engine imported. No route loads an adapter from a path: adapters reach the engine only through the
 registry, which the control path fills from LoRAAdapter objects.
@@ -32,11 +32,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from .. import redaction
+from ..inference.engines import EngineSlot
 from .auth import ApiKeys, Key
 from .errors import ApiError
 
 if TYPE_CHECKING:
-    from ..engines import Engine
     from ..registry import Registry
 
 log = logging.getLogger(__name__)
@@ -208,14 +208,18 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(
-    engine: Engine | None,
+    engine: EngineSlot | None,
     registry: Registry | None,
     settings: ServeSettings | None = None,
     *,
     openai: bool = True,
     reports: Callable[[], list[dict[str, Any]]] | None = None,
+    quarantine: Callable[[int, Any], None] | None = None,
 ) -> web.Application:
-    """The app: probes, /metrics, /adapters (when ``reports`` is given) and, with ``openai``, /v1."""
+    """The app: probes, /metrics, /adapters (when ``reports`` is given) and, with ``openai``, /v1 on the
+    engine in ``engine`` (a slot filled once the base model is loaded). ``quarantine(adapter_id, error)``
+    takes an adapter version out of service when the engine finds it unservable while serving it (NaN /
+    Inf output)."""
     settings = settings or ServeSettings()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[gate])
     app[SETTINGS] = settings
@@ -237,23 +241,8 @@ def build_app(
         from .routes import add_openai  # the engine side (torch) only where it serves
 
         assert registry is not None, "the OpenAI API reads the registry"
-        add_openai(app, engine, registry)
+        add_openai(app, engine or EngineSlot(), registry, quarantine)
     return app
-
-
-def set_engine(app: web.Application, engine: Engine) -> None:
-    """The base model finished loading: start serving (and answering /ready)."""
-    from .routes import SERVING
-
-    app[SERVING].engine = engine
-
-
-def quarantine_in(app: web.Application, quarantine: Callable[[int, Any], None]) -> None:
-    """``quarantine(adapter_id, error)`` takes an adapter version out of service when the engine finds it
-    unservable while serving it (NaN / Inf output)."""
-    from .routes import SERVING
-
-    app[SERVING].quarantine = quarantine
 
 
 async def drain(app: web.Application, seconds: float) -> int:
@@ -268,7 +257,7 @@ async def drain(app: web.Application, seconds: float) -> int:
     if h.in_flight:
         log.warning("drain deadline reached with %d requests still in flight", h.in_flight)
         if h.cut:
-            from loraplane.crds.errors import TemporaryError
+            from loraplane.errors import TemporaryError
 
             # Each ends now with a ShuttingDown event (then [DONE]), ahead of the outputs it has not
             # sent: a stream with a backlog would otherwise still be writing it when the server closes

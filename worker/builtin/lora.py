@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraplane.crds.errors import PermanentError
+from loraplane.errors import PermanentError
 
 from .model import PROJECTIONS, ModelConfig
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from loraplane.crds.errors import PermanentError
-from loraplane.worker.adapter import PeftAdapter
+from loraplane.errors import PermanentError
+from loraplane.worker.inference.peft import PeftCheckpoint
 
 from .kvcache import KVCache, bytes_per_token, pool_tokens
 from .lora import LoraBatch, LoraSlots
@@ -46,14 +46,14 @@ class SeqStep:
 def load_adapter_weights(
     adapter_dir: Path, config: ModelConfig, *, adapter_id: int, max_lora_rank: int | None = None
 ) -> AdapterWeights:
-    """Read a PEFT LoRA adapter into CPU tensors through validation's reader (adapter.PeftAdapter), so
+    """Read a PEFT LoRA adapter into CPU tensors through validation's reader (adapter.PeftCheckpoint), so
     a direct load refuses exactly what validation refuses, with the same reasons and messages.
 
     Raises:
         PermanentError / ValidationFailed: as ``validate.validate_adapter`` (RankTooLarge only when
             ``max_lora_rank`` is given; ``set_slot`` checks the slots' rank anyway).
     """
-    adapter = PeftAdapter.read(Path(adapter_dir))
+    adapter = PeftCheckpoint.read(Path(adapter_dir))
     adapter.check(config, max_lora_rank=max_lora_rank)
     tensors = dict(read_safetensors(adapter.weights))
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
