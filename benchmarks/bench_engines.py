@@ -78,25 +78,26 @@ async def serve(args: argparse.Namespace) -> None:
     from loraplane.worker.api.webapp import ServeSettings, build_app, start
     from loraplane.worker.inference.engines import EngineSlot
     from loraplane.worker.registry import Registry, VersionEntry
+    from loraplane.worker.settings import EngineConfig
 
     registry = Registry()
     slot = EngineSlot()
     registry.on_retired(slot.retire_adapter)
     app = build_app(slot, registry, ServeSettings(host="127.0.0.1", port=0, access_log=False))
     runner, port = await start(app, "127.0.0.1", 0)
-    settings = argparse.Namespace(
+    config = EngineConfig(
+        kind=args.serve,
         device=args.device,
         dtype="auto",
         max_loras=args.max_loras,
         max_cpu_loras=max(args.adapters, args.max_loras),
         max_lora_rank=args.rank,
         max_model_len=512,
-        served_model_name=BASE,
         gpu_memory_utilization=0.9 if args.device == "cuda" else 0.3,
         tensor_parallel_size=1,
         vllm_args="" if args.device == "cuda" else "--kv-cache-memory-bytes=2G",
     )
-    engine = await assembly.start_engine(args.serve, Path(args.base), settings)
+    engine = await assembly.start_engine(config, BASE, Path(args.base))
     slot.fill(engine)
     for i, path in enumerate(json.loads(args.adapter_dirs)):
         version = VersionEntry(

@@ -46,6 +46,7 @@ async def serve(args: argparse.Namespace) -> None:
     from loraplane.worker.api.webapp import ServeSettings, build_app, start
     from loraplane.worker.inference.engines import EngineSlot
     from loraplane.worker.registry import Registry, VersionEntry
+    from loraplane.worker.settings import EngineConfig
 
     keys = Path(args.base).parent / "keys"
     keys.write_text(f"{VICTIM_KEY} tenant=victim\n{AGGRESSOR_KEY} tenant=aggressor\n")
@@ -57,13 +58,13 @@ async def serve(args: argparse.Namespace) -> None:
     )
     runner, port = await start(app, "127.0.0.1", 0)
     cuda = args.device == "cuda"
-    settings = argparse.Namespace(
-        device=args.device, dtype="auto", max_loras=2, max_cpu_loras=2, max_lora_rank=args.rank,
-        max_model_len=1024, served_model_name=BASE, gpu_memory_utilization=0.9 if cuda else 0.3,
-        tensor_parallel_size=1, max_num_seqs=args.max_num_seqs, scheduling_policy=args.policy,
+    config = EngineConfig(
+        kind=args.serve, device=args.device, dtype="auto", max_loras=2, max_cpu_loras=2, max_lora_rank=args.rank,
+        max_model_len=1024, gpu_memory_utilization=0.9 if cuda else 0.3, tensor_parallel_size=1,
+        max_num_seqs=args.max_num_seqs, scheduling_policy=args.policy,
         vllm_args=("" if cuda else "--kv-cache-memory-bytes=1G ") + f"--max-num-seqs={args.max_num_seqs}",
     )  # fmt: skip
-    engine = await assembly.start_engine(args.serve, Path(args.base), settings)
+    engine = await assembly.start_engine(config, BASE, Path(args.base))
     slot.fill(engine)
     for i, path in enumerate(json.loads(args.adapter_dirs)):
         version = VersionEntry(

@@ -83,9 +83,9 @@ def test_sizes_take_kubernetes_quantities(tmp_path: Path, given: str, want: int)
 
     base = adapters.write_base_config(tmp_path / "base")
     s = settings.load(["--base-model", str(base), "--cache-bytes", given], environ={})
-    assert s.cache_bytes == want
+    assert s.cache.cache_bytes == want
     from_env = settings.load(["--base-model", str(base)], environ={"LORAPLANE_CACHE_BYTES": given})
-    assert from_env.cache_bytes == want
+    assert from_env.cache.cache_bytes == want
 
 
 @pytest.mark.parametrize("given", ["1.5", "100m", "lots", "1.0001Ki"])

@@ -17,11 +17,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from huggingface_hub import snapshot_download
 
-from loraplane.crds.models import LoRAWorkerSpec, WorkerCapacity
+from loraplane.crds.models import AdapterLimits, LoRAWorkerSpec, WorkerCapacity
 from loraplane.kube import KubeClient, load_configuration
 from loraplane.worker import validate
 from loraplane.worker.api import webapp
@@ -33,14 +33,14 @@ from loraplane.worker.inference.engines import EngineSlot
 from loraplane.worker.prefetch import Prefetcher
 from loraplane.worker.registry import Registry
 from loraplane.worker.report import WorkerReport
-from loraplane.worker.settings import WorkerSettings
+from loraplane.worker.settings import EngineConfig, WorkerSettings
 from loraplane.worker.sources import SourceSettings
 from loraplane.worker.watch import AdapterWatch
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from loraplane.worker.inference.engines import Engine, Kind
+    from loraplane.worker.inference.engines import Engine
 
 log = logging.getLogger("loraplane.worker")
 
@@ -81,12 +81,12 @@ class WorkerApp:
     def source_settings(self) -> SourceSettings:
         s = self.settings
         return SourceSettings(
-            local_roots=tuple(Path(r) for r in s.local_roots),
-            hf_endpoint=s.hf_endpoint or None,
-            s3_endpoint_url=s.s3_endpoint or None,
-            s3_region=s.s3_region or None,
-            state_dir=Path(s.cache_dir) / "state",
-            options=s.source_options,
+            local_roots=tuple(Path(r) for r in s.sources.local_roots),
+            hf_endpoint=s.sources.hf_endpoint or None,
+            s3_endpoint_url=s.sources.s3_endpoint or None,
+            s3_region=s.sources.s3_region or None,
+            state_dir=Path(s.cache.cache_dir) / "state",
+            options=s.sources.source_options,
         )
 
     def load_base_model(self) -> None:
@@ -99,7 +99,7 @@ class WorkerApp:
                 snapshot_download(
                     s.base_model,
                     allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
-                    endpoint=s.hf_endpoint or None,
+                    endpoint=s.sources.hf_endpoint or None,
                 )
             )
         self.model_dir = model_dir
@@ -118,9 +118,9 @@ class WorkerApp:
         """Create the parts (after load_base_model, inside the running loop)."""
         s = self.settings
         assert self.base is not None, "load_base_model() first"
-        self.cache = CacheIndex(Path(s.cache_dir), max(s.cache_bytes, 1))
+        self.cache = CacheIndex(Path(s.cache.cache_dir), max(s.cache.cache_bytes, 1))
         self.prefetcher = Prefetcher(
-            self.cache, s.max_concurrent_downloads, sources_settings=self.source_settings()
+            self.cache, s.cache.max_concurrent_downloads, sources_settings=self.source_settings()
         )
         self.api = KubeClient(
             self.kube_configuration or load_configuration(s.kubeconfig), user_agent="loraplane-worker"
@@ -129,30 +129,30 @@ class WorkerApp:
         self.watch.on_limits = self._set_limits
         spec = LoRAWorkerSpec(
             baseModel=s.served_model_name,
-            podName=s.pod_name or None,
-            nodeName=s.node_name or None,
-            endpoint=s.endpoint or None,
+            podName=s.report.pod_name or None,
+            nodeName=s.report.node_name or None,
+            endpoint=s.report.endpoint or None,
             capacity=WorkerCapacity(
-                maxLoras=s.max_loras,
-                maxLoraRank=s.max_lora_rank,
-                maxCpuLoras=s.max_cpu_loras,
-                cacheBytes=s.cache_bytes,
+                maxLoras=s.engine.max_loras,
+                maxLoraRank=s.engine.max_lora_rank,
+                maxCpuLoras=s.engine.max_cpu_loras,
+                cacheBytes=s.cache.cache_bytes,
             ),
         )
         cache = self.cache
         self.report = WorkerReport(
             self.api,
             name=s.object_name,
-            namespace=s.object_namespace,
+            namespace=s.report.object_namespace,
             spec=spec,
             lookup=lambda i: self.controller.report(i) if self.controller else None,
             known_ids=lambda: self.controller.known_ids() if self.controller else [],
             cache_bytes_used=lambda: cache.used_bytes,
             on_device=None if self.engine is None else self.engine.on_device,
             throttled=self.limiter.throttled_ids if self.serve is not None else None,
-            pod_name=s.pod_name,
-            batch_seconds=s.report_batch_seconds,
-            heartbeat_seconds=s.heartbeat_seconds,
+            pod_name=s.report.pod_name,
+            batch_seconds=s.report.report_batch_seconds,
+            heartbeat_seconds=s.report.heartbeat_seconds,
         )
         self.controller = Controller(
             self.registry,
@@ -160,13 +160,13 @@ class WorkerApp:
             self.base,
             self.source_settings(),
             served_model=s.served_model_name,
-            max_lora_rank=s.max_lora_rank,
-            dtype=validate.serving_dtype(s.dtype, s.engine, s.device, self.base),
-            max_concurrent=s.max_concurrent_prepares,
+            max_lora_rank=s.engine.max_lora_rank,
+            dtype=validate.serving_dtype(s.engine.dtype, s.engine.kind, s.engine.device, self.base),
+            max_concurrent=s.cache.max_concurrent_prepares,
             on_change=self.report.mark_dirty,
             engine=self.engine,
-            trust=s.trust(),
-            require_signatures=s.signatures_required,
+            trust=s.provenance.trust(),
+            require_signatures=s.provenance.signatures_required,
         )
         if self.engine is not None:
             # The one hand-over to the engine: a version that gets no new requests leaves it once the
@@ -199,7 +199,7 @@ class WorkerApp:
                     raise error or RuntimeError(f"{task.get_name()} ended unexpectedly")
         finally:
             if stopper.done() and self.web is not None:  # a stop, not a crash: let requests finish
-                await webapp.drain(self.web, self.settings.drain_seconds)
+                await webapp.drain(self.web, self.settings.serving.drain_seconds)
             for task in [stopper, *tasks, *helpers]:
                 task.cancel()
             await asyncio.gather(stopper, *tasks, *helpers, return_exceptions=True)
@@ -216,10 +216,12 @@ class WorkerApp:
     async def _http(self) -> None:
         """The HTTP server; with a serve hook, the hook then starts the engine and fills its slot."""
         assert self.web is not None, "build() first"
-        runner, self.port = await webapp.start(self.web, self.settings.host, self.settings.port)
+        runner, self.port = await webapp.start(
+            self.web, self.settings.serving.host, self.settings.serving.port
+        )
         log.info(
             "HTTP on %s:%d (/health, /ready, /metrics, /adapters%s)",
-            self.settings.host,
+            self.settings.serving.host,
             self.port,
             ", /v1" if self.serve is not None else "",
         )
@@ -231,7 +233,7 @@ class WorkerApp:
         finally:
             await runner.cleanup()
 
-    def _set_limits(self, adapter: str, spec: Any, replicas: int) -> None:
+    def _set_limits(self, adapter: str, spec: AdapterLimits | None, replicas: int) -> None:
         """The watch saw an adapter's spec.limits (None: gone): this worker's share applies at once."""
         limits = Limits.of_adapter(spec, replicas)
         book = self.limiter.book
@@ -257,7 +259,7 @@ class WorkerApp:
         app = webapp.build_app(
             self.engine,
             self.registry,
-            webapp.ServeSettings.from_worker(self.settings),
+            self.settings.serve_settings(),
             openai=self.serve is not None,
             reports=reports,
             quarantine=None if self.controller is None else self.controller.quarantine,
@@ -277,10 +279,10 @@ async def serve_openai(app: WorkerApp) -> None:
     pool chose, fill the slot the parts read it from, and run until cancelled."""
     s = app.settings
     assert app.engine is not None and app.model_dir is not None, "WorkerApp builds its parts first"
-    log.info("loading the base model into the %s engine", s.engine)
+    log.info("loading the base model into the %s engine", s.engine.kind)
     engine = None
     try:
-        engine = await start_engine(s.engine, app.model_dir, s)  # type: ignore[arg-type]
+        engine = await start_engine(s.engine, s.served_model_name, app.model_dir)
         app.engine.fill(engine)
         if app.report is not None:
             app.report.mark_dirty()  # what the engine holds on the device joins the report
@@ -293,15 +295,13 @@ async def serve_openai(app: WorkerApp) -> None:
             engine.stop()
 
 
-async def start_engine(kind: Kind, model_dir: Path, worker_settings: Any) -> Engine:
+async def start_engine(config: EngineConfig, served_model_name: str, model_dir: Path) -> Engine:
     """Load the base model into the engine a worker pool chose, on the running event loop (the vLLM
     engine serves from it; the built-in one loads in a thread and runs its own)."""
-    if kind == "vllm":  # vllm and torch are imported only by the pool that runs them
-        from loraplane.worker.vllm.engine import VllmEngine, VllmSettings
+    if config.kind == "vllm":  # vllm and torch are imported only by the pool that runs them
+        from loraplane.worker.vllm.engine import VllmEngine
 
-        return await VllmEngine.start(model_dir, VllmSettings.from_worker(worker_settings))
+        return await VllmEngine.start(model_dir, config.vllm(served_model_name))
     from loraplane.worker.builtin.service import Engine as BuiltinEngine
-    from loraplane.worker.builtin.service import EngineSettings
 
-    settings = EngineSettings.from_worker(worker_settings)
-    return await asyncio.to_thread(BuiltinEngine.start, model_dir, settings)
+    return await asyncio.to_thread(BuiltinEngine.start, model_dir, config.builtin(served_model_name))

@@ -76,7 +76,7 @@ def test_api_keys_secret_is_mounted_and_read_by_the_worker(tmp_path: Path) -> No
         if a.startswith(("--api-key-file", "--drain-seconds", "--port", "--max-"))
     ]
     s = settings.load([*argv, "--base-model", str(base)], {})
-    assert s.drain_seconds == 45 and s.api_key_file == str(mounted / "keys")
-    keys = ApiKeys(s.api_keys, s.api_key_file)
+    assert s.serving.drain_seconds == 45 and s.auth.api_key_file == str(mounted / "keys")
+    keys = ApiKeys(s.auth.api_keys, s.auth.api_key_file)
     assert keys.allows("Bearer key-before-rotation") and keys.allows("Bearer key-after-rotation")
     assert not keys.allows("Bearer key-never-issued")

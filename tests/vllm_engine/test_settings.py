@@ -16,7 +16,7 @@ def load(tmp_path: Path, *extra: str) -> settings.WorkerSettings:
 
 def test_pass_through_arguments_are_parsed_by_vllm(tmp_path: Path) -> None:
     s = load(tmp_path, "--vllm-args=--enforce-eager --max-num-seqs=64")
-    assert (s.engine, s.vllm_args) == ("vllm", "--enforce-eager --max-num-seqs=64")
+    assert (s.engine.kind, s.engine.vllm_args) == ("vllm", "--enforce-eager --max-num-seqs=64")
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_bad_pass_through_arguments_stop_the_start(tmp_path: Path, args: str, fr
 
 
 def test_tool_call_parser_is_one_of_vllms(tmp_path: Path) -> None:
-    assert load(tmp_path, "--tool-call-parser", "hermes").tool_call_parser == "hermes"
+    assert load(tmp_path, "--tool-call-parser", "hermes").engine.tool_call_parser == "hermes"
     with pytest.raises(settings.ConfigError) as err:
         load(tmp_path, "--tool-call-parser", "no-such-parser")
     assert "no-such-parser" in str(err.value) and "hermes" in str(err.value)

@@ -205,12 +205,14 @@ def test_the_kinds_settings_are_worker_flags(tmp_path: Path) -> None:
         ["--base-model", str(base), "--gs-endpoint", "http://127.0.0.1:1"],
         {"LORAPLANE_GS_CREDENTIALS": "anonymous"},
     )
-    assert got.source_options["gs"] == g.GcsSettings(endpoint="http://127.0.0.1:1", credentials="anonymous")
+    assert got.sources.source_options["gs"] == g.GcsSettings(
+        endpoint="http://127.0.0.1:1", credentials="anonymous"
+    )
     config = tmp_path / "worker.yaml"
     config.write_text("gs-project: billing-project\n")
     got = worker_settings.load(["--base-model", str(base), "--config", str(config)], {})
-    assert got.source_options["gs"].project == "billing-project"
-    assert got.source_options["gs"].credentials == "default"
+    assert got.sources.source_options["gs"].project == "billing-project"
+    assert got.sources.source_options["gs"].credentials == "default"
     with pytest.raises(worker_settings.ConfigError, match="--gs-endpoint must be an http:// or https:// URL"):
         worker_settings.load(["--base-model", str(base), "--gs-endpoint", "localhost:4443"], {})
     with pytest.raises(worker_settings.ConfigError, match="--gs-credentials must be default, anonymous or"):

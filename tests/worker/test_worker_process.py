@@ -154,9 +154,9 @@ def test_settings_precedence_flags_over_env_over_file(tmp_path):
         "POD_NAMESPACE": "ns",
     }
     s = settings.load(["--config", str(cfg), "--max-loras", "7"], env)
-    assert (s.max_loras, s.max_lora_rank, s.cache_bytes) == (7, 32, 1 << 30)
+    assert (s.engine.max_loras, s.engine.max_lora_rank, s.cache.cache_bytes) == (7, 32, 1 << 30)
     assert s.namespaces == ("a", "b")
-    assert (s.object_name, s.object_namespace) == ("w-0", "ns")
+    assert (s.object_name, s.report.object_namespace) == ("w-0", "ns")
     assert s.served_model_name == "base"  # the directory's name by default
     cfg.write_text("maxLoraRnak: 3\n")
     with pytest.raises(settings.ConfigError, match="unknown setting 'maxLoraRnak'"):

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -49,7 +49,7 @@ GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/re
 
 @dataclass
 class ServeSettings:
-    """HTTP-side settings. Build from the worker's settings with ``from_worker``."""
+    """HTTP-side settings (the worker builds them from its settings: settings.WorkerSettings.serve_settings)."""
 
     host: str = "127.0.0.1"
     """Address to listen on."""
@@ -80,14 +80,6 @@ class ServeSettings:
     """On SIGTERM: seconds requests in flight may take to finish (below the pod's grace period)."""
     engine_stall_seconds: float = 60.0
     """/health fails when the engine loop has not come round for this many seconds."""
-
-    @classmethod
-    def from_worker(cls, worker: Any, **overrides: Any) -> ServeSettings:
-        """From ``loraplane.worker.settings.WorkerSettings`` (fields of the same name are copied)."""
-        values = {f.name: getattr(worker, f.name) for f in fields(cls) if hasattr(worker, f.name)}
-        values["access_log"] = getattr(worker, "access_log_on", True)
-        values.update(overrides)
-        return cls(**values)
 
 
 class Health:

@@ -36,7 +36,7 @@ _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "
 
 @dataclass
 class EngineSettings:
-    """How the engine is sized. Build from the worker's settings with ``from_worker``."""
+    """How the engine is sized (the worker builds it from its settings: settings.EngineConfig.builtin)."""
 
     device: str = "cpu"
     """Torch device: cpu, cuda, cuda:N, or auto (cuda when available)."""
@@ -57,20 +57,6 @@ class EngineSettings:
     on CPU a quarter of the available memory; never more than max_num_seqs x max_model_len tokens."""
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     """Batch and queue bounds."""
-
-    @classmethod
-    def from_worker(cls, worker: Any, **overrides: Any) -> EngineSettings:
-        """From ``loraplane.worker.settings.WorkerSettings`` (fields of the same name are copied)."""
-        names = ("device", "dtype", "max_loras", "max_lora_rank", "max_cpu_loras", "served_model_name")
-        values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
-        values["max_model_len"] = getattr(worker, "max_model_len", 0) or None  # 0: the model's default
-        values["kv_cache_bytes"] = getattr(worker, "kv_cache_bytes", 0)
-        sched = {n: getattr(worker, n) for n in ("max_num_seqs", "max_batched_tokens") if hasattr(worker, n)}
-        if hasattr(worker, "scheduling_policy"):
-            sched["policy"] = worker.scheduling_policy
-        values["scheduler"] = SchedulerSettings(**sched)
-        values.update(overrides)
-        return cls(**values)
 
 
 class Engine:

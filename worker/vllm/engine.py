@@ -61,7 +61,7 @@ _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 @dataclass
 class VllmSettings:
-    """The engine arguments loraplane sets; ``from_worker`` copies them from the worker's settings."""
+    """The engine arguments loraplane sets (the worker builds them from its settings: settings.EngineConfig.vllm)."""
 
     served_model_name: str = ""
     device: str = "auto"
@@ -84,24 +84,6 @@ class VllmSettings:
     to vLLM at once (its own first-come-first-served queue)."""
     batch_share: float = 0.75
     """Fraction of vLLM's rows batch requests may hold (fair policy)."""
-
-    @classmethod
-    def from_worker(cls, worker: Any) -> VllmSettings:
-        names = (
-            "served_model_name",
-            "device",
-            "dtype",
-            "max_loras",
-            "max_cpu_loras",
-            "max_lora_rank",
-            "max_model_len",
-            "gpu_memory_utilization",
-            "tensor_parallel_size",
-            "tool_call_parser",
-            "scheduling_policy",
-        )
-        values = {n: getattr(worker, n) for n in names if hasattr(worker, n)}
-        return cls(**values, extra_args=shlex.split(getattr(worker, "vllm_args", "") or ""))
 
 
 def _yield_between_engine_steps(llm: Any) -> None:

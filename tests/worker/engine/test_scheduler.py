@@ -368,7 +368,7 @@ def test_worker_flags_size_the_engine(tiny_llama: Path) -> None:
     s = worker_settings.load(
         [*base, "--max-num-seqs", "4", "--max-batched-tokens", "64", "--kv-cache-bytes", "1Mi"], environ={}
     )
-    e = EngineSettings.from_worker(s)
+    e = s.engine.builtin(s.served_model_name)
     assert (e.scheduler.max_num_seqs, e.scheduler.max_batched_tokens, e.kv_cache_bytes) == (4, 64, 2**20)
     with pytest.raises(worker_settings.ConfigError, match="--max-batched-tokens"):
         worker_settings.load([*base, "--max-num-seqs", "64", "--max-batched-tokens", "32"], environ={})
