@@ -25,6 +25,7 @@ WORKER_KIND = "LoRAWorker"
 WORKER_PLURAL = "loraworkers"
 
 ID_MAX = 2**31 - 1  # IDs fit a signed 32-bit integer (engines and routers store them as int32).
+REPLICAS_MAX = 256  # workers one adapter is placed on (status.placement.workers' bound)
 
 # Reason used when an object fails the models (status.message, Events, logs).
 INVALID_SPEC = "InvalidSpec"
@@ -161,6 +162,16 @@ class LoRAAdapterSpec(_Model):
     limits: AdapterLimits | None = Field(
         default=None, description="Limits and fair-share weight of this adapter's traffic (429 when over)."
     )
+    replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=REPLICAS_MAX,
+        description="On how many live workers of the base model's pool the adapter is placed (prefetched, "
+        "validated, held); the operator picks them by rendezvous hashing, skipping full workers, and names "
+        "them in status.placement. 0: every worker of the pool. Unset: the pool's default (the workers' "
+        "--default-replicas; 0, every worker, when none is set). Demand may add replicas up to the pool's "
+        "--max-replicas (docs/operator.md).",
+    )
 
     @field_validator("path")
     @classmethod
@@ -220,11 +231,34 @@ class AdapterInfo(_Model):
 
 
 class WorkerCounts(_Model):
-    """How many live workers of the adapter's base model have it Ready or Failed."""
+    """How many live workers of the adapter's base model (those it is placed on, when it is placed)
+    have it Ready or Failed."""
 
     ready: int = Field(default=0, ge=0)
     failed: int = Field(default=0, ge=0)
     total: int = Field(default=0, ge=0)
+
+
+WorkerRef = Annotated[str, Field(max_length=317, description="namespace/name of a LoRAWorker.")]
+
+
+class Placement(_Model):
+    """Which workers hold the adapter (written by the operator when it has replicas; absent: every worker)."""
+
+    replicas: int = Field(ge=1, le=REPLICAS_MAX, description="Workers it should be on now (demand included).")
+    workers: list[WorkerRef] = Field(
+        default_factory=list,
+        max_length=REPLICAS_MAX,
+        description="The workers it is placed on (namespace/name of their LoRAWorker): they prefetch, "
+        "validate and serve it; the others ignore it.",
+    )
+    draining: list[WorkerRef] | None = Field(
+        default=None,
+        max_length=REPLICAS_MAX,
+        description="Workers it moved away from, still serving it until the new ones have it Ready.",
+    )
+    reason: str | None = Field(default=None, max_length=128, description="Why it is placed as it is.")
+    message: str | None = Field(default=None, max_length=1024, description="The last move and its cause.")
 
 
 AdapterId = Annotated[int, Field(ge=1, le=ID_MAX)]
@@ -253,6 +287,13 @@ class LoRAAdapterStatus(_Model):
     )
     adapter: AdapterInfo | None = None
     workers: WorkerCounts | None = None
+    ready: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=r"^[0-9]+/[0-9]+$",
+        description="Ready workers / desired workers, as `kubectl get lora` shows it.",
+    )
+    placement: Placement | None = None
     message: str | None = Field(default=None, max_length=4096, description="Why the adapter is not Ready.")
 
 
@@ -278,6 +319,29 @@ class WorkerCapacity(_Model):
     maxLoraRank: int = Field(ge=1, le=65536, description="Largest rank a slot holds.")
     maxCpuLoras: int = Field(ge=1, le=65536, description="Adapters kept in CPU memory.")
     cacheBytes: int = Field(ge=0, description="Disk cache budget in bytes.")
+    maxAdapters: int | None = Field(
+        default=None,
+        ge=0,
+        description="Adapters the operator may place on this worker (count); 0 or unset: as many as "
+        "fit cacheBytes.",
+    )
+
+
+class PoolPlacement(_Model):
+    """The pool's placement settings, as this worker was started with (every worker of a pool agrees)."""
+
+    defaultReplicas: int = Field(
+        default=0,
+        ge=0,
+        le=REPLICAS_MAX,
+        description="Replicas of an adapter without spec.replicas; 0: every worker.",
+    )
+    maxReplicas: int = Field(
+        default=0,
+        ge=0,
+        le=REPLICAS_MAX,
+        description="Most replicas demand may raise an adapter to; 0: no demand scaling.",
+    )
 
 
 class LoRAWorkerSpec(_Model):
@@ -291,6 +355,7 @@ class LoRAWorkerSpec(_Model):
     nodeName: str | None = Field(default=None, max_length=253)
     endpoint: str | None = Field(default=None, max_length=1024, description="URL of its OpenAI API.")
     capacity: WorkerCapacity
+    placement: PoolPlacement | None = None
 
 
 class WorkerAdapterReport(_Model):
@@ -339,6 +404,15 @@ class LoRAWorkerStatus(_Model):
     )
     onDevice: int = Field(default=0, ge=0, description="Adapters in device slots now.")
     cacheBytesUsed: int = Field(default=0, ge=0)
+    assigned: int | None = Field(
+        default=None, ge=0, description="Adapters placed on this worker (or every one of its pool)."
+    )
+    waiting: dict[str, Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        max_length=16,
+        description="Requests waiting per adapter ID, for the few adapters with the most (only those "
+        "with some): the demand the operator scales replicas by.",
+    )
     readyIds: dict[str, RangeString] | None = Field(
         default=None, description="IDs Ready on this worker. " + ID_BLOCKS_HELP
     )

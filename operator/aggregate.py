@@ -56,6 +56,11 @@ class WorkerView:
     max_id: int = 0
     pod_alive: bool = True
     throttled: set[int] = field(default_factory=set)  # IDs it refused requests for over their limits
+    max_adapters: int = 0  # spec.capacity.maxAdapters (0: no count limit)
+    cache_bytes: int = 0  # spec.capacity.cacheBytes
+    default_replicas: int = 0  # spec.placement: the pool's replicas for adapters without spec.replicas
+    max_replicas: int = 0  # spec.placement: the most replicas demand may raise an adapter to
+    waiting: dict[int, int] = field(default_factory=dict)  # status.waiting: requests waiting per ID
 
     @property
     def ref(self) -> str:
@@ -106,6 +111,11 @@ def worker_view(
         base_model=worker.spec.baseModel,
         pod_name=worker.spec.podName,
         heartbeat=parse_time(status.heartbeatTime if status else None),
+        max_adapters=worker.spec.capacity.maxAdapters or 0,
+        cache_bytes=worker.spec.capacity.cacheBytes,
+        default_replicas=worker.spec.placement.defaultReplicas if worker.spec.placement else 0,
+        max_replicas=worker.spec.placement.maxReplicas if worker.spec.placement else 0,
+        waiting={int(k): v for k, v in ((status.waiting or {}) if status else {}).items() if k.isdigit()},
     )
     old_blocks: dict[str, dict[str, str]] = {}
     old_details: dict[int, Report] = {}
@@ -179,12 +189,16 @@ def aggregate(
     workers: list[WorkerView],
     now: float,
     window: float,
+    only: set[str] | None = None,
 ) -> Aggregate:
-    """Count live workers of ``base_model`` and their reports for ``adapter_id`` (workers sorted by name)."""
+    """Count live workers of ``base_model`` and their reports for ``adapter_id`` (workers sorted by name);
+    ``only``: count just these workers (those the adapter is placed on)."""
     agg = Aggregate()
     switched = 0
     for w in sorted(workers, key=lambda w: w.ref):
         if w.base_model != base_model or not w.live(now, window):
+            continue
+        if only is not None and w.ref not in only:
             continue
         agg.total += 1
         if previous_id is not None and previous_id in w.states:

@@ -22,6 +22,7 @@ from loraplane.kube import KubeClient
 log = logging.getLogger("loraplane.operator.events")
 
 ID_ASSIGNED = "IDAssigned"
+PLACEMENT_WARNINGS = {"InsufficientCapacity"}  # placement reasons that need a hand (more workers, room)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ def transition(old: dict[str, Any], new: dict[str, Any]) -> Note | None:
     new_name = cond.get_condition(new.get("conditions"), cond.NAME_AVAILABLE)
     if new_name and old_name.get("status") != new_name.get("status"):
         notes.append(Note(new_name["reason"], new_name["message"], new_name["status"] != "True"))
+    old_placed, new_placed = old.get("placement") or {}, new.get("placement") or {}
+    if new_placed and (
+        old_placed.get("workers") != new_placed.get("workers")
+        or old_placed.get("reason") != new_placed.get("reason")
+    ):
+        reason = new_placed.get("reason") or "Placed"
+        notes.append(Note(reason, new_placed.get("message") or "", reason in PLACEMENT_WARNINGS))
     old_ready = cond.get_condition(old.get("conditions"), cond.READY) or {}
     new_ready = cond.get_condition(new.get("conditions"), cond.READY) or {}
     if old.get("phase") != new.get("phase") or old_ready.get("reason") != new_ready.get("reason"):

@@ -19,7 +19,7 @@ import kopf
 from loraplane.crds.models import ADAPTER_PLURAL, GROUP, VERSION, WORKER_PLURAL
 from loraplane.errors import APIError
 from loraplane.kube import Backoff, KubeClient, bearer_token, load_configuration
-from loraplane.operator import metrics
+from loraplane.operator import bbr, metrics
 from loraplane.operator.reconciler import Reconciler
 from loraplane.operator.settings import OperatorSettings
 
@@ -82,6 +82,9 @@ async def startup(memo: kopf.Memo, retry: int, **_: Any) -> None:
         # kopf's own default would wait a minute; the API server may be back in a second.
         raise kopf.TemporaryError(str(exc), delay=RETRY.delays(retry + 1)[-1]) from None
     memo["ticker"] = asyncio.get_running_loop().create_task(_ticker(reconciler, memo))
+    if SETTINGS.bbr_namespace:  # body-based routing ConfigMaps: off unless asked for
+        memo["bbr"] = bbr.Publisher(SETTINGS, reconciler)
+        memo["bbr"].start()
 
 
 async def _ticker(reconciler: Reconciler, memo: kopf.Memo) -> None:
@@ -107,6 +110,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         # which it would otherwise give 5 s as a hung task before exiting (issue 18: slow demo stops).
         memo["signalled"] = True
         restart.set()
+    publisher = memo.get("bbr")
+    if publisher is not None:
+        await publisher.stop()
     task = memo.get("ticker")
     if task is not None:
         task.cancel()
@@ -121,9 +127,13 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def adapter_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     with metrics.HANDLER_DURATION.labels(handler="adapter").time():
         await memo["reconciler"].on_adapter(event.get("type"), event["object"])
+    if (publisher := memo.get("bbr")) is not None:
+        publisher.adapter_changed()
 
 
 @kopf.on.event(GROUP, VERSION, WORKER_PLURAL)
 async def worker_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     with metrics.HANDLER_DURATION.labels(handler="worker").time():
         await memo["reconciler"].on_worker(event.get("type"), event["object"])
+    if (publisher := memo.get("bbr")) is not None:
+        publisher.worker_changed((event["object"].get("spec") or {}).get("baseModel"))

@@ -73,6 +73,24 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         help="seconds over which workers' report changes are gathered before adapters are recomputed",
     )
     p.add_argument(
+        "--demand-waiting",
+        type=int,
+        default=d.demand_waiting,
+        help="waiting requests per replica at or above which an adapter's demand is high",
+    )
+    p.add_argument(
+        "--demand-up-seconds",
+        type=float,
+        default=d.demand_up_seconds,
+        help="seconds of high demand before an adapter gets one more replica (up to the pool's --max-replicas)",
+    )
+    p.add_argument(
+        "--demand-down-seconds",
+        type=float,
+        default=d.demand_down_seconds,
+        help="seconds with nothing waiting before an adapter gives back one replica added by demand",
+    )
+    p.add_argument(
         "--shard",
         default="0/1",
         metavar="INDEX/COUNT",
@@ -80,6 +98,27 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         "period (efficiency only; IDs are unique without it)",
     )
     p.add_argument("--shard-grace", type=float, default=d.shard_grace, help="seconds before taking over")
+    bbr = p.add_argument_group("body-based routing (Gateway API Inference Extension)")
+    bbr.add_argument(
+        "--bbr-namespace",
+        default=d.bbr_namespace,
+        help="keep BBR ConfigMaps (served name -> base model) in this namespace; empty: off (default)",
+    )
+    bbr.add_argument(
+        "--bbr-window",
+        type=float,
+        default=d.bbr_window,
+        help="seconds adapter changes are gathered per write",
+    )
+    bbr.add_argument(
+        "--bbr-resync", type=float, default=d.bbr_resync, help="seconds between repairs of the ConfigMaps"
+    )
+    bbr.add_argument(
+        "--bbr-max-bytes",
+        type=int,
+        default=d.bbr_max_bytes,
+        help="bytes of adapter names per ConfigMap before a base model's are split over several",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="debug logs")
     p.add_argument("--version", action="version", version=f"loraplane-operator {__version__}")
     p.add_argument(
@@ -89,12 +128,19 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         help="text, or json: one object per line with the same fields as the worker's",
     )
     a = p.parse_args(argv)
+    if a.demand_waiting < 1 or a.demand_up_seconds < 0 or a.demand_down_seconds < a.demand_up_seconds:
+        p.error(
+            "--demand-waiting must be >= 1, --demand-up-seconds >= 0 and --demand-down-seconds >= "
+            "--demand-up-seconds (a longer quiet window is what keeps replicas from flapping)"
+        )
     if a.report_window < 0:
         p.error("--report-window must be >= 0 (seconds)")
     if a.block_size < 1 or a.safety_gap < 0 or a.heartbeat_window <= 0 or a.liveness_interval <= 0:
         p.error(
             "--block-size must be >= 1, --safety-gap >= 0, --heartbeat-window and --liveness-interval > 0"
         )
+    if a.bbr_window < 0 or a.bbr_resync <= 0 or not 1000 <= a.bbr_max_bytes <= 1_000_000:
+        p.error("--bbr-window must be >= 0, --bbr-resync > 0, --bbr-max-bytes within 1000..1000000 (bytes)")
     try:
         index, count = (int(x) for x in a.shard.split("/"))
         if not 0 <= index < count:
@@ -115,11 +161,18 @@ def parse_args(argv: list[str] | None) -> tuple[OperatorSettings, bool]:
         heartbeat_window=a.heartbeat_window,
         liveness_interval=a.liveness_interval,
         report_window=a.report_window,
+        demand_waiting=a.demand_waiting,
+        demand_up_seconds=a.demand_up_seconds,
+        demand_down_seconds=a.demand_down_seconds,
         metrics_port=a.metrics_port,
         metrics_address=a.metrics_address,
         log_format=a.log_format,
         health_port=a.health_port,
         peering=a.peering,
+        bbr_namespace=a.bbr_namespace,
+        bbr_window=a.bbr_window,
+        bbr_resync=a.bbr_resync,
+        bbr_max_bytes=a.bbr_max_bytes,
     ), a.verbose
 
 

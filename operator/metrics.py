@@ -30,7 +30,8 @@ HANDLER_DURATION = Histogram(
 RECONCILES = Counter(
     "loraplane_operator_adapter_reconciles_total",
     "Adapter statuses recomputed, by what triggered it: adapter (its own event), worker (a worker's "
-    "report of that adapter changed, or a worker came or went), tick (waiting for an ID).",
+    "report of that adapter changed, or a worker came or went), tick (waiting for an ID), demand (replicas "
+    "changed by the requests waiting for it).",
     ["trigger"],
 )
 ADAPTERS = Gauge("loraplane_operator_adapters", "Adapters this operator sees, by status.phase.", ["phase"])

@@ -54,3 +54,7 @@ class NameIndex:
 
     def claimants(self, key: Key) -> list[Claim]:
         return sorted(self._claims.get(key, ()))
+
+    def holders(self) -> list[tuple[Key, Claim]]:
+        """Every claimed name with its holder (what body-based routing publishes)."""
+        return [(key, min(claims)) for key, claims in list(self._claims.items()) if claims]

@@ -30,12 +30,13 @@ from loraplane.crds.models import (
 from loraplane.errors import APIConflictError, APIError, APINotFoundError, PermanentError
 from loraplane.kube import KubeClient, rv_behind
 from loraplane.operator import aggregate as agg_mod
-from loraplane.operator import allocation, events, metrics
+from loraplane.operator import allocation, events, metrics, placement
 from loraplane.operator import status as status_mod
 from loraplane.operator.names import Claim, Key, NameIndex
 from loraplane.operator.settings import OperatorSettings
 
 log = logging.getLogger("loraplane.operator")
+PLACEMENT_MESSAGE_MAX = 1024  # status.placement.message's schema limit (many full workers are named)
 
 
 def ref_of(obj: dict[str, Any]) -> str:
@@ -85,6 +86,15 @@ class Reconciler:
         self._wrote: dict[str, int] = {}  # adapter ref -> resourceVersion of our last status write
         self._due: set[str] = set()  # adapters whose reports changed, recomputed at the window's end
         self._flusher: asyncio.Task[None] | None = None
+        self.loads = placement.Loads()  # adapters placed per worker, from status.placement
+        self.demand = placement.Demand(
+            settings.demand_waiting, settings.demand_up_seconds, settings.demand_down_seconds
+        )
+        self._extra: dict[str, int] = {}  # adapter ref -> replicas added by demand
+        self._defaults: dict[str, int] = {}  # base model -> the pool's default replicas (live workers)
+        self._joined: dict[
+            str, set[str]
+        ] = {}  # adapter ref -> workers that came and rank in its top replicas
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -124,10 +134,12 @@ class Reconciler:
                         workers[view.ref] = view
         self.adapters, self.workers, self.names, self._holders = {}, workers, NameIndex(), {}
         self._by_id, self._ids_of, self._wrote = {}, {}, {}  # a replaced store may reuse versions
+        self.loads, self._extra = placement.Loads(), {}
         now, window = time.time(), self.settings.heartbeat_window
         self._live = {ref: w.live(now, window) for ref, w in workers.items()}
         for obj in adapters:
             self._remember_adapter(obj)
+        self._defaults = {m: self._pool_default(m) for m in {w.base_model for w in workers.values()}}
         for key in list(self.names._claims):
             holder = self.names.holder(key)
             self._holders[key] = holder.ref if holder else None
@@ -179,6 +191,7 @@ class Reconciler:
         self._observe(obj)
         obj = self.adapters[ref] = slim(obj)
         self._index(ref, ids_in(obj))
+        self._remember_placement(ref, obj)
         key = _name_key(obj)
         if key is None:
             return self.names.release(ref)
@@ -200,8 +213,19 @@ class Reconciler:
             self._locks.pop(ref, None)
             self._wrote.pop(ref, None)
             self._index(ref, [])
+            freed = self.loads.placed_on(ref)
+            self.loads.drop(ref)
+            self.loads.know_size(ref, None)
+            self.demand.forget(ref)
+            self._extra.pop(ref, None)
+            self._joined.pop(ref, None)
             touched = self.names.release(ref)
             await self._handover(touched, deleted=ref)
+            if freed:  # room on its workers: adapters short of replicas in that pool may take it
+                base = (obj.get("spec") or {}).get("baseModel")
+                await self.reconcile_where(
+                    lambda o: (o.get("spec") or {}).get("baseModel") == base and _short(o), trigger="worker"
+                )
             return
         current = self.adapters.get(ref)
         if current is not None and uid_of(current) == uid_of(obj):
@@ -282,17 +306,56 @@ class Reconciler:
         else:
             self._live[ref] = live
         moved = old_model is None or new is None or old_model != new.base_model
-        if live != was_live or (moved and (live or was_live)):
-            models = {m for m in (old_model, new.base_model if new else None) if m}
-            await self.reconcile_where(
-                lambda o: (o.get("spec") or {}).get("baseModel") in models, trigger="worker"
+        models = {m for m in (old_model, new.base_model if new else None) if m}
+        defaults = {m: self._pool_default(m) for m in models}
+        if any(self._defaults.get(m, 0) != d for m, d in defaults.items()):
+            self._defaults.update(defaults)  # the pool's default replicas changed: every adapter may move
+            self._in_background(
+                [r for r, o in self.adapters.items() if (o.get("spec") or {}).get("baseModel") in models]
             )
+            return
+        if live != was_live or (moved and (live or was_live)):
+            # Adapters on every worker (no placement) count this one in their total; placed ones move
+            # only if they were on it, or it joined and ranks in their top replicas (about 1/W of them).
+            joined = ref if live else None
+            refs = [
+                r
+                for r, o in self.adapters.items()
+                if (o.get("spec") or {}).get("baseModel") in models and _touched_by(o, ref, joined)
+            ]
+            if joined is not None:
+                for r in refs:
+                    self._joined.setdefault(r, set()).add(joined)
+            self._in_background(refs)
             return
         if not live:
             return
         self._due |= {r for i in changed if (r := self._by_id.get(i)) is not None}
         if self._due and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    def _in_background(self, refs: list[str]) -> None:
+        """Reconcile ``refs`` (a worker came or went) in a task, so the worker's next events, its
+        heartbeats above all, are not held up behind hundreds of status writes: held up longer than the
+        heartbeat window, the worker would look dead to the next periodic check and its adapters move."""
+        if not refs:
+            return
+        metrics.RECONCILES.labels(trigger="worker").inc(len(refs))
+
+        async def run() -> None:
+            try:
+                await asyncio.gather(*(self.reconcile(r, counted=True) for r in refs))
+            except Exception:  # A background task: log; the adapters' next event or the tick retries.
+                log.exception("recomputing adapters after a worker came or went failed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def idle(self) -> None:
+        """Wait until the background reconciles started so far are done (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.settings.report_window)
@@ -333,6 +396,7 @@ class Reconciler:
             if self.workers.get(ref) is view:
                 await self._worker_changed(ref, view.base_model, view, set())
         await self.reconcile_where(_needs_id, trigger="tick")
+        await self._scale_by_demand()
         counts: dict[str, int] = {}
         for obj in self.adapters.values():
             phase = (obj.get("status") or {}).get("phase") or "Pending"
@@ -445,8 +509,13 @@ class Reconciler:
             else:
                 ids = status_mod.IdState(taken, version, decision.previous_id)
         holder = self.names.holder((spec.baseModel, adapter.served_name))
-        agg = None
+        other = holder.ref if holder is not None and holder.ref != ref_of(obj) else None
+        agg, placed, placed_ready = None, None, 0
         if ids.id is not None:
+            if other is None:
+                placed, placed_ready = self._place(ref_of(obj), obj, spec.replicas, spec.baseModel, ids.id)
+            else:
+                self.loads.drop(ref_of(obj))  # not served under a taken name: placed nowhere
             prior = current.previousId if current else None
             if taken is not None and decision.previous_id is not None:
                 prior = decision.previous_id
@@ -457,9 +526,126 @@ class Reconciler:
                 list(self.workers.values()),
                 time.time(),
                 self.settings.heartbeat_window,
+                only=None if placed is None else {*placed["workers"], *(placed.get("draining") or ())},
             )
-        other = holder.ref if holder is not None and holder.ref != ref_of(obj) else None
-        return status_mod.desired(obj, adapter, ids, other, agg), taken
+        return status_mod.desired(obj, adapter, ids, other, agg, placed, placed_ready), taken
+
+    # ---- placement -------------------------------------------------------------------------------
+
+    def _pool(self, base_model: str) -> list[agg_mod.WorkerView]:
+        now, window = time.time(), self.settings.heartbeat_window
+        return [w for w in self.workers.values() if w.base_model == base_model and w.live(now, window)]
+
+    def _pool_default(self, base_model: str) -> int:
+        return max((w.default_replicas for w in self._pool(base_model)), default=0)
+
+    def _remember_placement(self, ref: str, obj: dict[str, Any]) -> None:
+        status = obj.get("status") or {}
+        self.loads.know_size(ref, (status.get("adapter") or {}).get("sizeBytes"))
+        placed = status.get("placement")
+        if isinstance(placed, dict):
+            self.loads.set(ref, placed.get("workers") or (), self.loads.size_of(ref))
+        else:
+            self.loads.drop(ref)
+
+    def _replicas(self, spec_replicas: int | None, base_model: str) -> int:
+        if spec_replicas is not None:
+            return spec_replicas
+        return self._defaults.get(base_model, 0)
+
+    def _place(
+        self, ref: str, obj: dict[str, Any], spec_replicas: int | None, base_model: str, adapter_id: int
+    ) -> tuple[dict[str, Any] | None, int]:
+        """status.placement for one adapter (None: on every worker), its workers held in ``loads``, and
+        how many of them have it Ready (draining ones not counted)."""
+        base = self._replicas(spec_replicas, base_model)
+        if base == 0:
+            self.loads.drop(ref)
+            self._extra.pop(ref, None)
+            self._joined.pop(ref, None)
+            return None, 0
+        pool = self._pool(base_model)
+        old = (obj.get("status") or {}).get("placement") or {}
+        if ref not in self._extra and old.get("replicas", 0) > base:
+            self._extra[ref] = old["replicas"] - base  # added by demand before a restart
+        limit = max(base, max((w.max_replicas for w in pool), default=0))
+        replicas = min(base + self._extra.get(ref, 0), limit)
+        by_ref = {w.ref: w for w in pool}
+        decision = placement.place(
+            ref,
+            uid_of(obj) or ref,
+            replicas,
+            {w.ref: placement.Capacity(w.max_adapters, w.cache_bytes) for w in pool},
+            self.loads,
+            joined=self._joined.pop(ref, ()),
+        )
+        self.loads.set(ref, decision.workers, self.loads.size_of(ref))
+        workers = list(decision.workers)
+        old_workers = list(old.get("workers") or [])
+        reason, message = decision.reason, decision.message
+        if set(workers) == set(old_workers) and old.get("replicas") == replicas:
+            workers = old_workers  # same set: keep its order, and its reason unless that changed
+            if old.get("reason") == reason or reason == placement.PLACED:
+                reason, message = old.get("reason") or reason, old.get("message") or message
+        elif old.get("replicas") is not None and old.get("replicas") != replicas:
+            up = replicas > old["replicas"]
+            reason = placement.SCALED_UP if up else placement.SCALED_DOWN
+            why = "requests kept waiting" if up else "no request waited"
+            message = f"replicas {old['replicas']} -> {replicas} ({why}); {decision.message}"
+        elif old_workers and reason == placement.PLACED:
+            reason, message = placement.MOVED, placement.why_moved(old_workers, workers, set(by_ref))
+        # Make before break: the workers it left keep serving it until the new ones have it Ready.
+        ready = {w for w in workers if _ready_on(by_ref.get(w), adapter_id)}
+        draining = []
+        if len(ready) < len(workers):
+            draining = [
+                w
+                for w in (*old_workers, *(old.get("draining") or ()))
+                if w not in workers and _ready_on(by_ref.get(w), adapter_id)
+            ]
+        out: dict[str, Any] = {
+            "replicas": replicas,
+            "workers": workers,
+            "reason": reason,
+            "message": cond.truncate(message, PLACEMENT_MESSAGE_MAX),
+        }
+        if draining:
+            out["draining"] = sorted(set(draining))
+        return out, len(ready)
+
+    async def _scale_by_demand(self) -> None:
+        """Add or give back replicas by the requests waiting per adapter (placement.Demand's rule)."""
+        waiting: dict[str, int] = {}
+        now, window = time.time(), self.settings.heartbeat_window
+        for w in self.workers.values():
+            if w.waiting and w.live(now, window):
+                for i, n in w.waiting.items():
+                    if (r := self._by_id.get(i)) is not None:
+                        waiting[r] = waiting.get(r, 0) + n
+        jobs = []
+        for ref in waiting.keys() | self._extra.keys() | self.demand.tracked():
+            obj = self.adapters.get(ref)
+            placed = ((obj or {}).get("status") or {}).get("placement")
+            if obj is None or not isinstance(placed, dict):
+                continue
+            spec = obj.get("spec") or {}
+            base = self._replicas(spec.get("replicas"), spec.get("baseModel", ""))
+            limit = max((v.max_replicas for v in self._pool(spec.get("baseModel", ""))), default=0)
+            extra = self._extra.get(ref, 0)
+            new = self.demand.step(ref, waiting.get(ref, 0), base + extra, extra, limit - base - extra, now)
+            if new != extra:
+                log.info(
+                    "adapter %s: replicas %d -> %d (%d requests waiting)",
+                    ref,
+                    base + extra,
+                    base + new,
+                    waiting.get(ref, 0),
+                )
+                self._extra[ref] = new
+                jobs.append(self.reconcile(ref, counted=True))
+        if jobs:
+            metrics.RECONCILES.labels(trigger="demand").inc(len(jobs))
+            await asyncio.gather(*jobs)
 
 
 def adapter_path(namespace: str, name: str = "", subresource: str = "") -> str:
@@ -494,6 +680,30 @@ def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return int(str(ra)) > int(str(rb))
     except (TypeError, ValueError):
         return False
+
+
+def _ready_on(worker: agg_mod.WorkerView | None, adapter_id: int) -> bool:
+    return worker is not None and (worker.report(adapter_id) or {}).get("state") == "Ready"
+
+
+def _short(obj: dict[str, Any]) -> bool:
+    """Placed on fewer workers than its replicas (full workers, or too few)."""
+    placed = (obj.get("status") or {}).get("placement")
+    return isinstance(placed, dict) and len(placed.get("workers") or ()) < placed.get("replicas", 0)
+
+
+def _touched_by(obj: dict[str, Any], worker: str, joined: str | None) -> bool:
+    """Whether a worker that came or went (``joined``: it came) can change this adapter's status."""
+    placed = (obj.get("status") or {}).get("placement")
+    if not isinstance(placed, dict):
+        return True  # on every worker: its total moves
+    workers = placed.get("workers") or []
+    if worker in workers or worker in (placed.get("draining") or ()):
+        return True
+    if joined is None:
+        return False
+    uid = uid_of(obj) or ref_of(obj)
+    return placement.moves_to(uid, workers, placed.get("replicas", 0), joined)
 
 
 def _needs_id(obj: dict[str, Any]) -> bool:

@@ -68,5 +68,32 @@ class OperatorSettings:
     """Seconds over which changes in workers' reports are gathered before the adapters they touch are
     recomputed: W workers that turn one adapter Ready within the window cost one status write, not W."""
 
+    bbr_namespace: str = ""
+    """Namespace of the body-based-routing ConfigMaps (bbr.py) the operator keeps current: one per base
+    model, mapping its served names to it for the Gateway API Inference Extension's body-based router.
+    Empty (the default) turns it off. Use the namespace BBR reads (its NAMESPACE)."""
+
+    bbr_window: float = 1.0
+    """Seconds over which adapter changes are gathered before the ConfigMaps are rewritten: a burst of
+    adapters costs one write per ConfigMap, not one per adapter."""
+
+    bbr_resync: float = 60.0
+    """Seconds between re-reads of the managed ConfigMaps, which repair one edited or deleted by hand."""
+
+    bbr_max_bytes: int = 900_000
+    """Bytes of adapter names one ConfigMap holds at most (Kubernetes refuses objects above 1 MiB); a base
+    model with more is split over 2, 4, 8, ... ConfigMaps."""
+
+    demand_waiting: int = 4
+    """Requests waiting per replica (count, summed over an adapter's workers' status.waiting) at or above
+    which an adapter's demand is high (docs/operator.md, Placement)."""
+
+    demand_up_seconds: float = 30.0
+    """Seconds demand must stay high before one replica is added (up to the pool's --max-replicas)."""
+
+    demand_down_seconds: float = 300.0
+    """Seconds with no request waiting before one replica added by demand is given back; much longer
+    than demand_up_seconds, so a load around the threshold never flaps."""
+
     write_retries: int = 8
     """Attempts at a resourceVersion-checked write before giving up until the next event (count)."""

@@ -74,10 +74,18 @@ def invalid(obj: dict[str, Any], error: LoraplaneError) -> dict[str, Any]:
 
 
 def desired(
-    obj: dict[str, Any], adapter: LoRAAdapter, ids: IdState, holder: str | None, agg: Aggregate | None
+    obj: dict[str, Any],
+    adapter: LoRAAdapter,
+    ids: IdState,
+    holder: str | None,
+    agg: Aggregate | None,
+    placement: dict[str, Any] | None = None,
+    placed_ready: int = 0,
 ) -> dict[str, Any]:
     """The status ``obj`` should have. ``holder``: the adapter holding its served name when another one
-    does (None: this one); ``agg``: the workers' view of ``ids.id`` (None while it has no ID)."""
+    does (None: this one); ``agg``: the workers' view of ``ids.id`` (None while it has no ID), counted
+    over the workers of ``placement`` (status.placement; None: on every live worker), of which
+    ``placed_ready`` (its draining workers not counted) have it Ready."""
     status, conds, gen = _base(obj)
     spec = adapter.spec
     if ids.waiting is not None:
@@ -94,6 +102,14 @@ def desired(
 
     agg = agg if ids.waiting is None and agg is not None else Aggregate()
     status["workers"] = agg.counts
+    if placement is None:
+        status["ready"] = f"{agg.ready}/{agg.total}"
+    else:  # Ready on the workers it is placed on, not counting those it is leaving
+        status["ready"] = f"{placed_ready if ids.waiting is None else 0}/{placement['replicas']}"
+    if placement is not None:
+        status["placement"] = placement
+    else:
+        status.pop("placement", None)
     if agg.info:
         status["adapter"] = agg.info
     if status.get("previousId") is not None and agg.all_switched:
@@ -112,6 +128,8 @@ def desired(
     if spec.limits is not None:
         cond.set_throttled(conds, agg.throttled, agg.throttled_by, gen)
     phase, reason, message = phase_of(agg)
+    if placement is not None and not placement["workers"] and phase == "Registered":
+        reason, message = placement["reason"], placement["message"]  # placed nowhere: say why
     if ids.waiting is not None:
         phase, reason, message = "Pending", ids.waiting.reason, f"waiting for an ID: {ids.waiting.message}"
     elif holder is not None:

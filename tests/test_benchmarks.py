@@ -21,9 +21,17 @@ RUNS = {
         ["raw single-client PATCH/s", "x raw PATCH/s", "API writes per ID"],
     ),
     "bench_worker.py": (["--n", "5"], ["p99"]),
+    "bench_bbr.py": (
+        ["--n", "40", "--window", "0.2", "--recompute", "100"],
+        ["ConfigMap writes", "us per adapter"],
+    ),
     "bench_scale.py": (
         ["--points", "20:1,60:1", "--timeout", "120"],
         ["CPU ms per adapter operator", "KiB per adapter", "writes per adapter by kind"],
+    ),
+    "bench_placement.py": (
+        ["--n", "40", "--workers", "3", "--heartbeat-window", "4", "--timeout", "120"],
+        ["target 27 +-20%", "downloads in total 80", "moved on kill", "moved on its return", "moved on add"],
     ),
     # The built-in engine only here; vLLM's side runs where vLLM is (.venv-vllm), see docs/benchmarks.md.
     "bench_engines.py": (

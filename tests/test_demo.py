@@ -99,9 +99,9 @@ def test_demo_story_and_keep_running(tmp_path: Path) -> None:
     assert len(re.findall(r"training adapter '\w+' on CPU .* \d+\.\d s \(kept in", out)) == 3
     if shutil.which(
         "kubectl"
-    ):  # kubectl get loraworkers -A: NAMESPACE NAME BASE-MODEL READY FAILED LOADING ON-DEVICE ...
+    ):  # kubectl get loraworkers -A: NAMESPACE NAME BASE-MODEL READY FAILED LOADING ASSIGNED ON-DEVICE ...
         row = next(line for line in out.splitlines() if line.startswith("loraplane-system"))
-        assert int(row.split()[6]) >= 1, row  # ON DEVICE right after serving
+        assert int(row.split()[7]) >= 1, row  # ON DEVICE right after serving
 
 
 def _alive(pid: int) -> bool:

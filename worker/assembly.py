@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import snapshot_download
 
-from loraplane.crds.models import AdapterLimits, LoRAWorkerSpec, WorkerCapacity
+from loraplane.crds.models import AdapterLimits, LoRAWorkerSpec, PoolPlacement, WorkerCapacity
 from loraplane.kube import KubeClient, load_configuration
 from loraplane.worker import validate
 from loraplane.worker.api import webapp
@@ -125,7 +125,10 @@ class WorkerApp:
         self.api = KubeClient(
             self.kube_configuration or load_configuration(s.kubeconfig), user_agent="loraplane-worker"
         )
-        self.watch = AdapterWatch(self.api, s.served_model_name, s.namespaces)
+        me = f"{s.report.object_namespace}/{s.object_name}"  # as status.placement names this worker
+        self.watch = AdapterWatch(
+            self.api, s.served_model_name, s.namespaces, me=me, elsewhere=self.registry.elsewhere
+        )
         self.watch.on_limits = self._set_limits
         spec = LoRAWorkerSpec(
             baseModel=s.served_model_name,
@@ -137,9 +140,13 @@ class WorkerApp:
                 maxLoraRank=s.engine.max_lora_rank,
                 maxCpuLoras=s.engine.max_cpu_loras,
                 cacheBytes=s.cache.cache_bytes,
+                maxAdapters=s.report.max_adapters or None,
+            ),
+            placement=PoolPlacement(
+                defaultReplicas=s.report.default_replicas, maxReplicas=s.report.max_replicas
             ),
         )
-        cache = self.cache
+        cache, watch = self.cache, self.watch
         self.report = WorkerReport(
             self.api,
             name=s.object_name,
@@ -148,6 +155,7 @@ class WorkerApp:
             lookup=lambda i: self.controller.report(i) if self.controller else None,
             known_ids=lambda: self.controller.known_ids() if self.controller else [],
             cache_bytes_used=lambda: cache.used_bytes,
+            assigned=lambda: len(watch.desired),
             on_device=None if self.engine is None else self.engine.on_device,
             throttled=self.limiter.throttled_ids if self.serve is not None else None,
             pod_name=s.report.pod_name,
@@ -285,6 +293,8 @@ async def serve_openai(app: WorkerApp) -> None:
         engine = await start_engine(s.engine, s.served_model_name, app.model_dir)
         app.engine.fill(engine)
         if app.report is not None:
+            # Demand for the operator's replicas (engines that can say what waits, per adapter).
+            app.report.waiting = getattr(engine, "waiting_by_adapter", None)
             app.report.mark_dirty()  # what the engine holds on the device joins the report
         log.info("%s engine ready: serving %r and its adapters", engine.kind, engine.model_name)
         await asyncio.Event().wait()

@@ -74,6 +74,9 @@ class Registry:
     _current: dict[str, int] = field(default_factory=dict)  # served name -> id
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _listeners: list[Listener] = field(default_factory=list)
+    elsewhere: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Served name -> the workers (namespace/name) holding an adapter of this base model that is placed
+    on others, not here (the watch keeps it): a request for it gets a 404 that names them."""
 
     def upsert(self, version: VersionEntry) -> None:
         """Add or update a version. The served name moves to it only once it is Ready, or when the

@@ -41,6 +41,7 @@ STATUS_WRITES = Counter("loraplane_worker_report_writes", "LoRAWorker status wri
 SETTLE_FRACTION = 0.25  # of the batch interval: the wait before writing a change after a quiet spell
 DEVICE_POLL_SECONDS = 1.0  # how often the engine's device slots are compared with the last report
 MAX_EXCEPTIONS = 200  # details of Failed / waiting adapters kept in the object; the rest are in the ID sets
+MAX_WAITING = 16  # adapters named in status.waiting (those with the most waiting requests)
 RECENT_READY = 32  # details (info) of the adapters that became Ready last
 DETAIL_MESSAGE_MAX = 512  # characters of a detail's message (the full one is in the worker's log)
 ID_SETS = {"Ready": "readyIds", "Failed": "failedIds", "Loading": "loadingIds"}
@@ -71,7 +72,8 @@ class WorkerReport:
     look at every adapter again); ``run()`` writes in batches.
 
     ``lookup`` returns one adapter's report (None: the worker no longer has it) and ``known_ids`` the
-    IDs it has; ``on_device`` (optional, from the engine) returns the IDs in device slots now;
+    IDs it has; ``on_device`` (optional, from the engine) returns the IDs in device slots now (None: the
+    engine has not started, and the status says nothing of the device yet);
     ``cache_bytes_used`` the cache's bytes in use.
     """
 
@@ -85,7 +87,9 @@ class WorkerReport:
         lookup: Callable[[int], WorkerAdapterReport | None],
         known_ids: Callable[[], Iterable[int]],
         cache_bytes_used: Callable[[], int] = lambda: 0,
-        on_device: Callable[[], set[int]] | None = None,
+        assigned: Callable[[], int] | None = None,
+        waiting: Callable[[], dict[int, int]] | None = None,
+        on_device: Callable[[], set[int] | None] | None = None,
         throttled: Callable[[], set[int]] | None = None,
         pod_name: str = "",
         batch_seconds: float = 0.2,
@@ -97,6 +101,8 @@ class WorkerReport:
         self.lookup = lookup
         self.known_ids = known_ids
         self.cache_bytes_used = cache_bytes_used
+        self.assigned = assigned
+        self.waiting = waiting
         self.on_device = on_device
         self.throttled = throttled  # IDs refused over their limits lately (api/limits.py)
         self._throttled: set[int] = set()
@@ -116,6 +122,7 @@ class WorkerReport:
         self._overflow: OrderedDict[int, dict[str, Any]] = OrderedDict()  # exceptions without room
         self._recent: OrderedDict[int, None] = OrderedDict()  # Ready IDs with a detail, oldest first
         self._device: set[int] = set()
+        self._sent_waiting: set[str] = set()
         self._pending_blocks: set[tuple[str, str]] = set()
         self._pending_details: set[int] = set()
         self._full = True  # the next write replaces the whole status
@@ -201,7 +208,7 @@ class WorkerReport:
         for i in ids:
             self._update(i, self.lookup(i))
         if self.on_device is not None:
-            device = self.on_device()
+            device = self.on_device() or set()
             if device != self._device:
                 self._device = device
         if self.throttled is not None:
@@ -269,16 +276,32 @@ class WorkerReport:
             "loading": sum(map(len, self._members["Loading"].values())),
             "cacheBytesUsed": self.cache_bytes_used(),
         }
-        if self.on_device is not None:
+        if self.assigned is not None:
+            counts["assigned"] = self.assigned()
+        if self.waiting is not None:
+            counts["waiting"] = self._waiting()
+        if self.on_device is not None and self.on_device() is not None:  # None: no engine yet
             counts["onDevice"] = sum(1 for i in self._device if i in self._state)
             counts["onDeviceIds"] = ranges.encode(self._device) or None
         if self.throttled is not None:
             counts["throttledIds"] = ranges.encode(self._throttled) or None
         return counts
 
+    def _waiting(self) -> dict[str, int] | None:
+        """Requests waiting per adapter ID, for the MAX_WAITING adapters with the most (None: none waits).
+        A merge patch replaces the whole map (it is small), so it is sent whole, with nulls for the IDs
+        it no longer names."""
+        top = sorted(((n, i) for i, n in self.waiting().items() if n > 0), reverse=True)[:MAX_WAITING]  # type: ignore[misc]
+        now = {str(i): n for n, i in top}
+        out: dict[str, Any] = dict.fromkeys(self._sent_waiting - now.keys()) | now
+        self._sent_waiting = set(now)
+        return out or None
+
     def status_body(self) -> dict[str, Any]:
         """The whole status, as the first write sends it."""
         status = {k: v for k, v in self._counts().items() if v is not None}
+        if "waiting" in status:
+            status["waiting"] = {i: n for i, n in status["waiting"].items() if n is not None}
         for kind, field in ID_SETS.items():
             blocks = sorted(self._members[kind].items(), key=lambda kv: int(kv[0]))
             status[field] = {b: ranges.encode(ids) for b, ids in blocks if ids}
@@ -344,7 +367,7 @@ class WorkerReport:
                 await asyncio.wait_for(self._dirty.wait(), timeout=min(left, DEVICE_POLL_SECONDS))
                 return True
             except TimeoutError:
-                if self.on_device is not None and self.on_device() != self._device:
+                if self.on_device is not None and (self.on_device() or set()) != self._device:
                     return True
                 if self.throttled is not None and self.throttled() != self._throttled:
                     return True

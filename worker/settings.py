@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from loraplane.crds.models import BASE_MODEL_PATTERN, K8S_NAME_PATTERN
+from loraplane.crds.models import BASE_MODEL_PATTERN, K8S_NAME_PATTERN, REPLICAS_MAX
 from loraplane.version import __version__
 
 ENV_PREFIX = "LORAPLANE_"
@@ -393,6 +393,14 @@ class ReportConfig:
     """Seconds between heartbeats written to the LoRAWorker status."""
     report_batch_seconds: float = 0.2
     """Seconds over which adapter state changes are coalesced into one LoRAWorker status write."""
+    max_adapters: int = 0
+    """Adapters the operator may place on this worker (count), reported in its LoRAWorker; 0: as many as
+    fit --cache-bytes. Only adapters with replicas are placed; those on every worker ignore it."""
+    default_replicas: int = 0
+    """Replicas of an adapter of this pool without spec.replicas (count): the operator places it on that
+    many workers. 0: every worker (small catalogues). Every worker of a pool should say the same."""
+    max_replicas: int = 0
+    """Most replicas demand may raise an adapter of this pool to (count); 0: no scaling by demand."""
 
     @property
     def object_namespace(self) -> str:
@@ -401,6 +409,12 @@ class ReportConfig:
     def check(self) -> None:
         for name in ("heartbeat_seconds", "report_batch_seconds"):
             _positive_seconds(self, name)
+        for name in ("max_adapters", "default_replicas", "max_replicas"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag(name)} must be zero or a positive count, got {getattr(self, name)}")
+        for name in ("default_replicas", "max_replicas"):
+            if getattr(self, name) > REPLICAS_MAX:
+                raise ConfigError(f"{flag(name)} must be at most {REPLICAS_MAX}, got {getattr(self, name)}")
         for name in ("pod_name", "worker_name", "pod_namespace"):
             value = getattr(self, name)
             if value and (len(value) > 253 or not re.fullmatch(K8S_NAME_PATTERN, value)):

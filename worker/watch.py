@@ -10,7 +10,9 @@ resourceVersion is below ours (its store was replaced or restored: resuming woul
 it never issues). It reconnects with the shared backoff when the API server goes away. Each scope
 keeps its objects until it relists, so a worker never drops an adapter because it has not looked yet.
 
-Adapters without ``status.id`` (not registered yet) or without ``NameAvailable=True`` are not desired.
+Adapters without ``status.id`` (not registered yet) or without ``NameAvailable=True`` are not desired,
+nor are adapters the operator placed on other workers (``status.placement`` present and not naming this
+worker's LoRAWorker): a worker prefetches, validates and serves only what is placed on it.
 """
 
 from __future__ import annotations
@@ -64,14 +66,24 @@ class DesiredVersion:
     """Workers with the adapter Ready (status.workers.ready, at least 1): the limits' divisor."""
 
 
-def desired_from(obj: dict[str, Any], served_model: str) -> DesiredVersion | None:
-    """The desired version for one LoRAAdapter object, or None when this worker should not serve it."""
+def placed_here(obj: dict[str, Any], me: str | None) -> bool:
+    """Whether the adapter is this worker's to hold: no status.placement (every worker), or it names
+    ``me`` (namespace/name of this worker's LoRAWorker) as a worker or a draining one."""
+    placed = (obj.get("status") or {}).get("placement")
+    if me is None or not isinstance(placed, dict):
+        return True
+    return me in (placed.get("workers") or ()) or me in (placed.get("draining") or ())
+
+
+def desired_from(obj: dict[str, Any], served_model: str, me: str | None = None) -> DesiredVersion | None:
+    """The desired version for one LoRAAdapter object, or None when this worker (``me``: the
+    namespace/name of its LoRAWorker) should not serve it."""
     spec = obj.get("spec") or {}
     if spec.get("baseModel") != served_model:
         return None
     meta = obj.get("metadata") or {}
     key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-    if meta.get("deletionTimestamp"):
+    if meta.get("deletionTimestamp") or not placed_here(obj, me):
         return None
     try:
         adapter = parse_adapter(obj)
@@ -118,9 +130,21 @@ class AdapterWatch:
     ``synced`` is set once every scope has listed at least once.
     """
 
-    def __init__(self, api: KubeClient, served_model: str, namespaces: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        api: KubeClient,
+        served_model: str,
+        namespaces: tuple[str, ...] = (),
+        me: str | None = None,
+        elsewhere: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.api = api
         self.served_model = served_model
+        self.me = me  # namespace/name of this worker's LoRAWorker, as status.placement names it
+        # Served name -> the workers an adapter placed elsewhere is on (Registry.elsewhere), and the
+        # served name each object has there, so a delete or a rename removes its entry.
+        self.elsewhere: dict[str, tuple[str, ...]] = {} if elsewhere is None else elsewhere
+        self._elsewhere_of: dict[str, str] = {}
         self.scopes: tuple[str, ...] = namespaces or ("",)
         self.desired: dict[int, DesiredVersion] = {}
         self.by_adapter: dict[str, int] = {}
@@ -191,9 +215,9 @@ class AdapterWatch:
         items = {}
         for obj in body.get("items") or []:
             meta = obj.get("metadata") or {}
-            items[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = desired_from(
-                obj, self.served_model
-            )
+            key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+            items[key] = desired_from(obj, self.served_model, self.me)
+            self._note_elsewhere(key, obj)
         old = self._objects[scope]
         self._objects[scope] = items  # replaces: objects deleted while we were away disappear
         self._listed.add(scope)
@@ -218,9 +242,11 @@ class AdapterWatch:
             if kind == "DELETED":
                 self._objects[scope].pop(key, None)
                 self._apply(key, old, None)
+                self._note_elsewhere(key, None)
             elif kind in ("ADDED", "MODIFIED"):
-                new = self._objects[scope][key] = desired_from(obj, self.served_model)
+                new = self._objects[scope][key] = desired_from(obj, self.served_model, self.me)
                 self._apply(key, old, new)
+                self._note_elsewhere(key, obj)
             self._publish()
 
     def _apply(self, key: str, old: DesiredVersion | None, new: DesiredVersion | None) -> None:
@@ -238,6 +264,23 @@ class AdapterWatch:
             self.desired[new.id] = new
             self.by_adapter[key] = new.id
             self._dirty.add(new.id)
+
+    def _note_elsewhere(self, key: str, obj: dict[str, Any] | None) -> None:
+        """Keep ``elsewhere`` current for one object: its served name while it is placed on others."""
+        gone = self._elsewhere_of.pop(key, None)
+        if gone is not None:
+            self.elsewhere.pop(gone, None)
+        if (
+            obj is None
+            or placed_here(obj, self.me)
+            or (obj.get("spec") or {}).get("baseModel") != self.served_model
+        ):
+            return
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        served = spec.get("name") or (obj.get("metadata") or {}).get("name")
+        if isinstance(served, str) and status.get("id"):
+            self.elsewhere[served] = tuple((status.get("placement") or {}).get("workers") or ())
+            self._elsewhere_of[key] = served
 
     def take_dirty(self) -> set[int]:
         """The IDs whose desired version changed since the last call."""

@@ -215,6 +215,47 @@ def test_inference_pools_validate_against_the_crd_schema() -> None:
         jsonschema.Draft7Validator(INFERENCEPOOL_V1_SPEC).validate({**broken, "targetPorts": []})
 
 
+def test_pods_carry_the_engine_type_the_endpoint_picker_selects_metrics_by() -> None:
+    """Both engines publish vLLM's series, so the picker's metrics mapping is "vllm" for both (llm-d's
+    label and the Inference Extension's); the engine itself is in loraplane.io/engine. A pool's own
+    podLabels win."""
+    values = copy.deepcopy(PLATFORM)
+    values["workerPools"][1] |= {"engine": "vllm", "podLabels": {"llm-d.ai/engine-type": "custom"}}
+    objs = chartkit.manifests(values)
+    labels = {
+        o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
+        for o in objs
+        if o["kind"] in ("Deployment", "StatefulSet") and "worker" in o["metadata"]["name"]
+    }
+    h100, cpu = labels["lp-loraplane-worker-h100"], labels["lp-loraplane-worker-small-cpu"]
+    assert (h100["loraplane.io/engine"], h100["llm-d.ai/engine-type"]) == ("builtin", "vllm")
+    assert h100["inference.networking.k8s.io/engine-type"] == "vllm" and h100["cost-center"] == "ml"
+    assert (cpu["loraplane.io/engine"], cpu["llm-d.ai/engine-type"]) == ("vllm", "custom")
+
+
+def test_body_based_routing_is_off_by_default_and_scoped_to_its_namespace() -> None:
+    def bbr_objects(values: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+        objs = chartkit.manifests(values)
+        (op,) = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator")]
+        args = [a for a in op["spec"]["template"]["spec"]["containers"][0]["args"] if a.startswith("--bbr")]
+        return args, [o for o in objs if o["metadata"]["name"].endswith("-operator-bbr")]
+
+    assert bbr_objects({}) == ([], [])
+    args, objs = bbr_objects({"bodyBasedRouting": {"enabled": True}})
+    assert args == [f"--bbr-namespace={chartkit.NAMESPACE}"]
+    assert {(o["kind"], o["metadata"]["namespace"]) for o in objs} == {
+        ("Role", chartkit.NAMESPACE),
+        ("RoleBinding", chartkit.NAMESPACE),
+    }
+    args, objs = bbr_objects({"bodyBasedRouting": {"enabled": True, "namespace": "gateway"}})
+    assert args == ["--bbr-namespace=gateway"] and {o["metadata"]["namespace"] for o in objs} == {"gateway"}
+    (role,) = [o for o in objs if o["kind"] == "Role"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "create", "update", "delete"]}
+    ]
+    assert bbr_objects({"bodyBasedRouting": {"enabled": True}, "rbac": {"create": False}})[1] == []
+
+
 def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
     """Run the rendered test Pod's command against a worker serving a tiny model on 127.0.0.1."""
     from loraplane.worker.api.webapp import ServeSettings, build_app, serve_in_thread

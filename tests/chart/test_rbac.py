@@ -42,9 +42,12 @@ RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRo
 
 
 def modes(team: str) -> dict[str, dict[str, Any]]:
+    namespaced = {"watch": {"clusterWide": False, "namespaces": [team]}}
     return {
         "cluster-wide": {"watch": {"clusterWide": True}},
-        "namespaced": {"watch": {"clusterWide": False, "namespaces": [team]}},
+        "namespaced": namespaced,
+        # The body-based-routing ConfigMaps too (in the release namespace: BBR's).
+        "namespaced-bbr": {**namespaced, "bodyBasedRouting": {"enabled": True}},
     }
 
 
@@ -394,6 +397,17 @@ def test_chart_rbac_is_exactly_what_the_components_use(
         fleet.wait_for(lambda: phase("beta") == "Ready" and phase("broken") == "Failed", 60, logs)
         assert worker.stop() == 0, logs()
         time.sleep(2)  # let the operator see the worker go
+        if mode == "namespaced-bbr":  # no adapter and no worker left: the base model's ConfigMap goes
+            from kubernetes import client
+
+            core = client.CoreV1Api(adapters._api_client)
+            bbr = "inference.networking.k8s.io/bbr-managed=true"
+            assert core.list_namespaced_config_map(c.ns, label_selector=bbr).items, logs()
+            adapters.delete("beta")
+            adapters.delete("broken")
+            fleet.wait_for(
+                lambda: not core.list_namespaced_config_map(c.ns, label_selector=bbr).items, 30, logs
+            )
     finally:
         worker.stop()
         operator.stop()
@@ -409,7 +423,7 @@ def test_chart_rbac_is_exactly_what_the_components_use(
     if c.server is not None:
         problems += _compare_audit(c, flow_start, grants)
     problems += _compare_effective(c, kubeconfigs, grants)
-    problems += _denied(c)
+    problems += _denied(c, bbr=mode == "namespaced-bbr")
     assert not problems, "\n".join(problems) + "\n\n" + logs()
 
 
@@ -440,8 +454,9 @@ def _wait_alone(c: Cluster) -> None:
 
 def _compare_audit(c: Cluster, flow_start: int, grants: dict[str, list[Grant]]) -> list[str]:
     """localkube: the calls each identity made against the chart's rules, both ways."""
-    # The test's own admin calls touch only adapters in the team namespace; any other call without
-    # credentials comes from a component that does not send its service-account token.
+    # The test's own admin calls touch only adapters in the team namespace (and list the BBR ConfigMaps
+    # of the release namespace); any other call without credentials comes from a component that does
+    # not send its service-account token.
     anonymous = sorted(
         {
             str(
@@ -455,6 +470,7 @@ def _compare_audit(c: Cluster, flow_start: int, grants: dict[str, list[Grant]]) 
             for e in list(c.server.audit_log)[flow_start:]
             if e.user == "admin"
             and not (e.resource == "loraadapters" and e.namespace == c.team and not e.subresource)
+            and not (e.resource == "configmaps" and e.namespace == c.ns and e.verb == "list")
         }
     )
     problems = [f"sent without the component's token: {call}" for call in anonymous]
@@ -492,8 +508,9 @@ def _compare_effective(c: Cluster, kubeconfigs: dict[str, str], grants: dict[str
     return problems
 
 
-def _denied(c: Cluster) -> list[str]:
-    """SubjectAccessReview: what neither component may ever do."""
+def _denied(c: Cluster, bbr: bool = False) -> list[str]:
+    """SubjectAccessReview: what neither component may ever do. ``bbr``: body-based routing writes its
+    ConfigMaps in the release namespace, so there (only there) other ConfigMaps are writable too."""
     from kubernetes import client
 
     must_not = [
@@ -509,7 +526,8 @@ def _denied(c: Cluster) -> list[str]:
         (WORKER, "update", "", "configmaps", "", c.ns),
         # The operator's ConfigMap rights name the ledger: no other ConfigMap is readable or writable.
         (OPERATOR, "get", "", "configmaps", "", c.ns, "kube-root-ca.crt"),
-        (OPERATOR, "update", "", "configmaps", "", c.ns, "someone-elses"),
+        (OPERATOR, "update", "", "configmaps", "", c.elsewhere if bbr else c.ns, "someone-elses"),
+        (OPERATOR, "delete", "", "configmaps", "", c.team, "someone-elses"),
     ]
     problems = []
     with c.kube.api_client() as api:

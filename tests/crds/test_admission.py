@@ -60,6 +60,8 @@ BAD = [
     ("over-long path", {"path": "/" + "p" * 1100}, ["spec.path: Too long: may not be more than 1024"]),
     ("bad revision", {"revision": "main branch"}, ["spec.revision in body should match"]),
     ("zero maxLength", {"longContext": {"maxLength": 0}}, ["should be greater than or equal to 1"]),
+    ("negative replicas", {"replicas": -1}, ["spec.replicas in body should be greater than or equal to 0"]),
+    ("too many replicas", {"replicas": 257}, ["spec.replicas in body should be less than or equal to 256"]),
 ]
 
 

@@ -91,6 +91,7 @@ class Fleet:
         await self.worker.write_status()
         obj = await self.api.request("GET", self.worker.path)
         await self.rec.on_worker("MODIFIED", obj)
+        await self.rec.idle()  # a worker that came: its adapters are reconciled in the background
         await self.rec.flush()  # what the report window would do a moment later
 
     async def close(self) -> None:

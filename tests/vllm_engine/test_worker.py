@@ -382,6 +382,60 @@ def test_vllm_metrics_beside_loraplane_metrics(served: Served) -> None:
         assert series in names, (series, sorted(names))
 
 
+def loaded(served: Served) -> tuple[dict[str, str], dict[str, float]]:
+    """vLLM's residency series on the worker's /metrics: served name -> level, and the three counts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(served.url + "/metrics", timeout=10) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    levels = {}
+    for sample in families["vllm:lora_adapter_loaded"].samples:
+        assert (sample.labels["model_name"], sample.labels["engine"], sample.value) == (BASE, "0", 1.0)
+        assert sample.labels["pinned"] == "false", sample
+        levels[sample.labels["adapter_name"]] = sample.labels["level"]
+    counts = {
+        n: families[f"vllm:{n}"].samples[0].value
+        for n in ("num_gpu_loaded_lora_adapters", "num_cpu_loaded_lora_adapters", "max_gpu_lora_adapters")
+    }
+    return levels, counts
+
+
+def test_residency_series_list_exactly_what_vllm_holds(served: Served) -> None:
+    """vLLM #54830's series, read from vLLM's own model runner: every Ready adapter is in vLLM's CPU
+    cache (add_lora loads it there), the ones that served last hold the GPU slots (--max-loras 2), a
+    deleted adapter's series goes away, and a re-added one comes back in a slot (add_lora activates)."""
+    s = served
+    ready = {m.id for m in s.client.models.list().data} - {BASE}
+    assert ready >= set(GOOD), ready
+    for name in sorted(ready):  # each one served once: the last two hold the slots
+        s.text(name, max_tokens=2)
+    last_two = sorted(ready)[-2:]
+
+    def converged(want: dict[str, str]) -> Any:
+        got = loaded(s)
+        return got if got[0] == want else None
+
+    want = {n: "gpu" if n in last_two else "cpu" for n in ready}
+    levels, counts = fleet.wait_for(lambda: converged(want), 30, lambda: f"{loaded(s)} != {want}")
+    assert counts == {
+        "num_gpu_loaded_lora_adapters": 2.0,
+        "num_cpu_loaded_lora_adapters": float(len(ready)),
+        "max_gpu_lora_adapters": 2.0,
+    }
+
+    gone = last_two[-1]
+    path = s.paths[gone]
+    s.ads.delete(gone)
+    del want[gone]
+    fleet.wait_for(lambda: converged(want), 60, lambda: f"{loaded(s)} != {want}")
+    assert loaded(s)[1]["num_cpu_loaded_lora_adapters"] == len(ready) - 1
+
+    s.ads.create(manifest(s.namespace, gone, path))
+    want[gone] = "gpu"  # vLLM's add_lora activates what it loads: into the slot the delete freed
+    levels, counts = fleet.wait_for(lambda: converged(want), 120, lambda: f"{loaded(s)} != {want}")
+    assert (counts["num_gpu_loaded_lora_adapters"], counts["num_cpu_loaded_lora_adapters"]) == (2, len(ready))
+
+
 def test_same_name_reload_never_serves_the_old_versions_prefix_cache(served: Served) -> None:
     """vLLM's prefix cache (on by default; loraplane leaves it on) keys KV blocks by the adapter's name
     and path. A new version under the same served name gets a new ID and its own cache directory, so

@@ -162,3 +162,28 @@ def test_device_slot_changes_are_reported_before_the_heartbeat(kube, namespace):
             await report.api.close()
 
     assert asyncio.run(go()) == [True, True, True]
+
+
+def test_waiting_names_the_busiest_adapters_and_drops_the_quiet_ones():
+    """status.waiting (the demand the operator scales replicas by) holds the 16 adapters with the most
+    waiting requests; a merge patch removes the ones no longer named, and the operator reads it back."""
+    from loraplane.worker.report import MAX_WAITING
+
+    reports = {i: _rep(i) for i in range(1, 41)}
+    waiting = {i: i for i in range(1, 41)}  # adapter i has i requests waiting
+    rep = _offline(reports, waiting=lambda: dict(waiting), assigned=lambda: len(reports))
+    rep._absorb()
+    full = rep.status_body()
+    assert full["assigned"] == 40
+    assert full["waiting"] == {str(i): i for i in range(40, 40 - MAX_WAITING, -1)}
+    waiting.clear()
+    waiting.update({3: 2, 40: 0})
+    delta = rep.delta_body()["waiting"]
+    assert delta["3"] == 2 and delta["40"] is None and all(delta[str(i)] is None for i in range(25, 40))
+    obj = {
+        "metadata": {"name": "w", "namespace": "ns"},
+        "spec": SPEC.model_dump(),
+        "status": {"waiting": {"3": 2}},
+    }
+    view, _ = worker_view(obj)
+    assert view is not None and view.waiting == {3: 2}

@@ -185,6 +185,19 @@ class Serving:
         if name == engine.model_name:
             return None
         version = self.registry.lookup(name)
+        holders = self.registry.elsewhere.get(name) if version is None else None
+        if holders is not None:
+            # Placed on other workers (spec.replicas): not loaded here on demand, which would bypass the
+            # operator's capacity accounting and fetch it once more; the gateway routes by adapter.
+            where = ", ".join(holders) or "no worker yet (see its status.placement)"
+            raise ApiError(
+                404,
+                "AdapterNotPlacedHere",
+                f"adapter {name!r} is not placed on this worker; it is held by {where}. Send requests "
+                "through the gateway (InferencePool), which routes each adapter to the workers that hold it",
+                param="model",
+                code="model_not_found",
+            )
         if version is None:
             raise ApiError(
                 404,

@@ -7,14 +7,16 @@ Two kinds of series:
   latency, batch size, adapter loads and evictions, engine steps), and each adapter's residency
   (``loraplane_worker_adapter_residency{model, id, tier}`` 1 or 0 for device, cpu and disk: vLLM has
   no such signal).
-- The four series routers read, under vLLM's names and with vLLM's meaning:
-  ``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc`` (a
-  fraction, 1 = full) and ``vllm:lora_requests_info`` (value: when it was sampled; labels
-  ``max_lora``, ``running_lora_adapters``, ``waiting_lora_adapters``: comma-separated served names).
-  The Gateway API Inference Extension's endpoint picker reads exactly these by default, so an
-  InferencePool in front of built-in-engine workers needs no metric flags, and a pool that mixes
-  both engines is scored on one scale. They are sampled at scrape time from the engine's own state,
-  so they can never drift from it.
+- The series routers read, under vLLM's names, labels and meaning (``inference/residency.py`` says where each
+  comes from upstream): ``vllm:num_requests_waiting``, ``vllm:num_requests_running``,
+  ``vllm:kv_cache_usage_perc`` (a fraction, 1 = full), ``vllm:lora_requests_info`` (value: when it
+  was sampled; labels ``max_lora``, ``running_lora_adapters``, ``waiting_lora_adapters``:
+  comma-separated served names), and the adapter residency vLLM is adding
+  (``vllm:lora_adapter_loaded{adapter_name, level, pinned}``, ``vllm:num_gpu_loaded_lora_adapters``,
+  ``vllm:num_cpu_loaded_lora_adapters``, ``vllm:max_gpu_lora_adapters``). The Gateway API Inference
+  Extension's endpoint picker reads exactly these by default, so an InferencePool in front of
+  built-in-engine workers needs no metric flags, and a pool that mixes both engines is scored on one
+  scale. They are sampled at scrape time from the engine's own state, so they can never drift from it.
 
 The ``model`` label is the served name (base model or adapter), bounded by the adapters registered on
 this worker. No ``_created`` series (see ``loraplane.telemetry``).
@@ -32,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 import loraplane.telemetry  # noqa: F401  (no _created series)
+from loraplane.worker.inference import residency
 
 if TYPE_CHECKING:
     from .service import Engine
@@ -121,7 +124,7 @@ class _EngineState(Collector):
     def collect(self) -> Iterable[Metric]:
         engine = self.engine
         scheduler, runner = engine.scheduler, engine.runner
-        base = {"model_name": engine.model_name}
+        base = {"model_name": engine.model_name, "engine": residency.ENGINE_INDEX}
         running = _copy(scheduler.running)
         # Waiting: taken into the scheduler's list, or still in its inbox (submitted since the last step).
         inbox = [r for r in _copy(getattr(scheduler, "_inbox", ())) if not isinstance(r, int)]
@@ -166,12 +169,17 @@ class _EngineState(Collector):
         )
         steps.add_metric([], scheduler.steps)
         yield steps
-        yield from self._residency(engine)
-
-    def _residency(self, engine: Engine) -> Iterable[Metric]:
         tiers = engine.tiers
         on = {"device": set(_copy(tiers.slot_of)), "cpu": set(_copy(tiers.cpu))}
         known = _known_adapters(engine)
+        names = {i: name for i, (name, _) in known.items()}
+        snapshot = residency.Snapshot(gpu=on["device"], cpu=on["cpu"] | on["device"], names=names)
+        yield from residency.families(snapshot, engine.model_name, runner.max_loras)
+        yield from self._residency(known, on)
+
+    def _residency(
+        self, known: dict[int, tuple[str, Path | None]], on: dict[str, set[int]]
+    ) -> Iterable[Metric]:
         on["disk"] = {i for i, (_, path) in known.items() if path is not None and Path(path).is_dir()}
         fam = GaugeMetricFamily(
             PREFIX + "adapter_residency",

@@ -206,3 +206,13 @@ class Engine:
 
     def on_device(self) -> set[int]:
         return set(self.tiers.slot_of)  # one C-level copy: safe across threads
+
+    def waiting_by_adapter(self) -> dict[int, int]:
+        """Requests waiting to be admitted, per adapter ID (the demand the operator scales replicas by)."""
+        out: dict[int, int] = {}
+        queued = [*list(self.scheduler.waiting), *list(self.scheduler._inbox)]  # C-level copies
+        for r in queued:
+            adapter_id = getattr(r, "adapter_id", None)
+            if adapter_id is not None:
+                out[adapter_id] = out.get(adapter_id, 0) + 1
+        return out

@@ -170,9 +170,9 @@ class EngineSlot:
         assert self.engine is not None
         return self.engine
 
-    def on_device(self) -> set[int]:
-        """The engine's adapter IDs in device slots (none before it starts): the report's ``loaded``."""
-        return set() if self.engine is None else self.engine.on_device()
+    def on_device(self) -> set[int] | None:
+        """The engine's adapter IDs in device slots (the report's ``loaded``); None before it starts."""
+        return None if self.engine is None else self.engine.on_device()
 
     def retire_adapter(self, adapter_id: int) -> None:
         """No new request will use this version (an engine that has not started holds none)."""

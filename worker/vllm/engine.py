@@ -20,7 +20,9 @@ with batch requests holding at most ``batch_share`` of those rows. vLLM cannot b
 running request, so a newcomer waits for the next request to finish (not for the queue ahead of it).
 
 vLLM's own Prometheus series (``vllm:*``) register in the process-wide registry that the worker's
-``/metrics`` already serves. On vLLM's CPU backend, ``plugin.py`` fixes a mixed-batch bug.
+``/metrics`` already serves. The adapter-residency series vLLM does not export yet (``inference/residency.py``)
+come from vLLM's model runner itself, through ``plugin.LORA_STATE``. On vLLM's CPU backend,
+``plugin.py`` fixes a mixed-batch bug.
 """
 
 from __future__ import annotations
@@ -29,16 +31,21 @@ import asyncio
 import logging
 import shlex
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
 from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
-from ..inference import engines
+from ..inference import engines, residency
 from ..inference.engines import LoraSpec, Output, TokenLogprob
 from ..inference.fairness import DEFAULT, FairShare, Tenant
+from . import plugin
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +141,33 @@ def engine_args(model_dir: Path, s: VllmSettings) -> Any:
 
 
 class _Metrics:
-    """vLLM's own series are in the process-wide registry, rendered with the control path's: nothing
-    of this engine's own to add (the HTTP side counts requests for either engine)."""
+    """vLLM's own series are in the process-wide registry, rendered with the control path's (the HTTP
+    side counts requests for either engine); this engine adds only the adapter-residency series vLLM
+    does not export yet (``_Residency``)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
 
     def render(self) -> bytes:
-        return b""
+        return generate_latest(self.registry)
+
+
+class _Residency(Collector):
+    """vLLM's adapter-residency series (``inference/residency.py``) from the engine's latest snapshot of vLLM's
+    caches. A scrape cannot wait for vLLM (it runs on the HTTP server's loop), so each scrape asks for
+    a fresh snapshot and publishes the last one: at most one scrape interval old, and fresh after
+    every add and remove."""
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterable[Metric]:
+        e = self.engine
+        e._loop.call_soon_threadsafe(e._refresh_residency)
+        snapshot = e._residency
+        names = dict(e._names)
+        snapshot = residency.Snapshot(gpu=snapshot.gpu, cpu=snapshot.cpu, names=names, pinned=snapshot.pinned)
+        yield from residency.families(snapshot, e.model_name, e.max_loras)
 
 
 class VllmEngine:
@@ -161,6 +190,11 @@ class VllmEngine:
         )
         self._vocab_size = int(mc.get_vocab_size())
         self._held: set[int] = set()  # IDs added to vLLM and not removed
+        self._names: dict[int, str] = {}  # held ID -> served name, until it is retired
+        self.max_loras = int(llm.vllm_config.lora_config.max_loras) if llm.vllm_config.lora_config else 0
+        self._residency = residency.Snapshot()  # vLLM's caches as last read (_refresh_residency)
+        self._reading: asyncio.Task[None] | None = None
+        self._read_again = False
         self._in_flight: dict[int, int] = {}  # adapter ID -> running requests
         self._retiring: set[int] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -173,6 +207,7 @@ class VllmEngine:
         self._loop = loop
         self._thread = thread
         _yield_between_engine_steps(llm)
+        self.metrics.registry.register(_Residency(self))
         self.tool_parser: Callable[[Any], Callable[[], Any]] | None = None  # tools.ToolParsers.for_request
         # Fair share (on vLLM's loop): requests held here until vLLM has a free row.
         self.fair = FairShare()
@@ -253,11 +288,14 @@ class VllmEngine:
                     "EngineRefused", f"vLLM refused adapter {adapter.name!r} (ID {adapter.id}): {e}"
                 ) from None
             self._held.add(adapter.id)
+            self._names[adapter.id] = adapter.name
+        self._refresh_residency()
 
     def retire_adapter(self, adapter_id: int) -> None:
         self._loop.call_soon_threadsafe(self._retire, adapter_id)  # registry changes may come from any thread
 
     def _retire(self, adapter_id: int) -> None:
+        self._names.pop(adapter_id, None)  # no new request reaches it by name
         self._retiring.add(adapter_id)
         if not self._in_flight.get(adapter_id):
             self._loop.create_task(self._remove(adapter_id))
@@ -272,6 +310,29 @@ class VllmEngine:
                 log.exception("vLLM could not remove adapter ID %d", adapter_id)
             self._held.discard(adapter_id)
             self._retiring.discard(adapter_id)
+        self._refresh_residency()
+
+    def _refresh_residency(self) -> None:
+        """Read vLLM's caches again (on vLLM's loop); one read at a time, another after it if asked."""
+        if self._reading is not None and not self._reading.done():
+            self._read_again = True
+            return
+        self._read_again = False
+        self._reading = self._loop.create_task(self._read_residency())
+
+    async def _read_residency(self) -> None:
+        try:
+            state = (await self.llm.collective_rpc(plugin.LORA_STATE, timeout=10))[0]
+            gpu = set(state["gpu"])
+            self._residency = residency.Snapshot(
+                gpu=gpu, cpu=set(state["cpu"]) | gpu, pinned=set(state["pinned"])
+            )
+        except Exception as e:  # vLLM without the plugin's method, or its engine core is down
+            if not self.llm.errored:
+                log.debug("vLLM's adapter caches not readable (%s); publishing the adapters added to it", e)
+            self._residency = residency.Snapshot(cpu=set(self._held))
+        if self._read_again:
+            self._refresh_residency()
 
     async def adapter_ids(self) -> set[int]:
         return set(await self._on_engine_loop(self.llm.list_loras()))

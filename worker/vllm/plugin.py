@@ -29,6 +29,11 @@ counts NaN per logits row when ``VLLM_COMPUTE_NANS_IN_LOGITS`` is on (this plugi
 counts +Inf too; -Inf is how a grammar masks tokens), and its scheduler is wrapped to end those
 requests. The worker turns that into a 400 NonFiniteOutput and quarantines the adapter.
 
+4. The worker can read which adapters vLLM's model runner holds, and where: ``LORA_STATE`` is a
+worker method (vLLM's ``collective_rpc`` calls worker methods by name) returning the IDs in GPU slots
+(the LoRA manager's active adapters), in the CPU cache (its registered adapters) and pinned ones: the
+same lists vLLM #54830 reads for its residency series, which vLLM 0.32/0.33 do not export yet.
+
 Registered under the ``vllm.general_plugins`` entry point, so vLLM loads it in every process,
 including the engine-core process that runs the model. There it also makes a process that vLLM started
 exit when its parent is gone (vLLM's engine core otherwise outlives a killed worker, spinning).
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 
 _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 _PATCHED = "_loraplane_patched"
+LORA_STATE = "loraplane_lora_state"
+"""The worker method ``_report_lora_state`` adds: {"gpu": [IDs], "cpu": [IDs], "pinned": [IDs]}."""
 NON_FINITE_OUTPUT = "NonFiniteOutput"
 """The ``stop_reason`` of a request ended because its logits held NaN or Inf (engines.NON_FINITE_OUTPUT)."""
 
@@ -55,6 +62,30 @@ def register() -> None:
     _keep_non_finite_out_of_the_kv_cache()
     _end_requests_with_non_finite_logits()
     _fix_negative_index_rows()
+    _report_lora_state()
+
+
+def _report_lora_state() -> None:
+    """Give vLLM's workers the ``LORA_STATE`` method (see the module docstring, 4.)."""
+    try:
+        from vllm.v1.worker.worker_base import WorkerBase
+    except ImportError:  # a vLLM without the V1 worker: the engine falls back to what it added
+        return
+    if not hasattr(WorkerBase, LORA_STATE):
+        setattr(WorkerBase, LORA_STATE, _lora_state)
+
+
+def _lora_state(worker: Any) -> dict[str, list[int]]:
+    runner = getattr(worker, "model_runner", None)
+    manager = getattr(getattr(runner, "lora_manager", None), "_adapter_manager", None)
+    if manager is None:  # LoRA not set up (yet)
+        return {"gpu": [], "cpu": [], "pinned": []}
+    registered = manager._registered_adapters
+    return {
+        "gpu": sorted(manager._active_adapters.cache),
+        "cpu": sorted(registered.cache),
+        "pinned": sorted(registered.pinned_items),
+    }
 
 
 def _fix_negative_index_rows() -> None:

@@ -49,6 +49,21 @@ reports live (unless that namespace is a watched one, whose Role already covers 
 {{- end }}
 {{- end -}}
 
+{{/* The namespace of the body-based-routing ConfigMaps (bodyBasedRouting.namespace, or the release's). */}}
+{{- define "loraplane.bbrNamespace" -}}{{ .Values.bodyBasedRouting.namespace | default .Release.Namespace }}{{- end -}}
+
+{{/*
+Operator, in the body-based-routing namespace (only with bodyBasedRouting.enabled): list its own
+ConfigMaps (label-selected) at start, on each resync and after a write conflict, create one per base
+model, update it with a resourceVersion-checked PUT, delete it when its base model is gone.
+ConfigMap names follow the base models, so resourceNames cannot narrow these.
+*/}}
+{{- define "loraplane.operator.bbrRules" -}}
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [list, create, update, delete]
+{{- end -}}
+
 {{/* Worker, where adapters live: list then watch them. */}}
 {{- define "loraplane.worker.adapterRules" -}}
 - apiGroups: [loraplane.io]

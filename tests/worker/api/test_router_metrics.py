@@ -37,12 +37,28 @@ def residency(samples: Samples) -> dict[tuple[str, str], float]:
     return {(lb["model"], lb["tier"]): v for lb, v in samples["loraplane_worker_adapter_residency"]}
 
 
+def loaded(samples: Samples) -> dict[str, str]:
+    """vLLM's residency series: served name -> level, with the labels vLLM gives them."""
+    out = {}
+    for lb, v in samples.get("vllm:lora_adapter_loaded", []):
+        assert (lb["model_name"], lb["engine"], lb["pinned"], v) == (BASE, "0", "false", 1.0), lb
+        out[lb["adapter_name"]] = lb["level"]
+    return out
+
+
+def counts(samples: Samples) -> tuple[float, float, float]:
+    return tuple(  # type: ignore[return-value]
+        one(samples, f"vllm:{n}")[1]
+        for n in ("num_gpu_loaded_lora_adapters", "num_cpu_loaded_lora_adapters", "max_gpu_lora_adapters")
+    )
+
+
 def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict[str, Path]) -> None:
     s = make_server(start=False, max_loras=1, max_num_seqs=4)
     s.add(21, "m0", adapters["a0"])
     s.add(22, "m1", adapters["a1"])
     idle = scrape(s.url)
-    assert one(idle, "vllm:num_requests_waiting") == ({"model_name": BASE}, 0.0)
+    assert one(idle, "vllm:num_requests_waiting") == ({"model_name": BASE, "engine": "0"}, 0.0)
     assert one(idle, "vllm:num_requests_running")[1] == 0.0
     assert one(idle, "vllm:kv_cache_usage_perc")[1] == 0.0
     info, _ = one(idle, "vllm:lora_requests_info")
@@ -50,6 +66,7 @@ def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict
     assert residency(idle) == {
         (m, t): 1.0 if t == "disk" else 0.0 for m in ("m0", "m1") for t in ("device", "cpu", "disk")
     }
+    assert loaded(idle) == {} and counts(idle) == (0.0, 0.0, 1.0), "registered, not yet loaded"
     assert not any(k.endswith("_created") for k in idle), "no _created series"
 
     # Two requests go to the engine as the HTTP side hands them over; this thread runs its iterations.
@@ -94,6 +111,7 @@ def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict
     assert 0.0 < one(busy, "vllm:kv_cache_usage_perc")[1] < 1.0
     where = residency(busy)
     assert (where["m0", "device"], where["m0", "cpu"], where["m1", "device"]) == (1.0, 1.0, 0.0)
+    assert loaded(busy)["m0"] == "gpu" and counts(busy)[0] == 1.0
 
     s.engine.run()
     wait_for(lambda: len(finished) == 2, 60, "both requests to finish")
@@ -107,6 +125,8 @@ def test_router_series_follow_the_engine(make_server: MakeServer, adapters: dict
     assert one(done, "vllm:num_requests_waiting")[1] == 0.0
     assert one(done, "vllm:kv_cache_usage_perc")[1] == 0.0
     assert one(done, "loraplane_worker_engine_steps_total")[1] >= 40
+    # m1 took the only slot from m0, whose weights stay in the host cache: both resident, idle.
+    assert loaded(done) == {"m0": "cpu", "m1": "gpu"} and counts(done) == (1.0, 2.0, 1.0)
     queue = {lb["model"]: v for lb, v in done["loraplane_worker_request_queue_time_seconds_count"]}
     e2e = {lb["model"]: v for lb, v in done["loraplane_worker_e2e_request_latency_seconds_count"]}
     assert queue == e2e == {"m0": 1.0, "m1": 1.0}

@@ -1,0 +1,184 @@
+"""Body-based-routing ConfigMaps: what a burst of adapters costs in ConfigMap writes, and the recompute.
+
+A real operator (``--bbr-namespace``) runs against the embedded API server (in its own process, its
+audit log counting writes by kind). N adapters of two base models are created as fast as one client
+can, then a tenth of them renamed, then all deleted; for each phase it prints the ConfigMap writes
+(against the N an operator writing per adapter would make) and the seconds until the ConfigMaps say
+what the adapters say. Then the in-memory recompute (``bbr.desired_map`` + ``bbr.shards``) by catalogue
+size, per adapter: it should stay flat.
+
+    python benchmarks/bench_bbr.py --n 2000
+    python benchmarks/bench_bbr.py --n 10000 --max-bytes 100000   # splits each base model's ConfigMap
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GROUP, VERSION = "loraplane.io", "v1alpha1"
+BASES = ("meta-llama/Llama-2-7b-hf", "Qwen/Qwen2-7B-Instruct")
+BBR = "inference.networking.k8s.io/bbr-managed=true"
+NS = "bbr-bench"
+
+
+def _serve(conn: Any) -> None:
+    """The embedded API server in this process; answers "writes" with the ConfigMap writes so far in the
+    BBR namespace (the ID ledger, a ConfigMap too, lives in another one)."""
+    from loraplane.localkube import LocalKube
+
+    server = LocalKube()
+    conn.send(server.start())
+    while conn.recv() == "writes":
+        writes = ("create", "update", "patch", "delete")
+        conn.send(
+            sum(
+                1
+                for e in list(server.audit_log)
+                if e.resource == "configmaps" and e.verb in writes and not (e.name or "").endswith("ledger")
+            )
+        )
+
+
+def routes(core: Any, ns: str) -> tuple[dict[str, str], int]:
+    out: dict[str, str] = {}
+    items = core.list_namespaced_config_map(ns, label_selector=BBR).items
+    for cm in items:
+        for name in yaml.safe_load(cm.data.get("adapters") or "[]") or []:
+            out[name] = cm.data["baseModel"]
+    return out, len(items)
+
+
+def wait_until(pred: Any, timeout: float) -> float:
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"timed out after {timeout}s")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def recompute(sizes: list[int]) -> None:
+    from loraplane.operator import bbr
+
+    print("\nrecompute (desired_map + shards + data), best of 3, this machine:")
+    for n in sizes:
+        holders = [
+            (BASES[0], f"team-{i % 50:02d}-adapter-{i:06d}", ("t", "ns", f"a{i}"), f"ns/a{i}")
+            for i in range(n)
+        ]
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            routed, _ = bbr.desired_map(holders, {BASES[0]})
+            for s in bbr.shards(BASES[0], routed[BASES[0]], 900_000):
+                s.data()
+            best = min(best, time.perf_counter() - t)
+        print(f"  {n:>7} adapters: {best * 1000:8.1f} ms, {best / n * 1e6:5.2f} us per adapter")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help="adapters (half per base model)")
+    p.add_argument("--window", type=float, default=1.0, help="the operator's --bbr-window (seconds)")
+    p.add_argument("--max-bytes", type=int, default=900_000, help="the operator's --bbr-max-bytes")
+    p.add_argument("--recompute", default="1000,10000,100000", help="catalogue sizes of the recompute timing")
+    a = p.parse_args(argv)
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from kubernetes import client
+    from support import kube as kubeclient
+
+    from loraplane.localkube import write_kubeconfig
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    server = ctx.Process(target=_serve, args=(child,), daemon=True)
+    server.start()
+    url = parent.recv()
+
+    def writes() -> int:
+        parent.send("writes")
+        return parent.recv()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        kubeconfig = str(write_kubeconfig(url, Path(tmp) / "kubeconfig"))
+        kube = kubeclient.Kube(kubeconfig, url, True)
+        kube.apply_crds()
+        ns = NS
+        api = kube.api_client()
+        core, co = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        core.create_namespace({"metadata": {"name": ns}})
+        core.create_namespace({"metadata": {"name": "bbr-bench-ledger"}})
+        op = subprocess.Popen(
+            [sys.executable, "-m", "loraplane.operator.main", "--kubeconfig", kubeconfig, "--namespace", ns,
+             "--ledger-namespace", "bbr-bench-ledger", "--metrics-port", "0", "--bbr-namespace", ns,
+             "--bbr-window", str(a.window), "--bbr-max-bytes", str(a.max_bytes)],
+            stdout=open(Path(tmp) / "operator.log", "wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            want: dict[str, str] = {}
+
+            def phase(what: str, act: Any) -> None:
+                before, start = writes(), time.monotonic()
+                act()
+                took = wait_until(lambda: routes(core, ns)[0] == want, 600)
+                done = writes() - before
+                changed = max(1, a.n if what != "rename 10%" else a.n // 10)
+                print(
+                    f"{what:<12} {changed:>6} adapters: {done:>4} ConfigMap writes ({done / changed:.4f} per adapter; "
+                    f"per-adapter writes would be {changed}), ConfigMaps {routes(core, ns)[1]}, "
+                    f"settled {took:.1f}s after the last call ({time.monotonic() - start:.1f}s in all)"
+                )
+
+            def create() -> None:
+                for i in range(a.n):
+                    base = BASES[i % 2]
+                    spec = {"baseModel": base, "path": f"/models/a{i}"}
+                    body = {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": "LoRAAdapter",
+                        "metadata": {"name": f"a{i:05d}"},
+                        "spec": spec,
+                    }
+                    co.create_namespaced_custom_object(GROUP, VERSION, ns, "loraadapters", body)
+                    want[f"a{i:05d}"] = base
+
+            def rename() -> None:
+                for i in range(0, a.n, 10):
+                    co.patch_namespaced_custom_object(
+                        GROUP, VERSION, ns, "loraadapters", f"a{i:05d}", {"spec": {"name": f"r{i:05d}"}}
+                    )
+                    want[f"r{i:05d}"] = want.pop(f"a{i:05d}")
+
+            def delete() -> None:
+                for i in range(a.n):
+                    co.delete_namespaced_custom_object(GROUP, VERSION, ns, "loraadapters", f"a{i:05d}")
+                want.clear()
+
+            print(
+                f"N={a.n} adapters of {len(BASES)} base models, --bbr-window {a.window}s, --bbr-max-bytes {a.max_bytes}"
+            )
+            phase("create", create)
+            phase("rename 10%", rename)
+            phase("delete all", delete)
+        finally:
+            op.terminate()
+            op.wait(20)
+            api.close()
+    parent.send("stop")
+    recompute([int(x) for x in a.recompute.split(",") if x])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
