@@ -17,6 +17,7 @@ ID_ASSIGNED = "IDAssigned"
 NAME_AVAILABLE = "NameAvailable"
 VALIDATED = "Validated"
 READY = "Ready"
+THROTTLED = "Throttled"  # only on adapters with spec.limits: a worker refused a request over them lately
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -32,6 +33,8 @@ READY_REASON = "Ready"
 LOADING = "Loading"  # Workers are prefetching and validating it.
 NO_WORKERS = "NoWorkers"  # No live worker serves its base model (yet).
 WAITING_FOR_ENGINE = "WaitingForEngine"  # Validated; the worker's engine is still loading the base model.
+OVER_LIMIT = "OverLimit"  # Throttled=True: workers answer 429 for it.
+WITHIN_LIMITS = "WithinLimits"
 
 # Reasons of a normal course of events; any other reason on a False condition is a problem to act on
 # (an Event of type Warning).
@@ -45,6 +48,8 @@ NORMAL_REASONS = frozenset(
         LOADING,
         NO_WORKERS,
         WAITING_FOR_ENGINE,
+        OVER_LIMIT,
+        WITHIN_LIMITS,
     }
 )
 
@@ -154,6 +159,15 @@ def set_validated(
     conditions: list[dict], status: ConditionStatus, reason: str, message: str, generation: int | None
 ) -> bool:
     return set_condition(conditions, VALIDATED, status, reason, message, generation=generation)
+
+
+def set_throttled(conditions: list[dict], workers: int, first: str | None, generation: int | None) -> bool:
+    """``workers``: live workers that refused a request over the adapter's limits in the last minute."""
+    if workers:
+        message = f"{workers} worker(s) answered 429 over spec.limits in the last minute (first: {first})"
+        return set_condition(conditions, THROTTLED, "True", OVER_LIMIT, message, generation=generation)
+    message = "no worker refused a request over spec.limits in the last minute"
+    return set_condition(conditions, THROTTLED, "False", WITHIN_LIMITS, message, generation=generation)
 
 
 def set_ready(

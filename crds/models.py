@@ -77,6 +77,37 @@ class SignatureSpec(_Model):
     )
 
 
+class AdapterLimits(_Model):
+    """What one adapter may use (docs/worker.md, "Tenants"). Cluster-wide: each worker enforces its share,
+    the limit divided by the workers that have the adapter Ready (status.workers.ready), rounded up.
+    Edits take effect without a restart; a request over a limit gets 429 with Retry-After."""
+
+    maxConcurrentRequests: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Requests of this adapter running or queued at once."
+    )
+    tokensPerMinute: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**12,
+        description="Prompt + completion tokens per minute (a token bucket: a request reserves its prompt "
+        "and max_tokens when admitted, and gets back what it did not generate).",
+    )
+    maxOutputTokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=ID_MAX,
+        description="Most completion tokens one request may ask for: a request without max_tokens gets this "
+        "many at most; one asking for more is refused (400 MaxTokensAboveLimit).",
+    )
+    weight: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Share of a saturated worker relative to other adapters (default 1): fair share counts "
+        "prompt + completion tokens, divided by the weight.",
+    )
+
+
 class LoRAAdapterSpec(_Model):
     """What the user declares: an adapter's weights, its base model and the name it is served under."""
 
@@ -127,6 +158,9 @@ class LoRAAdapterSpec(_Model):
     )
     signature: SignatureSpec | None = Field(
         default=None, description="Require an OpenSSF model signature (model.sig) for this adapter."
+    )
+    limits: AdapterLimits | None = Field(
+        default=None, description="Limits and fair-share weight of this adapter's traffic (429 when over)."
     )
     replicas: int | None = Field(
         default=None,
@@ -389,6 +423,11 @@ class LoRAWorkerStatus(_Model):
         default=None, description="IDs Pending, Prefetching or Validating. " + ID_BLOCKS_HELP
     )
     onDeviceIds: RangeString | None = Field(default=None, description="IDs in device slots now, as ranges.")
+    throttledIds: RangeString | None = Field(
+        default=None,
+        description="IDs of adapters that refused a request over their spec.limits on this worker within the "
+        "last minute, as ranges (the 256 most recent).",
+    )
     adapters: dict[str, WorkerAdapterDetail] | None = Field(
         default=None,
         max_length=MAX_DETAILS,

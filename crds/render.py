@@ -145,6 +145,24 @@ def adapter_crd() -> dict[str, Any]:
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             {"name": "Path", "type": "string", "jsonPath": ".spec.path", "priority": 1},
             {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+            {
+                "name": "Throttled",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="Throttled")].status',
+                "priority": 1,
+            },
+            {
+                "name": "Max Concurrent",
+                "type": "integer",
+                "jsonPath": ".spec.limits.maxConcurrentRequests",
+                "priority": 1,
+            },
+            {
+                "name": "Tokens/Min",
+                "type": "integer",
+                "jsonPath": ".spec.limits.tokensPerMinute",
+                "priority": 1,
+            },
         ],
     )
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] = spec

@@ -55,6 +55,7 @@ class WorkerView:
     blocks: dict[str, dict[str, str]] = field(default_factory=dict)  # ID set -> block -> ranges
     max_id: int = 0
     pod_alive: bool = True
+    throttled: set[int] = field(default_factory=set)  # IDs it refused requests for over their limits
     max_adapters: int = 0  # spec.capacity.maxAdapters (0: no count limit)
     cache_bytes: int = 0  # spec.capacity.cacheBytes
     default_replicas: int = 0  # spec.placement: the pool's replicas for adapters without spec.replicas
@@ -140,6 +141,9 @@ def worker_view(
         if new:
             last = new[max(new, key=int)]
             view.max_id = max(view.max_id, int(last.replace("-", ",").rsplit(",", 1)[-1]))
+    view.throttled = set(ranges.decode(status.throttledIds or "")) if status else set()
+    for i in view.throttled ^ (previous.throttled if previous is not None else set()):
+        old_states.setdefault(i, view.states.get(i))
     for key, detail in ((status.adapters or {}) if status else {}).items():
         if key.isdigit():
             view.details[int(key)] = detail.model_dump(exclude_none=True)
@@ -147,9 +151,10 @@ def worker_view(
         if old_details.get(i) != view.details.get(i):
             old_states.setdefault(i, view.states.get(i))
     changed = set()
+    flipped = view.throttled ^ (previous.throttled if previous is not None else set())
     for i, state in old_states.items():
         old_report = old_details.get(i) or (_PLAIN[state] if state else None)
-        if _differs(old_report, view.report(i)):
+        if _differs(old_report, view.report(i)) or i in flipped:
             changed.add(i)
     return view, changed
 
@@ -169,6 +174,8 @@ class Aggregate:
     info: dict[str, Any] | None = None
     previous_in_use: bool = False
     all_switched: bool = False
+    throttled: int = 0  # live workers that refused requests over its limits lately
+    throttled_by: str | None = None  # the first of them
 
     @property
     def counts(self) -> dict[str, int]:
@@ -196,6 +203,9 @@ def aggregate(
         agg.total += 1
         if previous_id is not None and previous_id in w.states:
             agg.previous_in_use = True
+        if adapter_id in w.throttled:
+            agg.throttled += 1
+            agg.throttled_by = agg.throttled_by or w.ref
         report = w.report(adapter_id)
         if report is None:
             continue

@@ -330,7 +330,7 @@ class Reconciler:
             return
         if not live:
             return
-        self._due |= {r for i in changed if (r := self._by_id.get(i)) is not None}
+        self._due |= {due for i in changed if (due := self._by_id.get(i)) is not None}
         if self._due and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 

@@ -125,6 +125,8 @@ def desired(
             conds, "Unknown", cond.NOT_YET_VALIDATED, "no worker has validated the weights yet", gen
         )
 
+    if spec.limits is not None:
+        cond.set_throttled(conds, agg.throttled, agg.throttled_by, gen)
     phase, reason, message = phase_of(agg)
     if placement is not None and not placement["workers"] and phase == "Registered":
         reason, message = placement["reason"], placement["message"]  # placed nowhere: say why

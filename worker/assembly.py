@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import snapshot_download
 
-from loraplane.crds.models import LoRAWorkerSpec, PoolPlacement, WorkerCapacity
+from loraplane.crds.models import AdapterLimits, LoRAWorkerSpec, PoolPlacement, WorkerCapacity
 from loraplane.kube import KubeClient, load_configuration
 from loraplane.worker import validate
 from loraplane.worker.api import webapp
+from loraplane.worker.api.limits import Limiter, Limits
 from loraplane.worker.cache import CacheIndex
 from loraplane.worker.controller import Controller
 from loraplane.worker.inference.basemodel import ModelConfig
@@ -59,6 +60,8 @@ class WorkerApp:
         self.settings = settings
         self.serve = serve
         self.registry: Registry = Registry()
+        # Limits and fair share at the door: the watch keeps its adapter limits current (api/limits.py).
+        self.limiter = Limiter()
         self.model_dir: Path | None = None
         self.base: ModelConfig | None = None
         self.cache: CacheIndex | None = None
@@ -126,6 +129,7 @@ class WorkerApp:
         self.watch = AdapterWatch(
             self.api, s.served_model_name, s.namespaces, me=me, elsewhere=self.registry.elsewhere
         )
+        self.watch.on_limits = self._set_limits
         spec = LoRAWorkerSpec(
             baseModel=s.served_model_name,
             podName=s.report.pod_name or None,
@@ -153,6 +157,7 @@ class WorkerApp:
             cache_bytes_used=lambda: cache.used_bytes,
             assigned=lambda: len(watch.desired),
             on_device=None if self.engine is None else self.engine.on_device,
+            throttled=self.limiter.throttled_ids if self.serve is not None else None,
             pod_name=s.report.pod_name,
             batch_seconds=s.report.report_batch_seconds,
             heartbeat_seconds=s.report.heartbeat_seconds,
@@ -236,6 +241,18 @@ class WorkerApp:
         finally:
             await runner.cleanup()
 
+    def _set_limits(self, adapter: str, spec: AdapterLimits | None, replicas: int) -> None:
+        """The watch saw an adapter's spec.limits (None: gone): this worker's share applies at once."""
+        limits = Limits.of_adapter(spec, replicas)
+        book = self.limiter.book
+        if limits == book.get(adapter):
+            return
+        if limits is None:
+            book.pop(adapter, None)
+        else:
+            book[adapter] = limits
+        log.info("adapter %s: limits on this worker %s (%d replicas)", adapter, limits, replicas)
+
     def http_app(self) -> web.Application:
         """The worker's HTTP app: probes, /metrics, /adapters, and the OpenAI API when serving.
         /ready also waits for the first adapter list, so a pod joins its Service only when it serves
@@ -258,6 +275,10 @@ class WorkerApp:
         app[webapp.HEALTH].ready.append(
             lambda: None if self.ready.is_set() else "the first adapter list is not applied yet"
         )
+        if self.serve is not None:
+            from loraplane.worker.api.routes import SERVING
+
+            app[SERVING].limiter = self.limiter
         return app
 
 

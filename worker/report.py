@@ -90,6 +90,7 @@ class WorkerReport:
         assigned: Callable[[], int] | None = None,
         waiting: Callable[[], dict[int, int]] | None = None,
         on_device: Callable[[], set[int] | None] | None = None,
+        throttled: Callable[[], set[int]] | None = None,
         pod_name: str = "",
         batch_seconds: float = 0.2,
         heartbeat_seconds: float = 10.0,
@@ -103,6 +104,8 @@ class WorkerReport:
         self.assigned = assigned
         self.waiting = waiting
         self.on_device = on_device
+        self.throttled = throttled  # IDs refused over their limits lately (api/limits.py)
+        self._throttled: set[int] = set()
         self.pod_name = pod_name
         self.batch_seconds = batch_seconds
         self.heartbeat_seconds = heartbeat_seconds
@@ -208,6 +211,8 @@ class WorkerReport:
             device = self.on_device() or set()
             if device != self._device:
                 self._device = device
+        if self.throttled is not None:
+            self._throttled = self.throttled()
 
     def _update(self, i: int, rep: WorkerAdapterReport | None) -> None:
         kind = _kind(rep.state) if rep is not None else None
@@ -278,6 +283,8 @@ class WorkerReport:
         if self.on_device is not None and self.on_device() is not None:  # None: no engine yet
             counts["onDevice"] = sum(1 for i in self._device if i in self._state)
             counts["onDeviceIds"] = ranges.encode(self._device) or None
+        if self.throttled is not None:
+            counts["throttledIds"] = ranges.encode(self._throttled) or None
         return counts
 
     def _waiting(self) -> dict[str, int] | None:
@@ -361,6 +368,8 @@ class WorkerReport:
                 return True
             except TimeoutError:
                 if self.on_device is not None and (self.on_device() or set()) != self._device:
+                    return True
+                if self.throttled is not None and self.throttled() != self._throttled:
                     return True
         return False
 

@@ -78,6 +78,10 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     """Tokens in one engine step (count): prompt chunks + one per running sequence; >= --max-num-seqs.
     Long prompts are read in chunks, so they never hold up the requests beside them."""
+    scheduling_policy: str = "fair"
+    """Which waiting request runs next when the engine is saturated: fair (fair share between adapters and
+    API-key tenants by the tokens they were served, interactive before batch; docs/worker.md, "Tenants")
+    or fcfs (oldest first). Both engines."""
     kv_cache_bytes: int = 0
     """KV cache memory budget in bytes (e.g. 8Gi); requests reserve prompt + max_tokens of it. 0: on GPU
     the free memory after loading less 10% of the total, on CPU a quarter of the available memory;
@@ -119,6 +123,8 @@ class EngineConfig:
             raise ConfigError(
                 f"--kv-cache-bytes must be 0 (sized from free memory) or a byte count (e.g. 8Gi), got {self.kv_cache_bytes}"
             )
+        if self.scheduling_policy not in ("fair", "fcfs"):
+            raise ConfigError(f"--scheduling-policy must be fair or fcfs, got {self.scheduling_policy!r}")
         if self.kind not in ("builtin", "vllm"):
             raise ConfigError(f"--engine must be builtin or vllm, got {self.kind!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -147,7 +153,9 @@ class EngineConfig:
             served_model_name=served_model_name,
             kv_cache_bytes=self.kv_cache_bytes,
             scheduler=SchedulerSettings(
-                max_num_seqs=self.max_num_seqs, max_batched_tokens=self.max_batched_tokens
+                max_num_seqs=self.max_num_seqs,
+                max_batched_tokens=self.max_batched_tokens,
+                policy=self.scheduling_policy,
             ),
         )
 
@@ -166,6 +174,7 @@ class EngineConfig:
             gpu_memory_utilization=self.gpu_memory_utilization,
             tensor_parallel_size=self.tensor_parallel_size,
             tool_call_parser=self.tool_call_parser,
+            scheduling_policy=self.scheduling_policy,
             extra_args=shlex.split(self.vllm_args or ""),
         )
 

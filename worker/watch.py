@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
 
 from loraplane import errors
 from loraplane.crds import conditions
-from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, parse_adapter, version_of
+from loraplane.crds.models import ADAPTER_PLURAL, API_VERSION, AdapterLimits, parse_adapter, version_of
 from loraplane.errors import LoraplaneError
 from loraplane.kube import Backoff, KubeClient, rv_behind
 
@@ -59,6 +60,10 @@ class DesiredVersion:
     """spec.digest: the fetched files must hash to it."""
     signature_required: bool = False
     """spec.signature.required: serve it only with a valid signature."""
+    limits: AdapterLimits | None = field(default=None, compare=False)
+    """spec.limits: not part of the version (an edit applies at once through ``on_limits``)."""
+    replicas: int = field(default=1, compare=False)
+    """Workers with the adapter Ready (status.workers.ready, at least 1): the limits' divisor."""
 
 
 def placed_here(obj: dict[str, Any], me: str | None) -> bool:
@@ -111,6 +116,8 @@ def desired_from(obj: dict[str, Any], served_model: str, me: str | None = None) 
         signature_required=want.signature is not None and want.signature.required,
         uid=str(meta.get("uid", "")),
         stale=moved or undecided,
+        limits=want.limits,
+        replicas=max(1, status.workers.ready if status.workers else 1),
     )
 
 
@@ -151,6 +158,8 @@ class AdapterWatch:
         self._rv: dict[str, str | None] = dict.fromkeys(self.scopes)  # where each scope resumes
         self.relists = 0  # how many lists ran (the first included): for tests and metrics
         self.reconnects = 0
+        # (namespace/name, spec.limits, replicas) on every event: limits apply without a new version
+        self.on_limits: Callable[[str, AdapterLimits | None, int], None] | None = None
 
     def _path(self, scope: str) -> str:
         base = f"/apis/{API_VERSION}"
@@ -242,6 +251,8 @@ class AdapterWatch:
 
     def _apply(self, key: str, old: DesiredVersion | None, new: DesiredVersion | None) -> None:
         """One object's desired version went from ``old`` to ``new``."""
+        if self.on_limits is not None and (new is not None or old is not None):
+            self.on_limits(key, new.limits if new else None, new.replicas if new else 1)
         if old == new:
             return
         if old is not None and self.desired.get(old.id) == old:

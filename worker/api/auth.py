@@ -1,7 +1,10 @@
 """API keys: who may call the OpenAI API and /adapters.
 
 Keys come from ``--api-keys`` / ``LORAPLANE_API_KEYS`` (comma-separated) and from ``--api-key-file``
-(one key per line, ``#`` comments; the chart mounts a Secret there). Several keys are accepted at
+(one key per line, ``#`` comments; the chart mounts a Secret there). A key file line may follow the key
+with ``name=value`` fields that make the key a tenant (docs/worker.md, "Tenants"):
+``tenant=acme weight=2 priority=batch max-concurrent-requests=8 tokens-per-minute=60000
+max-output-tokens=512``; a plain key is the tenant named by its position, weight 1, interactive. Several keys are accepted at
 once so a key can be rotated: add the new one, move clients, remove the old one. The file is re-read
 when it changes (Kubernetes updates a mounted Secret in place), so rotation needs no restart. Every
 key is compared in constant time (``hmac.compare_digest``), always against all keys, so timing says
@@ -21,6 +24,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from loraplane.worker import redaction
 
@@ -35,14 +39,74 @@ class ApiKeyError(ValueError):
     """A key or key file that cannot work; the message names where it came from."""
 
 
-def parse(text: str, where: str) -> tuple[str, ...]:
-    """Keys from a key file's text: one per line, blank lines and ``#`` comments skipped."""
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+PRIORITIES = ("interactive", "batch")
+
+
+@dataclass(frozen=True)
+class Key:
+    """An accepted key and the tenant it stands for (its fields from the key file)."""
+
+    value: str
+    tenant: str = ""
+    """The tenant name in metrics and fair share; empty: no tenant (fair share by adapter only)."""
+    weight: int = 1
+    """Share of a saturated worker relative to other keys."""
+    priority: str = "interactive"
+    """Its requests' priority unless the request says otherwise (header ``X-Loraplane-Priority``)."""
+    max_concurrent_requests: int | None = None
+    tokens_per_minute: int | None = None
+    max_output_tokens: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.max_concurrent_requests or self.tokens_per_minute or self.max_output_tokens)
+
+
+_INT_FIELDS = {
+    "weight": (1, 1000),
+    "max-concurrent-requests": (1, 1_000_000),
+    "tokens-per-minute": (1, 10**12),
+    "max-output-tokens": (1, 2**31 - 1),
+}
+
+
+def parse(text: str, where: str) -> tuple[Key, ...]:
+    """Keys from a key file's text: one per line (the key, then optional ``name=value`` fields), blank
+    lines and ``#`` comments skipped."""
     keys = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            keys.append(check(line, f"{where} line {n}"))
+            value, *fields = line.split()
+            keys.append(_key(check(value, f"{where} line {n}"), fields, f"{where} line {n}"))
     return tuple(keys)
+
+
+def _key(value: str, fields: list[str], where: str) -> Key:
+    """A key with its tenant fields; an unknown field or a bad value is refused by name."""
+    values: dict[str, object] = {}
+    for item in fields:
+        name, eq, raw = item.partition("=")
+        if not eq or name in values:
+            raise ApiKeyError(f"{where}: {item!r} is not a name=value field (or repeats one)")
+        if name == "tenant":
+            if not TENANT_NAME.fullmatch(raw):
+                raise ApiKeyError(f"{where}: tenant must be 1-63 letters, digits, '.', '_' or '-'")
+            values[name] = raw
+        elif name == "priority":
+            if raw not in PRIORITIES:
+                raise ApiKeyError(f"{where}: priority must be one of {', '.join(PRIORITIES)}")
+            values[name] = raw
+        elif name in _INT_FIELDS:
+            low, high = _INT_FIELDS[name]
+            if not raw.isdigit() or not low <= int(raw) <= high:
+                raise ApiKeyError(f"{where}: {name} must be an integer from {low} to {high}")
+            values[name] = int(raw)
+        else:
+            known = ", ".join(["tenant", "priority", *_INT_FIELDS])
+            raise ApiKeyError(f"{where}: unknown field {name!r}; a key line takes {known}")
+    return Key(value, **{k.replace("-", "_"): v for k, v in values.items()})  # type: ignore[arg-type]
 
 
 def check(key: str, where: str) -> str:
@@ -56,9 +120,9 @@ class ApiKeys:
     """The accepted keys: fixed ones plus a key file's current contents. Empty: no authentication."""
 
     def __init__(self, keys: Iterable[str] = (), file: str = "") -> None:
-        self.fixed = tuple(check(k, "--api-keys") for k in keys)
+        self.fixed = tuple(Key(check(k, "--api-keys")) for k in keys)
         self.file = file
-        self._from_file: tuple[str, ...] = ()
+        self._from_file: tuple[Key, ...] = ()
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -69,7 +133,7 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self.fixed or self.file)
 
-    def keys(self) -> tuple[str, ...]:
+    def keys(self) -> tuple[Key, ...]:
         if self.file and time.monotonic() - self._checked >= RELOAD_EVERY_S:
             self._reload(strict=False)
         return self.fixed + self._from_file
@@ -82,15 +146,20 @@ class ApiKeys:
 
     def allows(self, authorization: str) -> bool:
         """Whether an ``Authorization`` header value carries an accepted key (``Bearer <key>``)."""
+        return self.match(authorization) is not None
+
+    def match(self, authorization: str) -> Key | None:
+        """The accepted key an ``Authorization`` header value carries (``Bearer <key>``), or None."""
         scheme, _, token = authorization.partition(" ")
         try:
             given = token.strip().encode("ascii")  # keys are ASCII; other bytes cannot match any
         except UnicodeEncodeError:
-            return False
-        ok = False
-        for key in self.keys():
-            ok |= hmac.compare_digest(given, key.encode())
-        return ok and scheme.lower() == "bearer"
+            return None
+        found: Key | None = None
+        for key in self.keys():  # every key compared, whichever matches: timing tells nothing
+            if hmac.compare_digest(given, key.value.encode()):
+                found = key
+        return found if scheme.lower() == "bearer" else None
 
     def _reload(self, *, strict: bool) -> None:
         with self._lock:

@@ -24,11 +24,13 @@ from loraplane.errors import LoraplaneError
 
 from ..inference.engines import NON_FINITE_OUTPUT
 from .errors import ApiError
+from .limits import TENANT_TOKENS, Limiter, Ticket
 from .protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, new_id
 
 if TYPE_CHECKING:
     from ..inference.engines import Engine, EngineSlot, Output
     from ..registry import Registry, VersionEntry
+    from .auth import Key
 
 access_log = logging.getLogger("loraplane.worker.access")
 
@@ -57,6 +59,8 @@ class Generation:
         self.on_error: Callable[[LoraplaneError], None] = lambda _: None  # the engine failed it
         self._tokens: dict[int, int] = {}  # choice -> completion tokens
         self._cut: LoraplaneError | None = None
+        self.ticket: Ticket | None = None  # what it holds of its adapter's and key's limits
+        self.tenant = ""  # its API-key tenant (metrics label)
 
     @property
     def prompt_tokens(self) -> int:
@@ -141,6 +145,7 @@ class Serving:
         # Takes an adapter version out of service (Failed) on this worker (the controller's).
         self.quarantine = quarantine or (lambda adapter_id, error: None)
         self.running: weakref.WeakSet[Generation] = weakref.WeakSet()
+        self.limiter = Limiter()  # the worker points its book at the watch's limits
         # Counted here, where a request ends, for either engine; rendered with the engine's own series.
         self.metrics = CollectorRegistry()
         self.requests = Counter(
@@ -221,8 +226,14 @@ class Serving:
             )
         return version
 
-    async def submit(self, request: CompletionRequest | ChatCompletionRequest) -> tuple[Generation, str]:
-        """Check, tokenize and queue a request; returns its Generation and the response id."""
+    async def submit(
+        self,
+        request: CompletionRequest | ChatCompletionRequest,
+        key: Key | None = None,
+        priority: str | None = None,
+    ) -> tuple[Generation, str]:
+        """Check, tokenize, admit past the limits (``key``: the caller's API key; ``priority``: its
+        header) and queue a request; returns its Generation and the response id."""
         engine = self.require_engine()
         for param, message in request.unsupported():
             raise ApiError(400, "UnsupportedParameter", message, param=param, code="unsupported")
@@ -306,9 +317,24 @@ class Serving:
         self._check_logprobs(
             extras, params.max_tokens or max(1, limit - min(map(len, prompts))), len(prompts)
         )
+        admission = self.limiter.admit(
+            adapter=None if version is None else version.adapter,
+            adapter_id=None if version is None else version.id,
+            model=request.model,
+            key=key,
+            priority=priority,
+            prompt_tokens=sum(map(len, prompts)),
+            max_tokens=params.max_tokens,
+            asked=bool(request.model_fields_set & {"max_tokens", "max_completion_tokens"}),
+            room=limit - min(map(len, prompts)),
+            choices=n * len(prompts),
+        )
+        if admission.max_tokens != params.max_tokens:
+            params = dataclasses.replace(params, max_tokens=admission.max_tokens)
         request_id = new_id("cmpl" if isinstance(request, CompletionRequest) else "chatcmpl")
         generation = Generation(engine, loop, request_id)
         generation.n, generation.choices = n, n * len(prompts)
+        generation.ticket, generation.tenant = admission.ticket, admission.label
         self.running.add(generation)
         if version is not None:
             generation.adapter_id = adapter_id = version.id
@@ -329,10 +355,13 @@ class Serving:
                     params=params,
                     extras=extras,
                     on_output=generation.on_output_for(i),
+                    tenant=admission.tenant,
                 )
                 generation.engine_ids.append(engine_id)
         except LoraplaneError as exc:
             generation.cancel()  # the prompts already queued: all or none
+            if generation.ticket is not None:
+                generation.ticket.done(0)
             raise ApiError.of(exc, param=param if exc.reason == "PromptTooLong" else None) from exc
         return generation, request_id
 
@@ -364,7 +393,13 @@ class Serving:
     def finished(
         self, path: str, model: str, status: int | str, generation: Generation | None, seconds: float
     ) -> None:
-        """A /v1 generation request ended: count it, and write its access log line (unless turned off)."""
+        """A /v1 generation request ended: count it, give back what it held of its limits, and write its
+        access log line (unless turned off)."""
+        if generation is not None:
+            used = generation.prompt_tokens + generation.completion_tokens
+            TENANT_TOKENS.labels(tenant=generation.tenant).inc(used)
+            if generation.ticket is not None:
+                generation.ticket.done(used)
         if self.engine is not None:
             self.requests.labels(model=model, status=str(status)).inc()
         if not self.access_log:

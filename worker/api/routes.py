@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from . import responses, tools
 from .errors import ApiError
 from .generation import Generation, Serving, model_label
+from .limits import PRIORITY_HEADER, priority_of
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -42,12 +43,13 @@ from .protocol import (
     ModelList,
     Usage,
 )
-from .webapp import GENERATION_PATHS, HEALTH, SETTINGS
+from .webapp import API_KEY, GENERATION_PATHS, HEALTH, SETTINGS
 
 if TYPE_CHECKING:
     from loraplane.errors import LoraplaneError
 
     from ..inference.engines import EngineSlot, Output
+    from .auth import Key
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,11 @@ async def _parse(request: web.Request, model: type[_M]) -> _M:
         raise ApiError(
             400, "InvalidRequest", f"{where}: {first['msg']}", param=param, code="invalid_value"
         ) from exc
+
+
+def _caller(request: web.Request) -> tuple[Key | None, str | None]:
+    """The API key the gate matched (None without keys) and the request's priority header."""
+    return request.get(API_KEY), priority_of(request.headers.get(PRIORITY_HEADER))
 
 
 def _invalid_json(message: str) -> ApiError:
@@ -290,7 +297,7 @@ def _chat_logprobs(entries: list[Any] | None) -> ChatLogprobs | None:
 async def completions(request: web.Request) -> web.StreamResponse:
     serving = request.app[SERVING]
     body = await _parse(request, CompletionRequest)
-    generation, rid = await serving.submit(body)
+    generation, rid = await serving.submit(body, *_caller(request))
     _STATE.get()["generation"] = generation
     if body.stream:
         offsets: dict[int, int] = {}  # choice -> characters streamed so far (logprobs text_offset)
@@ -326,7 +333,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     serving = request.app[SERVING]
     body = await _parse(request, ChatCompletionRequest)
-    generation, rid = await serving.submit(body)
+    generation, rid = await serving.submit(body, *_caller(request))
     _STATE.get()["generation"] = generation
     calls = tools.Calls.of(body, serving.require_engine())
     if body.stream:
@@ -378,7 +385,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     body = await _parse(request, responses.ResponsesRequest)
     for param, message in body.unsupported():
         raise ApiError(400, "UnsupportedParameter", message, param=param, code="unsupported")
-    generation, _ = await serving.submit(body.to_chat())
+    generation, _ = await serving.submit(body.to_chat(), *_caller(request))
     _STATE.get()["generation"] = generation
     response_id, message_id = responses.new_ids()
     if body.stream:

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from .. import redaction
 from ..inference.engines import EngineSlot
-from .auth import ApiKeys
+from .auth import ApiKeys, Key
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -102,6 +102,8 @@ class Health:
 SETTINGS = web.AppKey("serve_settings", ServeSettings)
 HEALTH = web.AppKey("health", Health)
 KEYS = web.AppKey("api_keys", ApiKeys)
+API_KEY = web.RequestKey("api_key", Key)
+"""Where the gate leaves the matched ``auth.Key`` on the request (fair share and limits read it)."""
 
 
 def _error(err: ApiError) -> web.Response:
@@ -131,7 +133,8 @@ async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
                     code="invalid_request",
                 )
             )
-        if not keys.allows(given[0] if given else ""):
+        key = keys.match(given[0] if given else "")
+        if key is None:
             return _error(
                 ApiError(
                     401,
@@ -141,6 +144,7 @@ async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
                     headers={"WWW-Authenticate": "Bearer"},
                 )
             )
+        request[API_KEY] = key
     if request.path not in GENERATION_PATHS or request.method != "POST":
         return await handler(request)
     health = app[HEALTH]

@@ -172,8 +172,8 @@ class _EngineState(Collector):
         tiers = engine.tiers
         on = {"device": set(_copy(tiers.slot_of)), "cpu": set(_copy(tiers.cpu))}
         known = _known_adapters(engine)
-        names = {i: name for i, (name, _) in known.items()}
-        snapshot = residency.Snapshot(gpu=on["device"], cpu=on["cpu"] | on["device"], names=names)
+        served = {i: name for i, (name, _) in known.items()}
+        snapshot = residency.Snapshot(gpu=on["device"], cpu=on["cpu"] | on["device"], names=served)
         yield from residency.families(snapshot, engine.model_name, runner.max_loras)
         yield from self._residency(known, on)
 

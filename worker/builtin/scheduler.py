@@ -5,9 +5,12 @@ the step within ``max_batched_tokens`` and runs it. The plan, in this order:
 
 1. one token for every running request that has its first token already (decode);
 2. the next chunk of every prompt still being read, at most ``long_prefill_tokens`` each;
-3. waiting requests, oldest first, whose adapter is in a device slot and whose KV reservation
-   fits: a short prompt whole, a long one as its first chunk (one long prompt is read at a time;
-   the others let shorter requests behind them pass);
+3. waiting requests in fair-share order (``inference/fairness.py``: interactive before batch, then the flow,
+   an API-key tenant and adapter pair, that got the fewest prompt + output tokens, by the virtual
+   token counter; ``policy="fcfs"``: oldest first), whose adapter is in a device slot and whose KV
+   reservation fits: a short prompt whole, a long one as its first chunk (one long prompt is read at
+   a time; the others let shorter requests behind them pass). Batch requests hold at most
+   ``batch_share`` of the rows and of the KV cache, so an interactive request always finds room;
 4. what is left of the budget goes to the prompts being read, oldest first.
 
 So a long prompt never makes the requests beside or behind it wait for it: they get their first
@@ -22,6 +25,12 @@ a step that raises is split in halves and retried until the rows that fail are f
 those fail; a row whose logits are NaN or Inf (an adapter with non-finite weights) fails alone.
 Every request gets a last output (finished, failed, cancelled or shut down): none is lost.
 
+Priority bound: while interactive requests alone need fewer rows and KV than batch leaves them
+(1 - ``batch_share``), an interactive request is admitted in the first step that starts after it
+arrives (a step's token budget always has room left after decodes and the one long prompt read at a
+time), and a short prompt gets its first token in that step: a batch flood delays it by at most the
+step in progress, which a full batch makes slower than a lone request's.
+
 Each request carries the adapter *ID* it resolved to at admission, so a new version of its adapter
 never affects it. Results go back through a per-request callback, called on the engine thread
 (the HTTP side hands them to its event loop with ``call_soon_threadsafe``).
@@ -29,6 +38,7 @@ never affects it. Results go back through a per-request callback, called on the 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import threading
@@ -42,6 +52,7 @@ import torch
 from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
 from ..inference.engines import Output
+from ..inference.fairness import DEFAULT, FairShare, Tenant
 from ..inference.sampling import SamplingParams
 from .metrics import Metrics
 from .runner import ModelRunner, SeqStep
@@ -64,6 +75,12 @@ class SchedulerSettings:
     """Requests waiting for admission; beyond it submit() raises QueueFull (HTTP 429)."""
     idle_poll_s: float = 0.005
     """Seconds between checks while requests wait only for an adapter to finish loading."""
+    policy: str = "fair"
+    """Admission order: "fair" (virtual token counter per flow, weights, interactive before batch) or
+    "fcfs" (oldest first, tenants and priorities ignored)."""
+    batch_share: float = 0.75
+    """Fraction of the rows (max_num_seqs) and of the KV cache batch requests may hold (fair policy):
+    the rest is kept for interactive requests, which is what bounds their delay."""
 
     def __post_init__(self) -> None:
         problems = [
@@ -75,6 +92,8 @@ class SchedulerSettings:
             ),
             (self.long_prefill_tokens < 0, "long_prefill_tokens must be 0 (automatic) or positive"),
             (self.max_waiting < 1, "max_waiting must be at least 1"),
+            (self.policy not in ("fair", "fcfs"), f"policy must be fair or fcfs, not {self.policy!r}"),
+            (not 0.0 < self.batch_share <= 1.0, "batch_share must be in (0, 1]"),
         ]
         bad = [msg for wrong, msg in problems if wrong]
         if bad:
@@ -98,6 +117,7 @@ class Request:
     max_len: int  # prompt + generated tokens never exceed this
     on_output: Callable[[Output], None]
     arrival: float = field(default_factory=time.monotonic)
+    tenant: Tenant = DEFAULT
     # engine-thread state
     seq_id: int = -1
     slot: int = -1
@@ -107,6 +127,8 @@ class Request:
     tail: TextTail | None = None
     generator: torch.Generator | None = None
     first_token_at: float = 0.0
+    reserved: int = 0  # KV tokens reserved at admission
+    readback: int = 0  # output tokens read again with the prompt after a preemption freed their KV
 
     @property
     def reservation(self) -> int:
@@ -115,8 +137,28 @@ class Request:
         return min(len(self.prompt_ids) + wanted, self.max_len)
 
     @property
+    def context(self) -> int:
+        """Tokens to read before the next one is sampled: the prompt (and, after a preemption, the output
+        so far)."""
+        return len(self.prompt_ids) + self.readback
+
+    @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt_ids)
+        return self.computed < self.context
+
+    def read(self, n: int) -> list[int]:
+        """The next ``n`` tokens to read into the KV cache."""
+        if not self.readback:
+            return self.prompt_ids[self.computed : self.computed + n]
+        return (self.prompt_ids + self.out_ids[: self.readback])[self.computed : self.computed + n]
+
+
+def _tenant(req: Request) -> Tenant:
+    return req.tenant
+
+
+def _arrival(req: Request) -> float:
+    return req.arrival
 
 
 def _as_error(exc: Exception) -> LoraplaneError:
@@ -148,6 +190,11 @@ class Scheduler:
         self._draining: dict[int, Request] = {}
         self.steps = 0
         self.beat = time.monotonic()  # when the loop last came round: the engine's liveness
+        self.fair = FairShare()
+        self.preemptions = 0  # running requests taken back for a flow under its share (fair policy)
+        self._fair = settings.policy == "fair"
+        self._batch_rows = 0  # batch requests running, and the KV they reserved
+        self._batch_kv = 0
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -220,6 +267,8 @@ class Scheduler:
                 if item.adapter_id is not None:
                     self.tiers.admit(item.adapter_id)
                 self.waiting.append(item)
+                if self._fair:
+                    self.fair.arrive(item.tenant.flow)
 
     def iteration(self, inbox: list[Request | int], cancelled: set[str]) -> None:
         self._take_inbox(inbox)
@@ -246,27 +295,35 @@ class Scheduler:
         budget = s.max_batched_tokens - len(plan)
         reading = [r for r in self.running if r.prefilling]  # prompts being read, oldest first
         for req in reading:
-            n = min(len(req.prompt_ids) - req.computed, chunk, budget)
+            n = min(req.context - req.computed, chunk, budget)
             if n > 0:
                 plan[req] = n
                 budget -= n
-        long_busy = any(len(r.prompt_ids) - r.computed > plan.get(r, 0) for r in reading)
-        for req in self._admit(budget, chunk, long_busy):
-            n = min(len(req.prompt_ids), chunk, budget)
+        long_busy = any(r.context - r.computed > plan.get(r, 0) for r in reading)
+        preemptions = self.preemptions
+        new = self._admit(budget, chunk, long_busy, plan)
+        if self.preemptions != preemptions:  # the preempted leave this step
+            for req in [r for r in plan if r.seq_id < 0]:
+                budget += plan.pop(req)
+            reading = [r for r in reading if r.seq_id >= 0]
+        for req in new:
+            n = min(req.context, chunk, budget)
             plan[req] = n
             budget -= n
             reading.append(req)
         for req in reading:  # the leftover budget goes to the prompts being read, oldest first
             if budget <= 0:
                 break
-            extra = min(len(req.prompt_ids) - req.computed - plan.get(req, 0), budget)
+            extra = min(req.context - req.computed - plan.get(req, 0), budget)
             if extra > 0:
                 plan[req] = plan.get(req, 0) + extra
                 budget -= extra
         return list(plan.items())
 
-    def _admit(self, budget: int, chunk: int, long_busy: bool) -> list[Request]:
-        """Waiting requests that join this step, oldest first, within the batch, token and KV budgets."""
+    def _admit(self, budget: int, chunk: int, long_busy: bool, plan: dict[Request, int]) -> list[Request]:
+        """Waiting requests that join this step, in admission order, within the batch, token and KV
+        budgets; under the fair policy one may preempt running requests of a flow over its share
+        (``_preempt``), which leave ``plan``'s step."""
         s = self.settings
         kv = self.runner.kv
         copies_left = 1 if self.running else self.runner.max_loras
@@ -276,22 +333,36 @@ class Scheduler:
         for victim, waiter in list(self._draining.items()):
             if id(waiter) not in waiting_ids or victim not in self.tiers.slot_of:
                 del self._draining[victim]  # the request it drained for started (or left), or it is gone
-        for req in list(self.waiting):
-            if len(self.running) >= s.max_num_seqs or budget <= 0:
+        order = self.fair.order(self.waiting, _tenant) if self._fair else list(self.waiting)
+        batch_rows = int(s.max_num_seqs * s.batch_share)
+        batch_kv = int(kv.total_tokens * s.batch_share)
+        preempts = max(1, s.max_num_seqs // 4)  # per step: bounds the re-reading a burst can cause
+        for req in order:
+            if budget <= 0:
                 break
-            n = len(req.prompt_ids)
+            if len(self.running) >= s.max_num_seqs:
+                if preempts <= 0 or not self._preempt(req):
+                    break
+                preempts -= 1
+            n = req.context
             first = min(n, chunk, budget)
             if first < n and long_busy:
                 continue  # one long prompt is read at a time; shorter requests behind it go first
             reserve = min(req.reservation, kv.max_len)
-            if reserve > kv.total_tokens or n >= reserve:
+            if reserve > kv.total_tokens or len(req.prompt_ids) >= reserve:
                 self._finish(req, "error", self._too_large(req, reserve))
                 continue
+            batch = self._fair and req.tenant.batch
+            if batch and (self._batch_rows >= batch_rows or self._batch_kv + reserve > batch_kv):
+                continue  # the rest is kept for interactive requests
+            while not kv.can_allocate(reserve) and preempts > 0 and self._preempt(req):
+                preempts -= 1
             if not kv.can_allocate(reserve):
-                break  # wait for running requests to free KV, oldest first
+                break  # wait for running requests to free KV, in admission order
             try:  # everything about the request itself that can fail, before any state changes
-                generator = generator_for(req.params, self.runner.device)
-                tail = TextTail(self.runner.tokenizer, req.params.stop)
+                if req.tail is None:  # (a preempted request keeps its own)
+                    req.generator = generator_for(req.params, self.runner.device)
+                    req.tail = TextTail(self.runner.tokenizer, req.params.stop)
             except Exception as exc:
                 self._finish(req, "error", self._refused(exc))
                 continue
@@ -327,14 +398,75 @@ class Scheduler:
             if req.adapter_id is not None:
                 self.tiers.start(req.adapter_id)
                 req.started = True
-            req.tail, req.generator = tail, generator
+            req.reserved = reserve
             self.running.append(req)
-            self.metrics.prompt_tokens.labels(model=req.model).inc(n)
-            self.metrics.queue_time.labels(model=req.model).observe(time.monotonic() - req.arrival)
+            if self._fair:
+                self.fair.admitted(req.tenant, 0 if req.readback else n)  # the flow paid for it once
+                if batch:
+                    self._batch_rows += 1
+                    self._batch_kv += reserve
+            if not req.readback:
+                self.metrics.prompt_tokens.labels(model=req.model).inc(n)
+                self.metrics.queue_time.labels(model=req.model).observe(time.monotonic() - req.arrival)
             budget -= first
             long_busy = long_busy or first < n
             new.append(req)
         return new
+
+    def _preempt(self, req: Request) -> bool:
+        """Make room for ``req`` (a row, or KV) by taking back the newest running
+        request of another flow that is over its share: a batch one for an interactive request, else
+        one of a flow holding more than its share of the rows whose counter is above ``req``'s. The
+        taken request goes back to waiting with its output so far; when readmitted it reads prompt and
+        output again (recompute, as vLLM preempts) and goes on. False when no request qualifies.
+
+        This is what bounds a newcomer's wait without holding rows idle: the engine stays full with one
+        flow, and a second flow gets its row within a step instead of after a request finishes."""
+        flow = req.tenant.flow
+        held: dict[str, int] = {}
+        for r in self.running:
+            held[r.tenant.flow] = held.get(r.tenant.flow, 0) + 1
+        share = self.settings.max_num_seqs / len(held.keys() | {flow})
+        mine, under = self.fair.counter(flow), held.get(flow, 0) < share
+        victim: Request | None = None
+        best: tuple[bool, float, int] | None = None
+        for r in self.running:
+            t = r.tenant
+            if t.flow == flow or (t.batch, req.tenant.batch) == (False, True):
+                continue  # batch never takes from interactive
+            if t.batch == req.tenant.batch and not (
+                under and held[t.flow] > share and self.fair.counter(t.flow) > mine
+            ):
+                continue
+            rank = (t.batch, self.fair.counter(t.flow), r.seq_id)
+            if best is None or rank > best:
+                best, victim = rank, r
+        if victim is None:
+            return False
+        log.debug(
+            "preempting %s (flow %r) for %s (flow %r)",
+            victim.request_id,
+            victim.tenant.flow,
+            req.request_id,
+            flow,
+        )
+        self.preemptions += 1
+        self.running.remove(victim)
+        self.runner.free(victim.seq_id)
+        victim.seq_id = -1
+        victim.computed = 0
+        victim.readback = len(victim.out_ids)
+        if victim.started and victim.adapter_id is not None:
+            self.tiers.pause(victim.adapter_id)
+            victim.started = False
+        if victim.tenant.batch:
+            self._batch_rows -= 1
+            self._batch_kv -= victim.reserved
+        bisect.insort(self.waiting, victim, key=_arrival)
+        with self._cond:
+            self._queued += 1
+        self.fair.requeue(victim.tenant.flow)
+        return True
 
     def _too_large(self, req: Request, reserve: int) -> LoraplaneError:
         kv = self.runner.kv
@@ -377,7 +509,7 @@ class Scheduler:
         steps = [
             SeqStep(
                 r.seq_id,
-                r.prompt_ids[r.computed : r.computed + n] if r.prefilling else r.out_ids[-1:],
+                r.read(n) if r.prefilling else r.out_ids[-1:],
                 r.slot,
             )
             for r, n in plan
@@ -437,6 +569,8 @@ class Scheduler:
             self.metrics.ttft.labels(model=req.model).observe(now - req.arrival)
         req.out_ids.append(token)
         self.metrics.generation_tokens.labels(model=req.model).inc()
+        if self._fair:
+            self.fair.generated(req.tenant)
         p = req.params
         reason: str | None = None
         text = ""
@@ -475,12 +609,19 @@ class Scheduler:
         """Free what the request holds; False when it held nothing (released before)."""
         if req in self.running:
             self.running.remove(req)
+            waiting = False
+            if self._fair and req.tenant.batch:
+                self._batch_rows -= 1
+                self._batch_kv -= req.reserved
         elif req in self.waiting:
             self.waiting.remove(req)
+            waiting = True
             with self._cond:
                 self._queued -= 1
         else:
             return False
+        if self._fair:
+            self.fair.left(req.tenant.flow, waiting=waiting)
         self.metrics.e2e.labels(model=req.model).observe(time.monotonic() - req.arrival)
         if req.seq_id >= 0:
             self.runner.free(req.seq_id)

@@ -23,6 +23,7 @@ from loraplane.errors import PermanentError
 
 from ..inference import engines
 from ..inference.engines import LoraSpec, Output
+from ..inference.fairness import DEFAULT, Tenant
 from ..inference.sampling import SamplingParams
 from . import heap
 from .metrics import Metrics
@@ -148,6 +149,7 @@ class Engine:
         params: SamplingParams,
         on_output: Callable[[Output], None],
         extras: dict[str, Any] | None = None,
+        tenant: Tenant | None = None,
     ) -> Request:
         """Queue a request for the base model (adapter None) or an adapter version (kept by its ID).
         ``extras`` must be empty: this engine implements none of ``engines.FEATURES``.
@@ -169,6 +171,7 @@ class Engine:
             params=params,
             max_len=limit,
             on_output=on_output,
+            tenant=tenant or DEFAULT,
         )
         self.scheduler.submit(request)
         return request

@@ -93,6 +93,12 @@ class AdapterTiers:
         """A sequence on this ID runs: its slot must not be evicted."""
         self.running[adapter_id] += 1
 
+    def pause(self, adapter_id: int) -> None:
+        """A sequence on this ID was preempted: it waits again (still queued, not running)."""
+        self.running[adapter_id] -= 1
+        if self.running[adapter_id] <= 0:
+            del self.running[adapter_id]
+
     def finish(self, adapter_id: int, *, started: bool) -> None:
         """A request for this ID left (finished, cancelled or failed)."""
         if started:

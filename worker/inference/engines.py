@@ -20,6 +20,7 @@ from loraplane.errors import PermanentError
 
 if TYPE_CHECKING:
     from loraplane.errors import LoraplaneError
+    from loraplane.worker.inference.fairness import Tenant
     from loraplane.worker.inference.sampling import SamplingParams
 
 NON_FINITE_OUTPUT = "NonFiniteOutput"
@@ -112,8 +113,10 @@ class Engine(Protocol):
         params: SamplingParams,
         extras: dict[str, Any],
         on_output: Callable[[Output], None],
+        tenant: Tenant | None = None,
     ) -> object:
         """Queue a request; ``on_output`` may be called from any thread. Raises LoraplaneError.
+        ``tenant``: its fair-share flow, weight and priority (``inference/fairness.py``; None: the default flow).
         What it returns is the engine's own (the built-in one returns its Request); callers ignore it."""
         ...
 

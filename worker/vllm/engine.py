@@ -12,6 +12,13 @@ AsyncLLM lives on its own event loop in its own thread: its output processing (d
 logprob alternative) is the heavy Python work of a request, and on the HTTP server's loop it held the
 probes; outputs reach the server through ``on_output``, which is thread-safe (as for the built-in engine).
 
+Fair share without forking vLLM (docs/engines.md): the worker keeps vLLM's queue short. At most
+``max_num_seqs`` requests are in vLLM at once (as many as it runs together); the others wait here and
+are released by the same rule as the built-in engine's admission (``inference/fairness.py``: interactive before
+batch, then the flow with the smallest virtual token counter, output tokens counted as they stream),
+with batch requests holding at most ``batch_share`` of those rows. vLLM cannot be told to preempt a
+running request, so a newcomer waits for the next request to finish (not for the queue ahead of it).
+
 vLLM's own Prometheus series (``vllm:*``) register in the process-wide registry that the worker's
 ``/metrics`` already serves. The adapter-residency series vLLM does not export yet (``inference/residency.py``)
 come from vLLM's model runner itself, through ``plugin.LORA_STATE``. On vLLM's CPU backend,
@@ -37,6 +44,7 @@ from loraplane.errors import LoraplaneError, PermanentError, TemporaryError
 
 from ..inference import engines, residency
 from ..inference.engines import LoraSpec, Output, TokenLogprob
+from ..inference.fairness import DEFAULT, FairShare, Tenant
 from . import plugin
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,11 @@ class VllmSettings:
     """vLLM engine arguments, as on vLLM's command line (e.g. ["--enforce-eager"])."""
     tool_call_parser: str = ""
     """vLLM's tool parser for tool_choice "auto" (tools.py); empty: "auto" is refused."""
+    scheduling_policy: str = "fair"
+    """fair: requests beyond vLLM's max_num_seqs wait in the worker, released by fair share; fcfs: all go
+    to vLLM at once (its own first-come-first-served queue)."""
+    batch_share: float = 0.75
+    """Fraction of vLLM's rows batch requests may hold (fair policy)."""
 
 
 def _yield_between_engine_steps(llm: Any) -> None:
@@ -196,6 +209,15 @@ class VllmEngine:
         _yield_between_engine_steps(llm)
         self.metrics.registry.register(_Residency(self))
         self.tool_parser: Callable[[Any], Callable[[], Any]] | None = None  # tools.ToolParsers.for_request
+        # Fair share (on vLLM's loop): requests held here until vLLM has a free row.
+        self.fair = FairShare()
+        self.fair_on = True
+        self.batch_share = 0.75
+        scheduler = getattr(getattr(llm, "vllm_config", None), "scheduler_config", None)
+        self.rows = int(getattr(scheduler, "max_num_seqs", 0) or 256)
+        self.waiting: list[_Held] = []
+        self._in_engine = 0
+        self._batch_in_engine = 0
 
     @classmethod
     async def start(cls, model_dir: Path, settings: VllmSettings) -> VllmEngine:
@@ -212,6 +234,8 @@ class VllmEngine:
         thread = threading.Thread(target=loop.run_forever, name="loraplane-vllm", daemon=True)
         thread.start()
         engine = cls(llm, tokenizer, args.served_model_name[0], loop, thread)
+        engine.fair_on = settings.scheduling_policy == "fair"
+        engine.batch_share = settings.batch_share
         if settings.tool_call_parser:
             from .tools import ToolParsers
 
@@ -331,6 +355,7 @@ class VllmEngine:
         params: Any,
         on_output: Callable[[Output], None],
         extras: dict[str, Any] | None = None,
+        tenant: Tenant | None = None,
     ) -> None:
         limit, source = self.limit_for(adapter)
         engines.check_prompt(prompt_ids, params.max_tokens, limit, source)
@@ -346,16 +371,40 @@ class VllmEngine:
             from vllm.lora.request import LoRARequest
 
             lora = LoRARequest(adapter.name, adapter.id, str(adapter.path))
-        self._loop.call_soon_threadsafe(self._start, request_id, prompt_ids, sampling, lora, on_output)
+        held = _Held(request_id, prompt_ids, sampling, lora, on_output, tenant or DEFAULT)
+        self._loop.call_soon_threadsafe(self._hold, held)
 
-    def _start(
-        self, request_id: str, prompt_ids: list[int], sampling: Any, lora: Any, on_output: Any
-    ) -> None:
+    def _hold(self, held: _Held) -> None:
+        """On vLLM's loop: queue a request in the worker, then release what vLLM has rows for."""
+        if not self.fair_on:
+            self._start(held)
+            return
+        self.waiting.append(held)
+        self.fair.arrive(held.tenant.flow)
+        self._running[held.request_id] = held.fail
+        self._release()
+
+    def _release(self) -> None:
+        """Hand vLLM the waiting requests it has rows for, in fair order."""
+        if not self.waiting or self._in_engine >= self.rows:
+            return
+        batch_rows = max(1, int(self.rows * self.batch_share))
+        for held in self.fair.order(self.waiting, _tenant):
+            if self._in_engine >= self.rows:
+                break
+            if held.tenant.batch and self._batch_in_engine >= batch_rows:
+                continue
+            self.waiting.remove(held)
+            self.fair.admitted(held.tenant, len(held.prompt_ids) * held.sampling.n)
+            self._start(held)
+
+    def _start(self, held: _Held) -> None:
+        request_id, lora = held.request_id, held.lora
+        self._in_engine += 1
+        self._batch_in_engine += held.tenant.batch
         if lora is not None:
             self._in_flight[lora.lora_int_id] = self._in_flight.get(lora.lora_int_id, 0) + 1
-        self._tasks[request_id] = self._loop.create_task(
-            self._run(request_id, prompt_ids, sampling, lora, on_output)
-        )
+        self._tasks[request_id] = self._loop.create_task(self._run(held))
 
     def cancel(self, request_id: str) -> None:
         self._loop.call_soon_threadsafe(self._cancel, request_id)
@@ -364,16 +413,18 @@ class VllmEngine:
         task = self._tasks.get(request_id)
         if task is not None:
             task.cancel()  # AsyncLLM.generate aborts the request in the engine core
+            return
+        held = next((h for h in self.waiting if h.request_id == request_id), None)
+        if held is not None:  # still waiting in the worker: vLLM never saw it
+            self.waiting.remove(held)
+            self._running.pop(request_id, None)
+            self.fair.left(held.tenant.flow, waiting=True)
 
-    async def _run(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        sampling: Any,
-        lora: Any,
-        on_output: Callable[[Output], None],
-    ) -> None:
+    async def _run(self, held: _Held) -> None:
         from vllm.inputs import TokensPrompt
+
+        request_id, prompt_ids, sampling, lora = held.request_id, held.prompt_ids, held.sampling, held.lora
+        on_output, tenant, fair = held.on_output, held.tenant, self.fair_on
 
         done: set[int] = set()
         tokens: dict[int, int] = {}
@@ -392,6 +443,8 @@ class VllmEngine:
             async for result in stream:
                 for c in result.outputs:
                     tokens[c.index] = tokens.get(c.index, 0) + len(c.token_ids)
+                    if fair:
+                        self.fair.generated(tenant, len(c.token_ids))
                     if c.finish_reason == "error":  # vLLM ended it: NaN logits (plugin.py), or its own error
                         fail(self._engine_error(c.stop_reason, lora), [c.index])
                         continue
@@ -427,6 +480,11 @@ class VllmEngine:
         finally:
             self._tasks.pop(request_id, None)
             self._running.pop(request_id, None)
+            self._in_engine -= 1
+            self._batch_in_engine -= tenant.batch
+            if fair:
+                self.fair.left(tenant.flow, waiting=False)
+                self._release()
             if lora is not None:
                 left = self._in_flight.get(lora.lora_int_id, 1) - 1
                 self._in_flight[lora.lora_int_id] = left
@@ -467,10 +525,32 @@ class VllmEngine:
         error = TemporaryError(
             "ShuttingDown", "the worker is shutting down; retry (another replica serves it)"
         )
+        self.fair_on = False  # nothing more is released
         for request_id, fail in list(self._running.items()):
             fail(error)
             self._cancel(request_id)
         self.llm.shutdown()
+
+
+@dataclass(eq=False)
+class _Held:
+    """A request as the worker holds it until vLLM has a row for it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Any
+    lora: Any
+    on_output: Callable[[Output], None]
+    tenant: Tenant
+
+    def fail(self, error: LoraplaneError) -> None:
+        """End it before it reached vLLM (shutdown): every choice gets its last output."""
+        for i in range(self.sampling.n):
+            self.on_output(Output("", [], "error", len(self.prompt_ids), 0, error, index=i))
+
+
+def _tenant(held: _Held) -> Tenant:
+    return held.tenant
 
 
 def sampling_params(params: Any, extras: dict[str, Any], *, max_tokens: int) -> Any:
