@@ -16,6 +16,8 @@ import pytest
 import yaml
 from support import chartkit, models
 
+from loraplane.worker import settings as worker_settings
+
 PLATFORM = chartkit.VALUE_SETS["platform"]
 
 # The InferencePool v1 spec as the upstream CRD validates it, written from the Go types with their
@@ -299,3 +301,16 @@ def test_helm_test_hook_checks_a_running_pool(tmp_path: Path) -> None:
         engine.stop()
     down = run("http://127.0.0.1:9")  # nothing listens: the check fails, naming the call
     assert down.returncode == 1 and down.stderr.startswith("FAIL /v1/models"), down.stderr
+
+
+def test_a_pools_placement_reaches_its_workers_flags() -> None:
+    """workerPools[].placement is what the workers report to the operator (docs/operator.md, Placement);
+    all 0 (the default) renders no flag: every worker holds every adapter."""
+    values = copy.deepcopy(PLATFORM)
+    values["workerPools"][0]["placement"] = {"defaultReplicas": 2, "maxReplicas": 4, "maxAdapters": 500}
+    pods = _pods(chartkit.manifests(values))
+    args = pods["lp-loraplane-worker-h100"]["containers"][0]["args"]
+    flags = vars(worker_settings.build_parser().parse_args(args))  # the worker's own parser takes them
+    assert (flags["default_replicas"], flags["max_replicas"], flags["max_adapters"]) == ("2", "4", "500")
+    cpu = pods["lp-loraplane-worker-small-cpu"]["containers"][0]["args"]
+    assert not [a for a in cpu if a.startswith(("--default-replicas", "--max-replicas", "--max-adapters"))]
