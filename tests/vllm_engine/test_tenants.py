@@ -18,7 +18,7 @@ from typing import Any
 
 import openai
 import pytest
-from support import fleet, models
+from support import fleet, latency, models
 from vllm_engine.test_worker import BASE, PROMPT, SHAPE, VLLM_ARGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -86,15 +86,7 @@ def complete(client: openai.OpenAI, model: str, max_tokens: int) -> str:
 
 
 def ttft(client: openai.OpenAI, model: str) -> float:
-    start = time.monotonic()
-    stream = client.completions.create(
-        model=model, prompt=PROMPT, max_tokens=2, temperature=0, stream=True, extra_body={"ignore_eos": True}
-    )
-    for _ in stream:
-        took = time.monotonic() - start
-        stream.close()
-        return took
-    raise AssertionError("no chunk")
+    return latency.ttft(client, model, PROMPT)
 
 
 def beside_flood(

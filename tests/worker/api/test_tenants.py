@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from support import fleet, models
+from support import fleet, latency, models
 
 pytestmark = [pytest.mark.slow]
 
@@ -215,15 +215,7 @@ def test_key_limits_and_priority_header(worker: Worker) -> None:
 
 
 def ttft(client: openai.OpenAI, model: str) -> float:
-    start = time.monotonic()
-    stream = client.completions.create(
-        model=model, prompt=PROMPT, max_tokens=2, temperature=0, stream=True, extra_body={"ignore_eos": True}
-    )
-    for _ in stream:
-        took = time.monotonic() - start
-        stream.close()
-        return took
-    raise AssertionError("no chunk")
+    return latency.ttft(client, model, PROMPT)
 
 
 def flood(client: openai.OpenAI, model: str, stop: threading.Event, tokens: int = 100) -> None:
