@@ -74,17 +74,9 @@ def make_weights(root: Path, args: argparse.Namespace) -> tuple[Path, list[Path]
 
 async def serve(args: argparse.Namespace) -> None:
     """One engine behind the worker's HTTP app; prints its port, then serves until killed."""
-    from loraplane.worker import assembly
-    from loraplane.worker.api.webapp import ServeSettings, build_app, start
-    from loraplane.worker.inference.engines import EngineSlot
-    from loraplane.worker.registry import Registry, VersionEntry
+    from loraplane.worker.api.webapp import ServeSettings
     from loraplane.worker.settings import EngineConfig
 
-    registry = Registry()
-    slot = EngineSlot()
-    registry.on_retired(slot.retire_adapter)
-    app = build_app(slot, registry, ServeSettings(host="127.0.0.1", port=0, access_log=False))
-    runner, port = await start(app, "127.0.0.1", 0)
     config = EngineConfig(
         kind=args.serve,
         device=args.device,
@@ -97,6 +89,22 @@ async def serve(args: argparse.Namespace) -> None:
         tensor_parallel_size=1,
         vllm_args="" if args.device == "cuda" else "--kv-cache-memory-bytes=2G",
     )
+    await serve_engine(config, ServeSettings(host="127.0.0.1", port=0, access_log=False), args, PORT_LINE)
+
+
+async def serve_engine(config: Any, settings: Any, args: argparse.Namespace, port_line: str) -> None:
+    """``config`` (EngineConfig) behind the worker's HTTP app (``settings``: ServeSettings) with the
+    adapters of ``args.adapter_dirs`` Ready as a0, a1, ...; prints ``port_line`` and the port, then
+    serves until SIGTERM. bench_fairness serves through it too."""
+    from loraplane.worker import assembly
+    from loraplane.worker.api.webapp import build_app, start
+    from loraplane.worker.inference.engines import EngineSlot
+    from loraplane.worker.registry import Registry, VersionEntry
+
+    registry = Registry()
+    slot = EngineSlot()
+    registry.on_retired(slot.retire_adapter)
+    runner, port = await start(build_app(slot, registry, settings), "127.0.0.1", 0)
     engine = await assembly.start_engine(config, BASE, Path(args.base))
     slot.fill(engine)
     for i, path in enumerate(json.loads(args.adapter_dirs)):
@@ -106,7 +114,7 @@ async def serve(args: argparse.Namespace) -> None:
         )  # fmt: skip
         await engine.add_adapter(version.lora_spec())
         registry.upsert(version)
-    print(f"{PORT_LINE}{port}", flush=True)
+    print(f"{port_line}{port}", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:

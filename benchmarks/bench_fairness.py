@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench_engines import BASE, make_weights
+from bench_engines import make_weights, serve_engine
 
 PORT_LINE = "bench-fairness serving on port "
 VICTIM_KEY, AGGRESSOR_KEY = "victim-key-0001", "aggressor-key-01"
@@ -42,21 +42,11 @@ SCENARIOS = {  # name -> (victim (model, key), aggressor (model, key))
 
 async def serve(args: argparse.Namespace) -> None:
     """One engine with a scheduling policy behind the worker's HTTP app; prints its port, serves until killed."""
-    from loraplane.worker import assembly
-    from loraplane.worker.api.webapp import ServeSettings, build_app, start
-    from loraplane.worker.inference.engines import EngineSlot
-    from loraplane.worker.registry import Registry, VersionEntry
+    from loraplane.worker.api.webapp import ServeSettings
     from loraplane.worker.settings import EngineConfig
 
     keys = Path(args.base).parent / "keys"
     keys.write_text(f"{VICTIM_KEY} tenant=victim\n{AGGRESSOR_KEY} tenant=aggressor\n")
-    registry = Registry()
-    slot = EngineSlot()
-    registry.on_retired(slot.retire_adapter)
-    app = build_app(
-        slot, registry, ServeSettings(host="127.0.0.1", port=0, access_log=False, api_key_file=str(keys))
-    )
-    runner, port = await start(app, "127.0.0.1", 0)
     cuda = args.device == "cuda"
     config = EngineConfig(
         kind=args.serve, device=args.device, dtype="auto", max_loras=2, max_cpu_loras=2, max_lora_rank=args.rank,
@@ -64,22 +54,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs, scheduling_policy=args.policy,
         vllm_args=("" if cuda else "--kv-cache-memory-bytes=1G ") + f"--max-num-seqs={args.max_num_seqs}",
     )  # fmt: skip
-    engine = await assembly.start_engine(config, BASE, Path(args.base))
-    slot.fill(engine)
-    for i, path in enumerate(json.loads(args.adapter_dirs)):
-        version = VersionEntry(
-            id=1000 + i, served_name=f"a{i}", adapter=f"bench/a{i}", state="Ready", local_dir=Path(path)
-        )
-        await engine.add_adapter(version.lora_spec())
-        registry.upsert(version)
-    print(f"{PORT_LINE}{port}", flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        engine.stop()
-        await runner.cleanup()
+    settings = ServeSettings(host="127.0.0.1", port=0, access_log=False, api_key_file=str(keys))
+    await serve_engine(config, settings, args, PORT_LINE)
 
 
 def start_server(
