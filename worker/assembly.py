@@ -293,8 +293,7 @@ async def serve_openai(app: WorkerApp) -> None:
         engine = await start_engine(s.engine, s.served_model_name, app.model_dir)
         app.engine.fill(engine)
         if app.report is not None:
-            # Demand for the operator's replicas (engines that can say what waits, per adapter).
-            app.report.waiting = getattr(engine, "waiting_by_adapter", None)
+            app.report.waiting = engine.waiting_by_adapter  # demand for the operator's replicas
             app.report.mark_dirty()  # what the engine holds on the device joins the report
         log.info("%s engine ready: serving %r and its adapters", engine.kind, engine.model_name)
         await asyncio.Event().wait()

@@ -5,7 +5,8 @@ two adapters, with IDs assigned by the test as the operator would, and API keys 
 The limits are the HTTP side's (engine-neutral): one check here that they hold on vLLM too. Fair share
 is the worker's short-queue release (vllm/engine.py): a victim's short request beside an aggressor's
 flood waits for the next running request to finish, never for the aggressor's queue, which under FCFS
-is more than one whole aggressor request; answers are checked equal to the request alone.
+is more than one whole aggressor request; answers are checked equal to the request alone. The requests
+held for a row are the demand the LoRAWorker reports in ``status.waiting``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def worker(kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Work
             "--mode", "serve", "--engine", "vllm", "--device", "cpu", "--dtype", "float32",
             "--max-loras", "2", "--max-lora-rank", "16", "--max-model-len", "1024",
             f"--vllm-args={VLLM_ARGS} --max-num-seqs=4", "--api-key-file", str(root / "keys"),
+            "--heartbeat-seconds", "2",  # status.waiting is written with the heartbeat
         ],
     )  # fmt: skip
     try:
@@ -160,3 +162,29 @@ def test_batch_flood_leaves_rows_for_interactive_on_vllm(worker: Worker) -> None
     # Batch holds at most 3 of vLLM's 4 rows: an interactive request gets the fourth at once.
     victim, request = beside_flood(worker, worker.client(PLAIN), "v0", worker.client(BULK), "v1")
     assert victim < 0.25 * request, f"interactive TTFT {victim:.2f} s vs batch request {request:.2f} s"
+
+
+def test_requests_held_for_a_row_are_reported_as_demand(worker: Worker) -> None:
+    # 10 requests of one adapter on 4 rows: the worker holds 6, and its LoRAWorker names the adapter.
+    w = worker
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            complete(w.client(), "v1", LONG)
+
+    def waiting() -> dict[str, int]:
+        (obj,) = [o for o in w.ads.workers() if o["metadata"]["name"] == w.proc.name]
+        return (obj.get("status") or {}).get("waiting") or {}
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(10)]
+    for t in threads:
+        t.start()
+    try:
+        seen = fleet.wait_for(lambda: waiting().get("9201"), 120, "v1 in status.waiting", interval=0.5)
+        assert seen > 0 and set(waiting()) <= {"9201"}, waiting()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    fleet.wait_for(lambda: not waiting(), 60, "status.waiting empty again", interval=0.5)

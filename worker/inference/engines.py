@@ -138,6 +138,11 @@ class Engine(Protocol):
         """Adapter IDs in device slots now (cheap, any thread): the LoRAWorker report's ``loaded``."""
         ...
 
+    def waiting_by_adapter(self) -> dict[int, int]:
+        """Requests accepted and not yet running, per adapter ID (cheap, any thread): the LoRAWorker
+        report's ``waiting``, the demand the operator scales replicas by."""
+        ...
+
     def problem(self, stall_s: float) -> str | None:
         """Why the engine cannot serve (dead, or no step for ``stall_s``), or None: /health reads it."""
         ...

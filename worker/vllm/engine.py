@@ -216,6 +216,7 @@ class VllmEngine:
         scheduler = getattr(getattr(llm, "vllm_config", None), "scheduler_config", None)
         self.rows = int(getattr(scheduler, "max_num_seqs", 0) or 256)
         self.waiting: list[_Held] = []
+        self._waiting_ids: dict[int, int] = {}  # adapter ID -> its requests in self.waiting
         self._in_engine = 0
         self._batch_in_engine = 0
 
@@ -380,6 +381,7 @@ class VllmEngine:
             self._start(held)
             return
         self.waiting.append(held)
+        self._count_waiting(held, 1)
         self.fair.arrive(held.tenant.flow)
         self._running[held.request_id] = held.fail
         self._release()
@@ -395,8 +397,25 @@ class VllmEngine:
             if held.tenant.batch and self._batch_in_engine >= batch_rows:
                 continue
             self.waiting.remove(held)
+            self._count_waiting(held, -1)
             self.fair.admitted(held.tenant, len(held.prompt_ids) * held.sampling.n)
             self._start(held)
+
+    def _count_waiting(self, held: _Held, step: int) -> None:
+        if held.lora is None:
+            return
+        i = held.lora.lora_int_id
+        n = self._waiting_ids.get(i, 0) + step
+        if n > 0:
+            self._waiting_ids[i] = n
+        else:
+            self._waiting_ids.pop(i, None)
+
+    def waiting_by_adapter(self) -> dict[int, int]:
+        """Requests held in the worker for a free vLLM row, per adapter ID (the demand the operator scales
+        replicas by). Any thread: one C-level copy of a map kept on vLLM's loop. With ``fcfs`` every request
+        goes straight to vLLM, whose own queue is not read, so this stays empty."""
+        return dict(self._waiting_ids)
 
     def _start(self, held: _Held) -> None:
         request_id, lora = held.request_id, held.lora
@@ -417,6 +436,7 @@ class VllmEngine:
         held = next((h for h in self.waiting if h.request_id == request_id), None)
         if held is not None:  # still waiting in the worker: vLLM never saw it
             self.waiting.remove(held)
+            self._count_waiting(held, -1)
             self._running.pop(request_id, None)
             self.fair.left(held.tenant.flow, waiting=True)
 
