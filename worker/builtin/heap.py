@@ -8,7 +8,9 @@ worth of free blocks resident: 100-160 MiB of a serving process's peak at the be
 fixed threshold stops that rise. It must sit above what every decode step allocates, though: the
 [batch, vocab] float32 logits and the sampler's tensors of that shape (4 MiB at batch 32 and vocab
 32,000) would otherwise be mapped, faulted in and unmapped on every step (1 MiB cost 10-35% of
-serving throughput, docs/benchmarks.md). ``step_threshold`` puts it above them.
+serving throughput, docs/benchmarks.md). ``step_threshold`` puts it above them. Attention's per-step
+K/V gathers (MiBs per layer) are not counted there: ``kvcache.KVCache`` writes them into buffers it
+keeps across steps, so once those have grown to the largest step they no longer reach malloc.
 
 ``LORAPLANE_MMAP_THRESHOLD`` overrides the choice (for measurement): a byte count, or ``glibc`` to
 leave glibc's own rising threshold.
