@@ -171,20 +171,25 @@ def start_server(
     raise SystemExit(f"the {kind} server did not start; see its log:\n{log.read_text()[-3000:]}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="builtin,vllm", help="comma-separated: builtin, vllm")
+def add_stream_args(p: argparse.ArgumentParser, *, requests: int, rounds: int) -> None:
+    """The checkpoint, adapters and request stream every serving comparison takes (bench_vs_vllm too)."""
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=1024, help="head_dim is 64 (vLLM's CPU attention needs it)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--max-loras", type=int, default=8, help="device slots (both engines)")
+    p.add_argument("--max-loras", type=int, default=8, help="device slots (every server)")
     p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests", type=int, default=64, help="requests per (round, engine, mode)")
+    p.add_argument("--requests", type=int, default=requests, help="requests per (round, server, stream)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=rounds)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", default="builtin,vllm", help="comma-separated: builtin, vllm")
+    add_stream_args(p, requests=64, rounds=2)
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--adapter-dirs", help=argparse.SUPPRESS)

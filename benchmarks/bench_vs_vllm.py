@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Weights, the worker's server and the load generator are bench_engines.py's (benchmarks/ is on sys.path).
-from bench_engines import BASE, make_weights, run_load, start_server
+from bench_engines import BASE, add_stream_args, make_weights, run_load, start_server
 
 SERVERS = ("vllm-serve", "vllm-bare", "worker-vllm", "worker-builtin")
 DEFAULT_SERVERS = ("vllm-serve", "worker-vllm", "worker-builtin")
@@ -147,17 +147,7 @@ def main() -> None:
         default=",".join(DEFAULT_SERVERS),
         help="comma-separated: " + ", ".join(SERVERS) + ", worker-builtin@T",
     )
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--hidden", type=int, default=1024, help="head_dim is 64 (vLLM's CPU attention needs it)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--adapters", type=int, default=32)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--max-loras", type=int, default=8, help="device slots (every server)")
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests", type=int, default=96, help="requests per (round, server, stream)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    add_stream_args(p, requests=96, rounds=3)
     p.add_argument("--start-timeout", type=float, default=600.0)
     args = p.parse_args()
     servers = [s for s in args.servers.split(",") if s]
