@@ -1,7 +1,7 @@
 """What a client of ``vllm serve`` does, against a loraplane vLLM worker through the official openai client.
 
-One ``--engine vllm --tool-call-parser pythonic`` worker serves the module (a vLLM start costs tens of
-seconds): ``models.retrieve``; a list of prompts with n > 1; an adapter with its own chat template
+The session's ``--engine vllm --tool-call-parser pythonic`` worker (conftest.vllm_fleet) serves the
+module: ``models.retrieve``; a list of prompts with n > 1; an adapter with its own chat template
 (rendering ``name``) against the base model's, each answer equal to PEFT's greedy answer to its own
 rendered prompt; tool calls forced by ``tool_choice`` (a named function, "required": vLLM's structured
 output makes the JSON parse whatever the tiny model), streamed and not; ``tool_choice: "auto"`` through
@@ -21,7 +21,7 @@ from typing import Any
 import openai
 import pytest
 from support import fleet, models
-from vllm_engine.test_worker import BASE, SHAPE, VLLM_ARGS, peft_greedy
+from vllm_engine.test_worker import BASE, VLLM_ARGS, peft_greedy
 
 pytestmark = [pytest.mark.kubectl, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -70,50 +70,20 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    root = tmp_path_factory.mktemp("vllm-openai")
-    base = models.make_tiny_llama(root / "models" / BASE, **SHAPE)
-    tok_prompt = _render(base, ASK, None)
+def served(vllm_fleet: Any) -> Served:
+    """The session's fleet (conftest.vllm_fleet, with --tool-call-parser pythonic) with this module's
+    adapters: its alpha (test_worker.GOOD's), one trained to call a tool, one with a chat template."""
+    base, root = vllm_fleet.base, vllm_fleet.paths["alpha"].parent
     paths = {
-        "alpha": models.make_peft_adapter(
-            base, root / "adapters" / "alpha", r=4, alpha=8, seed=1, init_scale=0.3
-        ),
         "caller": models.train_adapter(
-            base, root / "adapters" / "caller", prompt=tok_prompt, completion=CALL, steps=50
+            base, root / "caller", prompt=_render(base, ASK, None), completion=CALL, steps=50
         ),
+        "templated": Path(shutil.copytree(vllm_fleet.paths["alpha"], root / "templated")),
     }
-    paths["templated"] = Path(shutil.copytree(paths["alpha"], root / "adapters" / "templated"))
     (paths["templated"] / "chat_template.jinja").write_text(NAMED_TEMPLATE)
-    kube.apply_crds()
-    namespace = kube.create_namespace("vllm-openai")
-    ads = fleet.Adapters(kube, namespace)
-    worker = fleet.WorkerProc(
-        kube.kubeconfig, root / "fleet", name="vllm-openai", namespace=namespace, base_dir=base,
-        local_root=root / "adapters",
-        extra=[
-            "--mode", "serve", "--engine", "vllm", "--device", "cpu", "--dtype", "float32",
-            "--max-loras", "2", "--max-lora-rank", "16", "--max-model-len", "1024",
-            "--tool-call-parser", "pythonic", f"--vllm-args={VLLM_ARGS}",
-        ],
-    )  # fmt: skip
-    try:
-        with worker:
-            for i, (name, path) in enumerate(paths.items()):
-                ads.create(fleet.adapter_obj(name, f"file://{path}"))
-                ads.assign(name, 11 + i)
-            s = Served(worker, base, paths, ads, namespace)
-
-            def ready() -> bool:
-                try:
-                    return set(paths) <= {m.id for m in s.client.models.list()}
-                except openai.APIError:
-                    return False
-
-            fleet.wait_for(ready, 300, lambda: worker.log()[-4000:])
-            yield s
-    finally:
-        ads.close()
-        kube.delete_namespace(namespace)
+    fleet_served = vllm_fleet.adding(paths)
+    fleet_served.wait_ready(paths, 300)
+    return Served(vllm_fleet.worker, base, fleet_served.paths, vllm_fleet.ads, vllm_fleet.namespace)
 
 
 def _render(base: Path, messages: list[dict[str, Any]], template: str | None) -> str:
@@ -127,7 +97,7 @@ def _render(base: Path, messages: list[dict[str, Any]], template: str | None) ->
 
 def test_models_retrieve(served: Served) -> None:
     card = served.client.models.retrieve("templated")
-    assert card.id == "templated" and card.model_extra["loraplane"]["id"] == 13
+    assert card.id == "templated" and card.model_extra["loraplane"]["id"] == served.ads.ids()["templated"]
     assert served.client.models.retrieve(BASE).model_extra["loraplane"]["id"] is None
     with pytest.raises(openai.NotFoundError):
         served.client.models.retrieve("nope")
@@ -154,9 +124,9 @@ def test_adapter_chat_template_and_names(served: Served) -> None:
     theirs = _render(served.base, messages, None)
     assert "<user:alice>hi" in own and own != theirs
     # Validation reports which template each adapter uses (LoRAWorker status.adapters[].info).
-    report = fleet.report(served.ads, "vllm-openai", served.namespace)
-    assert report[13]["info"]["chatTemplate"] == "chat_template.jinja"
-    assert report[11]["info"]["chatTemplate"] == "base model"
+    report, ids = fleet.report(served.ads, served.worker.name, served.namespace), served.ads.ids()
+    assert report[ids["templated"]]["info"]["chatTemplate"] == "chat_template.jinja"
+    assert report[ids["alpha"]]["info"]["chatTemplate"] == "base model"
     decode = lambda ids: served.tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")  # noqa: E731
     for model, text, adapter in (
         ("templated", own, served.paths["templated"]),

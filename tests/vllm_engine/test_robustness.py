@@ -1,6 +1,6 @@
 """A vLLM pool as safe as a built-in pool: poisoned adapters and hostile but valid requests (issue 18).
 
-One worker (one vLLM engine) serves the whole module, in order:
+The session's worker (conftest.vllm_fleet: one vLLM engine) serves the module, last in the session:
 - an adapter whose weights are all 3e19 is refused by validation (UnrepresentableWeights);
 - an adapter just under that bound, whose forward still overflows (NaN), is served next to good
   adapters: its requests get 400 NonFiniteOutput, it is quarantined (Failed, in the report, the
@@ -28,10 +28,7 @@ import yaml
 from support import fleet, models
 from vllm_engine.test_worker import (
     BASE,
-    GOOD,
     PROMPT,
-    SHAPE,
-    VLLM_ARGS,
     Served,
     decoder,
     manifest,
@@ -64,50 +61,19 @@ def _fill(adapter: Path, value: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("robust")
-    base = models.make_tiny_llama(root / "models" / BASE, **SHAPE)
-    adapters = root / "adapters"
-    paths = {n: models.make_peft_adapter(base, adapters / n, **GOOD[n]) for n in ("alpha", "beta")}
-    paths["poison"] = _fill(
-        models.make_peft_adapter(base, adapters / "poison", r=4, alpha=8, seed=7), lambda k: 3e19
-    )
+def served(vllm_fleet: Served) -> Served:
+    """The session's fleet (conftest.vllm_fleet) with the poisoned adapters; this module runs last (its
+    last test stops the worker), so alpha and beta serve whatever test_worker left them at."""
+    base, adapters = vllm_fleet.base, vllm_fleet.paths["alpha"].parent
+    poison = _fill(models.make_peft_adapter(base, adapters / "poison", r=4, alpha=8, seed=7), lambda k: 3e19)
     mlp = ["gate_proj", "up_proj", "down_proj"]
     sneaky = models.make_peft_adapter(base, adapters / "sneaky", r=4, alpha=8, seed=8, target_modules=mlp)
-    paths["sneaky"] = _fill(sneaky, lambda k: 1e8 if "lora_A" in k else SNEAKY_B[k.split(".")[-3]])
-    return base, adapters, paths
-
-
-@pytest.fixture(scope="module")
-def served(kube, weights, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    base, root, paths = weights
-    namespace = kube.create_namespace("vllm-robust")
-    tmp = tmp_path_factory.mktemp("fleet")
-    kube.apply_crds()
-    ads = fleet.Adapters(kube, namespace)
-    worker = fleet.WorkerProc(
-        kube.kubeconfig, tmp, name="vllm-robust", namespace=namespace, base_dir=base, local_root=root,
-        extra=[
-            "--mode", "serve", "--engine", "vllm", "--device", "cpu", "--dtype", "float32",
-            "--max-loras", "2", "--max-cpu-loras", "8", "--max-lora-rank", "16", "--max-model-len", "1024",
-            "--drain-seconds", "3", f"--vllm-args={VLLM_ARGS}",
-        ],
-    )  # fmt: skip
-    try:
-        with fleet.OperatorProc(kube.kubeconfig, namespace, tmp / "operator.log"), worker:
-            docs = [manifest(namespace, n, p) for n, p in paths.items() if n != "sneaky"]
-            kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-            s = Served(kube, namespace, worker, ads, base, paths)
-            fleet.wait_for(
-                lambda: all(_phase(ads, n) == "Ready" for n in ("alpha", "beta")),
-                600,  # vLLM's start on a busy CI machine
-                lambda: worker.log()[-4000:],
-            )
-            yield s
-            assert worker.stop(timeout=60) == 0, worker.log()[-3000:]
-    finally:
-        ads.close()
-        kube.delete_namespace(namespace)
+    s = vllm_fleet.adding({"poison": poison})  # sneaky is applied by its test
+    s.paths["sneaky"] = _fill(sneaky, lambda k: 1e8 if "lora_A" in k else SNEAKY_B[k.split(".")[-3]])
+    for name in ("alpha", "beta"):
+        s.paths[name] = Path(s.ads.get(name)["spec"]["path"].removeprefix("file://"))
+    s.wait_ready(("alpha", "beta"), 120)
+    return s
 
 
 def _phase(ads: fleet.Adapters, name: str) -> str | None:
@@ -131,7 +97,7 @@ def test_an_adapter_that_overflows_every_dtype_is_refused_by_validation(served: 
         60,
         "poison Failed",
     )
-    report = fleet.report(served.ads, "vllm-robust", served.namespace)
+    report = fleet.report(served.ads, served.worker.name, served.namespace)
     assert report[st["id"]]["reason"] == "UnrepresentableWeights", report[st["id"]]
     assert "overflows float32" in st["message"], st
     r = _post(served, {"model": "poison", "prompt": PROMPT, "max_tokens": 2})
@@ -205,7 +171,7 @@ def test_a_poisoned_adapter_fails_alone_and_is_quarantined(served: Served) -> No
         lambda: _phase(s.ads, "sneaky") == "Failed" and s.ads.get("sneaky")["status"], 60, "Failed"
     )
     assert "quarantined" in st["message"] and "NaN" in st["message"], st
-    assert fleet.report(s.ads, "vllm-robust", s.namespace)[sneaky_id]["reason"] == "NonFiniteOutput"
+    assert fleet.report(s.ads, s.worker.name, s.namespace)[sneaky_id]["reason"] == "NonFiniteOutput"
 
     def sneaky_events() -> str:
         args = ("get", "events", "-n", s.namespace, "--field-selector", "involvedObject.name=sneaky")
@@ -240,12 +206,13 @@ def test_client_errors_get_400_naming_the_field(served: Served) -> None:
         ({"response_format": _schema(enum)}, "response_format"),
         ({"n": 16, "logprobs": 20, "max_tokens": 900}, "logprobs"),
     ]
+    logged = len(served.worker.log())
     for extra, field in cases:
         r = _post(served, base | extra)
         assert r.status_code == 400, (extra if len(str(extra)) < 200 else field, r.status_code, r.text[:500])
         error = r.json()["error"]
         assert field in (error.get("param") or "") + error["message"], (field, error)
-    log = served.worker.log()
+    log = served.worker.log()[logged:]
     assert "Traceback" not in log, log[-3000:]
     assert _greedy(served, "alpha", PROMPT), "the worker serves on"
 

@@ -1,7 +1,8 @@
 """End to end with ``--engine vllm``: kubectl apply -> operator IDs -> worker validates and loads each
 adapter into vLLM under its cluster ID -> Ready -> completions through the official openai client.
 
-One worker (one vLLM engine: ~1 min to start on 2 cores) serves the whole module, in order:
+The session's worker (conftest.vllm_fleet: one vLLM engine, ~1 min to start on 2 cores, shared with
+test_openai and test_robustness) serves the module, in order:
 outputs equal PEFT's greedy output and the built-in engine's token for token; base and adapter rows
 batched together equal each alone (the CPU LoRA bug that plugin.py fixes); adapters loraplane
 refuses and adapters vLLM refuses fail alone with their reasons; n > 1, logprobs, structured output
@@ -16,7 +17,7 @@ import asyncio
 import json
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,27 @@ class Served:
         self.url = f"http://127.0.0.1:{worker.port}"
         self.client = OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
+    def wait_ready(self, names: Iterable[str], timeout: float) -> None:
+        fleet.wait_for(
+            lambda: all((self.ads.get(n).get("status") or {}).get("phase") == "Ready" for n in names),
+            timeout,
+            lambda: self.worker.log()[-4000:],
+        )
+
+    def adding(self, paths: dict[str, Path]) -> Served:
+        """This fleet with these adapters applied too (not waited for), as a Served of its own."""
+        docs = [manifest(self.namespace, n, p) for n, p in paths.items()]
+        self.kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+        return Served(self.kube, self.namespace, self.worker, self.ads, self.base, self.paths | paths)
+
+    def ready_ids(self) -> set[int]:
+        """The IDs of the adapters in this namespace that are Ready."""
+        body = self.ads.api.list_namespaced_custom_object(
+            fleet.GROUP, fleet.VERSION, self.namespace, "loraadapters"
+        )
+        statuses = [o.get("status") or {} for o in body.get("items") or []]
+        return {st["id"] for st in statuses if st.get("phase") == "Ready"}
+
     def engine(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + "/engine", timeout=30) as r:
             return json.loads(r.read())
@@ -78,19 +100,19 @@ def _with_config(adapter: Path, **fields: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("vllm")
-    base = models.make_tiny_llama(root / "models" / BASE, **SHAPE)
-    paths = {n: models.make_peft_adapter(base, root / "adapters" / n, **kw) for n, kw in GOOD.items()}
+def served(vllm_fleet: Served) -> Served:
+    """The session's fleet (conftest.vllm_fleet: alpha, beta and gamma Ready) with adapters that fail."""
+    base = vllm_fleet.base
+    root = vllm_fleet.paths["alpha"].parent
     # loraplane's validator refuses these (rank above --max-lora-rank; a PiSSA init, which changes the
     # base weights) before vLLM sees them ...
-    paths["toobig"] = models.make_peft_adapter(base, root / "adapters" / "toobig", r=32, alpha=32, seed=4)
-    pissa = models.make_peft_adapter(base, root / "adapters" / "pissa", r=4, alpha=8, seed=5)
+    paths = {"toobig": models.make_peft_adapter(base, root / "toobig", r=32, alpha=32, seed=4)}
+    pissa = models.make_peft_adapter(base, root / "pissa", r=4, alpha=8, seed=5)
     paths["pissa"] = _with_config(pissa, init_lora_weights="pissa")
     # ... and vLLM refuses this one, which loraplane's checks pass: the engine's own refusal path.
-    bdlora = models.make_peft_adapter(base, root / "adapters" / "bdlora", r=4, alpha=8, seed=6)
+    bdlora = models.make_peft_adapter(base, root / "bdlora", r=4, alpha=8, seed=6)
     paths["bdlora"] = _with_config(bdlora, use_bdlora=True)
-    return base, root / "adapters", paths
+    return vllm_fleet.adding(paths)
 
 
 def manifest(namespace: str, name: str, path: Path) -> dict[str, Any]:
@@ -100,38 +122,6 @@ def manifest(namespace: str, name: str, path: Path) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"baseModel": BASE, "path": f"file://{path}"},
     }
-
-
-@pytest.fixture(scope="module")
-def served(kube, weights, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    base, root, paths = weights
-    namespace = kube.create_namespace("vllm")
-    tmp = tmp_path_factory.mktemp("fleet")
-    kube.apply_crds()
-    ads = fleet.Adapters(kube, namespace)
-    worker = fleet.WorkerProc(
-        kube.kubeconfig, tmp, name="vllm-worker", namespace=namespace, base_dir=base, local_root=root,
-        extra=[
-            "--mode", "serve", "--engine", "vllm", "--device", "cpu", "--dtype", "float32",
-            "--max-loras", "2", "--max-cpu-loras", "8", "--max-lora-rank", "16", "--max-model-len", "1024",
-            f"--vllm-args={VLLM_ARGS}",
-        ],
-    )  # fmt: skip
-    try:
-        with fleet.OperatorProc(kube.kubeconfig, namespace, tmp / "operator.log"), worker:
-            docs = [manifest(namespace, n, p) for n, p in paths.items()]
-            kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-            s = Served(kube, namespace, worker, ads, base, paths)
-            fleet.wait_for(
-                lambda: all((ads.get(n).get("status") or {}).get("phase") == "Ready" for n in GOOD),
-                600,  # vLLM's start on a busy CI machine
-                lambda: worker.log()[-4000:],
-            )
-            yield s
-            assert worker.stop(timeout=60) == 0, worker.log()[-3000:]  # SIGTERM: vLLM shut down too
-    finally:
-        ads.close()
-        kube.delete_namespace(namespace)
 
 
 def peft_greedy(base: Path, adapter: Path | None, max_tokens: int, prompt: list[int] = PROMPT) -> list[int]:
@@ -206,7 +196,8 @@ def test_ids_are_ours_and_bad_adapters_fail_alone(served: Served) -> None:
     assert not {"toobig", "pissa", "bdlora"} & set(listed)
     state = served.engine()
     assert state["kind"] == "vllm"
-    assert set(state["adapterIds"]) == {ids[n] for n in GOOD}, "vLLM holds exactly the Ready IDs: warm"
+    assert set(state["adapterIds"]) == served.ready_ids(), "vLLM holds exactly the Ready IDs: warm"
+    assert {ids[n] for n in GOOD} <= served.ready_ids()
 
     def failed(name: str) -> dict[str, Any]:
         st = served.ads.get(name).get("status") or {}
@@ -424,7 +415,7 @@ def test_residency_series_list_exactly_what_vllm_holds(served: Served) -> None:
     }
 
     gone = last_two[-1]
-    path = s.paths[gone]
+    path = Path(s.ads.get(gone)["spec"]["path"].removeprefix("file://"))  # maybe another module's
     s.ads.delete(gone)
     del want[gone]
     fleet.wait_for(lambda: converged(want), 60, lambda: f"{loaded(s)} != {want}")
