@@ -14,6 +14,7 @@ for CPU per adapter, and the memory per adapter (the slope of peak RSS between t
     python benchmarks/bench_scale.py                               # 500, 3000, 10000 x 1 worker
     python benchmarks/bench_scale.py --points 500:1,2000:1,2000:8  # W=8 at N=2000
     python benchmarks/bench_scale.py --points 200:1,1000:1 --kubeconfig ~/.kube/config
+    python benchmarks/bench_scale.py --points 500:4,10000:4 --replicas 2 --delete  # placement at N, 20N
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ class Result:
     writes: int = 0
     largest: tuple[int, str] = (0, "")
     breakdown: dict[str, int] = field(default_factory=dict)  # write requests by kind (embedded server)
+    delete_s: float = 0.0  # deleting all N until the operator is idle again
+    delete_cpu_ms: float = 0.0  # the operator's CPU per adapter for that
 
 
 def _cpu(p: psutil.Process) -> float:
@@ -151,6 +154,17 @@ def _peak_rss(p: psutil.Process) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return p.memory_info().rss / 2**20
+
+
+def _idle(p: psutil.Process, deadline: float, step: float = 2.0) -> None:
+    """Wait until ``p`` spends under 5% of a core over ``step`` seconds (its backlog is done)."""
+    last = _cpu(p)
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        now = _cpu(p)
+        if now - last < 0.05 * step:
+            return
+        last = now
 
 
 def _current_rv(co: Any, ns: str) -> int:
@@ -237,6 +251,8 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
                 "metadata": {"name": f"a{i:05d}"},
                 "spec": {"baseModel": BASE, "path": str(root / f"a{i:05d}")},
             }
+            if args.replicas is not None:
+                body["spec"]["replicas"] = args.replicas
             co.create_namespaced_custom_object(GROUP, VERSION, ns, "loraadapters", body)
 
         t0 = time.monotonic()
@@ -264,6 +280,15 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
             print(
                 f"  N={n}: only {len(progress.ready_at)} of {n} Ready after {args.timeout:.0f}s", flush=True
             )
+        delete_s = delete_cpu = 0.0
+        if args.delete:  # every delete frees room on the adapter's workers: what does it cost the operator?
+            op, d0 = procs["operator"], time.monotonic()
+            c0 = _cpu(op)
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda i: co.delete_namespaced_custom_object(
+                    GROUP, VERSION, ns, "loraadapters", f"a{i:05d}"), range(n)))  # fmt: skip
+            _idle(op, time.monotonic() + args.timeout)
+            delete_s, delete_cpu = time.monotonic() - d0, (_cpu(op) - c0) * 1000 / n
     finally:
         progress.stop.set()
         for c in children:
@@ -284,7 +309,9 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
     worker_rss = [v for k, v in rss.items() if k.startswith("worker-")]
     cpu = {k: v for k, v in cpu.items() if not k.startswith("worker-")} | {"worker": max(worker_cpu)}
     rss = {k: v for k, v in rss.items() if not k.startswith("worker-")} | {"worker": max(worker_rss)}
-    return Result(n, workers, to_ids, to_ready, complete, cpu, rss, writes, largest, breakdown)
+    return Result(
+        n, workers, to_ids, to_ready, complete, cpu, rss, writes, largest, breakdown, delete_s, delete_cpu
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default="500:1,3000:1,10000:1", help="N:W pairs, comma-separated")
     parser.add_argument("--kubeconfig", default=None, help="a real cluster instead of the embedded server")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per point before giving up")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="spec.replicas of every adapter (placement); default: unset",
+    )
+    parser.add_argument(
+        "--delete", action="store_true", help="then delete all N and measure the operator's CPU for it"
+    )
     args = parser.parse_args(argv)
     points = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
 
@@ -340,6 +376,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  CPU ms per adapter {p:<10} {ratio:5.2f}x  {'met' if ratio <= 1.5 else 'NOT met'}")
         print(f"  time to all Ready per adapter  {(hi.to_ready / hi.n) / (lo.to_ready / lo.n):5.2f}x")
         print(f"  API writes per adapter         {(hi.writes / hi.n) / (lo.writes / lo.n):5.2f}x")
+        st = "loraadapters/status update"
+        if lo.breakdown.get(st) and hi.breakdown.get(st):
+            ratio = (hi.breakdown[st] / hi.n) / (lo.breakdown[st] / lo.n)
+            print(f"  status writes per adapter      {ratio:5.2f}x")
+        if args.delete:
+            ratio = hi.delete_cpu_ms / max(lo.delete_cpu_ms, 1e-9)
+            print(
+                f"  delete all: operator CPU ms per adapter {lo.delete_cpu_ms:.2f} vs {hi.delete_cpu_ms:.2f}, "
+                f"{ratio:5.2f}x  {'met' if ratio <= 1.5 else 'NOT met'}; "
+                f"{lo.delete_s:.1f}s vs {hi.delete_s:.1f}s to idle"
+            )
         print("memory per adapter (peak RSS slope between those points):")
         for p in procs:
             kib = (hi.rss_mib[p] - lo.rss_mib[p]) * 1024 / (hi.n - lo.n)

@@ -95,6 +95,7 @@ class Reconciler:
         self._joined: dict[
             str, set[str]
         ] = {}  # adapter ref -> workers that came and rank in its top replicas
+        self._short: dict[str, dict[str, None]] = {}  # base model -> adapters placed on fewer than replicas
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -134,7 +135,7 @@ class Reconciler:
                         workers[view.ref] = view
         self.adapters, self.workers, self.names, self._holders = {}, workers, NameIndex(), {}
         self._by_id, self._ids_of, self._wrote = {}, {}, {}  # a replaced store may reuse versions
-        self.loads, self._extra = placement.Loads(), {}
+        self.loads, self._extra, self._short = placement.Loads(), {}, {}
         now, window = time.time(), self.settings.heartbeat_window
         self._live = {ref: w.live(now, window) for ref, w in workers.items()}
         for obj in adapters:
@@ -214,6 +215,8 @@ class Reconciler:
             self._wrote.pop(ref, None)
             self._index(ref, [])
             freed = self.loads.placed_on(ref)
+            base = (obj.get("spec") or {}).get("baseModel", "")
+            self._mark_short(ref, base, False)
             self.loads.drop(ref)
             self.loads.know_size(ref, None)
             self.demand.forget(ref)
@@ -222,10 +225,7 @@ class Reconciler:
             touched = self.names.release(ref)
             await self._handover(touched, deleted=ref)
             if freed:  # room on its workers: adapters short of replicas in that pool may take it
-                base = (obj.get("spec") or {}).get("baseModel")
-                await self.reconcile_where(
-                    lambda o: (o.get("spec") or {}).get("baseModel") == base and _short(o), trigger="worker"
-                )
+                await self._fill(base, len(freed))
             return
         current = self.adapters.get(ref)
         if current is not None and uid_of(current) == uid_of(obj):
@@ -516,6 +516,7 @@ class Reconciler:
                 placed, placed_ready = self._place(ref_of(obj), obj, spec.replicas, spec.baseModel, ids.id)
             else:
                 self.loads.drop(ref_of(obj))  # not served under a taken name: placed nowhere
+                self._mark_short(ref_of(obj), spec.baseModel, False)
             prior = current.previousId if current else None
             if taken is not None and decision.previous_id is not None:
                 prior = decision.previous_id
@@ -547,6 +548,28 @@ class Reconciler:
             self.loads.set(ref, placed.get("workers") or (), self.loads.size_of(ref))
         else:
             self.loads.drop(ref)
+        self._mark_short(ref, (obj.get("spec") or {}).get("baseModel", ""), _short(obj))
+
+    def _mark_short(self, ref: str, base_model: str, short: bool) -> None:
+        """Keep the index of adapters short of replicas per pool (what room freed there is for)."""
+        if short:
+            self._short.setdefault(base_model, {})[ref] = None
+        elif (refs := self._short.get(base_model)) is not None:
+            refs.pop(ref, None)
+            if not refs:
+                del self._short[base_model]
+
+    async def _fill(self, base_model: str, room: int) -> None:
+        """``room`` placements were freed in ``base_model``'s pool: the adapters short of replicas there
+        take it, the longest short first, until it is used. Not a scan of the catalogue: a pool with room
+        has none short, so a delete usually costs nothing here."""
+        for ref in list(self._short.get(base_model, ())):
+            if room <= 0:
+                return
+            before = len(self.loads.placed_on(ref))
+            metrics.RECONCILES.labels(trigger="worker").inc()
+            await self.reconcile(ref, counted=True)
+            room -= len(self.loads.placed_on(ref)) - before
 
     def _replicas(self, spec_replicas: int | None, base_model: str) -> int:
         if spec_replicas is not None:
@@ -563,6 +586,7 @@ class Reconciler:
             self.loads.drop(ref)
             self._extra.pop(ref, None)
             self._joined.pop(ref, None)
+            self._mark_short(ref, base_model, False)
             return None, 0
         pool = self._pool(base_model)
         old = (obj.get("status") or {}).get("placement") or {}
@@ -580,6 +604,7 @@ class Reconciler:
             joined=self._joined.pop(ref, ()),
         )
         self.loads.set(ref, decision.workers, self.loads.size_of(ref))
+        self._mark_short(ref, base_model, len(decision.workers) < replicas)
         workers = list(decision.workers)
         old_workers = list(old.get("workers") or [])
         reason, message = decision.reason, decision.message

@@ -322,3 +322,54 @@ def test_replicas_follow_demand_with_hysteresis(adapters, operators, namespace, 
         if e.involved_object.name == "hot"
     ]
     assert "ScaledUp" in scaled and "ScaledDown" in scaled, scaled
+
+
+def _reconciles(port: int, trigger: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(f'loraplane_operator_adapter_reconciles_total{{trigger="{trigger}"}}'):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_room_freed_by_a_delete_goes_to_one_short_adapter(
+    adapters, operators, namespace, scope, wait, kube
+) -> None:
+    """Two full workers (hand-written, --max-adapters 2 each) and three adapters short of their one
+    replica: deleting a placed adapter frees one place, and one short adapter takes it. The operator
+    recomputes only that one, not every short adapter (nor, as before, every adapter of the pool)."""
+    port = fleet.free_port()
+    operators(*scope(namespace), "--metrics-port", str(port))
+    spec = {
+        "baseModel": BASE,
+        "capacity": {"maxLoras": 4, "maxLoraRank": 16, "maxCpuLoras": 8, "cacheBytes": 0, "maxAdapters": 2},
+    }
+    for w in ("w0", "w1"):
+        adapters.create_worker(namespace, w, spec, {"heartbeatTime": _future(3600)})
+    placed = [f"p{i}" for i in range(4)]
+    short = [f"s{i}" for i in range(3)]
+    for name in placed:
+        adapters.create(namespace, name, {"baseModel": BASE, "path": f"/models/{name}", "replicas": 1})
+        adapters.wait_status(
+            namespace, name, lambda s: len((s.get("placement") or {}).get("workers") or []) == 1, "placed"
+        )
+    for name in short:
+        adapters.create(namespace, name, {"baseModel": BASE, "path": f"/models/{name}", "replicas": 1})
+        adapters.wait_status(
+            namespace,
+            name,
+            lambda s: (s.get("placement") or {}).get("reason") == "InsufficientCapacity",
+            "short",
+        )
+    before = _reconciles(port, "worker")
+    adapters.delete(namespace, placed[0])
+
+    def taken() -> list[str]:
+        return [n for n in short if (adapters.status(namespace, n).get("placement") or {}).get("workers")]
+
+    wait(lambda: len(taken()) == 1, 30, "one short adapter placed in the freed room")
+    time.sleep(1.0)  # anything else the delete set off has happened by now
+    assert len(taken()) == 1
+    assert _reconciles(port, "worker") - before == 1
