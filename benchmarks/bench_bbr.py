@@ -14,8 +14,6 @@ from scratch, and a flush after a batch of renames, per adapter: it should stay 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,29 +22,13 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+# The embedded API server, its write counts and the operator, as bench_scale.py has them (benchmarks/ is
+# on sys.path).
+from bench_scale import Cluster, operator_proc
+
 GROUP, VERSION = "loraplane.io", "v1alpha1"
 BASES = ("meta-llama/Llama-2-7b-hf", "Qwen/Qwen2-7B-Instruct")
 BBR = "inference.networking.k8s.io/bbr-managed=true"
-NS = "bbr-bench"
-
-
-def _serve(conn: Any) -> None:
-    """The embedded API server in this process; answers "writes" with the ConfigMap writes so far in the
-    BBR namespace (the ID ledger, a ConfigMap too, lives in another one)."""
-    from loraplane.localkube import LocalKube
-
-    server = LocalKube()
-    conn.send(server.start())
-    while conn.recv() == "writes":
-        writes = ("create", "update", "patch", "delete")
-        conn.send(
-            sum(
-                1
-                for e in list(server.audit_log)
-                if e.resource == "configmaps" and e.verb in writes and not (e.name or "").endswith("ledger")
-            )
-        )
 
 
 def routes(core: Any, ns: str) -> tuple[dict[str, str], int]:
@@ -153,37 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=100, help="renames per flush in the in-memory timing")
     a = p.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from kubernetes import client
-    from support import kube as kubeclient
-
-    from loraplane.localkube import write_kubeconfig
-
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    server = ctx.Process(target=_serve, args=(child,), daemon=True)
-    server.start()
-    url = parent.recv()
-
-    def writes() -> int:
-        parent.send("writes")
-        return parent.recv()
-
     with tempfile.TemporaryDirectory() as tmp:
-        kubeconfig = str(write_kubeconfig(url, Path(tmp) / "kubeconfig"))
-        kube = kubeclient.Kube(kubeconfig, url, True)
-        kube.apply_crds()
-        ns = NS
-        api = kube.api_client()
-        core, co = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        core.create_namespace({"metadata": {"name": ns}})
-        core.create_namespace({"metadata": {"name": "bbr-bench-ledger"}})
-        op = subprocess.Popen(
-            [sys.executable, "-m", "loraplane.operator.main", "--kubeconfig", kubeconfig, "--namespace", ns,
-             "--ledger-namespace", "bbr-bench-ledger", "--metrics-port", "0", "--bbr-namespace", ns,
-             "--bbr-window", str(a.window), "--bbr-max-bytes", str(a.max_bytes)],
-            stdout=open(Path(tmp) / "operator.log", "wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        cluster = Cluster(None, Path(tmp), "bbr-bench")
+        ns, core, co = cluster.ns, cluster.core, cluster.co
+        ledger = f"{ns}-ledger"  # the ID ledger is a ConfigMap too: elsewhere, so only BBR's are counted
+        core.create_namespace({"metadata": {"name": ledger}})
+
+        def writes() -> int:
+            return sum(c for kind, c in cluster.writes(ns).items() if kind.startswith("configmaps "))
+
+        op = operator_proc(
+            cluster, Path(tmp) / "operator.log", 60.0, "--ledger-namespace", ledger, "--bbr-namespace", ns,
+            "--bbr-window", str(a.window), "--bbr-max-bytes", str(a.max_bytes),
+        ).start()  # fmt: skip
         try:
             want: dict[str, str] = {}
 
@@ -231,10 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             phase("rename 10%", rename)
             phase("delete all", delete)
         finally:
-            op.terminate()
-            op.wait(20)
-            api.close()
-    parent.send("stop")
+            op.stop()
+            cluster.close()
     recompute([int(x) for x in a.recompute.split(",") if x], a.batch, a.max_bytes)
     return 0
 

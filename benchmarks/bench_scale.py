@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,8 +36,8 @@ from typing import Any
 
 import psutil
 
-# tests/support/adapters.py and a free port, as bench_worker.py finds them (benchmarks/ is on sys.path).
-from bench_worker import adapters_module, free_port
+# tests/support/adapters.py, as bench_worker.py finds it (benchmarks/ is on sys.path).
+from bench_worker import adapters_module
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION = "loraplane.io", "v1alpha1"
@@ -50,18 +49,102 @@ WRITE_VERBS = ("create", "update", "patch", "delete")
 
 
 def _serve(conn: Any) -> None:
-    """The embedded API server in this process; answers "writes" with its write requests by kind."""
+    """The embedded API server in this process; answers ("writes", namespace or None) with its write
+    requests by kind ("loraadapters/status update"), counted as they come (its audit log is cut at
+    100,000 requests)."""
     from loraplane.localkube import LocalKube
 
-    server = LocalKube()
-    conn.send(server.start())
-    while conn.recv() == "writes":
-        counts: dict[str, int] = {}
-        for e in list(server.audit_log):
+    counts: dict[tuple[str, str], int] = {}
+
+    class Counted(list):  # type: ignore[type-arg]
+        def append(self, e: Any) -> None:
             if e.verb in WRITE_VERBS:
-                key = f"{e.resource}{'/' + e.subresource if e.subresource else ''} {e.verb}"
+                key = (e.namespace, f"{e.resource}{'/' + e.subresource if e.subresource else ''} {e.verb}")
                 counts[key] = counts.get(key, 0) + 1
-        conn.send(counts)
+            super().append(e)
+
+    server = LocalKube()
+    url = server.start()
+    assert server.state is not None
+    server.state.audit_log = Counted()
+    conn.send(url)
+    while (ask := conn.recv())[0] == "writes":
+        out: dict[str, int] = {}
+        for (ns, kind), c in list(counts.items()):
+            if ask[1] is None or ns == ask[1]:
+                out[kind] = out.get(kind, 0) + c
+        conn.send(out)
+
+
+class Cluster:
+    """The API server of one run and a fresh namespace in it: the embedded server in its own process
+    (``pid``; ``writes()`` counts its write requests), or the real cluster of ``kubeconfig``."""
+
+    def __init__(self, kubeconfig: str | None, tmp: Path, prefix: str) -> None:
+        from kubernetes import client
+
+        sys.path.insert(0, str(REPO / "tests"))
+        from support import kube as kubeclient  # tests/support/kube.py: apply_crds without kubectl
+
+        self.server: Any = None
+        if kubeconfig:
+            self.kubeconfig, url, local = kubeconfig, "", False
+        else:
+            from loraplane.localkube import write_kubeconfig
+
+            ctx = multiprocessing.get_context("spawn")
+            self._conn, child = ctx.Pipe()
+            self.server = ctx.Process(target=_serve, args=(child,), daemon=True)
+            self.server.start()
+            url = self._conn.recv()
+            self.kubeconfig, local = str(write_kubeconfig(url, tmp / f"kubeconfig-{prefix}")), True
+        self.kube = kubeclient.Kube(self.kubeconfig, url, local)
+        self.kube.apply_crds()
+        self.ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        self.api_client = self.kube.api_client()
+        self.co = client.CustomObjectsApi(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.core.create_namespace({"metadata": {"name": self.ns}})
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid if self.server is not None else None
+
+    def writes(self, namespace: str | None = None) -> dict[str, int]:
+        """Write requests so far by kind, in ``namespace`` or all; empty on a real cluster."""
+        if self.server is None:
+            return {}
+        self._conn.send(("writes", namespace))
+        return self._conn.recv()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self._conn.send(("stop", None))
+            self.server.terminate()
+            self.server.join(10)
+        else:
+            self.core.delete_namespace(self.ns)
+        self.api_client.close()
+
+
+def operator_proc(cluster: Cluster, log: Path, heartbeat_window: float, *args: str) -> Any:
+    """The operator, as the tests start it (tests/support/procs.py), scoped to the run's namespace."""
+    from support.procs import OperatorProc
+
+    return OperatorProc(cluster.kubeconfig, cluster.ns, log, heartbeat_window=heartbeat_window, args=args)
+
+
+def worker_proc(cluster: Cluster, workdir: Path, name: str, base: Path, root: Path, *args: str) -> Any:
+    """A control-mode worker, as the tests start it, with the worker's own defaults for what the tests
+    shorten (heartbeat, report batch, cache budget) unless ``args`` say otherwise."""
+    from support.procs import WorkerProc
+
+    defaults = ["--log-level", "WARNING", "--heartbeat-seconds", "10", "--report-batch-seconds", "0.2"]
+    defaults += ["--cache-bytes", str(20 << 30)]
+    return WorkerProc(
+        cluster.kubeconfig, workdir, name=name, namespace=cluster.ns, base_dir=base, local_root=root,
+        extra=[*defaults, *args],
+    )  # fmt: skip
 
 
 def write_adapters(root: Path, n: int) -> None:
@@ -188,52 +271,20 @@ def _largest(co: Any, ns: str) -> tuple[int, str]:
 
 
 def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: Path, base: Path) -> Result:
-    from kubernetes import client
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from support import kube as kubeclient  # tests/support/kube.py: apply_crds without kubectl
-
-    server = None
+    cluster = Cluster(args.kubeconfig, tmp, f"scale-{n}-{workers}")
+    co, ns = cluster.co, cluster.ns
     procs: dict[str, psutil.Process] = {}
-    if args.kubeconfig:
-        kubeconfig, url, local = args.kubeconfig, "", False
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        server = ctx.Process(target=_serve, args=(child,), daemon=True)
-        server.start()
-        url = parent.recv()
-        from loraplane.localkube import write_kubeconfig
-
-        kubeconfig, local = str(write_kubeconfig(url, tmp / f"kubeconfig-{n}-{workers}")), True
-        procs["apiserver"] = psutil.Process(server.pid)
-    kube = kubeclient.Kube(kubeconfig, url, local)
-    kube.apply_crds()
-    ns = f"scale-{n}-{workers}-{uuid.uuid4().hex[:6]}"
-    api_client = kube.api_client()
-    co = client.CustomObjectsApi(api_client)
-    client.CoreV1Api(api_client).create_namespace({"metadata": {"name": ns}})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cluster.pid is not None:
+        procs["apiserver"] = psutil.Process(cluster.pid)
     logs = tmp / f"logs-{n}-{workers}"
     logs.mkdir()
-    popen = []
-    cmd_op = [sys.executable, "-m", "loraplane.operator.main", "--kubeconfig", kubeconfig, "--namespace", ns,
-              "--ledger-namespace", ns, "--metrics-port", "0"]  # fmt: skip
-    popen.append(("operator", cmd_op))
+    # The operator's own defaults for what the tests shorten (liveness checks, the heartbeat window).
+    children = [operator_proc(cluster, logs / "operator.log", 60.0, "--liveness-interval", "5").start()]
+    procs["operator"] = psutil.Process(children[0].proc.pid)
     for w in range(workers):
-        popen.append((f"worker-{w}", [
-            sys.executable, "-m", "loraplane.worker.main", "--kubeconfig", kubeconfig, "--base-model", str(base),
-            "--served-model-name", BASE, "--cache-dir", str(tmp / f"cache-{n}-{workers}-{w}"),
-            "--local-roots", str(root), "--worker-name", f"w{w}", "--pod-namespace", ns, "--namespaces", ns,
-            "--host", "127.0.0.1", "--port", str(free_port()), "--log-level", "WARNING", "--mode", "control",
-        ]))  # fmt: skip
-    children = []
-    for name, cmd in popen:
-        out = open(logs / f"{name}.log", "ab")
-        child_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        children.append(child_proc)
-        procs[name] = psutil.Process(child_proc.pid)
-    progress = Progress(kube.api_client(), ns)
+        children.append(worker_proc(cluster, logs, f"w{w}", base, root).start())
+        procs[f"worker-{w}"] = psutil.Process(children[-1].proc.pid)
+    progress = Progress(cluster.kube.api_client(), ns)
     try:
         deadline = time.monotonic() + 60
         while len(co.list_namespaced_custom_object(GROUP, VERSION, ns, "loraworkers")["items"]) < workers:
@@ -272,10 +323,7 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
         cpu = {k: (_cpu(p) - cpu0[k]) * 1000 / n for k, p in procs.items()}
         rss = {k: _peak_rss(p) for k, p in procs.items()}
         largest = _largest(co, ns)
-        breakdown: dict[str, int] = {}
-        if server is not None:
-            parent.send("writes")
-            breakdown = parent.recv()
+        breakdown = cluster.writes()
         if not complete:
             print(
                 f"  N={n}: only {len(progress.ready_at)} of {n} Ready after {args.timeout:.0f}s", flush=True
@@ -292,19 +340,8 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
     finally:
         progress.stop.set()
         for c in children:
-            c.terminate()
-        for c in children:
-            try:
-                c.wait(20)
-            except subprocess.TimeoutExpired:
-                c.kill()
-        if server is not None:
-            parent.send("stop")
-            server.terminate()
-            server.join(10)
-        elif args.kubeconfig:
-            client.CoreV1Api(api_client).delete_namespace(ns)
-        api_client.close()
+            c.stop()
+        cluster.close()
     worker_cpu = [v for k, v in cpu.items() if k.startswith("worker-")]
     worker_rss = [v for k, v in rss.items() if k.startswith("worker-")]
     cpu = {k: v for k, v in cpu.items() if not k.startswith("worker-")} | {"worker": max(worker_cpu)}

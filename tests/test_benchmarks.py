@@ -26,8 +26,13 @@ RUNS = {
         ["ConfigMap writes", "ratio 20N/N: build"],
     ),
     "bench_scale.py": (
-        ["--points", "20:1,60:1", "--timeout", "120"],
-        ["CPU ms per adapter operator", "KiB per adapter", "writes per adapter by kind"],
+        ["--points", "20:1,60:1", "--timeout", "120", "--replicas", "1", "--delete"],
+        [
+            "CPU ms per adapter operator",
+            "KiB per adapter",
+            "writes per adapter by kind",
+            "delete all: operator",
+        ],
     ),
     "bench_placement.py": (
         ["--n", "40", "--workers", "3", "--heartbeat-window", "4", "--timeout", "120"],
