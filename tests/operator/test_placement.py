@@ -1,8 +1,8 @@
 """Placement with real processes: the operator and control-mode workers against the API server fixture.
 
 Adapters with spec.replicas go to that many live workers (status.placement), which alone prefetch and
-validate them; a killed worker's adapters move to others within the heartbeat window, and it gets back
-exactly what it had when it returns (no reshuffle); a worker added takes only the adapters that rank it
+validate them; a killed worker's adapters move to others within the heartbeat window, and when it returns
+it takes back the adapters that rank it in their top k (no reshuffle); a worker added takes only the adapters that rank it
 first; a full worker (--max-adapters) is skipped with a reason; adapters without replicas stay on
 every worker, unless the pool sets --default-replicas.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +20,12 @@ from typing import Any
 from support import adapters as adapters_mod
 from support import fleet
 
+from loraplane.operator import placement
+
 BASE = "meta-llama/Llama-2-7b-hf"
-HEARTBEAT_WINDOW = 4.0  # the operator's; workers beat every 2 s (support.procs.WorkerProc)
+# The operator's; workers beat every 2 s (support.procs.WorkerProc). Generous, so that a worker
+# stalled by a loaded machine does not look dead and move adapters the test did not move.
+HEARTBEAT_WINDOW = 8.0
 
 
 def _placed(ads: fleet.Adapters, names: list[str]) -> dict[str, tuple[str, ...]]:
@@ -126,21 +131,28 @@ def test_spread_kill_return_and_add(kube, crds, namespace, tmp_path) -> None:
         assert all(len(set(after_kill[n]) & set(before[n])) == 1 for n in on_w3), after_kill
         assert _events(kube, namespace, "Moved"), "a Moved Event for the adapters that moved"
 
-        # w3 comes back: exactly its old adapters return to it (rendezvous: the set decides), nothing else.
+        # w3 comes back: it takes the adapters that rank it above one of their workers (rendezvous: the
+        # ranking decides, not history), up to the bounded load, and nothing else moves.
+        uids = {n: ads.get(n)["metadata"]["uid"] for n in names}
+        expected = {n for n in names if placement.moves_to(uids[n], list(after_kill[n]), 2, refs["w3"])}
+        bound = math.ceil(placement.BOUND_FACTOR * 24 / len(workers))
         workers["w3"] = _worker(kube, tmp_path, namespace, "w3", base, root).start()
         procs.append(workers["w3"])
         fleet.wait_for(
-            lambda: (
-                sum(refs["w3"] in p for n, p in _placed(ads, names).items() if n in on_w3) >= len(on_w3) - 1
-            ),
-            30,
-            lambda: f"{_placed(ads, names)}\n{logs()}",
+            lambda: sum(refs["w3"] in _placed(ads, names)[n] for n in expected) >= min(len(expected), bound),
+            60,
+            lambda: f"expected on w3: {sorted(expected)}\n{_placed(ads, names)}\n{logs()}",
         )
         fleet.wait_for(lambda: _all_ready(ads, names, "2/2"), 60, logs)
         back = _placed(ads, names)
-        # It gets back what it had (all but one the bounded load may have kept off it at creation).
-        # Only moves onto w3: its own adapters, and any the bounded load had kept off it at creation.
-        assert all(refs["w3"] in back[n] for n in names if back[n] != after_kill[n]), (after_kill, back)
+        moved = {n for n in names if back[n] != after_kill[n]}
+        assert moved <= expected, (expected, after_kill, back)
+        for n in moved:
+            assert refs["w3"] in back[n] and len(set(back[n]) & set(after_kill[n])) == 1, (
+                after_kill[n],
+                back[n],
+            )
+        assert on_w3 & moved, (on_w3, moved)  # some of its old adapters come back to it
         before = back
 
         # A fifth worker takes only the adapters that rank it in their top two.
