@@ -365,6 +365,7 @@ def test_room_freed_by_a_delete_goes_to_one_short_adapter(
             name,
             lambda s: (s.get("placement") or {}).get("reason") == "InsufficientCapacity",
             "short",
+            60,
         )
     before = _reconciles(port, "worker")
     adapters.delete(namespace, placed[0])
