@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PLAIN, OTHER, BULK = "plain-key-0001", "other-key-0001", "bulk-key-00001"
 KEYS = f"{PLAIN}\n{OTHER} tenant=other\n{BULK} tenant=bulk priority=batch\n"
-LONG = 600  # the aggressor's output tokens: waiting for one of 4 to finish is tens of victim TTFTs
+LONG = 300  # the aggressor's output tokens: waiting for one of 4 to finish is tens of victim TTFTs
 BOUND = 4.0  # the victim's median TTFT beside the flood over its own solo median (fair share: ~1-2)
 
 
@@ -38,7 +38,7 @@ class Worker:
         self.url = f"http://127.0.0.1:{proc.port}/v1"
 
     def client(self, key: str = PLAIN) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=120)
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_limits_hold_on_vllm(worker: Worker) -> None:
 def test_fair_share_between_adapters_on_vllm(worker: Worker) -> None:
     before = preemptions(worker)
     solo, loaded = beside_flood(worker, worker.client(), "v0", worker.client(), "v1")
-    # Without preemption the victim waits for one of 4 running 600-token requests to finish (~20x).
+    # Without preemption the victim waits for one of 4 running 300-token requests to finish (~20x).
     assert loaded < BOUND * solo, f"victim TTFT {loaded:.3f} s beside the flood vs {solo:.3f} s alone"
     assert preemptions(worker) > before, "no aggressor request was preempted: the answers checked nothing"
 

@@ -72,7 +72,9 @@ class FairShare:
         the ``rows`` (rows over the flows running and ``tenant``'s), while ``tenant``'s flow holds less
         and has a counter no higher (a flow coming back starts at the counter of the flows waiting, so
         equal counters are the newcomer's case). Ranked batch first, then the highest counter, then the
-        newest (``running`` is oldest first): the least work lost. Batch never takes from interactive."""
+        least work lost: ``running`` is ordered so that its last request loses the least (oldest first
+        where that is the newest; by context length where a preempted request is read again whole).
+        Batch never takes from interactive."""
         held: dict[str, int] = {}
         for r in running:
             flow = tenant_of(r).flow

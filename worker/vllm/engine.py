@@ -18,7 +18,7 @@ are released by the same rule as the built-in engine's admission (``inference/fa
 batch, then the flow with the smallest virtual token counter, output tokens counted as they stream),
 with batch requests holding at most ``batch_share`` of those rows. vLLM's own priority scheduling
 preempts only when its KV cache runs out, never for a waiting request when its rows are full, so
-the worker preempts itself: a flow under its share of the rows takes one back from the newest
+the worker preempts itself: a flow under its share of the rows takes one back from the shortest
 request of a flow over it, by aborting that request in vLLM and resubmitting it later with the
 tokens it has generated appended to its prompt (``max_tokens`` reduced by as many). Its client's
 stream goes on where it stopped: vLLM primes the detokenizer with the prompt, so the text continues
@@ -428,10 +428,11 @@ class VllmEngine:
             self._start(held)
 
     def _preempt(self, held: _Held) -> bool:
-        """Free a row for ``held``: abort the running request fair share picks (the newest of the flow
-        furthest over its share, batch first) that can resume exactly, and queue it again here with
-        its output so far. False when none qualifies."""
-        running = list(self._in_vllm.values())
+        """Free a row for ``held``: abort the running request fair share picks (of the flow furthest
+        over its share, batch first, the one with the shortest prompt + output: resumed, it is read
+        again less what vLLM's prefix cache still holds) that can resume exactly, and queue it again
+        here with its output so far. False when none qualifies."""
+        running = sorted(self._in_vllm.values(), key=_context, reverse=True)  # stable: newest last on ties
         for victim in self.fair.preemptible(held.tenant, running, _tenant, self.rows):
             if victim.may_resume(self._tokenizer):
                 break
@@ -670,6 +671,10 @@ def _tenant(held: _Held) -> Tenant:
 
 def _arrival(held: _Held) -> int:
     return held.arrival
+
+
+def _context(held: _Held) -> int:
+    return len(held.prompt_ids) + len(held.out_ids)
 
 
 def _resumable(sampling: Any) -> bool:
