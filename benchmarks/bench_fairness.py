@@ -1,7 +1,7 @@
 """Fair share against first come, first served: a victim beside an aggressor, on both engines in one run.
 
 A victim sends short streamed requests at a steady low rate (open loop: one every ``--interval``); an aggressor floods with long ones
-(``--aggressor-clients`` closed-loop clients; its measured token rate over the victim's is printed and
+(``--aggressor-clients`` closed-loop clients, in a process of their own; its measured token rate over the victim's is printed and
 should be 20x or more). Two scenarios: the victim and the aggressor on two adapters, and on one adapter
 with two API keys (two tenants). Each (engine, policy) server runs in its own process, one at a time
 (``--scheduling-policy fcfs`` or ``fair``, the worker's HTTP app and API-key file), first the victim
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -99,32 +100,49 @@ def request(url: str, model: str, key: str, prompt: list[int], max_tokens: int) 
     return first, tokens
 
 
+def preemptions(url: str) -> int:
+    """Requests the vLLM worker took back for fair share so far (its /metrics); 0 where not exported."""
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as r:
+        lines = r.read().decode().splitlines()
+    return sum(
+        int(float(x.split()[-1])) for x in lines if x.startswith("loraplane_worker_preemptions_total ")
+    )
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
+def flood(url: str, model: str, key: str, args: argparse.Namespace, stop: Any, tokens: Any) -> None:
+    """The aggressor: ``--aggressor-clients`` closed-loop clients, counting prompt + output tokens in
+    ``tokens``. It runs in a process of its own, as another tenant's clients would: in the victim's
+    process its threads' stream parsing held the interpreter lock the victim's timing needs."""
+
+    def client(i: int) -> None:
+        prompt = [(11 * i + j) % 250 + 3 for j in range(args.long_prompt)]
+        while not stop.is_set():
+            _, n = request(url, model, key, prompt, args.long_tokens)
+            with tokens.get_lock():
+                tokens.value += n + args.long_prompt
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.aggressor_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+
+
 def run(url: str, scenario: str, args: argparse.Namespace, *, aggressor: bool) -> dict[str, Any]:
     """The victim's TTFTs (and, with the aggressor, both token rates) over ``--seconds``."""
     (v_model, v_key), (a_model, a_key) = SCENARIOS[scenario]
-    stop = threading.Event()
-    out = {"victim": 0, "aggressor": 0}
+    out = {"victim": 0}
     lock = threading.Lock()
-
-    def flood(i: int) -> None:
-        prompt = [(11 * i + j) % 250 + 3 for j in range(args.long_prompt)]
-        while not stop.is_set():
-            _, n = request(url, a_model, a_key, prompt, args.long_tokens)
-            with lock:
-                out["aggressor"] += n + args.long_prompt
-
-    threads = [
-        threading.Thread(target=flood, args=(i,), daemon=True)
-        for i in range(args.aggressor_clients if aggressor else 0)
-    ]
-    for t in threads:
-        t.start()
-    if threads:
+    spawn = multiprocessing.get_context("spawn")
+    stop, aggr = spawn.Event(), spawn.Value("q", 0)
+    flooding = spawn.Process(target=flood, args=(url, a_model, a_key, args, stop, aggr), daemon=True)
+    if aggressor:
+        flooding.start()
         time.sleep(args.warmup)
     ttfts: list[float] = []
 
@@ -143,11 +161,11 @@ def run(url: str, scenario: str, args: argparse.Namespace, *, aggressor: bool) -
     for t in victims:
         t.join(600)
     elapsed = time.perf_counter() - start
-    with lock:
-        aggr_tokens = out["aggressor"]
+    with aggr.get_lock():
+        aggr_tokens = aggr.value
     stop.set()
-    for t in threads:
-        t.join(600)
+    if aggressor:
+        flooding.join(600)
     return {"ttft": ttfts, "victim_rate": out["victim"] / elapsed, "aggr_rate": aggr_tokens / elapsed,
             "throughput": (out["victim"] + aggr_tokens) / elapsed}  # fmt: skip
 
@@ -192,13 +210,15 @@ def main() -> None:
                 try:
                     for scenario in SCENARIOS:
                         solo = run(url, scenario, args, aggressor=False)
+                        before = preemptions(url)
                         loaded = run(url, scenario, args, aggressor=True)
+                        loaded["preemptions"] = preemptions(url) - before
                         results[(kind, policy, scenario)] = {"solo": solo, "loaded": loaded}
                         print(f"  {kind:8s} {policy:5s} {scenario:22s} victim p50/p99 TTFT solo "
                               f"{pct(solo['ttft'], .5) * 1e3:.0f}/{pct(solo['ttft'], .99) * 1e3:.0f} ms, loaded "
                               f"{pct(loaded['ttft'], .5) * 1e3:.0f}/{pct(loaded['ttft'], .99) * 1e3:.0f} ms; "
                               f"aggressor/victim token rate {loaded['aggr_rate'] / loaded['victim_rate']:.0f}x; "
-                              f"{loaded['throughput']:.0f} tokens/s", flush=True)  # fmt: skip
+                              f"{loaded['throughput']:.0f} tokens/s; {loaded['preemptions']} preemptions", flush=True)  # fmt: skip
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -63,6 +63,36 @@ class FairShare:
     def requeue(self, flow: str) -> None:
         """A running request of ``flow`` was preempted: it waits again (it stays active)."""
         self._waiting[flow] = self._waiting.get(flow, 0) + 1
+
+    def preemptible(
+        self, tenant: Tenant, running: Sequence[R], tenant_of: Callable[[R], Tenant], rows: int
+    ) -> list[R]:
+        """The running requests a waiting request of ``tenant`` may take a row back from, best first:
+        batch ones for an interactive request; else those of a flow holding more than its share of
+        the ``rows`` (rows over the flows running and ``tenant``'s), while ``tenant``'s flow holds less
+        and has a counter no higher (a flow coming back starts at the counter of the flows waiting, so
+        equal counters are the newcomer's case). Ranked batch first, then the highest counter, then the
+        least work lost: ``running`` is ordered so that its last request loses the least (oldest first
+        where that is the newest; by context length where a preempted request is read again whole).
+        Batch never takes from interactive."""
+        held: dict[str, int] = {}
+        for r in running:
+            flow = tenant_of(r).flow
+            held[flow] = held.get(flow, 0) + 1
+        share = rows / len(held.keys() | {tenant.flow})
+        mine, under = self.counter(tenant.flow), held.get(tenant.flow, 0) < share
+        ranked: list[tuple[tuple[bool, float, int], R]] = []
+        for i, r in enumerate(running):
+            t = tenant_of(r)
+            if t.flow == tenant.flow or (t.batch, tenant.batch) == (False, True):
+                continue
+            if t.batch == tenant.batch and not (
+                under and held[t.flow] > share and self.counter(t.flow) >= mine
+            ):
+                continue
+            ranked.append(((t.batch, self.counter(t.flow), i), r))
+        ranked.sort(key=lambda x: x[0], reverse=True)
+        return [r for _, r in ranked]
 
     def admitted(self, tenant: Tenant, prompt_tokens: int) -> None:
         """A waiting request of the flow joins the running batch: charge its prompt."""

@@ -16,8 +16,16 @@ Fair share without forking vLLM (docs/engines.md): the worker keeps vLLM's queue
 ``max_num_seqs`` requests are in vLLM at once (as many as it runs together); the others wait here and
 are released by the same rule as the built-in engine's admission (``inference/fairness.py``: interactive before
 batch, then the flow with the smallest virtual token counter, output tokens counted as they stream),
-with batch requests holding at most ``batch_share`` of those rows. vLLM cannot be told to preempt a
-running request, so a newcomer waits for the next request to finish (not for the queue ahead of it).
+with batch requests holding at most ``batch_share`` of those rows. vLLM's own priority scheduling
+preempts only when its KV cache runs out, never for a waiting request when its rows are full, so
+the worker preempts itself: a flow under its share of the rows takes one back from the shortest
+request of a flow over it, by aborting that request in vLLM and resubmitting it later with the
+tokens it has generated appended to its prompt (``max_tokens`` reduced by as many). Its client's
+stream goes on where it stopped: vLLM primes the detokenizer with the prompt, so the text continues
+exactly, and for requests whose continuation depends only on prompt + output so far (``_resumable``)
+the tokens are the ones it would have generated (greedy; unseeded sampling draws from the same
+distribution). Other requests (n > 1, stop strings, seeded sampling, penalties on output tokens,
+structured output) are never preempted.
 
 vLLM's own Prometheus series (``vllm:*``) register in the process-wide registry that the worker's
 ``/metrics`` already serves. The adapter-residency series vLLM does not export yet (``inference/residency.py``)
@@ -28,6 +36,8 @@ come from vLLM's model runner itself, through ``plugin.LORA_STATE``. On vLLM's C
 from __future__ import annotations
 
 import asyncio
+import bisect
+import functools
 import logging
 import shlex
 import threading
@@ -36,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
@@ -147,6 +157,12 @@ class _Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.preemptions = Counter(
+            "loraplane_worker_preemptions",
+            "Requests running in vLLM that the worker took back (aborted, resubmitted later with their output) "
+            "for a flow under its fair share",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -197,8 +213,7 @@ class VllmEngine:
         self._read_again = False
         self._in_flight: dict[int, int] = {}  # adapter ID -> running requests
         self._retiring: set[int] = set()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._running: dict[str, Callable[[LoraplaneError], None]] = {}  # request -> end its open choices
+        self._requests: dict[str, _Held] = {}  # every request not ended yet, waiting here or in vLLM
         self._lock = asyncio.Lock()  # add/remove one at a time, so _held follows vLLM's set
         # vLLM's own event loop, in its own thread: AsyncLLM's output processing (detokenizing, every
         # logprob alternative) runs there, not on the server's loop, so probes and streams keep
@@ -215,10 +230,12 @@ class VllmEngine:
         self.batch_share = 0.75
         scheduler = getattr(getattr(llm, "vllm_config", None), "scheduler_config", None)
         self.rows = int(getattr(scheduler, "max_num_seqs", 0) or 256)
-        self.waiting: list[_Held] = []
+        self.waiting: list[_Held] = []  # by arrival
         self._waiting_ids: dict[int, int] = {}  # adapter ID -> its requests in self.waiting
+        self._in_vllm: dict[str, _Held] = {}  # requests in vLLM, in the order they were handed to it
         self._in_engine = 0
         self._batch_in_engine = 0
+        self._arrivals = 0
 
     @classmethod
     async def start(cls, model_dir: Path, settings: VllmSettings) -> VllmEngine:
@@ -372,34 +389,68 @@ class VllmEngine:
             from vllm.lora.request import LoRARequest
 
             lora = LoRARequest(adapter.name, adapter.id, str(adapter.path))
-        held = _Held(request_id, prompt_ids, sampling, lora, on_output, tenant or DEFAULT)
+        held = _Held(
+            request_id, prompt_ids, sampling, lora, on_output, tenant or DEFAULT, _resumable(sampling)
+        )
         self._loop.call_soon_threadsafe(self._hold, held)
 
     def _hold(self, held: _Held) -> None:
         """On vLLM's loop: queue a request in the worker, then release what vLLM has rows for."""
+        self._requests[held.request_id] = held
         if not self.fair_on:
             self._start(held)
             return
+        self._arrivals += 1
+        held.arrival = self._arrivals
         self.waiting.append(held)
         self._count_waiting(held, 1)
         self.fair.arrive(held.tenant.flow)
-        self._running[held.request_id] = held.fail
         self._release()
 
     def _release(self) -> None:
-        """Hand vLLM the waiting requests it has rows for, in fair order."""
-        if not self.waiting or self._in_engine >= self.rows:
+        """Hand vLLM the waiting requests it has rows for, in fair order; when it is full, a request of
+        a flow under its share takes a row back from a flow over it (``_preempt``)."""
+        if not self.waiting:
             return
         batch_rows = max(1, int(self.rows * self.batch_share))
+        refused: set[str] = set()  # flows no running request can be taken back for
         for held in self.fair.order(self.waiting, _tenant):
-            if self._in_engine >= self.rows:
-                break
             if held.tenant.batch and self._batch_in_engine >= batch_rows:
                 continue
+            if self._in_engine >= self.rows:
+                if held.tenant.flow in refused or not self._preempt(held):
+                    refused.add(held.tenant.flow)
+                    continue
             self.waiting.remove(held)
             self._count_waiting(held, -1)
-            self.fair.admitted(held.tenant, len(held.prompt_ids) * held.sampling.n)
+            # A preempted request's flow paid for its prompt once; re-reading it is the preemption's cost.
+            self.fair.admitted(held.tenant, 0 if held.runs else len(held.prompt_ids) * held.sampling.n)
             self._start(held)
+
+    def _preempt(self, held: _Held) -> bool:
+        """Free a row for ``held``: abort the running request fair share picks (of the flow furthest
+        over its share, batch first, the one with the shortest prompt + output: resumed, it is read
+        again less what vLLM's prefix cache still holds) that can resume exactly, and queue it again
+        here with its output so far. False when none qualifies."""
+        running = sorted(self._in_vllm.values(), key=_context, reverse=True)  # stable: newest last on ties
+        for victim in self.fair.preemptible(held.tenant, running, _tenant, self.rows):
+            if victim.may_resume(self._tokenizer):
+                break
+        else:
+            return False
+        log.debug(
+            "preempting %s (flow %r, %d tokens out) for %s (flow %r)",
+            victim.request_id, victim.tenant.flow, len(victim.out_ids), held.request_id, held.tenant.flow,
+        )  # fmt: skip
+        self.metrics.preemptions.inc()
+        task, victim.task = victim.task, None  # its end (_ended) is no longer the request's end
+        assert task is not None
+        task.cancel()  # AsyncLLM.generate aborts it in vLLM
+        self._left_vllm(victim)
+        bisect.insort(self.waiting, victim, key=_arrival)
+        self._count_waiting(victim, 1)
+        self.fair.requeue(victim.tenant.flow)
+        return True
 
     def _count_waiting(self, held: _Held, step: int) -> None:
         if held.lora is None:
@@ -418,66 +469,99 @@ class VllmEngine:
         return dict(self._waiting_ids)
 
     def _start(self, held: _Held) -> None:
-        request_id, lora = held.request_id, held.lora
+        lora = held.lora
         self._in_engine += 1
         self._batch_in_engine += held.tenant.batch
-        if lora is not None:
+        self._in_vllm[held.request_id] = held
+        if lora is not None and not held.runs:  # held until the request ends, preempted or not
             self._in_flight[lora.lora_int_id] = self._in_flight.get(lora.lora_int_id, 0) + 1
-        self._tasks[request_id] = self._loop.create_task(self._run(held))
+        held.runs += 1
+        held.task = task = self._loop.create_task(self._run(held))
+        task.add_done_callback(functools.partial(self._ended, held))
+
+    def _left_vllm(self, held: _Held) -> None:
+        self._in_engine -= 1
+        self._batch_in_engine -= held.tenant.batch
+        self._in_vllm.pop(held.request_id, None)
 
     def cancel(self, request_id: str) -> None:
         self._loop.call_soon_threadsafe(self._cancel, request_id)
 
     def _cancel(self, request_id: str) -> None:
-        task = self._tasks.get(request_id)
-        if task is not None:
-            task.cancel()  # AsyncLLM.generate aborts the request in the engine core
+        held = self._requests.get(request_id)
+        if held is None:
             return
-        held = next((h for h in self.waiting if h.request_id == request_id), None)
-        if held is not None:  # still waiting in the worker: vLLM never saw it
+        if held.task is not None:
+            held.task.cancel()  # AsyncLLM.generate aborts the request in the engine core; _ended follows
+        elif held in self.waiting:  # waiting in the worker (new or preempted): vLLM does not have it
             self.waiting.remove(held)
             self._count_waiting(held, -1)
-            self._running.pop(request_id, None)
+            self._requests.pop(request_id, None)
             self.fair.left(held.tenant.flow, waiting=True)
+            self._adapter_done(held)
+
+    def _ended(self, held: _Held, task: asyncio.Task[None]) -> None:
+        """A request's run in vLLM ended (finished, failed or cancelled; a done callback, so even a run
+        cancelled before it started counts). A preempted run has handed its row back already."""
+        if held.task is not task:
+            return
+        held.task = None
+        self._left_vllm(held)
+        self._requests.pop(held.request_id, None)
+        if self.fair_on:
+            self.fair.left(held.tenant.flow, waiting=False)
+        self._adapter_done(held)
+        if self.fair_on:
+            self._release()
+
+    def _adapter_done(self, held: _Held) -> None:
+        """The request no longer needs its adapter: retire it if it was waiting for its last request."""
+        lora = held.lora
+        if lora is None or not held.runs:
+            return
+        left = self._in_flight.get(lora.lora_int_id, 1) - 1
+        self._in_flight[lora.lora_int_id] = left
+        if left <= 0:
+            self._in_flight.pop(lora.lora_int_id, None)
+            if lora.lora_int_id in self._retiring:
+                self._loop.create_task(self._remove(lora.lora_int_id))
 
     async def _run(self, held: _Held) -> None:
+        """One run of a request in vLLM: the whole request, or (after a preemption) its continuation:
+        prompt + the output so far as the prompt, for the tokens it has left."""
         from vllm.inputs import TokensPrompt
 
-        request_id, prompt_ids, sampling, lora = held.request_id, held.prompt_ids, held.sampling, held.lora
-        on_output, tenant, fair = held.on_output, held.tenant, self.fair_on
-
-        done: set[int] = set()
-        tokens: dict[int, int] = {}
-
-        def fail(error: LoraplaneError, choices: Any) -> None:
-            for i in choices:
-                if i not in done:
-                    done.add(i)
-                    on_output(Output("", [], "error", len(prompt_ids), tokens.get(i, 0), error, index=i))
-
-        self._running[request_id] = lambda error: fail(error, range(sampling.n))
+        sampling, lora, on_output, tenant = held.sampling, held.lora, held.on_output, held.tenant
+        prompt_ids, fair = held.prompt_ids + held.out_ids, self.fair_on
+        vllm_id = held.request_id
+        if held.runs > 1:
+            sampling = sampling.clone()
+            sampling.max_tokens -= len(held.out_ids)
+            vllm_id = f"{held.request_id}-{held.runs}"  # vLLM may not have dropped the aborted run's ID yet
         try:
             stream = self.llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), sampling, request_id, lora_request=lora
+                TokensPrompt(prompt_token_ids=prompt_ids), sampling, vllm_id, lora_request=lora
             )
             async for result in stream:
                 for c in result.outputs:
-                    tokens[c.index] = tokens.get(c.index, 0) + len(c.token_ids)
+                    held.tokens[c.index] = held.tokens.get(c.index, 0) + len(c.token_ids)
+                    if held.resumable:
+                        held.out_ids.extend(c.token_ids)
                     if fair:
                         self.fair.generated(tenant, len(c.token_ids))
                     if c.finish_reason == "error":  # vLLM ended it: NaN logits (plugin.py), or its own error
-                        fail(self._engine_error(c.stop_reason, lora), [c.index])
+                        held.fail(self._engine_error(c.stop_reason, lora), [c.index])
                         continue
                     finish = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
                     if finish is not None:
-                        done.add(c.index)
+                        held.done.add(c.index)
                     on_output(
                         Output(
                             text=c.text,
                             token_ids=list(c.token_ids),
                             finish_reason=finish,
-                            prompt_tokens=len(prompt_ids),
-                            completion_tokens=tokens[c.index],
+                            prompt_tokens=len(held.prompt_ids),
+                            completion_tokens=held.tokens[c.index],
                             index=c.index,
                             logprobs=_logprobs(c, sampling.logprobs),
                         )
@@ -494,24 +578,9 @@ class VllmEngine:
                     "InvalidRequest", f"vLLM refused the request{_field(e, sampling)}: {e}"
                 )
             else:
-                log.exception("vLLM request %s failed", request_id)
+                log.exception("vLLM request %s failed", held.request_id)
                 error = PermanentError("EngineError", f"vLLM: {e}")
-            fail(error, range(sampling.n))
-        finally:
-            self._tasks.pop(request_id, None)
-            self._running.pop(request_id, None)
-            self._in_engine -= 1
-            self._batch_in_engine -= tenant.batch
-            if fair:
-                self.fair.left(tenant.flow, waiting=False)
-                self._release()
-            if lora is not None:
-                left = self._in_flight.get(lora.lora_int_id, 1) - 1
-                self._in_flight[lora.lora_int_id] = left
-                if left <= 0:
-                    self._in_flight.pop(lora.lora_int_id, None)
-                    if lora.lora_int_id in self._retiring:
-                        self._loop.create_task(self._remove(lora.lora_int_id))
+            held.fail(error)
 
     @staticmethod
     def _engine_error(stop_reason: Any, lora: Any) -> LoraplaneError:
@@ -546,15 +615,16 @@ class VllmEngine:
             "ShuttingDown", "the worker is shutting down; retry (another replica serves it)"
         )
         self.fair_on = False  # nothing more is released
-        for request_id, fail in list(self._running.items()):
-            fail(error)
-            self._cancel(request_id)
+        for held in list(self._requests.values()):
+            held.fail(error)
+            self._cancel(held.request_id)
         self.llm.shutdown()
 
 
 @dataclass(eq=False)
 class _Held:
-    """A request as the worker holds it until vLLM has a row for it."""
+    """A request from its arrival to its end: waiting in the worker, running in vLLM, or waiting again
+    after a preemption with the output it has so far."""
 
     request_id: str
     prompt_ids: list[int]
@@ -562,15 +632,68 @@ class _Held:
     lora: Any
     on_output: Callable[[Output], None]
     tenant: Tenant
+    resumable: bool
+    """It may be preempted: resubmitted with its output as prompt, it goes on as it would have."""
+    arrival: int = 0
+    runs: int = 0
+    """Times it was handed to vLLM (more than one: it was preempted)."""
+    task: asyncio.Task[None] | None = None
+    """Its current run in vLLM (None while waiting in the worker)."""
+    out_ids: list[int] = field(default_factory=list)
+    """The output token IDs so far (a resumable request has one choice)."""
+    tokens: dict[int, int] = field(default_factory=dict)
+    """Output tokens so far, per choice."""
+    done: set[int] = field(default_factory=set)
+    """Choices that have had their last output."""
 
-    def fail(self, error: LoraplaneError) -> None:
-        """End it before it reached vLLM (shutdown): every choice gets its last output."""
-        for i in range(self.sampling.n):
-            self.on_output(Output("", [], "error", len(self.prompt_ids), 0, error, index=i))
+    def fail(self, error: LoraplaneError, choices: Iterable[int] | None = None) -> None:
+        """End the choices still open (all by default) with ``error``: every choice gets its last output."""
+        for i in range(self.sampling.n) if choices is None else choices:
+            if i not in self.done:
+                self.done.add(i)
+                self.on_output(
+                    Output("", [], "error", len(self.prompt_ids), self.tokens.get(i, 0), error, index=i)
+                )
+
+    def may_resume(self, tokenizer: Any) -> bool:
+        """It can be preempted now: it is ``resumable``, has not finished (its last output may be
+        in hand already), has tokens left, and its output so far ends on a whole character (vLLM's
+        detokenizer holds back the text of a character split over several tokens, byte fallback, until
+        its last byte; resumed in the middle of one, that text would be lost; one spans at most 4 tokens)."""
+        if not self.resumable or self.done or len(self.out_ids) >= self.sampling.max_tokens:
+            return False
+        return not self.out_ids or not tokenizer.decode(self.out_ids[-4:]).endswith("\ufffd")
 
 
 def _tenant(held: _Held) -> Tenant:
     return held.tenant
+
+
+def _arrival(held: _Held) -> int:
+    return held.arrival
+
+
+def _context(held: _Held) -> int:
+    return len(held.prompt_ids) + len(held.out_ids)
+
+
+def _resumable(sampling: Any) -> bool:
+    """Whether a request resubmitted with its output appended to its prompt goes on exactly as it would
+    have: one choice; no stop string (vLLM holds back text that may start one, and a stop string split
+    over the two runs would not be seen); no presence or frequency penalty (they count output tokens
+    only); no structured output (the grammar would start again); greedy, or sampling without a seed
+    (a seeded generator would restart: another sample, where the seed promises the same one).
+    Repetition penalty, logit_bias, top-k/p, min_p and logprobs depend on the tokens, not on where
+    they are, so they go on unchanged."""
+    return (
+        sampling.n == 1
+        and not sampling.stop
+        and not sampling.presence_penalty
+        and not sampling.frequency_penalty
+        and sampling.structured_outputs is None
+        and (sampling.temperature == 0 or sampling.seed is None)
+        and not sampling.min_tokens
+    )
 
 
 def sampling_params(params: Any, extras: dict[str, Any], *, max_tokens: int) -> Any:
