@@ -309,6 +309,8 @@ class LoraBatch:
             rows = y[self.offset : self.offset + n, lo:hi]
             if rows.is_contiguous():  # accumulate straight into y: no temporary, no extra pass
                 rows.view(self.groups, self.longest, -1).baddbmm_(h, bt)
+            elif self.groups == 1:  # one adapter (e.g. a long prompt): one GEMM into the slice
+                rows.addmm_(h[0], bt[0])
             else:  # a column slice: torch's bmm would loop over groups; one bmm and one add instead
                 rows.add_(torch.bmm(h, bt).view(n, -1))
             return
