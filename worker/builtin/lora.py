@@ -269,11 +269,9 @@ class LoraBatch:
         if buf is None:
             buf = x.new_zeros(self.groups * self.longest, x.shape[1])
             self._pad[x.shape[1]] = buf
-        rows = (
-            x[self.first : self.first + len(self.src)]
-            if self.first is not None
-            else x.index_select(0, self.src)
-        )  # type: ignore[arg-type]
+        assert self.src is not None
+        n = len(self.src)
+        rows = x[self.first : self.first + n] if self.first is not None else x.index_select(0, self.src)
         buf.index_copy_(0, self.dest, rows)  # type: ignore[arg-type]
         return buf.view(self.groups, self.longest, x.shape[1])
 
