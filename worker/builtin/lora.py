@@ -1,12 +1,15 @@
 """Stacked LoRA slot buffers and the batched delta for a batch that mixes adapters.
 
-Every target projection has, for all layers, an A buffer [layers, max_loras, max_rank, in] and a
-B buffer stored transposed, [layers, max_loras, max_rank, out], so that the active rank r of a
-batch is the leading [:r] rows of both (contiguous reads; an adapter of rank < max_rank is
-zero-padded). The B layout is the transpose of PEFT's [out, r] for that reason.
+The forward's linears (model.LINEARS) each concatenate one to three projections that share their
+input: qkv (q/k/v), o, gate_up (gate/up), down. Per linear, the A matrices of its projections sit in
+one buffer [layers, max_loras, max_rank, projections, in], rank-major, so that a batch of active rank
+r reads the leading [:r] rows of every projection as one contiguous [r * projections, in] block per
+slot: one shrink matmul per linear (4 a layer, not 7). Each projection's B is stored transposed,
+[layers, max_loras, max_rank, out], for the same reason (PEFT's layout is [out, r]). An adapter of
+rank < max_rank, or without some projection, is zero-padded: its zero rows add exactly nothing.
 
 A step's batch gives one slot per row (-1 = base model). ``LoraSlots.plan`` turns that into a
-``LoraBatch`` once per step; the forward calls ``LoraBatch.add_delta`` inside each target linear:
+``LoraBatch`` once per step; the forward calls ``LoraBatch.add_delta`` after each linear:
 
 * SEGMENTED (the SGMV idea): tokens are grouped by slot into a padded [groups, longest, in]
   tensor and each group multiplies its own adapter in one bmm; when the slots in the batch form
@@ -14,7 +17,8 @@ A step's batch gives one slot per row (-1 = base model). ``LoraSlots.plan`` turn
 * GATHERED (the BGMV idea): one row per token with that token's adapter; used when nearly every
   token has its own adapter (decode with all-distinct adapters), where grouping buys nothing.
 
-Both use only the batch's active rank, and neither loops over adapters in Python.
+Both use only the batch's active rank, skip the projections no adapter in the batch targets, and
+never loop over adapters in Python.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from loraplane.errors import PermanentError
 
-from .model import PROJECTIONS, ModelConfig
+from .model import LINEARS, ModelConfig
 
 #: a segmented span may include up to this fraction of slots that no row uses (read but idle).
 SPAN_SLACK = 0.25
@@ -51,12 +55,21 @@ class LoraSlots:
         self.config, self.max_loras, self.max_rank = config, max_loras, max_rank
         self.device, self.dtype = device, dtype
         layers = config.num_layers
-        self.a: dict[str, torch.Tensor] = {}
-        self.bt: dict[str, torch.Tensor] = {}
-        for proj in PROJECTIONS:
-            fan_in, fan_out = config.proj_shape(proj)
-            self.a[proj] = torch.zeros(layers, max_loras, max_rank, fan_in, dtype=dtype, device=device)
-            self.bt[proj] = torch.zeros(layers, max_loras, max_rank, fan_out, dtype=dtype, device=device)
+        self.a: dict[str, torch.Tensor] = {}  # per linear: [layers, max_loras, max_rank, projections, in]
+        self.bt: dict[str, torch.Tensor] = {}  # per projection: [layers, max_loras, max_rank, out]
+        #: projection -> (its linear, its index there, its first and last+1 output column there)
+        self.place: dict[str, tuple[str, int, int, int]] = {}
+        for linear, projs in LINEARS.items():
+            fan_in = config.proj_shape(projs[0])[0]
+            self.a[linear] = torch.zeros(
+                layers, max_loras, max_rank, len(projs), fan_in, dtype=dtype, device=device
+            )
+            col = 0
+            for k, proj in enumerate(projs):
+                fan_out = config.proj_shape(proj)[1]
+                self.bt[proj] = torch.zeros(layers, max_loras, max_rank, fan_out, dtype=dtype, device=device)
+                self.place[proj] = (linear, k, col, col + fan_out)
+                col += fan_out
         # fp32 whatever the weights' dtype: in bf16 rsLoRA's 16/sqrt(12) = 4.6188 would become 4.625
         self.scaling = torch.zeros(max_loras, dtype=torch.float32, device=device)
         self.ranks = [0] * max_loras
@@ -91,7 +104,7 @@ class LoraSlots:
             )
         problems = []
         for (layer, proj), (a, b) in weights.items():
-            if proj not in self.a or not 0 <= layer < self.config.num_layers:
+            if proj not in self.place or not 0 <= layer < self.config.num_layers:
                 problems.append(f"({layer}, {proj}) is not a target linear of this model")
                 continue
             fan_in, fan_out = self.config.proj_shape(proj)
@@ -106,7 +119,8 @@ class LoraSlots:
         self.clear_slot(slot)
         for (layer, proj), (a, b) in weights.items():
             r = a.shape[0]
-            self.a[proj][layer, slot, :r].copy_(a)
+            linear, k = self.place[proj][:2]
+            self.a[linear][layer, slot, :r, k].copy_(a)
             self.bt[proj][layer, slot, :r].copy_(b.t())
         self.scaling[slot] = scaling
         self.ranks[slot] = rank
@@ -114,9 +128,8 @@ class LoraSlots:
 
     def clear_slot(self, slot: int) -> None:
         self._check_slot(slot)
-        for proj in PROJECTIONS:
-            self.a[proj][:, slot].zero_()
-            self.bt[proj][:, slot].zero_()
+        for buf in (*self.a.values(), *self.bt.values()):
+            buf[:, slot].zero_()
         self.scaling[slot] = 0.0
         self.ranks[slot] = 0
         self.targets[slot] = frozenset()
@@ -155,7 +168,7 @@ class LoraSlots:
 
 @dataclass
 class LoraBatch:
-    """One step's LoRA plan; ``add_delta`` is the hot path, called per (layer, projection)."""
+    """One step's LoRA plan; ``add_delta`` is the hot path, called per (layer, linear)."""
 
     slots: LoraSlots
     rank: int
@@ -168,14 +181,16 @@ class LoraBatch:
     slot_index: torch.Tensor | None = None  # slots to gather when not a span
     src: torch.Tensor | None = None  # flat token index of each adapted token
     dest: torch.Tensor | None = None  # its place in the padded [groups * longest]
-    # when the padded layout is the flat tokens [offset, offset + n) in order (rows sorted by slot,
-    # equal segments, base rows first): no gather, no scatter, just views
+    # when the adapted tokens are the flat tokens [first, first + n) in order (the runner sorts rows
+    # by slot, base rows first): their rows are read and written as a slice, never gathered or scattered
+    first: int | None = None
+    # when moreover the padded layout is those rows themselves (equal segments): just views
     offset: int | None = None
     scale: torch.Tensor | None = None  # [groups, 1, 1]
     _pad: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def _weights(self, buf: torch.Tensor) -> torch.Tensor:
-        """[groups, r, dim] for one layer's buffer [max_loras, max_rank, dim]."""
+        """[groups, r, ...] for one layer's buffer [max_loras, max_rank, ...]."""
         if self.span is not None:
             return buf[self.span[0] : self.span[1], : self.rank]
         return buf[:, : self.rank].index_select(0, self.slot_index)  # type: ignore[arg-type]
@@ -200,7 +215,7 @@ class LoraBatch:
             src.extend(range(starts[i], starts[i + 1]))
         self.groups, self.longest = len(src), 1
         self._set_slots(tok_slots)
-        self.offset = src[0] if src == list(range(src[0], src[0] + len(src))) else None
+        self.first = self.offset = src[0] if src == list(range(src[0], src[0] + len(src))) else None
         self.src = torch.tensor(src, device=self.slots.device)
 
     def plan_segmented(
@@ -235,8 +250,9 @@ class LoraBatch:
         dest = [g * self.longest + k for g, (_, ts) in enumerate(chunks) for k in range(len(ts))]
         self._set_slots(group_slots)
         n = len(src)
-        contiguous = src == list(range(src[0], src[0] + n)) and dest == list(range(n))
-        self.offset = src[0] if contiguous and self.groups * self.longest == n else None
+        self.first = src[0] if src == list(range(src[0], src[0] + n)) else None
+        unpadded = dest == list(range(n)) and self.groups * self.longest == n
+        self.offset = self.first if unpadded else None
         dev = self.slots.device
         self.src = torch.tensor(src, device=dev)
         self.dest = torch.tensor(dest, device=dev)
@@ -253,24 +269,54 @@ class LoraBatch:
         if buf is None:
             buf = x.new_zeros(self.groups * self.longest, x.shape[1])
             self._pad[x.shape[1]] = buf
-        buf.index_copy_(0, self.dest, x.index_select(0, self.src))  # type: ignore[arg-type]
+        assert self.src is not None
+        n = len(self.src)
+        rows = x[self.first : self.first + n] if self.first is not None else x.index_select(0, self.src)
+        buf.index_copy_(0, self.dest, rows)  # type: ignore[arg-type]
         return buf.view(self.groups, self.longest, x.shape[1])
 
-    def add_delta(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y[tokens, out] += scaling * (x @ A^T) @ B^T for each token's slot."""
-        if proj not in self.projs:
+    def add_delta(self, layer: int, linear: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y[tokens, out] += scaling * (x @ A^T) @ B^T for each token's slot, for every projection of
+        ``linear`` some adapter in the batch targets (y: that linear's output, its projections side by side)."""
+        active = [p for p in LINEARS[linear] if p in self.projs]
+        if not active:
             return
-        a = self._weights(self.slots.a[proj][layer])
-        bt = self._weights(self.slots.bt[proj][layer])
-        h = torch.bmm(self._padded(x), a.transpose(1, 2))
-        h.mul_(self.scale)
-        if self.offset is not None:  # accumulate straight into y's rows: no temporary, no extra pass
+        xs = self._padded(x)
+        g, n, r = self.groups, self.longest, self.rank
+        buf = self.slots.a[linear][layer]  # [max_loras, max_rank, projections, in]
+        parts = buf.shape[2]
+        if len(active) == parts:  # one shrink for all of them; h's columns are (rank, projection)
+            a = self._weights(buf)
+            h = torch.bmm(xs, a.flatten(1, 2).transpose(1, 2)).view(g, n, r, parts).transpose(2, 3)
+            hs = torch.empty(g, n, parts, r, dtype=h.dtype, device=h.device)
+            torch.mul(h, self.scale.view(g, 1, 1, 1), out=hs)  # type: ignore[union-attr]
+            shrunk = {p: hs[:, :, k] for k, p in enumerate(LINEARS[linear])}
+        else:  # only some: one shrink each, on strided views of the same buffer
+            shrunk = {}
+            for p in active:
+                a = self._weights(buf[:, :, self.slots.place[p][1]])
+                h = torch.bmm(xs, a.transpose(1, 2))
+                shrunk[p] = h.mul_(self.scale)
+        for p in active:
+            self._expand(self._weights(self.slots.bt[p][layer]), shrunk[p], y, *self.slots.place[p][2:])
+
+    def _expand(self, bt: torch.Tensor, h: torch.Tensor, y: torch.Tensor, lo: int, hi: int) -> None:
+        """y[:, lo:hi] += h @ bt, h [groups, longest, r] in the padded layout."""
+        if self.offset is not None:  # the padded layout is y's rows [offset, offset + n) in order
             n = self.groups * self.longest
-            y[self.offset : self.offset + n].view(self.groups, self.longest, -1).baddbmm_(h, bt)
+            rows = y[self.offset : self.offset + n, lo:hi]
+            if rows.is_contiguous():  # accumulate straight into y: no temporary, no extra pass
+                rows.view(self.groups, self.longest, -1).baddbmm_(h, bt)
+            elif self.groups == 1:  # one adapter (e.g. a long prompt): one GEMM into the slice
+                rows.addmm_(h[0], bt[0])
+            else:  # a column slice: torch's bmm would loop over groups; one bmm and one add instead
+                rows.add_(torch.bmm(h, bt).view(n, -1))
             return
         out = torch.bmm(h, bt)  # [groups, longest, out]
         flat = out.view(-1, out.shape[-1])
-        if self.mode == "gathered":
-            y.index_add_(0, self.src, flat)  # type: ignore[arg-type]
+        if self.mode != "gathered":
+            flat = flat.index_select(0, self.dest)  # type: ignore[arg-type]
+        if self.first is not None:  # a slice and an add: far cheaper than index_add_'s scatter on CPU
+            y[self.first : self.first + len(flat), lo:hi].add_(flat)
         else:
-            y.index_add_(0, self.src, flat.index_select(0, self.dest))  # type: ignore[arg-type]
+            y[:, lo:hi].index_add_(0, self.src, flat)  # type: ignore[arg-type]

@@ -87,10 +87,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x.float() * torch.rsqrt(var + eps)).to(x.dtype)
 
 
-class LoraHook(Protocol):
-    """What the forward calls inside every target linear: y += the LoRA delta for x."""
+#: The forward's four linears per layer and the projections each one's output concatenates, in
+#: column order: q/k/v share their input and so do gate/up, so each pair or triple is one matmul.
+LINEARS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 
-    def add_delta(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+class LoraHook(Protocol):
+    """What the forward calls after each of its linears (``LINEARS``): y += the LoRA delta for x."""
+
+    def add_delta(self, layer: int, linear: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
 
 
 class AttentionHook(Protocol):
@@ -204,9 +214,7 @@ class CausalLM:
             h = rms_norm(x, w.input_norm, c.rms_norm_eps)
             qkv = F.linear(h, w.qkv, w.qkv_bias)
             if lora is not None:
-                lora.add_delta(i, "q_proj", h, qkv[:, :nq])
-                lora.add_delta(i, "k_proj", h, qkv[:, nq : nq + nkv])
-                lora.add_delta(i, "v_proj", h, qkv[:, nq + nkv :])
+                lora.add_delta(i, "qkv", h, qkv)
             q, k = qkv[:, :nq].view(n, c.num_heads, hd), qkv[:, nq : nq + nkv].view(n, c.num_kv_heads, hd)
             if w.q_norm is not None and w.k_norm is not None:
                 q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
@@ -215,17 +223,16 @@ class CausalLM:
             att = attention.attend(i, q, k, v).reshape(n, nq)
             o = F.linear(att, w.o, w.o_bias)
             if lora is not None:
-                lora.add_delta(i, "o_proj", att, o)
+                lora.add_delta(i, "o", att, o)
             x = x + o
             h = rms_norm(x, w.post_norm, c.rms_norm_eps)
             gu = F.linear(h, w.gate_up, w.gate_up_bias)
             if lora is not None:
-                lora.add_delta(i, "gate_proj", h, gu[:, :inter])
-                lora.add_delta(i, "up_proj", h, gu[:, inter:])
+                lora.add_delta(i, "gate_up", h, gu)
             act = F.silu(gu[:, :inter]) * gu[:, inter:]
             d = F.linear(act, w.down, w.down_bias)
             if lora is not None:
-                lora.add_delta(i, "down_proj", act, d)
+                lora.add_delta(i, "down", act, d)
             x = x + d
         last = x.index_select(0, last_index)
         return F.linear(rms_norm(last, self.norm, c.rms_norm_eps), self.lm_head).float()

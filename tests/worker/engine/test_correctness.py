@@ -198,3 +198,40 @@ def test_prefill_joining_decodes_matches_peft(
         torch.testing.assert_close(got[i], want, atol=ATOL, rtol=ATOL, msg=f"decode row {i} ({name})")
     want = reference_logits(peft_model, "a3", PROMPTS[2])[-1]
     torch.testing.assert_close(got[3], want, atol=ATOL, rtol=ATOL, msg="prefill row (a3)")
+
+
+@pytest.mark.parametrize("mode", ["segmented", "gathered"])
+@pytest.mark.parametrize(
+    "row_adapters",
+    [
+        # q/v only beside gate/up/down only: no linear has all its projections targeted in the
+        # batch (q/v of qkv, gate/up of gate_up), so each projection is shrunk on its own
+        ["a1", "a4", None, "a1", "a4"],
+        # rank 16 with every projection, rank 8 q/v and rank 6 MLP, one layer only with per-module
+        # ranks: one shrink per linear over slots whose A rows are partly zero
+        ["a2", "a1", "a4", "a3", "a2"],
+    ],
+)
+def test_linears_shared_by_adapters_with_different_targets_match_peft(
+    tiny_llama: Path,
+    adapters: dict[str, Path],
+    peft_model: Any,
+    row_adapters: list[str | None],
+    mode: str,
+) -> None:
+    """q/k/v (gate/up) share one shrink per layer: every row must still get only its own adapter's
+    projections, at its own rank, whichever projections the other rows' adapters target."""
+    runner, slots = make_runner(tiny_llama, adapters)
+    runner.lora_mode = mode
+    seqs = [list(PROMPTS[i]) for i in range(len(row_adapters))]
+    batch = [SeqStep(i, seqs[i], -1 if a is None else slots[a]) for i, a in enumerate(row_adapters)]
+    for s in batch:
+        runner.allocate(s.seq_id)
+    outs = [runner.step(batch)]
+    outs.append(runner.step([SeqStep(s.seq_id, [60 + s.seq_id], s.slot) for s in batch]))
+    assert runner.last_lora_mode == mode
+    for step, got in enumerate(outs):
+        for i, a in enumerate(row_adapters):
+            ids = seqs[i] + ([60 + i] if step else [])
+            want = reference_logits(peft_model, a, ids)[-1]
+            torch.testing.assert_close(got[i], want, atol=ATOL, rtol=ATOL, msg=f"step {step} row {i} ({a})")
