@@ -4,8 +4,8 @@ A real operator (``--bbr-namespace``) runs against the embedded API server (in i
 audit log counting writes by kind). N adapters of two base models are created as fast as one client
 can, then a tenth of them renamed, then all deleted; for each phase it prints the ConfigMap writes
 (against the N an operator writing per adapter would make) and the seconds until the ConfigMaps say
-what the adapters say. Then the in-memory recompute (``bbr.desired_map`` + ``bbr.shards``) by catalogue
-size, per adapter: it should stay flat.
+what the adapters say. Then the operator's in-memory side (``bbr.Routes``) at N and 20N: building the map
+from scratch, and a flush after a batch of renames, per adapter: it should stay flat.
 
     python benchmarks/bench_bbr.py --n 2000
     python benchmarks/bench_bbr.py --n 10000 --max-bytes 100000   # splits each base model's ConfigMap
@@ -14,8 +14,6 @@ size, per adapter: it should stay flat.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,29 +22,13 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+# The embedded API server, its write counts and the operator, as bench_scale.py has them (benchmarks/ is
+# on sys.path).
+from bench_scale import Cluster, operator_proc
+
 GROUP, VERSION = "loraplane.io", "v1alpha1"
 BASES = ("meta-llama/Llama-2-7b-hf", "Qwen/Qwen2-7B-Instruct")
 BBR = "inference.networking.k8s.io/bbr-managed=true"
-NS = "bbr-bench"
-
-
-def _serve(conn: Any) -> None:
-    """The embedded API server in this process; answers "writes" with the ConfigMap writes so far in the
-    BBR namespace (the ID ledger, a ConfigMap too, lives in another one)."""
-    from loraplane.localkube import LocalKube
-
-    server = LocalKube()
-    conn.send(server.start())
-    while conn.recv() == "writes":
-        writes = ("create", "update", "patch", "delete")
-        conn.send(
-            sum(
-                1
-                for e in list(server.audit_log)
-                if e.resource == "configmaps" and e.verb in writes and not (e.name or "").endswith("ledger")
-            )
-        )
 
 
 def routes(core: Any, ns: str) -> tuple[dict[str, str], int]:
@@ -67,23 +49,79 @@ def wait_until(pred: Any, timeout: float) -> float:
     return time.monotonic() - start
 
 
-def recompute(sizes: list[int]) -> None:
+def _catalogue(n: int) -> list[tuple[tuple[str, str], Any]]:
+    from loraplane.operator.names import Claim
+
+    return [
+        (
+            (BASES[i % 2], f"team-{i % 50:02d}-adapter-{i:06d}"),
+            Claim(f"2026-01-01T{i % 24:02d}", "ns", f"a{i}"),
+        )
+        for i in range(n)
+    ]
+
+
+def _routes_cost(n: int, batch: int, max_bytes: int) -> tuple[float, float, float, int]:
+    """Best of 3, per adapter: the routes built from scratch (with every ConfigMap's text); then per
+    changed adapter, a flush after ``batch`` renames: the routes' update, and the changed ConfigMaps'
+    text and what the publisher records of a write (the names each lists now); and the bytes of those
+    ConfigMaps (each one's body goes to the API server whole: at most --max-bytes)."""
     from loraplane.operator import bbr
 
-    print("\nrecompute (desired_map + shards + data), best of 3, this machine:")
+    holders = _catalogue(n)
+    build = update = text = float("inf")
+    written = 0
+    for r in range(3):
+        t = time.perf_counter()
+        routes = bbr.Routes.build(holders, set(), max_bytes)
+        listed: dict[str, str] = {}
+        for s in routes.by_cm.values():
+            s.data()
+            listed |= dict.fromkeys(s.added, s.name)
+            s.in_sync()
+        build = min(build, time.perf_counter() - t)
+        routes.dirty.clear()
+        t = time.perf_counter()
+        for i in range(r * batch, (r + 1) * batch):  # a fresh batch each round: renames
+            key, claim = holders[i * 7 % n]
+            routes.set_holder(key, None)
+            routes.set_holder((key[0], f"renamed-{key[1]}"), claim)
+        t2 = time.perf_counter()
+        written = 0
+        for name in routes.dirty:
+            s = routes.by_cm[name]
+            written += len(s.data()["adapters"])
+            for gone in s.removed:
+                listed.pop(gone, None)
+            listed |= dict.fromkeys(s.added, name)
+            s.in_sync()
+        t3 = time.perf_counter()
+        update, text = min(update, t2 - t), min(text, t3 - t2)
+    return build / n, update / batch, text / batch, written
+
+
+def recompute(sizes: list[int], batch: int, max_bytes: int) -> None:
+    print(
+        f"\nbody-based-routing map in memory, per adapter, at N and 20N side by side (best of 3; a flush of "
+        f"{batch} renames spread over {len(BASES)} base models; --max-bytes {max_bytes}):"
+    )
+    print(
+        f"{'N':>8} {'build us':>9} {'flush: map us':>14} {'+ text us':>10} {'= us':>7} {'ConfigMap bytes':>16}"
+        f"  {'rebuilt per flush (before) us':>30}"
+    )
     for n in sizes:
-        holders = [
-            (BASES[0], f"team-{i % 50:02d}-adapter-{i:06d}", ("t", "ns", f"a{i}"), f"ns/a{i}")
-            for i in range(n)
-        ]
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            routed, _ = bbr.desired_map(holders, {BASES[0]})
-            for s in bbr.shards(BASES[0], routed[BASES[0]], 900_000):
-                s.data()
-            best = min(best, time.perf_counter() - t)
-        print(f"  {n:>7} adapters: {best * 1000:8.1f} ms, {best / n * 1e6:5.2f} us per adapter")
+        rows = [(m, *_routes_cost(m, batch, max_bytes)) for m in (n, 20 * n)]
+        for m, build, update, text, written in rows:
+            us = 1e6
+            line = (
+                f"{m:>8} {build * us:9.2f} {update * us:14.2f} {text * us:10.2f} {(update + text) * us:7.2f}"
+            )
+            print(f"{line} {written:>16}  {build * m / batch * us:30.1f}")
+        (_, b1, u1, t1, _), (_, b2, u2, t2, _) = rows
+        print(
+            f"  ratio 20N/N: build {b2 / b1:.2f}x, flush map {u2 / u1:.2f}x, flush in all {(u2 + t2) / (u1 + t1):.2f}x "
+            f"(the text grows with the ConfigMaps' bytes, at most --max-bytes each)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,40 +129,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2000, help="adapters (half per base model)")
     p.add_argument("--window", type=float, default=1.0, help="the operator's --bbr-window (seconds)")
     p.add_argument("--max-bytes", type=int, default=900_000, help="the operator's --bbr-max-bytes")
-    p.add_argument("--recompute", default="1000,10000,100000", help="catalogue sizes of the recompute timing")
+    p.add_argument(
+        "--recompute", default="500,5000", help="catalogue sizes N of the in-memory timing (and 20N)"
+    )
+    p.add_argument("--batch", type=int, default=100, help="renames per flush in the in-memory timing")
     a = p.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from kubernetes import client
-    from support import kube as kubeclient
-
-    from loraplane.localkube import write_kubeconfig
-
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    server = ctx.Process(target=_serve, args=(child,), daemon=True)
-    server.start()
-    url = parent.recv()
-
-    def writes() -> int:
-        parent.send("writes")
-        return parent.recv()
-
     with tempfile.TemporaryDirectory() as tmp:
-        kubeconfig = str(write_kubeconfig(url, Path(tmp) / "kubeconfig"))
-        kube = kubeclient.Kube(kubeconfig, url, True)
-        kube.apply_crds()
-        ns = NS
-        api = kube.api_client()
-        core, co = client.CoreV1Api(api), client.CustomObjectsApi(api)
-        core.create_namespace({"metadata": {"name": ns}})
-        core.create_namespace({"metadata": {"name": "bbr-bench-ledger"}})
-        op = subprocess.Popen(
-            [sys.executable, "-m", "loraplane.operator.main", "--kubeconfig", kubeconfig, "--namespace", ns,
-             "--ledger-namespace", "bbr-bench-ledger", "--metrics-port", "0", "--bbr-namespace", ns,
-             "--bbr-window", str(a.window), "--bbr-max-bytes", str(a.max_bytes)],
-            stdout=open(Path(tmp) / "operator.log", "wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        cluster = Cluster(None, Path(tmp), "bbr-bench")
+        ns, core, co = cluster.ns, cluster.core, cluster.co
+        ledger = f"{ns}-ledger"  # the ID ledger is a ConfigMap too: elsewhere, so only BBR's are counted
+        core.create_namespace({"metadata": {"name": ledger}})
+
+        def writes() -> int:
+            return sum(c for kind, c in cluster.writes(ns).items() if kind.startswith("configmaps "))
+
+        op = operator_proc(
+            cluster, Path(tmp) / "operator.log", 60.0, "--ledger-namespace", ledger, "--bbr-namespace", ns,
+            "--bbr-window", str(a.window), "--bbr-max-bytes", str(a.max_bytes),
+        ).start()  # fmt: skip
         try:
             want: dict[str, str] = {}
 
@@ -172,11 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             phase("rename 10%", rename)
             phase("delete all", delete)
         finally:
-            op.terminate()
-            op.wait(20)
-            api.close()
-    parent.send("stop")
-    recompute([int(x) for x in a.recompute.split(",") if x])
+            op.stop()
+            cluster.close()
+    recompute([int(x) for x in a.recompute.split(",") if x], a.batch, a.max_bytes)
     return 0
 
 

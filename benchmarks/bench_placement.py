@@ -22,93 +22,52 @@ one is Ready on k workers (status.ready "k/k"). It prints:
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-# The embedded server, the adapters and a free port, as bench_scale.py has them (benchmarks/ is on sys.path).
-from bench_scale import BASE, GROUP, REPO, VERSION, _serve, write_adapters
-from bench_worker import adapters_module, free_port
+# The API server, the adapters and the processes, as bench_scale.py has them (benchmarks/ is on sys.path).
+from bench_scale import BASE, GROUP, VERSION, Cluster, operator_proc, worker_proc, write_adapters
+from bench_worker import adapters_module
 
 Placements = dict[str, tuple[str, ...]]  # adapter name -> worker refs
 
 
 class Fleet:
-    """The operator and the workers of one run, as subprocesses with their logs in ``logs``."""
+    """The operator and the workers of one run (tests/support/procs.py), their logs in ``logs``."""
 
-    def __init__(self, args: argparse.Namespace, kubeconfig: str, ns: str, base: Path, root: Path, tmp: Path):
-        self.args, self.kubeconfig, self.ns, self.base, self.root, self.tmp = (
-            args,
-            kubeconfig,
-            ns,
-            base,
-            root,
-            tmp,
-        )
+    def __init__(self, args: argparse.Namespace, cluster: Cluster, base: Path, root: Path, tmp: Path):
+        self.args, self.cluster, self.base, self.root = args, cluster, base, root
         self.logs = tmp / "logs"
         self.logs.mkdir(exist_ok=True)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports: dict[str, int] = {}
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-    def _spawn(self, name: str, cmd: list[str]) -> None:
-        with open(self.logs / f"{name}.log", "ab") as out:
-            self.procs[name] = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
-            )
+        self.procs: dict[str, Any] = {}
 
     def operator(self) -> None:
-        self._spawn("operator", [
-            sys.executable, "-m", "loraplane.operator.main", "--kubeconfig", self.kubeconfig,
-            "--namespace", self.ns, "--ledger-namespace", self.ns, "--metrics-port", "0",
-            "--heartbeat-window", str(self.args.heartbeat_window), "--liveness-interval", "1",
-        ])  # fmt: skip
+        self.procs["operator"] = operator_proc(
+            self.cluster, self.logs / "operator.log", self.args.heartbeat_window, "--liveness-interval", "1"
+        ).start()
 
     def worker(self, name: str) -> None:
-        self.ports[name] = free_port()
-        self._spawn(name, [
-            sys.executable, "-m", "loraplane.worker.main", "--kubeconfig", self.kubeconfig,
-            "--base-model", str(self.base), "--served-model-name", BASE,
-            "--cache-dir", str(self.tmp / f"cache-{name}"), "--local-roots", str(self.root),
-            "--worker-name", name, "--pod-namespace", self.ns, "--namespaces", self.ns,
-            "--host", "127.0.0.1", "--port", str(self.ports[name]), "--log-level", "WARNING",
-            "--mode", "control", "--heartbeat-seconds", "2",
-        ])  # fmt: skip
+        """Start (again: the same cache) the worker ``name``."""
+        self.procs[name] = worker_proc(
+            self.cluster, self.logs, name, self.base, self.root, "--heartbeat-seconds", "2"
+        ).start()
 
     def downloads(self, name: str) -> int:
         """The worker's cache misses (prefetches that fetched the files); -1 when it does not answer."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[name]}/metrics", timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return -1
-        for line in text.splitlines():
-            if line.startswith("loraplane_worker_cache_misses_total "):
-                return int(float(line.split()[1]))
-        return 0
+        metrics = self.procs[name].metrics()
+        return int(metrics.get("loraplane_worker_cache_misses_total", 0)) if metrics else -1
 
     def kill(self, name: str) -> None:
         self.procs[name].kill()
-        self.procs[name].wait(10)
 
     def stop(self) -> None:
         for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            p.stop()
 
 
 def _list(co: Any, ns: str, plural: str) -> list[dict[str, Any]]:
@@ -182,36 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per phase before giving up")
     args = parser.parse_args(argv)
     n, w, k = args.n, args.workers, args.replicas
-    from kubernetes import client
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from support import kube as kubeclient  # tests/support/kube.py: apply_crds without kubectl
-
     tmp = Path(tempfile.mkdtemp(prefix="bench-placement-"))
     adapters = adapters_module()
     base = adapters.write_base_config(tmp / "base")
     root = tmp / "adapters"
     print(f"writing {n} adapters under {root} ...", flush=True)
     write_adapters(root, n)
-    server = None
-    if args.kubeconfig:
-        kubeconfig, url, local = args.kubeconfig, "", False
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        conn, child = ctx.Pipe()
-        server = ctx.Process(target=_serve, args=(child,), daemon=True)
-        server.start()
-        url = conn.recv()
-        from loraplane.localkube import write_kubeconfig
-
-        kubeconfig, local = str(write_kubeconfig(url, tmp / "kubeconfig")), True
-    kube = kubeclient.Kube(kubeconfig, url, local)
-    kube.apply_crds()
-    ns = f"placement-{uuid.uuid4().hex[:6]}"
-    api_client = kube.api_client()
-    co = client.CustomObjectsApi(api_client)
-    client.CoreV1Api(api_client).create_namespace({"metadata": {"name": ns}})
-    fleet = Fleet(args, kubeconfig, ns, base, root, tmp)
+    cluster = Cluster(args.kubeconfig, tmp, "placement")
+    co, ns = cluster.co, cluster.ns
+    fleet = Fleet(args, cluster, base, root, tmp)
     names = [f"w{i}" for i in range(w)]
     ok = True
     try:
@@ -326,13 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         fleet.stop()
-        if server is not None:
-            conn.send("stop")
-            server.terminate()
-            server.join(10)
-        elif args.kubeconfig:
-            client.CoreV1Api(api_client).delete_namespace(ns)
-        api_client.close()
+        cluster.close()
     print(f"(logs in {fleet.logs})")
     shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1

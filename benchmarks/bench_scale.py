@@ -14,6 +14,7 @@ for CPU per adapter, and the memory per adapter (the slope of peak RSS between t
     python benchmarks/bench_scale.py                               # 500, 3000, 10000 x 1 worker
     python benchmarks/bench_scale.py --points 500:1,2000:1,2000:8  # W=8 at N=2000
     python benchmarks/bench_scale.py --points 200:1,1000:1 --kubeconfig ~/.kube/config
+    python benchmarks/bench_scale.py --points 500:4,10000:4 --replicas 2 --delete  # placement at N, 20N
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,8 +36,8 @@ from typing import Any
 
 import psutil
 
-# tests/support/adapters.py and a free port, as bench_worker.py finds them (benchmarks/ is on sys.path).
-from bench_worker import adapters_module, free_port
+# tests/support/adapters.py, as bench_worker.py finds it (benchmarks/ is on sys.path).
+from bench_worker import adapters_module
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP, VERSION = "loraplane.io", "v1alpha1"
@@ -49,18 +49,102 @@ WRITE_VERBS = ("create", "update", "patch", "delete")
 
 
 def _serve(conn: Any) -> None:
-    """The embedded API server in this process; answers "writes" with its write requests by kind."""
+    """The embedded API server in this process; answers ("writes", namespace or None) with its write
+    requests by kind ("loraadapters/status update"), counted as they come (its audit log is cut at
+    100,000 requests)."""
     from loraplane.localkube import LocalKube
 
-    server = LocalKube()
-    conn.send(server.start())
-    while conn.recv() == "writes":
-        counts: dict[str, int] = {}
-        for e in list(server.audit_log):
+    counts: dict[tuple[str, str], int] = {}
+
+    class Counted(list):  # type: ignore[type-arg]
+        def append(self, e: Any) -> None:
             if e.verb in WRITE_VERBS:
-                key = f"{e.resource}{'/' + e.subresource if e.subresource else ''} {e.verb}"
+                key = (e.namespace, f"{e.resource}{'/' + e.subresource if e.subresource else ''} {e.verb}")
                 counts[key] = counts.get(key, 0) + 1
-        conn.send(counts)
+            super().append(e)
+
+    server = LocalKube()
+    url = server.start()
+    assert server.state is not None
+    server.state.audit_log = Counted()
+    conn.send(url)
+    while (ask := conn.recv())[0] == "writes":
+        out: dict[str, int] = {}
+        for (ns, kind), c in list(counts.items()):
+            if ask[1] is None or ns == ask[1]:
+                out[kind] = out.get(kind, 0) + c
+        conn.send(out)
+
+
+class Cluster:
+    """The API server of one run and a fresh namespace in it: the embedded server in its own process
+    (``pid``; ``writes()`` counts its write requests), or the real cluster of ``kubeconfig``."""
+
+    def __init__(self, kubeconfig: str | None, tmp: Path, prefix: str) -> None:
+        from kubernetes import client
+
+        sys.path.insert(0, str(REPO / "tests"))
+        from support import kube as kubeclient  # tests/support/kube.py: apply_crds without kubectl
+
+        self.server: Any = None
+        if kubeconfig:
+            self.kubeconfig, url, local = kubeconfig, "", False
+        else:
+            from loraplane.localkube import write_kubeconfig
+
+            ctx = multiprocessing.get_context("spawn")
+            self._conn, child = ctx.Pipe()
+            self.server = ctx.Process(target=_serve, args=(child,), daemon=True)
+            self.server.start()
+            url = self._conn.recv()
+            self.kubeconfig, local = str(write_kubeconfig(url, tmp / f"kubeconfig-{prefix}")), True
+        self.kube = kubeclient.Kube(self.kubeconfig, url, local)
+        self.kube.apply_crds()
+        self.ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        self.api_client = self.kube.api_client()
+        self.co = client.CustomObjectsApi(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.core.create_namespace({"metadata": {"name": self.ns}})
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid if self.server is not None else None
+
+    def writes(self, namespace: str | None = None) -> dict[str, int]:
+        """Write requests so far by kind, in ``namespace`` or all; empty on a real cluster."""
+        if self.server is None:
+            return {}
+        self._conn.send(("writes", namespace))
+        return self._conn.recv()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self._conn.send(("stop", None))
+            self.server.terminate()
+            self.server.join(10)
+        else:
+            self.core.delete_namespace(self.ns)
+        self.api_client.close()
+
+
+def operator_proc(cluster: Cluster, log: Path, heartbeat_window: float, *args: str) -> Any:
+    """The operator, as the tests start it (tests/support/procs.py), scoped to the run's namespace."""
+    from support.procs import OperatorProc
+
+    return OperatorProc(cluster.kubeconfig, cluster.ns, log, heartbeat_window=heartbeat_window, args=args)
+
+
+def worker_proc(cluster: Cluster, workdir: Path, name: str, base: Path, root: Path, *args: str) -> Any:
+    """A control-mode worker, as the tests start it, with the worker's own defaults for what the tests
+    shorten (heartbeat, report batch, cache budget) unless ``args`` say otherwise."""
+    from support.procs import WorkerProc
+
+    defaults = ["--log-level", "WARNING", "--heartbeat-seconds", "10", "--report-batch-seconds", "0.2"]
+    defaults += ["--cache-bytes", str(20 << 30)]
+    return WorkerProc(
+        cluster.kubeconfig, workdir, name=name, namespace=cluster.ns, base_dir=base, local_root=root,
+        extra=[*defaults, *args],
+    )  # fmt: skip
 
 
 def write_adapters(root: Path, n: int) -> None:
@@ -138,6 +222,8 @@ class Result:
     writes: int = 0
     largest: tuple[int, str] = (0, "")
     breakdown: dict[str, int] = field(default_factory=dict)  # write requests by kind (embedded server)
+    delete_s: float = 0.0  # deleting all N until the operator is idle again
+    delete_cpu_ms: float = 0.0  # the operator's CPU per adapter for that
 
 
 def _cpu(p: psutil.Process) -> float:
@@ -151,6 +237,17 @@ def _peak_rss(p: psutil.Process) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return p.memory_info().rss / 2**20
+
+
+def _idle(p: psutil.Process, deadline: float, step: float = 2.0) -> None:
+    """Wait until ``p`` spends under 5% of a core over ``step`` seconds (its backlog is done)."""
+    last = _cpu(p)
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        now = _cpu(p)
+        if now - last < 0.05 * step:
+            return
+        last = now
 
 
 def _current_rv(co: Any, ns: str) -> int:
@@ -174,52 +271,20 @@ def _largest(co: Any, ns: str) -> tuple[int, str]:
 
 
 def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: Path, base: Path) -> Result:
-    from kubernetes import client
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from support import kube as kubeclient  # tests/support/kube.py: apply_crds without kubectl
-
-    server = None
+    cluster = Cluster(args.kubeconfig, tmp, f"scale-{n}-{workers}")
+    co, ns = cluster.co, cluster.ns
     procs: dict[str, psutil.Process] = {}
-    if args.kubeconfig:
-        kubeconfig, url, local = args.kubeconfig, "", False
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        server = ctx.Process(target=_serve, args=(child,), daemon=True)
-        server.start()
-        url = parent.recv()
-        from loraplane.localkube import write_kubeconfig
-
-        kubeconfig, local = str(write_kubeconfig(url, tmp / f"kubeconfig-{n}-{workers}")), True
-        procs["apiserver"] = psutil.Process(server.pid)
-    kube = kubeclient.Kube(kubeconfig, url, local)
-    kube.apply_crds()
-    ns = f"scale-{n}-{workers}-{uuid.uuid4().hex[:6]}"
-    api_client = kube.api_client()
-    co = client.CustomObjectsApi(api_client)
-    client.CoreV1Api(api_client).create_namespace({"metadata": {"name": ns}})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cluster.pid is not None:
+        procs["apiserver"] = psutil.Process(cluster.pid)
     logs = tmp / f"logs-{n}-{workers}"
     logs.mkdir()
-    popen = []
-    cmd_op = [sys.executable, "-m", "loraplane.operator.main", "--kubeconfig", kubeconfig, "--namespace", ns,
-              "--ledger-namespace", ns, "--metrics-port", "0"]  # fmt: skip
-    popen.append(("operator", cmd_op))
+    # The operator's own defaults for what the tests shorten (liveness checks, the heartbeat window).
+    children = [operator_proc(cluster, logs / "operator.log", 60.0, "--liveness-interval", "5").start()]
+    procs["operator"] = psutil.Process(children[0].proc.pid)
     for w in range(workers):
-        popen.append((f"worker-{w}", [
-            sys.executable, "-m", "loraplane.worker.main", "--kubeconfig", kubeconfig, "--base-model", str(base),
-            "--served-model-name", BASE, "--cache-dir", str(tmp / f"cache-{n}-{workers}-{w}"),
-            "--local-roots", str(root), "--worker-name", f"w{w}", "--pod-namespace", ns, "--namespaces", ns,
-            "--host", "127.0.0.1", "--port", str(free_port()), "--log-level", "WARNING", "--mode", "control",
-        ]))  # fmt: skip
-    children = []
-    for name, cmd in popen:
-        out = open(logs / f"{name}.log", "ab")
-        child_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        children.append(child_proc)
-        procs[name] = psutil.Process(child_proc.pid)
-    progress = Progress(kube.api_client(), ns)
+        children.append(worker_proc(cluster, logs, f"w{w}", base, root).start())
+        procs[f"worker-{w}"] = psutil.Process(children[-1].proc.pid)
+    progress = Progress(cluster.kube.api_client(), ns)
     try:
         deadline = time.monotonic() + 60
         while len(co.list_namespaced_custom_object(GROUP, VERSION, ns, "loraworkers")["items"]) < workers:
@@ -237,6 +302,8 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
                 "metadata": {"name": f"a{i:05d}"},
                 "spec": {"baseModel": BASE, "path": str(root / f"a{i:05d}")},
             }
+            if args.replicas is not None:
+                body["spec"]["replicas"] = args.replicas
             co.create_namespaced_custom_object(GROUP, VERSION, ns, "loraadapters", body)
 
         t0 = time.monotonic()
@@ -256,35 +323,32 @@ def run_point(n: int, workers: int, args: argparse.Namespace, tmp: Path, root: P
         cpu = {k: (_cpu(p) - cpu0[k]) * 1000 / n for k, p in procs.items()}
         rss = {k: _peak_rss(p) for k, p in procs.items()}
         largest = _largest(co, ns)
-        breakdown: dict[str, int] = {}
-        if server is not None:
-            parent.send("writes")
-            breakdown = parent.recv()
+        breakdown = cluster.writes()
         if not complete:
             print(
                 f"  N={n}: only {len(progress.ready_at)} of {n} Ready after {args.timeout:.0f}s", flush=True
             )
+        delete_s = delete_cpu = 0.0
+        if args.delete:  # every delete frees room on the adapter's workers: what does it cost the operator?
+            op, d0 = procs["operator"], time.monotonic()
+            c0 = _cpu(op)
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda i: co.delete_namespaced_custom_object(
+                    GROUP, VERSION, ns, "loraadapters", f"a{i:05d}"), range(n)))  # fmt: skip
+            _idle(op, time.monotonic() + args.timeout)
+            delete_s, delete_cpu = time.monotonic() - d0, (_cpu(op) - c0) * 1000 / n
     finally:
         progress.stop.set()
         for c in children:
-            c.terminate()
-        for c in children:
-            try:
-                c.wait(20)
-            except subprocess.TimeoutExpired:
-                c.kill()
-        if server is not None:
-            parent.send("stop")
-            server.terminate()
-            server.join(10)
-        elif args.kubeconfig:
-            client.CoreV1Api(api_client).delete_namespace(ns)
-        api_client.close()
+            c.stop()
+        cluster.close()
     worker_cpu = [v for k, v in cpu.items() if k.startswith("worker-")]
     worker_rss = [v for k, v in rss.items() if k.startswith("worker-")]
     cpu = {k: v for k, v in cpu.items() if not k.startswith("worker-")} | {"worker": max(worker_cpu)}
     rss = {k: v for k, v in rss.items() if not k.startswith("worker-")} | {"worker": max(worker_rss)}
-    return Result(n, workers, to_ids, to_ready, complete, cpu, rss, writes, largest, breakdown)
+    return Result(
+        n, workers, to_ids, to_ready, complete, cpu, rss, writes, largest, breakdown, delete_s, delete_cpu
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default="500:1,3000:1,10000:1", help="N:W pairs, comma-separated")
     parser.add_argument("--kubeconfig", default=None, help="a real cluster instead of the embedded server")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per point before giving up")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="spec.replicas of every adapter (placement); default: unset",
+    )
+    parser.add_argument(
+        "--delete", action="store_true", help="then delete all N and measure the operator's CPU for it"
+    )
     args = parser.parse_args(argv)
     points = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
 
@@ -340,6 +413,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  CPU ms per adapter {p:<10} {ratio:5.2f}x  {'met' if ratio <= 1.5 else 'NOT met'}")
         print(f"  time to all Ready per adapter  {(hi.to_ready / hi.n) / (lo.to_ready / lo.n):5.2f}x")
         print(f"  API writes per adapter         {(hi.writes / hi.n) / (lo.writes / lo.n):5.2f}x")
+        st = "loraadapters/status update"
+        if lo.breakdown.get(st) and hi.breakdown.get(st):
+            ratio = (hi.breakdown[st] / hi.n) / (lo.breakdown[st] / lo.n)
+            print(f"  status writes per adapter      {ratio:5.2f}x")
+        if args.delete:
+            ratio = hi.delete_cpu_ms / max(lo.delete_cpu_ms, 1e-9)
+            print(
+                f"  delete all: operator CPU ms per adapter {lo.delete_cpu_ms:.2f} vs {hi.delete_cpu_ms:.2f}, "
+                f"{ratio:5.2f}x  {'met' if ratio <= 1.5 else 'NOT met'}; "
+                f"{lo.delete_s:.1f}s vs {hi.delete_s:.1f}s to idle"
+            )
         print("memory per adapter (peak RSS slope between those points):")
         for p in procs:
             kib = (hi.rss_mib[p] - lo.rss_mib[p]) * 1024 / (hi.n - lo.n)

@@ -12,9 +12,10 @@ With ``--bbr-namespace`` the operator keeps these ConfigMaps current from what i
 every served name held by an adapter (the name index: the oldest claimant per base model) and every
 base model that has adapters or live LoRAWorkers. Nothing is proxied: BBR and the Gateway route.
 
-- Cost: changes are gathered for ``bbr_window`` seconds; a flush recomputes the map (O(adapters), in
-  memory) and writes only ConfigMaps whose content changed, so a burst of 10,000 new adapters costs a
-  handful of writes, not 10,000.
+- Cost: changes are gathered for ``bbr_window`` seconds; a flush updates the map (``Routes``) by the
+  served names whose holder changed (the name index's journal), not the whole catalogue, and writes
+  only the ConfigMaps whose content changed, so a burst of 10,000 new adapters costs a handful of
+  writes, not 10,000. Each written ConfigMap goes whole (at most ``bbr_max_bytes``).
 - Size: a ConfigMap must stay below 1 MiB. A base model's names are spread over 2, 4, 8, ...
   ConfigMaps by a stable hash of the name once they pass ``bbr_max_bytes``, so an add rewrites one
   ConfigMap and the split happens only when the count doubles.
@@ -30,19 +31,20 @@ base model that has adapters or live LoRAWorkers. Nothing is proxied: BBR and th
 from __future__ import annotations
 
 import asyncio
-import functools
+import bisect
 import hashlib
 import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterable, KeysView
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from loraplane.errors import APIConflictError, APIError, APINotFoundError
 from loraplane.operator import events
+from loraplane.operator.names import Claim, Key, NameIndex
 
 if TYPE_CHECKING:
     from loraplane.operator.reconciler import Reconciler
@@ -62,21 +64,61 @@ MAX_SHARDS = 256
 """ConfigMaps per base model at most (256 x ~0.9 MiB of names: millions of adapters)."""
 
 
-@dataclass(frozen=True)
 class Shard:
-    """One ConfigMap's content: a base model and a share of its served names."""
+    """One ConfigMap's content: a base model and a share of its served names. Its lines are kept sorted
+    (a served name's characters all sort above the closing quote, so by line is by name), so a change
+    costs a bisection, and the text is one join of them, rebuilt only after a change."""
 
-    base_model: str
-    index: int
-    count: int
-    names: frozenset[str]
+    def __init__(self, base_model: str, index: int, count: int, names: Iterable[str] = ()) -> None:
+        self.base_model, self.index, self.count = base_model, index, count
+        self.name = configmap_name(base_model, index, count)
+        self._lines = {n: _entry(n)[1] for n in names}  # name -> its line
+        self._sorted = sorted(self._lines.values())
+        self.size = sum(len(line.encode()) for line in self._sorted)
+        self._text: str | None = None
+        # Against what the ConfigMap says (the publisher clears both when it wrote or read it): a new shard
+        # is unwritten, all its names added.
+        self.added: set[str] = set(self._lines)
+        self.removed: set[str] = set()
 
     @property
-    def name(self) -> str:
-        return configmap_name(self.base_model, self.index, self.count)
+    def names(self) -> KeysView[str]:
+        return self._lines.keys()
+
+    def add(self, name: str) -> None:
+        _, line, size = _entry(name)
+        self._lines[name] = line
+        bisect.insort(self._sorted, line)
+        self.size += size
+        self._text = None
+        if name in self.removed:
+            self.removed.discard(name)
+        else:
+            self.added.add(name)
+
+    def remove(self, name: str) -> None:
+        line = self._lines.pop(name)
+        del self._sorted[bisect.bisect_left(self._sorted, line)]
+        self.size -= len(line.encode())
+        self._text = None
+        if name in self.added:
+            self.added.discard(name)
+        else:
+            self.removed.add(name)
+
+    def written(self) -> set[str]:
+        """The names the ConfigMap lists (the last write or read of it)."""
+        return (self._lines.keys() - self.added) | self.removed
+
+    def in_sync(self) -> None:
+        """The ConfigMap says what this shard says now."""
+        self.added.clear()
+        self.removed.clear()
 
     def data(self) -> dict[str, str]:
-        return {"baseModel": self.base_model, "adapters": "".join(_entry(n)[1] for n in sorted(self.names))}
+        if self._text is None:
+            self._text = "".join(self._sorted)
+        return {"baseModel": self.base_model, "adapters": self._text}
 
 
 def base_hash(base_model: str) -> str:
@@ -90,16 +132,14 @@ def configmap_name(base_model: str, index: int, count: int) -> str:
     return name if count == 1 else f"{name}-{index}"
 
 
-@functools.lru_cache(maxsize=200_000)
 def _entry(name: str) -> tuple[int, str, int]:
-    """A name's shard hash, its line in ``adapters`` and that line's bytes; cached, so a flush over
-    100,000 names costs dictionary lookups, not 100,000 encodings. One JSON string per line: a valid YAML
-    block list whatever the name looks like (true, 1e3, - x)."""
+    """A name's shard hash, its line in ``adapters`` and that line's bytes. One JSON string per line: a
+    valid YAML block list whatever the name looks like (true, 1e3, - x)."""
     line = f"- {json.dumps(name)}\n"
     return zlib.crc32(name.encode()), line, len(line.encode())
 
 
-def shards(base_model: str, names: set[str], max_bytes: int) -> list[Shard]:
+def shards(base_model: str, names: Iterable[str], max_bytes: int) -> list[Shard]:
     """The ConfigMaps of one base model: 1, 2, 4, ... of them, each name in shard crc32(name) % count,
     the fewest whose every shard's ``adapters`` stays within ``max_bytes``."""
     entries = [(n, *_entry(n)[::2]) for n in names]  # (name, hash, bytes)
@@ -107,54 +147,169 @@ def shards(base_model: str, names: set[str], max_bytes: int) -> list[Shard]:
     while count < MAX_SHARDS and count * max_bytes < sum(e[2] for e in entries):
         count *= 2  # fewer than this cannot hold them
     while True:
-        parts: list[set[str]] = [set() for _ in range(count)]
+        parts: list[list[str]] = [[] for _ in range(count)]
         sizes = [0] * count
         for name, h, size in entries:
-            parts[h % count].add(name)
+            parts[h % count].append(name)
             sizes[h % count] += size
         if max(sizes) <= max_bytes or count >= MAX_SHARDS:
             if max(sizes) > max_bytes:
                 log.error(
                     "base model %r: %d served names need more than %d ConfigMaps; the largest holds %d bytes",
                     base_model,
-                    len(names),
+                    len(entries),
                     MAX_SHARDS,
                     max(sizes),
                 )
-            return [Shard(base_model, i, count, frozenset(p)) for i, p in enumerate(parts)]
+            return [Shard(base_model, i, count, p) for i, p in enumerate(parts)]
         count *= 2
 
 
-def desired_map(
-    holders: list[tuple[str, str, Any, str]], base_models: set[str]
-) -> tuple[dict[str, set[str]], dict[str, str]]:
-    """Base model -> the served names BBR should map to it, and adapter ref -> why it is left out.
+class Routes:
+    """The map BBR should have, kept up to date change by change: per served name its holder under each
+    base model and the base model that wins it, per base model its ConfigMaps. A change costs a few
+    dictionary operations and marks the one ConfigMap it touches in ``dirty``; only a base model whose
+    count of ConfigMaps doubles or halves is split again (all its names, rarely)."""
 
-    ``holders``: (base model, served name, claim order, adapter ref) of every name's holder.
-    """
-    by_name: dict[str, list[tuple[Any, str, str]]] = {}
-    for base, served, order, ref in holders:
-        by_name.setdefault(served, []).append((order, base, ref))
-    routed: dict[str, set[str]] = {b: set() for b in base_models}
-    left_out: dict[str, str] = {}
-    for served, claims in by_name.items():
-        claims.sort()
-        if served in base_models:
-            for _, base, ref in claims:
-                left_out[ref] = (
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._claims: dict[str, dict[str, Claim]] = {}  # served name -> base model -> its holder there
+        self._named: dict[str, int] = {}  # base model -> served names claimed under it
+        self._workers: set[str] = set()  # base models of the LoRAWorkers
+        self._winner: dict[str, str] = {}  # served name -> the base model BBR maps it to
+        self._left: dict[str, dict[str, str]] = {}  # served name -> adapter ref -> why it is left out
+        self.left_out: dict[str, str] = {}  # adapter ref -> why it is left out
+        self.left_changed: set[str] = (
+            set()
+        )  # adapter refs whose left_out entry changed (the reader empties it)
+        self.shards: dict[str, list[Shard]] = {}  # base model -> its ConfigMaps
+        self.by_cm: dict[str, Shard] = {}  # ConfigMap name -> its content
+        self.dirty: set[str] = set()  # ConfigMaps whose content changed (the reader empties it)
+
+    @classmethod
+    def build(cls, holders: Iterable[tuple[Key, Claim]], workers: set[str], max_bytes: int) -> Routes:
+        """The map from scratch (at start, and when the reconciler's caches were rebuilt)."""
+        routes = cls(max_bytes)
+        routes.set_worker_bases(workers)
+        for key, claim in holders:
+            routes.set_holder(key, claim)
+        return routes
+
+    def bases(self) -> set[str]:
+        return set(self.shards)
+
+    def set_holder(self, key: Key, holder: Claim | None) -> None:
+        """The oldest claimant of ``key`` (a base model and a served name) is now ``holder``."""
+        base, served = key
+        claims = self._claims.get(served, {})
+        old = claims.get(base)
+        if old == holder:
+            return
+        if holder is None:
+            del claims[base]
+            self._named[base] -= 1
+            if not self._named[base]:
+                del self._named[base]
+            if not claims:
+                self._claims.pop(served, None)
+        else:
+            if old is None:
+                self._named[base] = self._named.get(base, 0) + 1
+            self._claims.setdefault(served, claims)[base] = holder
+        if holder is not None:
+            self._update_base(base)  # its ConfigMaps first: the name goes into one
+        self._resolve(served)
+        if holder is None:
+            self._update_base(base)
+
+    def set_worker_bases(self, bases: set[str]) -> None:
+        """The base models that LoRAWorkers serve (each gets its ConfigMap, names or not)."""
+        if bases == self._workers:
+            return
+        changed, self._workers = bases ^ self._workers, set(bases)
+        for base in changed:
+            self._update_base(base)
+
+    def _update_base(self, base: str) -> None:
+        """Give ``base`` its ConfigMaps when it is a base model now, take them away when it is not; and
+        a served name equal to it is routed (or left out) again."""
+        present = base in self._named or base in self._workers
+        if present == (base in self.shards):
+            return
+        if present:
+            self._replace(base, [Shard(base, 0, 1)])
+        else:
+            self._replace(base, [])
+        if base in self._claims:
+            self._resolve(base)
+
+    def _resolve(self, served: str) -> None:
+        """Which base model routes ``served`` (the oldest claimant, unless it names a base model)."""
+        claims = sorted(self._claims.get(served, {}).items(), key=lambda bc: bc[1])
+        winner: str | None = None
+        left: dict[str, str] = {}
+        if claims and served in self.shards:
+            for base, claim in claims:
+                left[claim.ref] = (
                     f"served name {served!r} is also a base model's name: body-based routing would send "
                     f"that base model's requests to {base!r}; rename the adapter (spec.name)"
                 )
-            continue
-        _, winner, winner_ref = claims[0]
-        routed.setdefault(winner, set()).add(served)
-        for _, _base, ref in claims[1:]:
-            left_out[ref] = (
-                f"served name {served!r} is also served for base model {winner!r} by {winner_ref} (older); "
-                f"body-based routing maps a name to one base model, so requests for it go to {winner!r}; "
-                "rename one of them (spec.name)"
-            )
-    return routed, left_out
+        elif claims:
+            winner, first = claims[0]
+            for _base, claim in claims[1:]:
+                left[claim.ref] = (
+                    f"served name {served!r} is also served for base model {winner!r} by {first.ref} "
+                    f"(older); body-based routing maps a name to one base model, so requests for it go to "
+                    f"{winner!r}; rename one of them (spec.name)"
+                )
+        old = self._winner.get(served)
+        if old != winner:
+            if old is not None:
+                self._move(old, served, add=False)
+                del self._winner[served]
+            if winner is not None:
+                self._move(winner, served, add=True)
+                self._winner[served] = winner
+        before = self._left.pop(served, {})
+        if left:
+            self._left[served] = left
+        for ref in before.keys() | left.keys():
+            if before.get(ref) != left.get(ref):
+                self.left_changed.add(ref)
+                if ref in left:
+                    self.left_out[ref] = left[ref]
+                else:
+                    self.left_out.pop(ref, None)
+
+    def _move(self, base: str, name: str, *, add: bool) -> None:
+        parts = self.shards[base]
+        shard = parts[_entry(name)[0] % len(parts)]
+        if add:
+            shard.add(name)
+        else:
+            shard.remove(name)
+        self.dirty.add(shard.name)
+        # The count stays the fewest that fit (as shards() picks it, so replicas agree): one more when
+        # this shard overflows; one fewer when, after a removal, every pair that would merge fits.
+        count, half = len(parts), len(parts) // 2
+        if add:
+            again = shard.size > self.max_bytes and count < MAX_SHARDS
+        else:
+            partner = parts[(shard.index + half) % count] if half else None
+            again = partner is not None and shard.size + partner.size <= self.max_bytes
+            again = again and all(parts[i].size + parts[i + half].size <= self.max_bytes for i in range(half))
+        if again:  # every name of this base model finds its shard again
+            self._replace(base, shards(base, set().union(*(p.names for p in parts)), self.max_bytes))
+
+    def _replace(self, base: str, parts: list[Shard]) -> None:
+        for old in self.shards.pop(base, []):
+            self.by_cm.pop(old.name, None)
+            self.dirty.add(old.name)
+        if parts:
+            self.shards[base] = parts
+        for shard in parts:
+            self.by_cm[shard.name] = shard
+            self.dirty.add(shard.name)
 
 
 class Publisher:
@@ -166,10 +321,11 @@ class Publisher:
         self.api = reconciler.api
         self.namespace = settings.bbr_namespace
         self._written: dict[str, dict[str, Any]] = {}  # ConfigMap name -> the object last seen/written
-        self._have: dict[str, frozenset[str]] = {}  # ConfigMap name -> the names it lists (parsed once)
+        self._listed: dict[str, str] = {}  # served name -> the ConfigMap that lists it
         self._warned: dict[str, str] = {}  # adapter ref -> conflict message already posted
         self._dirty = asyncio.Event()
-        self._bases: set[str] = set()
+        self._routes = Routes(settings.bbr_max_bytes)
+        self._index: NameIndex | None = None  # the reconciler's name index the routes follow
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -189,7 +345,7 @@ class Publisher:
 
     def worker_changed(self, base_model: str | None) -> None:
         """A worker's report: only a base model the map does not have yet changes it (heartbeats do not)."""
-        if base_model and base_model not in self._bases:
+        if base_model and base_model not in self._routes.shards:
             self._dirty.set()
 
     async def _run(self) -> None:
@@ -204,6 +360,7 @@ class Publisher:
             self._dirty.clear()
             try:
                 if not listed or loop.time() - listed >= self.settings.bbr_resync:
+                    await self.catch_up()
                     await self._list()
                     listed = loop.time()
                 await self.sync()
@@ -220,64 +377,108 @@ class Publisher:
         path = f"/api/v1/namespaces/{self.namespace}/configmaps"
         return f"{path}/{name}" if name else path
 
+    async def catch_up(self) -> None:
+        """Bring the routes up to date with the reconciler: only the served names whose holder changed
+        since the last time (the name index's journal); from scratch the first time, and after the
+        reconciler rebuilt its caches (a new index), off the event loop (a second at 100,000 names)."""
+        rec = self.reconciler
+        workers = {w.base_model for w in rec.workers.values() if w.base_model}
+        if rec.names is not self._index:
+            index, index.journal = rec.names, set()
+            routes = await asyncio.to_thread(
+                Routes.build, index.holders(), workers, self.settings.bbr_max_bytes
+            )
+            routes.dirty = set(routes.by_cm) | set(self._written)
+            self._routes, self._index = routes, index
+        assert self._index.journal is not None
+        keys, self._index.journal = self._index.journal, set()
+        routes = self._routes
+        for key in keys:
+            routes.set_holder(key, self._index.holder(key))
+        routes.set_worker_bases(workers)
+
     async def _list(self) -> None:
+        """Read the managed ConfigMaps again: those that say what the routes say need nothing more;
+        the others (edited, deleted or left by hand, or by an older routes) are parsed, off the event
+        loop, and rewritten."""
         body = await self.api.request("GET", self._path(), params={"labelSelector": SELECTOR})
         written = {o["metadata"]["name"]: o for o in body.get("items") or []}
-        # Parsing the names (YAML) is the slow part at 100,000 names: off the event loop too.
-        have = await asyncio.to_thread(lambda: {name: frozenset(_names(o)) for name, o in written.items()})
-        self._written, self._have = written, have
-
-    def desired(self) -> tuple[list[tuple[str, str, Any, str]], set[str]]:
-        """The inputs of the map, copied from the caches (on the event loop, which changes them)."""
-        rec = self.reconciler
-        holders = [(key[0], key[1], claim, claim.ref) for key, claim in rec.names.holders()]
-        bases = {h[0] for h in holders} | {w.base_model for w in rec.workers.values() if w.base_model}
-        self._bases = bases
-        return holders, bases
-
-    def compute(
-        self, holders: list[tuple[str, str, Any, str]], bases: set[str]
-    ) -> tuple[dict[str, Shard], dict[str, str]]:
-        """ConfigMap name -> its content, and the adapters left out (ref -> why)."""
-        routed, left_out = desired_map(holders, bases)
-        out: dict[str, Shard] = {}
-        for base, names in routed.items():
-            for shard in shards(base, names, self.settings.bbr_max_bytes):
-                out[shard.name] = shard
-        return out, left_out
+        routes = self._routes
+        drifted = {
+            name: obj
+            for name, obj in written.items()
+            if (shard := routes.by_cm.get(name)) is None or not _says(obj, self._object(shard))
+        }
+        missing = routes.by_cm.keys() - written.keys()
+        gone = self._written.keys() - written.keys()
+        self._written = written
+        if not (drifted or missing or gone) and self._listed:
+            for shard in routes.by_cm.values():
+                shard.in_sync()
+            return
+        parsed = await asyncio.to_thread(lambda: {name: _names(o) for name, o in drifted.items()})
+        listed: dict[str, str] = {}
+        for name, names in parsed.items():
+            listed |= dict.fromkeys(names, name)
+        for name, shard in routes.by_cm.items():
+            if name in parsed:
+                have = set(parsed[name])
+                shard.added, shard.removed = set(shard.names) - have, have - shard.names
+            elif name in missing:
+                shard.added, shard.removed = set(shard.names), set()
+            else:
+                shard.in_sync()
+                listed |= dict.fromkeys(shard.names, name)
+        self._listed = listed
+        routes.dirty |= drifted.keys() | missing
 
     async def sync(self) -> int:
-        """Write what changed; returns the number of writes. Names that move between ConfigMaps are
-        removed from the old one first (see the module docstring)."""
-        # The map is computed off the event loop: at 100,000 adapters it takes a second or more.
-        want, left_out = await asyncio.to_thread(self.compute, *self.desired())
-        have = {name: set(self._have.get(name, ())) for name in self._written}
-        gained: dict[str, set[str]] = {n: set(s.names) - have.get(n, set()) for n, s in want.items()}
-        all_gained = set().union(*gained.values()) if gained else set()
-        writes = 0
+        """Write the ConfigMaps whose content changed; returns the number of writes. Names that move
+        between ConfigMaps are removed from the old one first (see the module docstring)."""
+        await self.catch_up()
+        routes = self._routes
+        todo = sorted(routes.dirty)
         # 1. ConfigMaps that lose a name another one gains: first without what they lose.
-        for name, old in have.items():
-            if not old & all_gained - (set(want[name].names) if name in want else set()):
-                continue
-            if name not in want:
+        lose: dict[str, set[str]] = {}
+        for name in todo:
+            if (shard := routes.by_cm.get(name)) is not None:
+                for n in shard.added:
+                    if (where := self._listed.get(n, name)) != name:
+                        other = routes.by_cm.get(where)
+                        if other is None or n not in other.names:
+                            lose.setdefault(where, set()).add(n)
+        writes = 0
+        for name, names in sorted(lose.items()):
+            other = routes.by_cm.get(name)
+            if other is None:
                 writes += await self._delete(name)
                 continue
-            s = want[name]
-            writes += await self._put(Shard(s.base_model, s.index, s.count, frozenset(old & s.names)))
-        # 2. Every ConfigMap as it should be; then those nobody wants any more.
-        for shard in want.values():
-            writes += await self._put(shard)
-        for name in list(self._written):
-            if name not in want:
+            keep = other.written() - names
+            writes += await self._put(Shard(other.base_model, other.index, other.count, keep))
+            for n in names:
+                if self._listed.get(n) == name:
+                    del self._listed[n]
+        # 2. Every changed ConfigMap as it should be; those nobody wants any more go.
+        for name in todo:
+            shard = routes.by_cm.get(name)
+            if shard is not None:
+                writes += await self._put(shard)
+                for n in shard.removed:
+                    if self._listed.get(n) == name:
+                        del self._listed[n]
+                self._listed |= dict.fromkeys(shard.added, name)
+                shard.in_sync()
+            elif name in self._written:
                 writes += await self._delete(name)
-        self._warn(left_out)
+            routes.dirty.discard(name)
+        self._warn()
         if writes:
             log.info(
                 "body-based routing: %d ConfigMap writes; %d ConfigMaps map %d served names of %d base models",
                 writes,
-                len(want),
-                sum(len(s.names) for s in want.values()),
-                len({s.base_model for s in want.values()}),
+                len(routes.by_cm),
+                sum(len(s.names) for s in routes.by_cm.values()),
+                len(routes.shards),
             )
         return writes
 
@@ -326,10 +527,8 @@ class Publisher:
                 continue
             except APINotFoundError:  # deleted under us
                 self._written.pop(shard.name, None)
-                self._have.pop(shard.name, None)
                 continue
             self._written[shard.name] = result
-            self._have[shard.name] = shard.names
             return 1
         raise APIConflictError(409, "Conflict", f"ConfigMap {self.namespace}/{shard.name} kept changing")
 
@@ -342,19 +541,21 @@ class Publisher:
         except APINotFoundError:
             pass
         self._written.pop(name, None)
-        self._have.pop(name, None)
+        if self._routes.by_cm.get(name) is None:  # a ConfigMap that went (a new count, a base model gone)
+            self._listed = {n: cm for n, cm in self._listed.items() if cm != name}
         return 1
 
-    def _warn(self, left_out: dict[str, str]) -> None:
+    def _warn(self) -> None:
         """One Warning Event per adapter when it is left out (again, if the reason changed)."""
-        for ref in list(self._warned):
-            if ref not in left_out:
-                del self._warned[ref]
-        for ref, message in left_out.items():
-            if self._warned.get(ref) == message:
+        routes = self._routes
+        changed, routes.left_changed = routes.left_changed, set()
+        for ref in changed:
+            message = routes.left_out.get(ref)
+            if message is None:
+                self._warned.pop(ref, None)
                 continue
             obj = self.reconciler.adapters.get(ref)
-            if obj is None:
+            if obj is None or self._warned.get(ref) == message:
                 continue
             self._warned[ref] = message
             log.warning("adapter %s: not routed by body-based routing: %s", ref, message)

@@ -239,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 async def _supervise(settings: OperatorSettings) -> None:
     """Run kopf until a signal stops it. kopf ends its run on API errors it does not retry (a watch
     answered 404 because the API server came back without our CRDs, an unexpected watch ERROR event)
-    and when the reconciler sees the server's store go back in time; each time, kopf is started again
-    after a backoff, with the same memo (the reconciler keeps the highest ID it has seen)."""
+    and when the reconciler sees the server's store go back in time or our CRDs come and go; each time,
+    kopf is started again with the same memo (the reconciler keeps the highest ID it has seen): after a
+    growing backoff when its run failed, after about a second when the reconciler asked for it."""
     import kopf
 
     from loraplane.kube import Backoff
@@ -272,6 +273,7 @@ async def _supervise(settings: OperatorSettings) -> None:
             if not restart.is_set() or memo["signalled"]:
                 return  # SIGTERM / SIGINT: kopf stopped cleanly.
             why = "the API server's store or CRDs changed under it"
+            backoff.reset()  # A planned restart, not a failure: starting again soon is the point.
         if loop.time() - started > 60:
             backoff.reset()
         wait = backoff.next()

@@ -29,12 +29,17 @@ class NameIndex:
     def __init__(self) -> None:
         self._claims: dict[Key, set[Claim]] = {}
         self._by_ref: dict[str, tuple[Key, Claim]] = {}
+        self.journal: set[Key] | None = None
+        """Keys whose holder may have changed since its reader last emptied it; None (nobody reads it,
+        so nothing is kept) until a reader sets a set. Body-based routing (bbr.py) recomputes only these."""
 
     def claim(self, key: Key, claim: Claim) -> set[Key]:
         """Record (or move) a claim; returns the keys whose holder may have changed."""
         touched = self.release(claim.ref)
         self._claims.setdefault(key, set()).add(claim)
         self._by_ref[claim.ref] = (key, claim)
+        if self.journal is not None:
+            self.journal.add(key)
         return touched | {key}
 
     def release(self, ref: str) -> set[Key]:
@@ -46,6 +51,8 @@ class NameIndex:
         claims.discard(claim)
         if not claims:
             self._claims.pop(key, None)
+        if self.journal is not None:
+            self.journal.add(key)
         return {key}
 
     def holder(self, key: Key) -> Claim | None:

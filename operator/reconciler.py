@@ -95,6 +95,9 @@ class Reconciler:
         self._joined: dict[
             str, set[str]
         ] = {}  # adapter ref -> workers that came and rank in its top replicas
+        self._short: dict[str, dict[str, None]] = {}  # base model -> adapters placed on fewer than replicas
+        self._phases: dict[str, int] = {}  # phase -> adapters in it, and the adapters waiting for an ID:
+        self._no_id: set[str] = set()  # kept as the cache changes, so a tick does not scan every adapter
 
     # ---- caches ----------------------------------------------------------------------------------
 
@@ -133,8 +136,9 @@ class Reconciler:
                         self._seen_max = max(self._seen_max, view.max_id)
                         workers[view.ref] = view
         self.adapters, self.workers, self.names, self._holders = {}, workers, NameIndex(), {}
+        self._phases, self._no_id = {}, set()
         self._by_id, self._ids_of, self._wrote = {}, {}, {}  # a replaced store may reuse versions
-        self.loads, self._extra = placement.Loads(), {}
+        self.loads, self._extra, self._short = placement.Loads(), {}, {}
         now, window = time.time(), self.settings.heartbeat_window
         self._live = {ref: w.live(now, window) for ref, w in workers.items()}
         for obj in adapters:
@@ -149,6 +153,22 @@ class Reconciler:
             len(self.workers),
             self._seen_max,
         )
+
+    def _cache(self, ref: str, obj: dict[str, Any] | None) -> dict[str, Any]:
+        """Put (None: drop) an adapter in the cache, keeping the phase counts and the ID waiters."""
+        old = self.adapters.pop(ref, None)
+        if old is not None:
+            phase = _phase(old)
+            self._phases[phase] -= 1
+            self._no_id.discard(ref)
+        if obj is None:
+            return {}
+        self.adapters[ref] = obj
+        phase = _phase(obj)
+        self._phases[phase] = self._phases.get(phase, 0) + 1
+        if _needs_id(obj):
+            self._no_id.add(ref)
+        return obj
 
     def _saw_rv(self, rv: Any) -> None:
         if rv and (self._rv_seen is None or rv_behind(self._rv_seen, str(rv))):
@@ -189,7 +209,7 @@ class Reconciler:
     def _remember_adapter(self, obj: dict[str, Any]) -> set[Key]:
         ref = ref_of(obj)
         self._observe(obj)
-        obj = self.adapters[ref] = slim(obj)
+        obj = self._cache(ref, slim(obj))
         self._index(ref, ids_in(obj))
         self._remember_placement(ref, obj)
         key = _name_key(obj)
@@ -209,11 +229,13 @@ class Reconciler:
             current = self.adapters.get(ref)
             if current is not None and uid_of(current) != uid_of(obj):
                 return  # Already recreated under the same name.
-            self.adapters.pop(ref, None)
+            self._cache(ref, None)
             self._locks.pop(ref, None)
             self._wrote.pop(ref, None)
             self._index(ref, [])
             freed = self.loads.placed_on(ref)
+            base = (obj.get("spec") or {}).get("baseModel", "")
+            self._mark_short(ref, base, False)
             self.loads.drop(ref)
             self.loads.know_size(ref, None)
             self.demand.forget(ref)
@@ -222,10 +244,7 @@ class Reconciler:
             touched = self.names.release(ref)
             await self._handover(touched, deleted=ref)
             if freed:  # room on its workers: adapters short of replicas in that pool may take it
-                base = (obj.get("spec") or {}).get("baseModel")
-                await self.reconcile_where(
-                    lambda o: (o.get("spec") or {}).get("baseModel") == base and _short(o), trigger="worker"
-                )
+                await self._fill(base, len(freed))
             return
         current = self.adapters.get(ref)
         if current is not None and uid_of(current) == uid_of(obj):
@@ -382,12 +401,6 @@ class Reconciler:
             return True  # Unknown: keep counting rather than flap on a network blip.
         return True
 
-    async def reconcile_where(self, pred: Any, *, trigger: str) -> None:
-        refs = [r for r, o in self.adapters.items() if pred(o)]
-        if refs:
-            metrics.RECONCILES.labels(trigger=trigger).inc(len(refs))
-            await asyncio.gather(*(self.reconcile(r, counted=True) for r in refs))
-
     async def tick(self) -> None:
         """Periodic: pods and heartbeats of workers, adapters waiting for an ID, the phase gauge."""
         for ref, view in list(self.workers.items()):
@@ -395,16 +408,14 @@ class Reconciler:
                 view.pod_alive = await self._pod_exists(view.namespace, view.pod_name)
             if self.workers.get(ref) is view:
                 await self._worker_changed(ref, view.base_model, view, set())
-        await self.reconcile_where(_needs_id, trigger="tick")
+        if self._no_id:
+            metrics.RECONCILES.labels(trigger="tick").inc(len(self._no_id))
+            await asyncio.gather(*(self.reconcile(r, counted=True) for r in list(self._no_id)))
         await self._scale_by_demand()
-        counts: dict[str, int] = {}
-        for obj in self.adapters.values():
-            phase = (obj.get("status") or {}).get("phase") or "Pending"
-            counts[phase] = counts.get(phase, 0) + 1
-        metrics.set_phase_counts(counts)
+        metrics.set_phase_counts(self._phases)
         now, window = time.time(), self.settings.heartbeat_window
         metrics.set_tick(
-            waiting_for_id=sum(1 for o in self.adapters.values() if _needs_id(o)),
+            waiting_for_id=len(self._no_id),
             workers=[(w.base_model, w.live(now, window)) for w in self.workers.values()],
         )
 
@@ -459,7 +470,7 @@ class Reconciler:
                     return
                 current = self.adapters.get(ref)
                 if current is None or uid_of(current) == uid_of(result):
-                    self.adapters[ref] = slim(result)
+                    self._cache(ref, slim(result))
                     self._index(ref, ids_in(result))
                     self._wrote[ref] = _rv(result)
                 self._observe(result)
@@ -516,6 +527,7 @@ class Reconciler:
                 placed, placed_ready = self._place(ref_of(obj), obj, spec.replicas, spec.baseModel, ids.id)
             else:
                 self.loads.drop(ref_of(obj))  # not served under a taken name: placed nowhere
+                self._mark_short(ref_of(obj), spec.baseModel, False)
             prior = current.previousId if current else None
             if taken is not None and decision.previous_id is not None:
                 prior = decision.previous_id
@@ -547,6 +559,28 @@ class Reconciler:
             self.loads.set(ref, placed.get("workers") or (), self.loads.size_of(ref))
         else:
             self.loads.drop(ref)
+        self._mark_short(ref, (obj.get("spec") or {}).get("baseModel", ""), _short(obj))
+
+    def _mark_short(self, ref: str, base_model: str, short: bool) -> None:
+        """Keep the index of adapters short of replicas per pool (what room freed there is for)."""
+        if short:
+            self._short.setdefault(base_model, {})[ref] = None
+        elif (refs := self._short.get(base_model)) is not None:
+            refs.pop(ref, None)
+            if not refs:
+                del self._short[base_model]
+
+    async def _fill(self, base_model: str, room: int) -> None:
+        """``room`` placements were freed in ``base_model``'s pool: the adapters short of replicas there
+        take it, the longest short first, until it is used. Not a scan of the catalogue: a pool with room
+        has none short, so a delete usually costs nothing here."""
+        for ref in list(self._short.get(base_model, ())):
+            if room <= 0:
+                return
+            before = len(self.loads.placed_on(ref))
+            metrics.RECONCILES.labels(trigger="worker").inc()
+            await self.reconcile(ref, counted=True)
+            room -= len(self.loads.placed_on(ref)) - before
 
     def _replicas(self, spec_replicas: int | None, base_model: str) -> int:
         if spec_replicas is not None:
@@ -563,6 +597,7 @@ class Reconciler:
             self.loads.drop(ref)
             self._extra.pop(ref, None)
             self._joined.pop(ref, None)
+            self._mark_short(ref, base_model, False)
             return None, 0
         pool = self._pool(base_model)
         old = (obj.get("status") or {}).get("placement") or {}
@@ -580,6 +615,7 @@ class Reconciler:
             joined=self._joined.pop(ref, ()),
         )
         self.loads.set(ref, decision.workers, self.loads.size_of(ref))
+        self._mark_short(ref, base_model, len(decision.workers) < replicas)
         workers = list(decision.workers)
         old_workers = list(old.get("workers") or [])
         reason, message = decision.reason, decision.message
@@ -704,6 +740,10 @@ def _touched_by(obj: dict[str, Any], worker: str, joined: str | None) -> bool:
         return False
     uid = uid_of(obj) or ref_of(obj)
     return placement.moves_to(uid, workers, placed.get("replicas", 0), joined)
+
+
+def _phase(obj: dict[str, Any]) -> str:
+    return (obj.get("status") or {}).get("phase") or "Pending"
 
 
 def _needs_id(obj: dict[str, Any]) -> bool:

@@ -23,11 +23,16 @@ RUNS = {
     "bench_worker.py": (["--n", "5"], ["p99"]),
     "bench_bbr.py": (
         ["--n", "40", "--window", "0.2", "--recompute", "100"],
-        ["ConfigMap writes", "us per adapter"],
+        ["ConfigMap writes", "ratio 20N/N: build"],
     ),
     "bench_scale.py": (
-        ["--points", "20:1,60:1", "--timeout", "120"],
-        ["CPU ms per adapter operator", "KiB per adapter", "writes per adapter by kind"],
+        ["--points", "20:1,60:1", "--timeout", "120", "--replicas", "1", "--delete"],
+        [
+            "CPU ms per adapter operator",
+            "KiB per adapter",
+            "writes per adapter by kind",
+            "delete all: operator",
+        ],
     ),
     "bench_placement.py": (
         ["--n", "40", "--workers", "3", "--heartbeat-window", "4", "--timeout", "120"],

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from support.procs import scaled
 
 HERE = Path(__file__).parent
 GROUP, VERSION, PLURAL = "demo.example.com", "v1alpha1", "widgets"
@@ -20,7 +21,7 @@ FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     last: Any = None
     while time.monotonic() < deadline:
         try:

@@ -45,7 +45,7 @@ def test_operator_survives_an_api_server_that_comes_back_empty(own_kube, tmp_pat
     try:
         ads = fleet.Adapters(kube, ns)
         ads.create(fleet.adapter_obj("a1", "/models/a1", base_model=BASE))
-        first = wait_for(lambda: _status(ads, "a1").get("id"), 20, "a1's ID")
+        first = wait_for(lambda: _status(ads, "a1").get("id"), 60, "a1's ID")
 
         # Back empty, the CRDs only a few seconds later: the watches get 404, the operator keeps going.
         server.restart(empty=True)
@@ -64,7 +64,7 @@ def test_operator_survives_an_api_server_that_comes_back_empty(own_kube, tmp_pat
 
         # A human restores the ledger: allocation resumes from it.
         _ledger(kube, ns, 100)
-        assert wait_for(lambda: _status(ads, "a2").get("id"), 20, lambda: op.log()[-3000:]) == 100
+        assert wait_for(lambda: _status(ads, "a2").get("id"), 60, lambda: op.log()[-3000:]) == 100
 
         # Back empty while the operator is paused, with CRDs, namespace and ledger in place before it
         # reconnects: its watches would resume from a resourceVersion the new store never issued.
@@ -79,7 +79,7 @@ def test_operator_survives_an_api_server_that_comes_back_empty(own_kube, tmp_pat
             ads.create(fleet.adapter_obj("a3", "/models/a3", base_model=BASE))
         finally:
             op.proc.send_signal(signal.SIGCONT)
-        assert wait_for(lambda: _status(ads, "a3").get("id"), 30, lambda: op.log()[-3000:]) == 200
+        assert wait_for(lambda: _status(ads, "a3").get("id"), 60, lambda: op.log()[-3000:]) == 200
         assert op.proc.poll() is None
         assert "resourceVersion" in op.log() and "listing everything again" in op.log()
     finally:
@@ -104,7 +104,7 @@ def test_operator_started_before_its_api_server_waits_for_it(tmp_path) -> None:
         create_namespace(kube, "team")
         ads = fleet.Adapters(kube, "team")
         ads.create(fleet.adapter_obj("a1", "/models/a1", base_model=BASE))
-        assert wait_for(lambda: _status(ads, "a1").get("id"), 30, lambda: op.log()[-3000:]) == 1
+        assert wait_for(lambda: _status(ads, "a1").get("id"), 60, lambda: op.log()[-3000:]) == 1
         ads.close()
     finally:
         op.stop()

@@ -7,6 +7,7 @@ are read back through the official client and parsed the way BBR parses them (``
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from loraplane.operator import bbr
+from loraplane.operator.names import Claim
 
 BASE = "meta-llama/Llama-2-7b-hf"
 OTHER = "Qwen/Qwen2-0.5B"
@@ -55,16 +57,63 @@ def test_shards_split_by_a_stable_hash_and_fit() -> None:
 
 def test_conflicting_names_go_to_the_oldest_and_base_model_names_are_kept_off() -> None:
     holders = [
-        (BASE, "shared", ("2026-01-01", "a", "x"), "a/x"),
-        (OTHER, "shared", ("2026-01-02", "b", "y"), "b/y"),
-        (OTHER, BASE, ("2026-01-03", "b", "z"), "b/z"),
-        (OTHER, "solo", ("2026-01-04", "b", "w"), "b/w"),
+        ((BASE, "shared"), Claim("2026-01-01", "a", "x")),
+        ((OTHER, "shared"), Claim("2026-01-02", "b", "y")),
+        ((OTHER, BASE), Claim("2026-01-03", "b", "z")),
+        ((OTHER, "solo"), Claim("2026-01-04", "b", "w")),
     ]
-    routed, left_out = bbr.desired_map(holders, {BASE, OTHER})
-    assert routed == {BASE: {"shared"}, OTHER: {"solo"}}
-    assert set(left_out) == {"b/y", "b/z"}
-    assert "also served for base model" in left_out["b/y"] and "a/x" in left_out["b/y"]
-    assert "also a base model's name" in left_out["b/z"]
+    routes = bbr.Routes.build(holders, set(), 1_000_000)
+    assert routed(routes) == {BASE: {"shared"}, OTHER: {"solo"}}
+    assert set(routes.left_out) == {"b/y", "b/z"}
+    assert "also served for base model" in routes.left_out["b/y"] and "a/x" in routes.left_out["b/y"]
+    assert "also a base model's name" in routes.left_out["b/z"]
+    # The older claimant goes: the next one takes the name, and is no longer left out; BASE, served by
+    # no adapter and no worker now, is no base model any more, so the name equal to it is routed too.
+    routes.set_holder((BASE, "shared"), None)
+    assert routed(routes) == {OTHER: {"solo", "shared", BASE}} and set(routes.left_out) == set()
+    routes.set_worker_bases({BASE})  # a worker serves it again: its (empty) ConfigMap, the name kept off
+    assert routed(routes) == {BASE: set(), OTHER: {"solo", "shared"}} and set(routes.left_out) == {"b/z"}
+
+
+def routed(routes: bbr.Routes) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for shard in routes.by_cm.values():
+        out.setdefault(shard.base_model, set()).update(shard.names)
+    return out
+
+
+def test_routes_kept_change_by_change_equal_routes_built_from_scratch() -> None:
+    """Random claims and releases (conflicts, names equal to a base model, base models that come and go
+    with their workers, splits over 1..8 ConfigMaps and back): after every change the map kept change by
+    change says exactly what one built from scratch says, and every ConfigMap that changed is marked."""
+    rng = random.Random(21)
+    bases = [BASE, OTHER, "third/model"]
+    served = [f"tenant-{i:02d}" for i in range(40)] + bases
+    holders: dict[tuple[str, str], Claim] = {}
+    workers: set[str] = set()
+    routes = bbr.Routes(120)
+    before: dict[str, dict[str, str]] = {}
+    counts = set()
+    for step in range(1500):
+        if step % 97 == 0:
+            workers = set(rng.sample(bases, rng.randrange(3)))
+            routes.set_worker_bases(workers)
+        key = (rng.choice(bases), rng.choice(served))
+        if rng.random() < 0.55 + 0.3 * (step // 500 % 2):  # fill, drain, fill: counts go up and down
+            holders[key] = Claim(f"2026-01-01T{rng.randrange(60):02d}", "ns", f"a{step}")
+        else:
+            holders.pop(key, None)
+        routes.set_holder(key, holders.get(key))
+        fresh = bbr.Routes.build(holders.items(), workers, 120)
+        now = {name: s.data() for name, s in routes.by_cm.items()}
+        assert now == {name: s.data() for name, s in fresh.by_cm.items()}, step
+        assert routes.left_out == fresh.left_out, step
+        changed = {n for n in now.keys() | before.keys() if now.get(n) != before.get(n)}
+        assert changed <= routes.dirty, (step, changed - routes.dirty)
+        routes.dirty.clear()
+        before = now
+        counts |= {len(p) for p in routes.shards.values()}
+    assert {1, 2, 4} <= counts, counts
 
 
 def test_configmaps_follow_adds_renames_deletes(kube, adapters, operators, scope, wait) -> None:

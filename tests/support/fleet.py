@@ -5,7 +5,7 @@ Adapters(kube, namespace)            create/patch/delete LoRAAdapter objects; as
                                      operator's ID assignment where a test must not depend on it
 report(adapters, worker, namespace)  a worker's LoRAWorker status.adapters by ID; states(...) their states
 
-The processes (WorkerProc, OperatorProc) and the bounded wait (wait_for, free_port) live in
+The processes (WorkerProc, OperatorProc) and the bounded wait (wait_for, scaled, free_port) live in
 support.procs; they are re-exported here so a fleet test needs one import.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraplane.crds.models import GROUP, VERSION, LoRAWorkerStatus
-from support.procs import BASE_MODEL, OperatorProc, WorkerProc, free_port, wait_for
+from support.procs import BASE_MODEL, OperatorProc, WorkerProc, free_port, scaled, wait_for
 
 __all__ = [
     "BASE_MODEL",
@@ -26,6 +26,7 @@ __all__ = [
     "adapter_obj",
     "free_port",
     "report",
+    "scaled",
     "states",
     "wait_for",
 ]

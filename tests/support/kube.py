@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from support.procs import scaled
+
 REPO = Path(__file__).resolve().parents[2]
 KUBECTL = shutil.which("kubectl")
 
@@ -64,13 +66,27 @@ class Kube:
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        """Run kubectl with this kubeconfig; skips the test when kubectl is not installed."""
+        """Run kubectl with this kubeconfig; skips the test when kubectl is not installed.
+
+        The bounds are scaled as wait_for's are: `timeout`, and a `--timeout=Ns` argument (a kubectl
+        wait's or delete's bound), which also extends the process's own bound past it."""
         if KUBECTL is None:
             pytest.skip("kubectl is not installed (needed by this test; see README prerequisites)")
+        timeout = scaled(timeout)
+        args = tuple(_scaled_timeout_arg(a) for a in args)
+        for a in args:
+            if a.startswith("--timeout=") and a.endswith("s"):
+                timeout = max(timeout, float(a[len("--timeout=") : -1]) + 30)
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, "KUBECACHEDIR": self._cache_dir()}
         # From the repo root, so relative paths (examples/...) resolve wherever pytest was started.
         proc = subprocess.run(
-            [KUBECTL, *args], input=input, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+            [KUBECTL, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=REPO,
         )
         if check and proc.returncode != 0:
             raise AssertionError(
@@ -158,10 +174,12 @@ class Kube:
                                                                    {"metadata": {"finalizers": None}})  # fmt: skip
                 with contextlib.suppress(ApiException):
                     ext.delete_custom_resource_definition(name)
-            deadline = time.monotonic() + wait
+            deadline = time.monotonic() + scaled(wait)
             while names & self.crd_names():
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"CRDs {sorted(names & self.crd_names())} still there after {wait}s")
+                    raise AssertionError(
+                        f"CRDs {sorted(names & self.crd_names())} still there after {scaled(wait)}s"
+                    )
                 time.sleep(0.2)
 
     def kubeconfig_for_user(self, user: str) -> str:
@@ -233,7 +251,7 @@ class Kube:
                     raise
                 return
             release_finalizers(api, name)
-            deadline = time.monotonic() + wait
+            deadline = time.monotonic() + scaled(wait)
             while wait:
                 try:
                     core.read_namespace(name)
@@ -242,7 +260,7 @@ class Kube:
                         return
                     raise
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"namespace {name} still exists after {wait}s")
+                    raise AssertionError(f"namespace {name} still exists after {scaled(wait)}s")
                 time.sleep(0.1)
 
 
@@ -288,15 +306,21 @@ def release_finalizers(api: Any, namespace: str) -> None:
                         raise
 
 
+def _scaled_timeout_arg(arg: str) -> str:
+    """kubectl's `--timeout=30s` as `--timeout=90s` (TIMEOUT_SCALE 3); any other argument unchanged."""
+    seconds = arg[len("--timeout=") : -1] if arg.startswith("--timeout=") and arg.endswith("s") else ""
+    return f"--timeout={scaled(float(seconds)):.0f}s" if seconds.isdigit() else arg
+
+
 def wait_established(ext: Any, name: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         crd = ext.read_custom_resource_definition(name)
         conds = (crd.status.conditions if crd.status else None) or []
         if any(c.type == "Established" and c.status == "True" for c in conds):
             return
         time.sleep(0.1)
-    raise AssertionError(f"CRD {name} not Established within {timeout}s")
+    raise AssertionError(f"CRD {name} not Established within {scaled(timeout)}s")
 
 
 def local_kube(tmpdir: Path) -> Kube:

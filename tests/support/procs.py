@@ -1,6 +1,7 @@
 """Subprocesses the integration tests run (the operator, the worker) and bounded polling.
 
 wait_for(fn, timeout, what)   poll until fn() is truthy (bounded), returning its value
+scaled(seconds)               a bound on a wait, times TIMEOUT_SCALE (env LORAPLANE_TEST_TIMEOUT_SCALE)
 free_port()                   a TCP port on 127.0.0.1 that was free a moment ago
 OperatorProc                  `python -m loraplane.operator.main`, scoped to a namespace or given its flags
 WorkerProc                    a `loraplane-worker` subprocess in control mode with its own cache dir and log
@@ -23,12 +24,23 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 #: The served model name a control-mode worker announces (and adapters name as their baseModel).
 BASE_MODEL = "tiny-llama"
+#: Every bound on a wait in the suite is multiplied by this. The bounds are written for a quiet machine;
+#: on a loaded 2-core CI machine a process start, a heartbeat or a status write takes several times
+#: longer. A wait returns as soon as its condition holds, so a larger bound costs a passing test nothing.
+TIMEOUT_SCALE = float(os.environ.get("LORAPLANE_TEST_TIMEOUT_SCALE", "3"))
+
+
+def scaled(seconds: float) -> float:
+    """The bound on a wait of `seconds` on a quiet machine, times TIMEOUT_SCALE."""
+    return seconds * TIMEOUT_SCALE
 
 
 def wait_for(fn: Callable[[], T], timeout: float, what: str | Callable[[], str], interval: float = 0.1) -> T:
     """fn() until it returns something truthy; AssertionError naming `what` (and the last value) on timeout.
 
-    `what` may be a callable (e.g. returning a worker's log tail), evaluated only on failure."""
+    `timeout` is for a quiet machine: the wait is bounded by scaled(timeout). `what` may be a callable
+    (e.g. returning a worker's log tail), evaluated only on failure."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -94,14 +106,14 @@ class OperatorProc:
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+            self.proc.wait(scaled(10))
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+        """SIGTERM, then SIGKILL if it has not exited within scaled(10) s."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(scaled(10))
             except subprocess.TimeoutExpired:
                 self.kill()
 
@@ -189,15 +201,16 @@ class WorkerProc:
         return self.metrics().get(key, 0.0)
 
     def stop(self, timeout: float = 15) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """SIGTERM and wait (at most scaled(timeout)); returns the exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        timeout = scaled(timeout)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait(5)
+            self.proc.wait(scaled(5))
             raise AssertionError(
                 f"worker {self.name} did not stop on SIGTERM within {timeout}s:\n{self.log()[-3000:]}"
             ) from None
@@ -205,7 +218,7 @@ class WorkerProc:
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
-        self.proc.wait(10)
+        self.proc.wait(scaled(10))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -216,4 +229,4 @@ class WorkerProc:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.wait(scaled(10))

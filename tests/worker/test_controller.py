@@ -11,6 +11,7 @@ import asyncio
 import pytest
 from support import adapters as adapters_mod
 from support import servers
+from support.procs import scaled
 
 from loraplane.worker.cache import CacheIndex
 from loraplane.worker.controller import Controller
@@ -47,7 +48,7 @@ def _want(adapter_id, path, *, name="sql", key="ns/sql", stale=False):
 
 
 async def _until(fn, timeout=10.0):
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + scaled(timeout)
     while not fn():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached")

@@ -19,6 +19,7 @@ from support import fleet, models
 from support.api import BASE, MakeServer
 
 pytestmark = [pytest.mark.slow]
+STALL_S = fleet.scaled(1.5)
 
 
 def _probe(url: str, path: str) -> tuple[int, dict[str, Any]]:
@@ -27,7 +28,9 @@ def _probe(url: str, path: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_health_follows_the_engine_loop(make_server: MakeServer) -> None:
-    s = make_server(engine_stall_seconds=0.5)
+    # An idle loop comes round once a second (scheduler.run_once): the stall limit must be well above
+    # that, with room for a loaded machine that does not run the engine thread for a while.
+    s = make_server(engine_stall_seconds=STALL_S)
     body = {"model": BASE, "prompt": "hello", "max_tokens": 4, "temperature": 0}
     assert _probe(s.url, "/health") == (200, {"status": "ok"})
     assert _probe(s.url, "/ready")[0] == 200
@@ -36,7 +39,9 @@ def test_health_follows_the_engine_loop(make_server: MakeServer) -> None:
     scheduler = s.engine.scheduler
     with scheduler._cond:
         status, health = fleet.wait_for(
-            lambda: (p := _probe(s.url, "/health"))[0] == 503 and p, 10, "/health to fail during the stall"
+            lambda: (p := _probe(s.url, "/health"))[0] == 503 and p,
+            STALL_S + 10,
+            "/health to fail in the stall",
         )
         assert "has not come round" in health["problems"][0]
         assert _probe(s.url, "/ready")[0] == 503
@@ -49,7 +54,7 @@ def test_health_follows_the_engine_loop(make_server: MakeServer) -> None:
     # A death: the engine thread ends. /health fails (the kubelet restarts the pod), /ready too, and
     # requests are refused at once instead of waiting on a loop that will never take them.
     scheduler.stop()
-    s.engine._thread.join(10)
+    s.engine._thread.join(fleet.scaled(10))
     status, health = _probe(s.url, "/health")
     assert status == 503 and health["problems"] == ["the engine thread is not running"]
     assert _probe(s.url, "/ready")[0] == 503
@@ -101,7 +106,7 @@ def test_sigterm_drains_streams_in_flight(
         ]
         for reader in readers:
             reader.start()
-        assert all(f.wait(30) for f in first), "the streams did not start"
+        assert all(f.wait(fleet.scaled(30)) for f in first), "the streams did not start"
         w.proc.send_signal(15)  # SIGTERM, as the kubelet sends it
         # At once: not ready, and new requests are refused with a reason while the stream goes on. With a
         # 0.5 s drain the server may be gone before a loaded machine polls: not answering is not ready too.
@@ -113,8 +118,8 @@ def test_sigterm_drains_streams_in_flight(
             assert int(r.headers["Retry-After"]) > 0
             assert not any("done" in e for e in events[0]), "the stream ended before the drain was checked"
         for reader in readers:
-            reader.join(120)
-        code = w.proc.wait(60)
+            reader.join(fleet.scaled(120))
+        code = w.proc.wait(fleet.scaled(60))
     assert code == 0, w.log()[-3000:]
     for got in events:
         assert got[-1] == {"done": True}
