@@ -1,17 +1,20 @@
 """Fair share against first come, first served: a victim beside an aggressor, on both engines in one run.
 
 A victim sends short streamed requests at a steady low rate (open loop: one every ``--interval``); an aggressor floods with long ones
-(``--aggressor-clients`` closed-loop clients, in a process of their own; its measured token rate over the victim's is printed and
-should be 20x or more). Two scenarios: the victim and the aggressor on two adapters, and on one adapter
-with two API keys (two tenants). Each (engine, policy) server runs in its own process, one at a time
-(``--scheduling-policy fcfs`` or ``fair``, the worker's HTTP app and API-key file), first the victim
-alone (its solo figures), then victim and aggressor together.
+(``--aggressor-clients`` closed-loop clients in a process of their own, as another client machine would
+be; its token rate over the victim's is printed and should be 20x or more). Two scenarios: the victim
+and the aggressor on two adapters, and on one adapter with two API keys (two tenants). Each (engine,
+policy) server runs in its own process, one at a time (``--scheduling-policy fcfs`` or ``fair``, the
+worker's HTTP app and API-key file), first the victim alone (its solo figures), then victim and
+aggressor together; ``--rounds`` repeats that, alternating the servers, and pools the samples (on a
+shared machine the load drifts between phases).
 
 Printed per engine and scenario: the victim's p50 and p99 time to first token over its own solo figures,
-FCFS and fair; total output tokens/s fair / FCFS (targets: fair p99 within 1.5x of solo, throughput at
-least 0.95). Ratios only: the machine is shared, absolute times mean little.
+FCFS and fair; total tokens/s (prompt + output of both tenants, counted within the phase's window:
+output spread over each request's streaming time) fair / FCFS (targets: fair p99 within 1.5x of solo,
+throughput at least 0.95). Ratios only: the machine is shared, absolute times mean little.
 
-    .venv-vllm/bin/python benchmarks/bench_fairness.py [--engines builtin,vllm] [--seconds 20]
+    .venv-vllm/bin/python benchmarks/bench_fairness.py [--engines builtin,vllm] [--seconds 20] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -79,12 +82,14 @@ def start_server(
     raise SystemExit(f"the {kind} server did not start:\n{log.read_text()[-3000:]}")
 
 
-def request(url: str, model: str, key: str, prompt: list[int], max_tokens: int) -> tuple[float, int]:
-    """(time to first token, output tokens) of one streamed completion."""
+def request(
+    url: str, model: str, key: str, prompt: list[int], max_tokens: int
+) -> tuple[float, float, float, int]:
+    """(start, first token, end) on the monotonic clock and the output tokens of one streamed completion."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
-    start = time.perf_counter()
+    start = time.monotonic()
     first, tokens = 0.0, 0
     req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req, timeout=600) as r:
@@ -94,19 +99,44 @@ def request(url: str, model: str, key: str, prompt: list[int], max_tokens: int) 
                 continue
             chunk = json.loads(line[6:])
             if not first and chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                first = time.perf_counter() - start
+                first = time.monotonic()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return first, tokens
+    return start, first, time.monotonic(), tokens
 
 
-def preemptions(url: str) -> int:
-    """Requests the vLLM worker took back for fair share so far (its /metrics); 0 where not exported."""
-    with urllib.request.urlopen(url + "/metrics", timeout=60) as r:
-        lines = r.read().decode().splitlines()
-    return sum(
-        int(float(x.split()[-1])) for x in lines if x.startswith("loraplane_worker_preemptions_total ")
-    )
+def flood(url: str, model: str, key: str, args: argparse.Namespace, stop: Any, out: Any) -> None:
+    """The aggressor's closed-loop clients, in a process of their own (so that parsing their streams does
+    not hold the victim's client thread off the GIL); sends back every request's ``request`` tuple."""
+    done: list[tuple[float, float, float, int]] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        prompt = [(11 * i + j) % 250 + 3 for j in range(args.long_prompt)]
+        while not stop.is_set():
+            r = request(url, model, key, prompt, args.long_tokens)
+            with lock:
+                done.append(r)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.aggressor_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    out.send(done)
+
+
+def in_window(done: list[tuple[float, float, float, int]], prompt: int, t0: float, t1: float) -> float:
+    """Tokens of ``done`` requests processed within [t0, t1]: the prompt at the first token, the output
+    spread evenly from the first token to the end (so a window counts what ran in it, not whole requests
+    that happened to end in it)."""
+    total = 0.0
+    for _, first, end, n in done:
+        if t0 <= first <= t1:
+            total += prompt
+        if end > first:
+            total += n * max(0.0, min(end, t1) - max(first, t0)) / (end - first)
+    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -114,60 +144,40 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def flood(url: str, model: str, key: str, args: argparse.Namespace, stop: Any, tokens: Any) -> None:
-    """The aggressor: ``--aggressor-clients`` closed-loop clients, counting prompt + output tokens in
-    ``tokens``. It runs in a process of its own, as another tenant's clients would: in the victim's
-    process its threads' stream parsing held the interpreter lock the victim's timing needs."""
-
-    def client(i: int) -> None:
-        prompt = [(11 * i + j) % 250 + 3 for j in range(args.long_prompt)]
-        while not stop.is_set():
-            _, n = request(url, model, key, prompt, args.long_tokens)
-            with tokens.get_lock():
-                tokens.value += n + args.long_prompt
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.aggressor_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-
-
 def run(url: str, scenario: str, args: argparse.Namespace, *, aggressor: bool) -> dict[str, Any]:
-    """The victim's TTFTs (and, with the aggressor, both token rates) over ``--seconds``."""
+    """The victim's TTFTs, and the tokens per second of both, over ``--seconds``."""
     (v_model, v_key), (a_model, a_key) = SCENARIOS[scenario]
-    out = {"victim": 0}
-    lock = threading.Lock()
-    spawn = multiprocessing.get_context("spawn")
-    stop, aggr = spawn.Event(), spawn.Value("q", 0)
-    flooding = spawn.Process(target=flood, args=(url, a_model, a_key, args, stop, aggr), daemon=True)
+    mp = multiprocessing.get_context("spawn")
+    stop, (receive, send) = mp.Event(), mp.Pipe(duplex=False)
+    flooder = mp.Process(target=flood, args=(url, a_model, a_key, args, stop, send), daemon=True)
     if aggressor:
-        flooding.start()
+        flooder.start()
         time.sleep(args.warmup)
-    ttfts: list[float] = []
+    victims: list[tuple[float, float, float, int]] = []
+    lock = threading.Lock()
 
     def victim(k: int) -> None:  # open loop: one request every --interval, whatever the answers take
-        first, n = request(url, v_model, v_key, [(5 * k + j) % 250 + 3 for j in range(8)], args.short_tokens)
+        r = request(url, v_model, v_key, [(5 * k + j) % 250 + 3 for j in range(8)], args.short_tokens)
         with lock:
-            ttfts.append(first)
-            out["victim"] += n + 8
+            victims.append(r)
 
-    start = time.perf_counter()
-    victims = []
+    start = time.monotonic()
+    threads = []
     for k in range(max(1, round(args.seconds / args.interval))):
-        victims.append(threading.Thread(target=victim, args=(k,), daemon=True))
-        victims[-1].start()
-        time.sleep(max(0.0, start + (k + 1) * args.interval - time.perf_counter()))
-    for t in victims:
+        threads.append(threading.Thread(target=victim, args=(k,), daemon=True))
+        threads[-1].start()
+        time.sleep(max(0.0, start + (k + 1) * args.interval - time.monotonic()))
+    for t in threads:
         t.join(600)
-    elapsed = time.perf_counter() - start
-    with aggr.get_lock():
-        aggr_tokens = aggr.value
-    stop.set()
+    end = time.monotonic()
+    aggr = 0.0
     if aggressor:
-        flooding.join(600)
-    return {"ttft": ttfts, "victim_rate": out["victim"] / elapsed, "aggr_rate": aggr_tokens / elapsed,
-            "throughput": (out["victim"] + aggr_tokens) / elapsed}  # fmt: skip
+        stop.set()
+        aggr = in_window(receive.recv(), args.long_prompt, start, end)
+        flooder.join(60)
+    vict = in_window(victims, 8, start, end)
+    return {"ttft": [first - begin for begin, first, _, _ in victims], "victim_tokens": vict,
+            "aggr_tokens": aggr, "elapsed": end - start}  # fmt: skip
 
 
 def main() -> None:
@@ -187,6 +197,9 @@ def main() -> None:
     p.add_argument(
         "--warmup", type=float, default=3.0, help="seconds the flood runs before the victim starts"
     )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="runs of every server, alternated; figures pool their samples"
+    )
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--policy", help=argparse.SUPPRESS)
@@ -203,44 +216,60 @@ def main() -> None:
         print(f"weights: hidden {args.hidden}, {args.layers} layers; {args.max_num_seqs} rows; victim: 8+"
               f"{args.short_tokens} tokens every {args.interval:g} s; aggressor: {args.aggressor_clients} "
               f"clients of {args.long_prompt}+{args.long_tokens} tokens; {args.seconds:g} s per phase", flush=True)  # fmt: skip
-        results: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for kind in [k for k in args.engines.split(",") if k]:
-            for policy in ("fcfs", "fair"):
-                proc, url = start_server(kind, policy, base, adapters, args, root / f"{kind}-{policy}.log")
-                try:
-                    for scenario in SCENARIOS:
-                        solo = run(url, scenario, args, aggressor=False)
-                        before = preemptions(url)
-                        loaded = run(url, scenario, args, aggressor=True)
-                        loaded["preemptions"] = preemptions(url) - before
-                        results[(kind, policy, scenario)] = {"solo": solo, "loaded": loaded}
-                        print(f"  {kind:8s} {policy:5s} {scenario:22s} victim p50/p99 TTFT solo "
-                              f"{pct(solo['ttft'], .5) * 1e3:.0f}/{pct(solo['ttft'], .99) * 1e3:.0f} ms, loaded "
-                              f"{pct(loaded['ttft'], .5) * 1e3:.0f}/{pct(loaded['ttft'], .99) * 1e3:.0f} ms; "
-                              f"aggressor/victim token rate {loaded['aggr_rate'] / loaded['victim_rate']:.0f}x; "
-                              f"{loaded['throughput']:.0f} tokens/s; {loaded['preemptions']} preemptions", flush=True)  # fmt: skip
-                finally:
-                    proc.send_signal(signal.SIGTERM)
+        engines = [k for k in args.engines.split(",") if k]
+        # (engine, policy, scenario) -> solo / loaded -> the phases' TTFTs and tokens, pooled over rounds
+        results: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+        for rnd in range(args.rounds):
+            for kind in engines:
+                for policy in ("fcfs", "fair"):
+                    proc, url = start_server(
+                        kind, policy, base, adapters, args, root / f"{kind}-{policy}.log"
+                    )
                     try:
-                        proc.wait(120)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-        print("\nvictim TTFT over its solo figure (p50, p99) and throughput fair / FCFS:")
+                        for scenario in SCENARIOS:
+                            phases = {"solo": run(url, scenario, args, aggressor=False),
+                                      "loaded": run(url, scenario, args, aggressor=True)}  # fmt: skip
+                            pooled = results.setdefault((kind, policy, scenario), {})
+                            for phase, r in phases.items():
+                                into = pooled.setdefault(phase, {"ttft": [], "victim_tokens": 0.0,
+                                                                 "aggr_tokens": 0.0, "elapsed": 0.0})  # fmt: skip
+                                into["ttft"] += r["ttft"]
+                                for k in ("victim_tokens", "aggr_tokens", "elapsed"):
+                                    into[k] += r[k]
+                            solo, loaded = phases["solo"], phases["loaded"]
+                            print(f"  round {rnd + 1} {kind:8s} {policy:5s} {scenario:22s} victim p50/p99 TTFT solo "
+                                  f"{pct(solo['ttft'], .5) * 1e3:.0f}/{pct(solo['ttft'], .99) * 1e3:.0f} ms, loaded "
+                                  f"{pct(loaded['ttft'], .5) * 1e3:.0f}/{pct(loaded['ttft'], .99) * 1e3:.0f} ms; "
+                                  f"aggressor/victim tokens {loaded['aggr_tokens'] / loaded['victim_tokens']:.0f}x; "
+                                  f"{throughput(loaded):.0f} tokens/s", flush=True)  # fmt: skip
+                    finally:
+                        proc.send_signal(signal.SIGTERM)
+                        try:
+                            proc.wait(120)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+        print(
+            f"\nvictim TTFT over its solo figure (p50, p99; {args.rounds} round(s) pooled) and throughput fair / FCFS:"
+        )
         print(
             f"  {'engine':8s} {'scenario':22s} {'FCFS p50':>9s} {'FCFS p99':>9s} {'fair p50':>9s} {'fair p99':>9s} {'tput fair/FCFS':>15s}"
         )
-        for kind in [k for k in args.engines.split(",") if k]:
+        for kind in engines:
             for scenario in SCENARIOS:
                 row = []
                 for policy in ("fcfs", "fair"):
                     r = results[(kind, policy, scenario)]
                     for q in (0.5, 0.99):
                         row.append(pct(r["loaded"]["ttft"], q) / pct(r["solo"]["ttft"], q))
-                tput = (
-                    results[(kind, "fair", scenario)]["loaded"]["throughput"]
-                    / results[(kind, "fcfs", scenario)]["loaded"]["throughput"]
+                tput = throughput(results[(kind, "fair", scenario)]["loaded"]) / throughput(
+                    results[(kind, "fcfs", scenario)]["loaded"]
                 )
                 print(f"  {kind:8s} {scenario:22s} " + " ".join(f"{x:8.2f}x" for x in row) + f" {tput:15.2f}")  # fmt: skip
+
+
+def throughput(phase: dict[str, Any]) -> float:
+    """Prompt + output tokens per second of both tenants in a phase."""
+    return (phase["victim_tokens"] + phase["aggr_tokens"]) / phase["elapsed"]
 
 
 if __name__ == "__main__":

@@ -162,11 +162,12 @@ def set_validated(
 
 
 def set_throttled(conditions: list[dict], workers: int, first: str | None, generation: int | None) -> bool:
-    """``workers``: live workers that refused a request over the adapter's limits in the last minute."""
+    """``workers``: live workers that refused a request over the adapter's limits lately (within each
+    worker's --throttled-seconds, a minute by default)."""
     if workers:
-        message = f"{workers} worker(s) answered 429 over spec.limits in the last minute (first: {first})"
+        message = f"{workers} worker(s) answered 429 over spec.limits lately (first: {first})"
         return set_condition(conditions, THROTTLED, "True", OVER_LIMIT, message, generation=generation)
-    message = "no worker refused a request over spec.limits in the last minute"
+    message = "no worker refused a request over spec.limits lately"
     return set_condition(conditions, THROTTLED, "False", WITHIN_LIMITS, message, generation=generation)
 
 

@@ -425,8 +425,8 @@ class LoRAWorkerStatus(_Model):
     onDeviceIds: RangeString | None = Field(default=None, description="IDs in device slots now, as ranges.")
     throttledIds: RangeString | None = Field(
         default=None,
-        description="IDs of adapters that refused a request over their spec.limits on this worker within the "
-        "last minute, as ranges (the 256 most recent).",
+        description="IDs of adapters that refused a request over their spec.limits on this worker lately "
+        "(within its --throttled-seconds, default 60), as ranges (the 256 most recent).",
     )
     adapters: dict[str, WorkerAdapterDetail] | None = Field(
         default=None,

@@ -5,6 +5,10 @@ Ready condition's reason: Events are API writes too, so the notes of one write a
 Its reason is the most telling note's: a failure's own reason (RankTooLarge, LedgerMissing, NameTaken,
 CacheFull, ...) with type Warning; otherwise IDAssigned, NameClaimed or the new Ready reason, Normal.
 A note never repeats what another note of the same Event already says.
+
+Throttling is noted when the Throttled condition flips, not per 429: OverLimit (Warning) when workers
+start refusing requests over spec.limits, WithinLimits (Normal) when none has for its
+--throttled-seconds (a minute by default), which bounds how often an adapter's throttling Events come.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ def transition(old: dict[str, Any], new: dict[str, Any]) -> Note | None:
     ):
         reason = new_placed.get("reason") or "Placed"
         notes.append(Note(reason, new_placed.get("message") or "", reason in PLACEMENT_WARNINGS))
+    old_throttled = cond.get_condition(old.get("conditions"), cond.THROTTLED) or {}
+    new_throttled = cond.get_condition(new.get("conditions"), cond.THROTTLED) or {}
+    if (old_throttled.get("status") == "True") != (new_throttled.get("status") == "True"):
+        if new_throttled.get("status") == "True":
+            notes.append(Note(cond.OVER_LIMIT, f"throttled: {new_throttled.get('message')}", True))
+        else:  # cleared, or spec.limits removed (no condition then)
+            why = new_throttled.get("message") or "spec.limits removed"
+            notes.append(Note(cond.WITHIN_LIMITS, f"no longer throttled: {why}"))
     old_ready = cond.get_condition(old.get("conditions"), cond.READY) or {}
     new_ready = cond.get_condition(new.get("conditions"), cond.READY) or {}
     if old.get("phase") != new.get("phase") or old_ready.get("reason") != new_ready.get("reason"):

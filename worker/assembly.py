@@ -157,7 +157,11 @@ class WorkerApp:
             cache_bytes_used=lambda: cache.used_bytes,
             assigned=lambda: len(watch.desired),
             on_device=None if self.engine is None else self.engine.on_device,
-            throttled=self.limiter.throttled_ids if self.serve is not None else None,
+            throttled=(
+                (lambda: self.limiter.throttled_ids(s.report.throttled_seconds))
+                if self.serve is not None
+                else None
+            ),
             pod_name=s.report.pod_name,
             batch_seconds=s.report.report_batch_seconds,
             heartbeat_seconds=s.report.heartbeat_seconds,

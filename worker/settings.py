@@ -401,13 +401,17 @@ class ReportConfig:
     many workers. 0: every worker (small catalogues). Every worker of a pool should say the same."""
     max_replicas: int = 0
     """Most replicas demand may raise an adapter of this pool to (count); 0: no scaling by demand."""
+    throttled_seconds: float = 60.0
+    """Seconds an adapter stays in this worker's LoRAWorker status.throttledIds after its last 429 over
+    spec.limits; the operator shows it as the adapter's Throttled condition (and an Event when it flips),
+    so this also bounds how often that flips."""
 
     @property
     def object_namespace(self) -> str:
         return self.pod_namespace or "default"
 
     def check(self) -> None:
-        for name in ("heartbeat_seconds", "report_batch_seconds"):
+        for name in ("heartbeat_seconds", "report_batch_seconds", "throttled_seconds"):
             _positive_seconds(self, name)
         for name in ("max_adapters", "default_replicas", "max_replicas"):
             if getattr(self, name) < 0:

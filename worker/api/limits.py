@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from .auth import Key
 
 PRIORITY_HEADER = "X-Loraplane-Priority"
-THROTTLED_WINDOW_S = 60.0
-"""An adapter counts as throttled this long after its last 429 (LoRAWorker status.throttledIds)."""
 MAX_THROTTLED = 256
 """Most adapter IDs reported throttled at once (the newest): the report stays small."""
 
@@ -272,7 +270,7 @@ class Limiter:
             if len(self.throttled) > MAX_THROTTLED:
                 del self.throttled[next(iter(self.throttled))]
 
-    def throttled_ids(self, seconds: float = THROTTLED_WINDOW_S) -> set[int]:
+    def throttled_ids(self, seconds: float) -> set[int]:
         """Adapter IDs that got a 429 within the last ``seconds`` (the report polls it; cheap: the map
         is in time order and at most MAX_THROTTLED long); forgets older ones."""
         cutoff = time.monotonic() - seconds

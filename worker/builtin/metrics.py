@@ -96,6 +96,16 @@ class Metrics:
         self.adapter_evictions = Counter(
             PREFIX + "adapter_evictions", "Adapter evictions from a tier (cpu, device)", ["tier"], registry=r
         )
+        self.preemptions = Counter(
+            PREFIX + "preemptions",
+            "Running requests taken back for a flow under its fair share, by what became of their KV "
+            "(kept: parked, resumes where it stopped; freed: reads prompt and output again)",
+            ["kv"],
+            registry=r,
+        )
+        self.recomputed_tokens = Counter(
+            PREFIX + "recomputed_tokens", "Tokens read again because a preemption freed their KV", registry=r
+        )
 
     def watch(self, engine: Engine) -> None:
         """Publish ``engine``'s queue, KV cache and adapter residency on every scrape."""

@@ -149,7 +149,8 @@ class ModelRunner:
             )
         self.kv = KVCache(
             num_layers=self.config.num_layers,
-            max_seqs=max_seqs,
+            # the rows, and as many preempted sequences keeping their KV (parked, see scheduler.py)
+            max_seqs=2 * max_seqs,
             max_len=self.max_model_len,
             num_kv_heads=self.config.num_kv_heads,
             head_dim=self.config.head_dim,

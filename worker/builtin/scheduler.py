@@ -129,6 +129,7 @@ class Request:
     first_token_at: float = 0.0
     reserved: int = 0  # KV tokens reserved at admission
     readback: int = 0  # output tokens read again with the prompt after a preemption freed their KV
+    parked: bool = False  # preempted with its KV kept: waits holding seq_id and KV, resumes where it stopped
 
     @property
     def reservation(self) -> int:
@@ -141,6 +142,16 @@ class Request:
         """Tokens to read before the next one is sampled: the prompt (and, after a preemption, the output
         so far)."""
         return len(self.prompt_ids) + self.readback
+
+    @property
+    def ends_next(self) -> bool:
+        """Whether the next token it samples is its last by length (max_tokens or its length limit)."""
+        if self.prefilling:
+            return False
+        n = len(self.out_ids) + 1
+        return (self.params.max_tokens is not None and n >= self.params.max_tokens) or (
+            len(self.prompt_ids) + n >= self.max_len
+        )
 
     @property
     def prefilling(self) -> bool:
@@ -303,11 +314,16 @@ class Scheduler:
         preemptions = self.preemptions
         new = self._admit(budget, chunk, long_busy, plan)
         if self.preemptions != preemptions:  # the preempted leave this step
-            for req in [r for r in plan if r.seq_id < 0]:
+            running = set(map(id, self.running))
+            for req in [r for r in plan if id(r) not in running]:
                 budget += plan.pop(req)
-            reading = [r for r in reading if r.seq_id >= 0]
+            reading = [r for r in reading if id(r) in running]
         for req in new:
-            n = min(req.context, chunk, budget)
+            if not req.prefilling:  # a parked request that was decoding resumes with its next token
+                plan[req] = 1
+                budget -= 1
+                continue
+            n = min(req.context - req.computed, chunk, budget)
             plan[req] = n
             budget -= n
             reading.append(req)
@@ -323,7 +339,8 @@ class Scheduler:
     def _admit(self, budget: int, chunk: int, long_busy: bool, plan: dict[Request, int]) -> list[Request]:
         """Waiting requests that join this step, in admission order, within the batch, token and KV
         budgets; under the fair policy one may preempt running requests of a flow over its share
-        (``_preempt``), which leave ``plan``'s step."""
+        (``_preempt``), which leave ``plan``'s step. A parked request (preempted with its KV kept)
+        resumes where it stopped: no allocation, nothing read again."""
         s = self.settings
         kv = self.runner.kv
         copies_left = 1 if self.running else self.runner.max_loras
@@ -336,31 +353,37 @@ class Scheduler:
         order = self.fair.order(self.waiting, _tenant) if self._fair else list(self.waiting)
         batch_rows = int(s.max_num_seqs * s.batch_share)
         batch_kv = int(kv.total_tokens * s.batch_share)
-        preempts = max(1, s.max_num_seqs // 4)  # per step: bounds the re-reading a burst can cause
+        preempts = max(1, s.max_num_seqs // 4)  # per step: bounds the churn a burst can cause
         for req in order:
             if budget <= 0:
                 break
-            if len(self.running) >= s.max_num_seqs:
-                if preempts <= 0 or not self._preempt(req):
-                    break
-                preempts -= 1
-            n = req.context
-            first = min(n, chunk, budget)
-            if first < n and long_busy:
+            todo = req.context - req.computed if req.prefilling else 1  # tokens it needs to go on
+            first = min(todo, chunk, budget)
+            if first < todo and long_busy:
                 continue  # one long prompt is read at a time; shorter requests behind it go first
-            reserve = min(req.reservation, kv.max_len)
-            if reserve > kv.total_tokens or len(req.prompt_ids) >= reserve:
+            reserve = req.reserved if req.parked else min(req.reservation, kv.max_len)
+            if not req.parked and (reserve > kv.total_tokens or len(req.prompt_ids) >= reserve):
                 self._finish(req, "error", self._too_large(req, reserve))
                 continue
             batch = self._fair and req.tenant.batch
             if batch and (self._batch_rows >= batch_rows or self._batch_kv + reserve > batch_kv):
                 continue  # the rest is kept for interactive requests
-            while not kv.can_allocate(reserve) and preempts > 0 and self._preempt(req):
+            if not req.parked and not kv.can_allocate(reserve):
+                if kv.free_tokens + self._ending_kv() >= reserve:
+                    break  # rows ending in this step free enough: wait a step rather than recompute
+                while not kv.can_allocate(reserve) and self._drop_parked(req):
+                    pass
+                while not kv.can_allocate(reserve) and preempts > 0 and self._preempt(req, new, free_kv=True):
+                    preempts -= 1
+                if not kv.can_allocate(reserve):
+                    break  # wait for running requests to free KV, in admission order
+            if len(self.running) >= s.max_num_seqs:
+                if preempts <= 0 or not self._preempt(req, new):
+                    break
                 preempts -= 1
-            if not kv.can_allocate(reserve):
-                break  # wait for running requests to free KV, in admission order
+            fresh = req.tail is None  # never admitted before (a preempted request keeps its own)
             try:  # everything about the request itself that can fail, before any state changes
-                if req.tail is None:  # (a preempted request keeps its own)
+                if fresh:
                     req.generator = generator_for(req.params, self.runner.device)
                     req.tail = TextTail(self.runner.tokenizer, req.params.stop)
             except Exception as exc:
@@ -392,70 +415,71 @@ class Scheduler:
             self.waiting.remove(req)
             with self._cond:
                 self._queued -= 1
-            req.seq_id = self._next_seq
-            self._next_seq += 1
-            self.runner.allocate(req.seq_id, reserve)
+            if req.parked:
+                req.parked = False
+            else:
+                req.seq_id = self._next_seq
+                self._next_seq += 1
+                self.runner.allocate(req.seq_id, reserve)
             if req.adapter_id is not None:
                 self.tiers.start(req.adapter_id)
                 req.started = True
             req.reserved = reserve
             self.running.append(req)
             if self._fair:
-                self.fair.admitted(req.tenant, 0 if req.readback else n)  # the flow paid for it once
+                self.fair.admitted(req.tenant, req.context if fresh else 0)  # the flow paid for it once
                 if batch:
                     self._batch_rows += 1
                     self._batch_kv += reserve
-            if not req.readback:
-                self.metrics.prompt_tokens.labels(model=req.model).inc(n)
+            if fresh:
+                self.metrics.prompt_tokens.labels(model=req.model).inc(req.context)
                 self.metrics.queue_time.labels(model=req.model).observe(time.monotonic() - req.arrival)
             budget -= first
-            long_busy = long_busy or first < n
+            long_busy = long_busy or first < todo
             new.append(req)
         return new
 
-    def _preempt(self, req: Request) -> bool:
-        """Make room for ``req`` (a row, or KV) by taking back the newest running
-        request of another flow that is over its share: a batch one for an interactive request, else
-        one of a flow holding more than its share of the rows whose counter is above ``req``'s. The
-        taken request goes back to waiting with its output so far; when readmitted it reads prompt and
-        output again (recompute, as vLLM preempts) and goes on. False when no request qualifies.
+    def _preempt(self, req: Request, admitted: list[Request], *, free_kv: bool = False) -> bool:
+        """Make room for ``req`` (a row, or with ``free_kv`` its KV) by taking back a running request of
+        another flow that is over its share: a batch one for an interactive request, else one of a flow
+        holding more than its share of the rows whose counter is above ``req``'s; of that flow, the one
+        with the fewest tokens in the KV cache (the least work to redo should its KV be dropped; the
+        newest of equals), never one ``admitted`` in this step. False when no request qualifies.
+
+        The taken request goes back to waiting with its output so far. For a row it is *parked*: it
+        keeps its KV and, when a row is free for its flow again, resumes where it stopped, so no work is
+        lost (the KV pool holds the rows' reservations; a parked sequence keeps its own, which
+        ``_drop_parked`` takes back when an admission needs it). For KV, or when as many sequences are
+        parked as there are rows, its KV is freed and it reads prompt and output again when readmitted
+        (recompute, as vLLM preempts).
 
         This is what bounds a newcomer's wait without holding rows idle: the engine stays full with one
         flow, and a second flow gets its row within a step instead of after a request finishes."""
+        if not self._fair:
+            return False  # FCFS: oldest first, whatever its tenant
         flow = req.tenant.flow
         held: dict[str, int] = {}
         for r in self.running:
             held[r.tenant.flow] = held.get(r.tenant.flow, 0) + 1
         share = self.settings.max_num_seqs / len(held.keys() | {flow})
         mine, under = self.fair.counter(flow), held.get(flow, 0) < share
+        fresh = set(map(id, admitted))
         victim: Request | None = None
-        best: tuple[bool, float, int] | None = None
+        best: tuple[bool, float, int, int] | None = None
         for r in self.running:
             t = r.tenant
-            if t.flow == flow or (t.batch, req.tenant.batch) == (False, True):
+            if t.flow == flow or id(r) in fresh or (t.batch, req.tenant.batch) == (False, True):
                 continue  # batch never takes from interactive
             if t.batch == req.tenant.batch and not (
                 under and held[t.flow] > share and self.fair.counter(t.flow) > mine
             ):
                 continue
-            rank = (t.batch, self.fair.counter(t.flow), r.seq_id)
+            rank = (t.batch, self.fair.counter(t.flow), -self.runner.seq_len(r.seq_id), r.seq_id)
             if best is None or rank > best:
                 best, victim = rank, r
         if victim is None:
             return False
-        log.debug(
-            "preempting %s (flow %r) for %s (flow %r)",
-            victim.request_id,
-            victim.tenant.flow,
-            req.request_id,
-            flow,
-        )
-        self.preemptions += 1
         self.running.remove(victim)
-        self.runner.free(victim.seq_id)
-        victim.seq_id = -1
-        victim.computed = 0
-        victim.readback = len(victim.out_ids)
         if victim.started and victim.adapter_id is not None:
             self.tiers.pause(victim.adapter_id)
             victim.started = False
@@ -466,7 +490,46 @@ class Scheduler:
         with self._cond:
             self._queued += 1
         self.fair.requeue(victim.tenant.flow)
+        self.preemptions += 1
+        parked = sum(r.parked for r in self.waiting)
+        if free_kv or (parked >= self.settings.max_num_seqs and not self._drop_parked(None)):
+            self._recompute(victim)
+            kind = "freed"
+        else:
+            victim.parked = True
+            kind = "kept"
+        self.metrics.preemptions.labels(kv=kind).inc()
+        log.debug("preempted %s (flow %r, KV %s) for %s (flow %r)", victim.request_id,
+                  victim.tenant.flow, kind, req.request_id, flow)  # fmt: skip
         return True
+
+    def _ending_kv(self) -> int:
+        """KV tokens the rows whose next token is their last (max_tokens, or the length limit) give back
+        after this step."""
+        kv = self.runner.kv
+        return sum(kv.capacity(r.seq_id) for r in self.running if r.ends_next)
+
+    def _drop_parked(self, req: Request | None) -> bool:
+        """Free the KV of the parked request with the fewest tokens in it (it reads them again when it
+        resumes), for ``req`` (never an interactive one's for a batch request). False when none qualifies."""
+        parked = [
+            r
+            for r in self.waiting
+            if r.parked and not (req is not None and req.tenant.batch and not r.tenant.batch)
+        ]
+        if not parked:
+            return False
+        self._recompute(min(parked, key=lambda r: self.runner.seq_len(r.seq_id)))
+        return True
+
+    def _recompute(self, req: Request) -> None:
+        """Free a waiting request's KV: when readmitted it reads its prompt and output so far again."""
+        self.metrics.recomputed_tokens.inc(self.runner.seq_len(req.seq_id))
+        self.runner.free(req.seq_id)
+        req.seq_id = -1
+        req.parked = False
+        req.computed = 0
+        req.readback = len(req.out_ids)
 
     def _too_large(self, req: Request, reserve: int) -> LoraplaneError:
         kv = self.runner.kv

@@ -251,7 +251,7 @@ def victim_ratio(
 
 # Under FCFS the victim waits for the queued flood (8 requests of 100 tokens on 4 rows): about one
 # aggressor request's length, tens of times its solo TTFT (bench_fairness.py prints both). Fair share
-# admits it within a step (preempting the aggressor's newest request); what is left is the CPU the
+# admits it within a step (parking an aggressor request, which keeps its KV); what is left is the CPU the
 # flood's HTTP traffic and larger steps take on a shared 2-core machine.
 BOUND = 10.0
 
