@@ -130,6 +130,7 @@ class Request:
     reserved: int = 0  # KV tokens reserved at admission
     readback: int = 0  # output tokens read again with the prompt after a preemption freed their KV
     parked: bool = False  # preempted with its KV kept: waits holding seq_id and KV, resumes where it stopped
+    admitted: bool = False  # ran at least once (a preempted request is not charged or counted again)
 
     @property
     def reservation(self) -> int:
@@ -381,9 +382,9 @@ class Scheduler:
                 if preempts <= 0 or not self._preempt(req, new):
                     break
                 preempts -= 1
-            fresh = req.tail is None  # never admitted before (a preempted request keeps its own)
+            fresh = not req.admitted  # a preempted request is not charged or counted again
             try:  # everything about the request itself that can fail, before any state changes
-                if fresh:
+                if req.tail is None:
                     req.generator = generator_for(req.params, self.runner.device)
                     req.tail = TextTail(self.runner.tokenizer, req.params.stop)
             except Exception as exc:
@@ -425,6 +426,7 @@ class Scheduler:
                 self.tiers.start(req.adapter_id)
                 req.started = True
             req.reserved = reserve
+            req.admitted = True
             self.running.append(req)
             if self._fair:
                 self.fair.admitted(req.tenant, req.context if fresh else 0)  # the flow paid for it once
