@@ -104,6 +104,9 @@ async def _ticker(reconciler: Reconciler, memo: kopf.Memo) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    stopping = memo.get("stopping")
+    if stopping is not None:
+        stopping.set()  # main.py gives kopf a bounded time to finish stopping from now on
     restart = memo.get("restart")
     if restart is not None and not restart.is_set():
         # Stopped by a signal (or an error), not for a restart: release kopf's waiter on the stop flag,

@@ -236,6 +236,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+STOP_GRACE_SECONDS = 20.0  # kopf's own wait for hung tasks is 5 s, then 1 s per cancellation round
+
+
+async def _bounded_stop(run: asyncio.Future[None], stopping: asyncio.Event) -> None:
+    """Wait for kopf's run; once its cleanup has run, give it ``STOP_GRACE_SECONDS`` to return, then
+    cancel it. A watch whose session closed under it waits for a re-login that a stopping kopf never
+    does (seen when the API server came back empty under load), so kopf's shutdown can hang for ever;
+    the supervisor must not hang with it."""
+    waiter = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not run.done():
+        done, _ = await asyncio.wait({run}, timeout=STOP_GRACE_SECONDS)
+        if not done:
+            log.warning("kopf did not finish stopping within %gs; cancelling its run", STOP_GRACE_SECONDS)
+            run.cancel()
+            done, _ = await asyncio.wait({run}, timeout=STOP_GRACE_SECONDS)
+            if not done:
+                raise RuntimeError("kopf's run ignored its cancellation; it is left behind")
+            if not run.cancelled() and run.exception() is not None:
+                raise run.exception()  # type: ignore[misc]
+            raise RuntimeError("kopf's run hung while stopping and was cancelled")
+    run.result()
+
+
 async def _supervise(settings: OperatorSettings) -> None:
     """Run kopf until a signal stops it. kopf ends its run on API errors it does not retry (a watch
     answered 404 because the API server came back without our CRDs, an unexpected watch ERROR event)
@@ -255,10 +282,11 @@ async def _supervise(settings: OperatorSettings) -> None:
     loop = asyncio.get_running_loop()
     while True:
         restart = asyncio.Event()  # Set by the reconciler when the server's store went back in time.
-        memo["restart"], memo["signalled"] = restart, False
+        stopping = asyncio.Event()  # Set by the cleanup handler: kopf's run is ending.
+        memo["restart"], memo["signalled"], memo["stopping"] = restart, False, stopping
         started = loop.time()
-        try:
-            await kopf.operator(
+        run = asyncio.ensure_future(
+            kopf.operator(
                 settings=handlers.kopf_settings(),
                 memo=memo,
                 stop_flag=restart,
@@ -267,6 +295,9 @@ async def _supervise(settings: OperatorSettings) -> None:
                 clusterwide=not settings.namespaces,
                 namespaces=settings.namespaces,
             )
+        )
+        try:
+            await _bounded_stop(run, stopping)
         except Exception as exc:  # Whatever ended kopf's run: the API server is what comes back.
             why = f"{type(exc).__name__}: {exc}"
         else:

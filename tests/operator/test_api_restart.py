@@ -56,7 +56,7 @@ def test_operator_survives_an_api_server_that_comes_back_empty(own_kube, tmp_pat
         ads = fleet.Adapters(kube, ns)
         ads.create(fleet.adapter_obj("a2", "/models/a2", base_model=BASE))
         st = wait_for(
-            lambda: (s := _status(ads, "a2")).get("phase") == "Pending" and s, 30, lambda: op.log()[-3000:]
+            lambda: (s := _status(ads, "a2")).get("phase") == "Pending" and s, 60, lambda: op.log()[-3000:]
         )
         ids = {c["type"]: c for c in st["conditions"]}["IDAssigned"]
         assert ids["status"] == "False" and ids["reason"] == "LedgerMissing", ids
@@ -109,3 +109,41 @@ def test_operator_started_before_its_api_server_waits_for_it(tmp_path) -> None:
     finally:
         op.stop()
         server.stop()
+
+
+def test_a_kopf_run_that_hangs_while_stopping_is_cancelled(monkeypatch) -> None:
+    """kopf's shutdown can hang (a watch waiting for a re-login that a stopping kopf never does): once
+    its cleanup ran, the supervisor cancels the run after a grace period instead of hanging with it."""
+    import asyncio
+
+    from loraplane.operator import main
+
+    monkeypatch.setattr(main, "STOP_GRACE_SECONDS", 0.2)
+
+    async def scenario() -> tuple[str, bool]:
+        stopping = asyncio.Event()
+
+        async def hung_run() -> None:
+            stopping.set()  # cleanup ran ...
+            await asyncio.Event().wait()  # ... and the run never returns
+
+        run = asyncio.ensure_future(hung_run())
+        try:
+            await main._bounded_stop(run, stopping)
+        except RuntimeError as exc:
+            return str(exc), run.cancelled()
+        return "returned", run.cancelled()
+
+    message, cancelled = asyncio.run(scenario())
+    assert "hung while stopping" in message and cancelled
+
+    async def clean() -> None:
+        stopping = asyncio.Event()
+
+        async def run_ok() -> None:
+            stopping.set()
+            await asyncio.sleep(0.05)
+
+        await main._bounded_stop(asyncio.ensure_future(run_ok()), stopping)
+
+    asyncio.run(clean())  # a run that finishes within the grace is left alone
