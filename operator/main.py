@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
 from loraplane import parent
 from loraplane.operator.settings import LEDGER_NAME, OperatorSettings
@@ -239,12 +240,12 @@ def main(argv: list[str] | None = None) -> int:
 STOP_GRACE_SECONDS = 20.0  # kopf's own wait for hung tasks is 5 s, then 1 s per cancellation round
 
 
-async def _bounded_stop(run: asyncio.Future[None], stopping: asyncio.Event) -> None:
+async def _bounded_stop(run: asyncio.Future[Any], stopping: asyncio.Event) -> None:
     """Wait for kopf's run; once its cleanup has run, give it ``STOP_GRACE_SECONDS`` to return, then
     cancel it. A watch whose session closed under it waits for a re-login that a stopping kopf never
     does (seen when the API server came back empty under load), so kopf's shutdown can hang for ever;
     the supervisor must not hang with it."""
-    waiter = asyncio.ensure_future(stopping.wait())
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
     try:
         await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
     finally:
